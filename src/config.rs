@@ -1,0 +1,624 @@
+//! Typed configuration, read from TOML.
+//!
+//! Configuration is strict: unknown keys are refused by name, and every value
+//! that fails validation produces a [`ConfigError`] whose message starts with
+//! the dotted key it concerns (`guest.access: expected "allow" or "deny", got
+//! "sometimes"`). Everything is parsed and validated before anything binds.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The example configuration shipped in `config/`, embedded so the binary can
+/// run without any file.
+pub const EMBEDDED_EXAMPLE: &str = include_str!("../config/gatekeeper.example.toml");
+
+/// A configuration that could not be loaded; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path that was tried.
+        path: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The text is not TOML.
+    #[error("not valid TOML: {0}")]
+    Syntax(String),
+    /// A key has the wrong type or value, or is unknown.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// Dotted path of the offending key.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the gate listens.
+    pub server: ServerConfig,
+    /// The homeserver behind the gate.
+    pub upstream: UpstreamConfig,
+    /// Facts about the homeserver needed by the policy.
+    pub homeserver: HomeserverConfig,
+    /// Registration routes as a whole.
+    pub registration: RegistrationConfig,
+    /// The username policy.
+    pub username: UsernameConfig,
+    /// The guest policy.
+    pub guest: GuestConfig,
+}
+
+impl Config {
+    /// Parses and validates a configuration from TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string().trim().to_owned()))?;
+        let config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().trim().to_owned();
+            if key == "." {
+                ConfigError::invalid("(top level)", message)
+            } else {
+                ConfigError::invalid(key, message)
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// The embedded example configuration.
+    pub fn embedded() -> Config {
+        // The embedded example is validated by a test; failing here would be
+        // a build defect, not an operator error.
+        Config::from_toml(EMBEDDED_EXAMPLE).unwrap_or_default()
+    }
+
+    /// Checks the values serde cannot check alone.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.listen.0.is_empty() {
+            return Err(ConfigError::invalid(
+                "server.listen",
+                "at least one address is needed",
+            ));
+        }
+        let url = &self.upstream.url;
+        if url.scheme_str() != Some("http") {
+            return Err(ConfigError::invalid(
+                "upstream.url",
+                format!("only http:// upstreams are supported, got \"{url}\""),
+            ));
+        }
+        if url.authority().is_none() {
+            return Err(ConfigError::invalid("upstream.url", "a host is needed"));
+        }
+        if url.query().is_some() {
+            return Err(ConfigError::invalid(
+                "upstream.url",
+                "must not carry a query string",
+            ));
+        }
+        let name = &self.homeserver.server_name;
+        if name.is_empty() || name.len() > 230 || name.contains(char::is_whitespace) {
+            return Err(ConfigError::invalid(
+                "homeserver.server_name",
+                format!("not a usable server name: \"{name}\""),
+            ));
+        }
+        if self.registration.max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "registration.max_body_bytes",
+                "must be greater than zero",
+            ));
+        }
+        for (i, reserved) in self.username.reserved.iter().enumerate() {
+            if reserved.is_empty() || reserved.chars().any(|c| c.is_uppercase()) {
+                return Err(ConfigError::invalid(
+                    format!("username.reserved[{i}]"),
+                    format!("reserved names are non-empty and lowercase, got \"{reserved}\""),
+                ));
+            }
+        }
+        for (key, d) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_timeout", self.server.body_timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.response_timeout", self.upstream.response_timeout),
+            (
+                "upstream.pool_idle_timeout",
+                self.upstream.pool_idle_timeout,
+            ),
+        ] {
+            if d.0.is_zero() {
+                return Err(ConfigError::invalid(key, "must be longer than zero"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration, defaults filled in, as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+// === sections ===
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// One address or a list.
+    pub listen: ListenAddrs,
+    /// How long a client may take to send its request headers.
+    pub header_read_timeout: HumanDuration,
+    /// How long a client may take to send a registration body.
+    pub body_timeout: HumanDuration,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub shutdown_timeout: HumanDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: ListenAddrs(vec![SocketAddr::from(([0, 0, 0, 0], 8009))]),
+            header_read_timeout: HumanDuration::secs(10),
+            body_timeout: HumanDuration::secs(10),
+            shutdown_timeout: HumanDuration::secs(30),
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL of the homeserver (`http://host:port`).
+    #[serde(
+        deserialize_with = "deserialize_uri",
+        serialize_with = "serialize_display"
+    )]
+    pub url: http::Uri,
+    /// How long to wait for a TCP connection to the homeserver.
+    pub connect_timeout: HumanDuration,
+    /// How long to wait for the homeserver's response headers. Long-polls
+    /// (`/sync?timeout=30000`) need this well above their own timeout.
+    pub response_timeout: HumanDuration,
+    /// How long an idle pooled connection is kept; keep it below the
+    /// homeserver's own keep-alive timeout.
+    pub pool_idle_timeout: HumanDuration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: http::Uri::from_static("http://127.0.0.1:8008"),
+            connect_timeout: HumanDuration::secs(5),
+            response_timeout: HumanDuration::secs(120),
+            pool_idle_timeout: HumanDuration::secs(20),
+        }
+    }
+}
+
+/// `[homeserver]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HomeserverConfig {
+    /// The homeserver's server name (the part after `:` in user IDs).
+    pub server_name: String,
+}
+
+impl Default for HomeserverConfig {
+    fn default() -> Self {
+        HomeserverConfig {
+            server_name: "example.org".to_owned(),
+        }
+    }
+}
+
+/// `[registration]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    /// `false`: every registration route answers `403 M_FORBIDDEN`.
+    pub enabled: bool,
+    /// Largest registration body accepted.
+    pub max_body_bytes: usize,
+    /// Whether Synapse's shared-secret admin registration may be reached
+    /// through the gate.
+    pub allow_admin_register: bool,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        RegistrationConfig {
+            enabled: true,
+            max_body_bytes: 65536,
+            allow_admin_register: false,
+        }
+    }
+}
+
+/// `[username]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsernameConfig {
+    /// How upper-case letters are treated.
+    pub case: CaseMode,
+    /// Names nobody may register (answered as taken).
+    pub reserved: Vec<String>,
+    /// Also refuse look-alikes of reserved names.
+    pub reserved_lookalikes: bool,
+    /// Regexes over the mapped localpart; a match refuses the name.
+    pub deny_patterns: Vec<DenyPattern>,
+    /// Allow localparts starting with `_` (appservice namespace).
+    pub allow_leading_underscore: bool,
+    /// Allow all-digit localparts (Synapse's guest namespace).
+    pub allow_numeric: bool,
+}
+
+/// The reserved names used when the operator gives none.
+pub const DEFAULT_RESERVED: &[&str] = &[
+    "abuse",
+    "admin",
+    "administrator",
+    "help",
+    "helpdesk",
+    "hostmaster",
+    "info",
+    "mailer-daemon",
+    "matrix",
+    "mod",
+    "moderator",
+    "noc",
+    "noreply",
+    "no-reply",
+    "official",
+    "postmaster",
+    "root",
+    "security",
+    "server",
+    "staff",
+    "support",
+    "synapse",
+    "sysadmin",
+    "system",
+    "webmaster",
+];
+
+impl Default for UsernameConfig {
+    fn default() -> Self {
+        UsernameConfig {
+            case: CaseMode::Lowercase,
+            reserved: DEFAULT_RESERVED.iter().map(|s| (*s).to_owned()).collect(),
+            reserved_lookalikes: true,
+            deny_patterns: Vec::new(),
+            allow_leading_underscore: false,
+            allow_numeric: false,
+        }
+    }
+}
+
+/// `[guest]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestConfig {
+    /// Whether `kind=guest` registrations may pass.
+    pub access: GuestAccess,
+}
+
+// === small value types ===
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? } default $default:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name::$default
+            }
+        }
+
+        impl $name {
+            /// The configuration spelling of this value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let expected = expected_list(&[$($text),+]);
+                let value = toml::Value::deserialize(d)?;
+                match value.as_str() {
+                    $(Some($text) => Ok($name::$variant),)+
+                    Some(other) => Err(de::Error::custom(format!("expected {expected}, got \"{other}\""))),
+                    None => Err(de::Error::custom(format!("expected {expected}, got {value}"))),
+                }
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+fn expected_list(options: &[&str]) -> String {
+    let quoted: Vec<String> = options.iter().map(|o| format!("\"{o}\"")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.join(""),
+    }
+}
+
+string_enum!(
+    /// How upper-case letters in a requested username are treated.
+    CaseMode {
+        /// Map to lower case exactly as Synapse does, then check.
+        Lowercase => "lowercase",
+        /// Refuse names that are not already lower case.
+        Reject => "reject",
+    } default Lowercase
+);
+
+string_enum!(
+    /// Whether guests may register.
+    GuestAccess {
+        /// Guest registration passes with a stripped body.
+        Allow => "allow",
+        /// Guest registration is refused with `403 M_FORBIDDEN`.
+        Deny => "deny",
+    } default Deny
+);
+
+/// A duration written as `"250ms"`, `"5s"`, `"1m"`, `"2h"` or `"1d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    /// A whole number of seconds.
+    pub const fn secs(s: u64) -> Self {
+        HumanDuration(Duration::from_secs(s))
+    }
+
+    /// Parses the configuration spelling of a duration.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("expected a duration such as \"5s\", got \"{text}\""))?;
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("expected a duration such as \"5s\", got \"{text}\""))?;
+        let ms = match unit {
+            "ms" => Some(n),
+            "s" => n.checked_mul(1000),
+            "m" => n.checked_mul(60_000),
+            "h" => n.checked_mul(3_600_000),
+            "d" => n.checked_mul(86_400_000),
+            _ => {
+                return Err(format!(
+                    "unknown unit \"{unit}\" in \"{text}\" (use ms, s, m, h or d)"
+                ))
+            }
+        }
+        .ok_or_else(|| format!("duration \"{text}\" is too long"))?;
+        Ok(HumanDuration(Duration::from_millis(ms)))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms % 1000 != 0 {
+            write!(f, "{ms}ms")
+        } else if ms % 3_600_000 == 0 && ms > 0 {
+            write!(f, "{}h", ms / 3_600_000)
+        } else if ms % 60_000 == 0 && ms > 0 {
+            write!(f, "{}m", ms / 60_000)
+        } else {
+            write!(f, "{}s", ms / 1000)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = toml::Value::deserialize(d)?;
+        match value.as_str() {
+            Some(text) => HumanDuration::parse(text).map_err(de::Error::custom),
+            None => Err(de::Error::custom(format!(
+                "expected a duration string such as \"5s\", got {value}"
+            ))),
+        }
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One listen address or several.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddrs(pub Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for ListenAddrs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let parse = |s: &str| {
+            s.parse::<SocketAddr>().map_err(|_| {
+                de::Error::custom(format!(
+                    "expected an address such as \"0.0.0.0:8009\" or \"[::]:8009\", got \"{s}\""
+                ))
+            })
+        };
+        match toml::Value::deserialize(d)? {
+            toml::Value::String(s) => Ok(ListenAddrs(vec![parse(&s)?])),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|item| match item.as_str() {
+                    Some(s) => parse(s),
+                    None => Err(de::Error::custom(format!(
+                        "expected address strings, got {item}"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(ListenAddrs),
+            other => Err(de::Error::custom(format!(
+                "expected an address or a list of addresses, got {other}"
+            ))),
+        }
+    }
+}
+
+impl Serialize for ListenAddrs {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|a| a.to_string()))
+    }
+}
+
+/// A compiled deny pattern, kept with its source text.
+#[derive(Debug, Clone)]
+pub struct DenyPattern(pub Regex);
+
+impl<'de> Deserialize<'de> for DenyPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Regex::new(&text)
+            .map(DenyPattern)
+            .map_err(|e| de::Error::custom(format!("invalid regex \"{text}\": {e}")))
+    }
+}
+
+impl Serialize for DenyPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
+fn deserialize_uri<'de, D: Deserializer<'de>>(d: D) -> Result<http::Uri, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse::<http::Uri>()
+        .map_err(|e| de::Error::custom(format!("invalid URL \"{text}\": {e}")))
+}
+
+fn serialize_display<S: Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_enum_value_names_the_key_and_the_choices() {
+        assert_eq!(
+            err("[guest]\naccess = \"sometimes\"\n"),
+            "guest.access: expected \"allow\" or \"deny\", got \"sometimes\""
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let e = err("[username]\nreservd = []\n");
+        assert!(e.starts_with("username.reservd: unknown field"), "{e}");
+        assert!(e.contains("reservd"), "{e}");
+        let e = err("[nonsense]\n");
+        assert!(e.contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse_and_print() {
+        assert_eq!(
+            HumanDuration::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            HumanDuration::parse("1h").unwrap().0,
+            Duration::from_secs(3600)
+        );
+        assert!(HumanDuration::parse("5").is_err());
+        assert!(HumanDuration::parse("5 parsecs").is_err());
+        assert_eq!(HumanDuration::secs(90).to_string(), "90s");
+        assert_eq!(HumanDuration::secs(120).to_string(), "2m");
+        let e = err("[upstream]\nconnect_timeout = \"5x\"\n");
+        assert!(e.starts_with("upstream.connect_timeout:"), "{e}");
+    }
+
+    #[test]
+    fn listen_takes_one_address_or_a_list() {
+        let c = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        assert_eq!(c.server.listen.0.len(), 1);
+        let c = Config::from_toml("[server]\nlisten = [\"127.0.0.1:1\", \"[::1]:2\"]\n").unwrap();
+        assert_eq!(c.server.listen.0.len(), 2);
+        assert!(err("[server]\nlisten = \"nowhere\"\n").starts_with("server.listen:"));
+    }
+
+    #[test]
+    fn bad_regex_and_upstream_are_named() {
+        assert!(err("[username]\ndeny_patterns = [\"(\"]\n").starts_with("username.deny_patterns"));
+        assert!(err("[upstream]\nurl = \"https://x\"\n").starts_with("upstream.url:"));
+        assert!(
+            err("[registration]\nmax_body_bytes = 0\n").starts_with("registration.max_body_bytes:")
+        );
+        assert!(err("[username]\nreserved = [\"Admin\"]\n").starts_with("username.reserved[0]:"));
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = Config::from_toml("").unwrap();
+        let printed = c.to_toml();
+        let again = Config::from_toml(&printed).unwrap();
+        assert_eq!(again.to_toml(), printed);
+        assert!(printed.contains("access = \"deny\""));
+    }
+}

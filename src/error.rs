@@ -1,0 +1,154 @@
+//! The one place where a refusal becomes a Matrix JSON response.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+/// A Matrix error the gate answers with: status, `errcode` and `error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatrixError {
+    /// HTTP status of the answer.
+    pub status: StatusCode,
+    /// The Matrix `errcode` (`M_FORBIDDEN`, ...).
+    pub errcode: &'static str,
+    /// Human-readable explanation.
+    pub error: String,
+}
+
+impl MatrixError {
+    /// A new error.
+    pub fn new(status: StatusCode, errcode: &'static str, error: impl Into<String>) -> Self {
+        MatrixError {
+            status,
+            errcode,
+            error: error.into(),
+        }
+    }
+
+    /// `403 M_FORBIDDEN`
+    pub fn forbidden(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", error)
+    }
+
+    /// `400 M_INVALID_USERNAME`
+    pub fn invalid_username(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_INVALID_USERNAME", error)
+    }
+
+    /// `400 M_USER_IN_USE`
+    pub fn user_in_use() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "M_USER_IN_USE",
+            "User ID already taken.",
+        )
+    }
+
+    /// `400 M_BAD_JSON`
+    pub fn bad_json(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", error)
+    }
+
+    /// `400 M_NOT_JSON`
+    pub fn not_json(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", error)
+    }
+
+    /// `400 M_UNRECOGNIZED`
+    pub fn unrecognized(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_UNRECOGNIZED", error)
+    }
+
+    /// `400 M_MISSING_PARAM`
+    pub fn missing_param(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", error)
+    }
+
+    /// `400 M_INVALID_PARAM`
+    pub fn invalid_param(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", error)
+    }
+
+    /// `413 M_TOO_LARGE`
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "M_TOO_LARGE",
+            format!("Request body is larger than {limit} bytes."),
+        )
+    }
+
+    /// `404 M_UNRECOGNIZED`: a registration path the gate does not serve.
+    pub fn not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "M_UNRECOGNIZED",
+            "Unrecognized request",
+        )
+    }
+
+    /// `405 M_UNRECOGNIZED`
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "M_UNRECOGNIZED",
+            "Method not allowed on this endpoint",
+        )
+    }
+
+    /// `502 M_UNKNOWN`: the homeserver could not be reached.
+    pub fn bad_gateway() -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "M_UNKNOWN",
+            "The homeserver could not be reached.",
+        )
+    }
+
+    /// `504 M_UNKNOWN`: the homeserver did not answer in time.
+    pub fn gateway_timeout() -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "M_UNKNOWN",
+            "The homeserver did not answer in time.",
+        )
+    }
+
+    /// `408 M_UNKNOWN`: the client was too slow sending its body.
+    pub fn request_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "M_UNKNOWN",
+            "The request body was not received in time.",
+        )
+    }
+
+    /// The JSON body of this error.
+    pub fn body(&self) -> Bytes {
+        let value = serde_json::json!({ "errcode": self.errcode, "error": self.error });
+        Bytes::from(value.to_string())
+    }
+
+    /// This error as an HTTP response with `Content-Type: application/json`.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(self.body()));
+        *response.status_mut() = self.status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+impl std::fmt::Display for MatrixError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.errcode,
+            self.error
+        )
+    }
+}

@@ -1,0 +1,474 @@
+//! The registration policy: a pure function from a guarded request (route,
+//! method, query, body) and the configuration to a decision.
+//!
+//! No I/O and no clock: the gate reads the body and calls [`Policy::head`],
+//! then, where a body is needed, [`Policy::body`]. What comes out is either a
+//! refusal or exactly what the homeserver receives — canonical path, a query
+//! the gate wrote, and a body the gate re-serialized.
+
+use bytes::Bytes;
+use http::Method;
+use serde_json::{Map, Value};
+
+use super::json::parse_object;
+use super::query::{encode_component, Query};
+use super::routes::GuardedRoute;
+use super::username::{UsernamePolicy, UsernameRule};
+use crate::config::{Config, GuestAccess};
+use crate::error::MatrixError;
+
+/// The kind of account a `POST …/register` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountKind {
+    /// `kind=user` or no kind at all.
+    User {
+        /// Whether the client named the kind (forwarded as `kind=user`).
+        explicit: bool,
+    },
+    /// `kind=guest`
+    Guest,
+}
+
+/// Why the gate refused a request: the rule, for logs and metrics, and the
+/// answer the client receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The rule that refused (`registration_disabled`, `guest_denied`, ...).
+    pub rule: &'static str,
+    /// The Matrix error answered.
+    pub error: MatrixError,
+}
+
+impl Refusal {
+    fn new(rule: &'static str, error: MatrixError) -> Self {
+        Refusal { rule, error }
+    }
+}
+
+impl From<UsernameRule> for Refusal {
+    fn from(rule: UsernameRule) -> Self {
+        Refusal::new(rule.name(), rule.error())
+    }
+}
+
+/// What to do once the method, path and query are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadDecision {
+    /// Answer with this error; the homeserver sees nothing.
+    Refuse(Refusal),
+    /// Forward without a body to this path and query.
+    Forward(Forward),
+    /// Read the body (bounded), then ask [`Policy::body`].
+    ReadBody(BodyPlan),
+}
+
+/// What the homeserver receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// Canonical path and the gate's own query.
+    pub path_and_query: String,
+    /// The re-serialized JSON body, if the request has one.
+    pub body: Option<Bytes>,
+    /// The mapped localpart that was checked, if any.
+    pub username: Option<String>,
+}
+
+/// How a body is to be judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyPlan {
+    /// A registration of the given kind.
+    Register(GuardedRoute, AccountKind),
+    /// Any other route that takes a JSON object body (requestToken, admin).
+    JsonObject(GuardedRoute),
+}
+
+/// The compiled registration policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The username rules.
+    pub username: UsernamePolicy,
+    enabled: bool,
+    guest_access: GuestAccess,
+    allow_admin_register: bool,
+    /// Largest registration body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Policy {
+    /// Compiles the policy from a validated configuration.
+    pub fn new(config: &Config) -> Self {
+        Policy {
+            username: UsernamePolicy::new(&config.username, &config.homeserver.server_name),
+            enabled: config.registration.enabled,
+            guest_access: config.guest.access,
+            allow_admin_register: config.registration.allow_admin_register,
+            max_body_bytes: config.registration.max_body_bytes,
+        }
+    }
+
+    /// Decides on a guarded request from its method, route and raw query.
+    pub fn head(
+        &self,
+        method: &Method,
+        route: GuardedRoute,
+        raw_query: Option<&str>,
+    ) -> HeadDecision {
+        use GuardedRoute::*;
+        let unknown = || refuse("unknown_route", MatrixError::not_found());
+        if route == Unknown {
+            return unknown();
+        }
+        if route == AdminRegister && !self.allow_admin_register {
+            return refuse(
+                "admin_register",
+                MatrixError::forbidden("Shared-secret registration is not available here."),
+            );
+        }
+        let path = route.canonical_path();
+        // CORS preflights carry no body and register nothing.
+        if method == Method::OPTIONS {
+            return HeadDecision::Forward(Forward {
+                path_and_query: path.into_owned(),
+                body: None,
+                username: None,
+            });
+        }
+        let expected = match route {
+            Register(_) | RequestToken(..) => Method::POST,
+            Available(_) | TokenValidity(_) => Method::GET,
+            AdminRegister if method == Method::GET => Method::GET,
+            AdminRegister => Method::POST,
+            Unknown => return unknown(),
+        };
+        if *method != expected {
+            return refuse("method", MatrixError::method_not_allowed());
+        }
+        if !self.enabled && route != AdminRegister {
+            return refuse(
+                "registration_disabled",
+                MatrixError::forbidden("Registration has been disabled."),
+            );
+        }
+        let query = Query::parse(raw_query);
+        match route {
+            Register(_) => {
+                let kind = match query.single("kind") {
+                    Ok(None) => AccountKind::User { explicit: false },
+                    Ok(Some("user")) => AccountKind::User { explicit: true },
+                    Ok(Some("guest")) => AccountKind::Guest,
+                    Ok(Some(other)) => {
+                        return refuse(
+                            "unknown_kind",
+                            MatrixError::unrecognized(format!(
+                                "Unknown account kind {other:?}: expected \"user\" or \"guest\"."
+                            )),
+                        )
+                    }
+                    Err(n) => {
+                        return refuse(
+                            "ambiguous_kind",
+                            MatrixError::unrecognized(format!(
+                                "The kind parameter is given {n} times; give it once."
+                            )),
+                        )
+                    }
+                };
+                if kind == AccountKind::Guest && self.guest_access == GuestAccess::Deny {
+                    return refuse(
+                        "guest_denied",
+                        MatrixError::forbidden("Guest access is disabled."),
+                    );
+                }
+                HeadDecision::ReadBody(BodyPlan::Register(route, kind))
+            }
+            Available(_) => {
+                let name = match query.single("username") {
+                    Ok(Some(name)) => name,
+                    Ok(None) => {
+                        return refuse(
+                            "missing_param",
+                            MatrixError::missing_param("Missing username parameter."),
+                        )
+                    }
+                    Err(n) => {
+                        return refuse(
+                            "ambiguous_param",
+                            MatrixError::invalid_param(format!(
+                                "The username parameter is given {n} times; give it once."
+                            )),
+                        )
+                    }
+                };
+                match self.username.check(name, false) {
+                    Ok(mapped) => HeadDecision::Forward(Forward {
+                        path_and_query: format!("{path}?username={}", encode_component(&mapped)),
+                        body: None,
+                        username: Some(mapped),
+                    }),
+                    Err(rule) => HeadDecision::Refuse(rule.into()),
+                }
+            }
+            TokenValidity(_) => match query.single("token") {
+                Ok(Some(token)) => HeadDecision::Forward(Forward {
+                    path_and_query: format!("{path}?token={}", encode_component(token)),
+                    body: None,
+                    username: None,
+                }),
+                Ok(None) => refuse(
+                    "missing_param",
+                    MatrixError::missing_param("Missing token parameter."),
+                ),
+                Err(n) => refuse(
+                    "ambiguous_param",
+                    MatrixError::invalid_param(format!(
+                        "The token parameter is given {n} times; give it once."
+                    )),
+                ),
+            },
+            AdminRegister if expected == Method::GET => HeadDecision::Forward(Forward {
+                path_and_query: path.into_owned(),
+                body: None,
+                username: None,
+            }),
+            RequestToken(..) | AdminRegister => HeadDecision::ReadBody(BodyPlan::JsonObject(route)),
+            Unknown => unknown(),
+        }
+    }
+
+    /// Decides on the body of a request [`Policy::head`] asked to read.
+    pub fn body(&self, plan: BodyPlan, body: &[u8]) -> Result<Forward, Refusal> {
+        let object = parse_object(body).map_err(|e| {
+            let rule = if e.errcode == "M_NOT_JSON" {
+                "not_json"
+            } else {
+                "bad_json"
+            };
+            Refusal::new(rule, e)
+        })?;
+        match plan {
+            BodyPlan::JsonObject(route) => Ok(Forward {
+                path_and_query: route.canonical_path().into_owned(),
+                body: Some(serialize(&object)),
+                username: None,
+            }),
+            BodyPlan::Register(route, AccountKind::Guest) => {
+                let mut guest = Map::new();
+                match object.get("initial_device_display_name") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(name)) => {
+                        guest.insert(
+                            "initial_device_display_name".to_owned(),
+                            Value::String(name.clone()),
+                        );
+                    }
+                    Some(_) => {
+                        return Err(Refusal::new(
+                            "bad_json",
+                            MatrixError::bad_json("initial_device_display_name must be a string."),
+                        ))
+                    }
+                }
+                Ok(Forward {
+                    path_and_query: format!("{}?kind=guest", route.canonical_path()),
+                    body: Some(serialize(&guest)),
+                    username: None,
+                })
+            }
+            BodyPlan::Register(route, AccountKind::User { explicit }) => {
+                let mut object = object;
+                let guest_upgrade = object.contains_key("guest_access_token");
+                let username = match object.get("username") {
+                    None => None,
+                    Some(Value::String(requested)) => {
+                        let mapped = self.username.check(requested, guest_upgrade)?;
+                        object.insert("username".to_owned(), Value::String(mapped.clone()));
+                        Some(mapped)
+                    }
+                    Some(_) => return Err(UsernameRule::NotAString.into()),
+                };
+                let path = route.canonical_path();
+                Ok(Forward {
+                    path_and_query: if explicit {
+                        format!("{path}?kind=user")
+                    } else {
+                        path.into_owned()
+                    },
+                    body: Some(serialize(&object)),
+                    username,
+                })
+            }
+        }
+    }
+}
+
+fn refuse(rule: &'static str, error: MatrixError) -> HeadDecision {
+    HeadDecision::Refuse(Refusal::new(rule, error))
+}
+
+fn serialize(object: &Map<String, Value>) -> Bytes {
+    // Serializing a `Map` of `Value`s cannot fail: every key is a string.
+    Bytes::from(serde_json::to_vec(object).unwrap_or_else(|_| b"{}".to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::routes::ApiVersion;
+
+    const REGISTER: GuardedRoute = GuardedRoute::Register(ApiVersion::V3);
+
+    fn policy(toml: &str) -> Policy {
+        Policy::new(&Config::from_toml(toml).unwrap())
+    }
+
+    fn errcode(d: HeadDecision) -> &'static str {
+        match d {
+            HeadDecision::Refuse(r) => r.error.errcode,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn kind_is_read_like_synapse_or_refused_when_ambiguous() {
+        let p = policy("[guest]\naccess = \"allow\"\n");
+        let plan = |q: &str| p.head(&Method::POST, REGISTER, Some(q));
+        assert_eq!(
+            plan("kind=%67uest"),
+            HeadDecision::ReadBody(BodyPlan::Register(REGISTER, AccountKind::Guest))
+        );
+        assert_eq!(
+            plan("x=1;kind=guest"),
+            HeadDecision::ReadBody(BodyPlan::Register(REGISTER, AccountKind::Guest))
+        );
+        assert_eq!(errcode(plan("kind=user&kind=guest")), "M_UNRECOGNIZED");
+        assert_eq!(errcode(plan("kind=admin")), "M_UNRECOGNIZED");
+        assert_eq!(errcode(plan("kind=GUEST")), "M_UNRECOGNIZED");
+        assert_eq!(errcode(plan("kind=")), "M_UNRECOGNIZED");
+        assert_eq!(errcode(plan("kind")), "M_UNRECOGNIZED");
+        assert_eq!(
+            plan("kind=user&other=1"),
+            HeadDecision::ReadBody(BodyPlan::Register(
+                REGISTER,
+                AccountKind::User { explicit: true }
+            ))
+        );
+    }
+
+    #[test]
+    fn guests_are_denied_by_default_and_stripped_when_allowed() {
+        let deny = policy("");
+        assert_eq!(
+            errcode(deny.head(&Method::POST, REGISTER, Some("kind=guest"))),
+            "M_FORBIDDEN"
+        );
+        let allow = policy("[guest]\naccess = \"allow\"\n");
+        let fwd = allow
+            .body(
+                BodyPlan::Register(REGISTER, AccountKind::Guest),
+                br#"{"initial_device_display_name":"phone","refresh_token":true,"username":"admin","password":"x"}"#,
+            )
+            .unwrap();
+        assert_eq!(fwd.path_and_query, "/_matrix/client/v3/register?kind=guest");
+        assert_eq!(
+            fwd.body.unwrap(),
+            Bytes::from_static(br#"{"initial_device_display_name":"phone"}"#)
+        );
+        let bare = allow
+            .body(
+                BodyPlan::Register(REGISTER, AccountKind::Guest),
+                br#"{"x":1}"#,
+            )
+            .unwrap();
+        assert_eq!(bare.body.unwrap(), Bytes::from_static(b"{}"));
+    }
+
+    #[test]
+    fn user_bodies_keep_every_field_and_get_the_mapped_name() {
+        let p = policy("");
+        let fwd = p
+            .body(
+                BodyPlan::Register(REGISTER, AccountKind::User { explicit: false }),
+                br#"{"username":"\u212Aelvin","password":"pw","auth":{"type":"m.login.dummy","session":null},"device_id":"D","inhibit_login":false,"refresh_token":true,"future":[1,2.50]}"#,
+            )
+            .unwrap();
+        assert_eq!(fwd.path_and_query, "/_matrix/client/v3/register");
+        assert_eq!(fwd.username.as_deref(), Some("kelvin"));
+        assert_eq!(
+            fwd.body.unwrap(),
+            Bytes::from_static(br#"{"username":"kelvin","password":"pw","auth":{"type":"m.login.dummy","session":null},"device_id":"D","inhibit_login":false,"refresh_token":true,"future":[1,2.50]}"#)
+        );
+    }
+
+    #[test]
+    fn username_refusals() {
+        let p = policy("");
+        let user = BodyPlan::Register(REGISTER, AccountKind::User { explicit: true });
+        let code = |body: &str| p.body(user, body.as_bytes()).unwrap_err().error.errcode;
+        assert_eq!(code(r#"{"username":5}"#), "M_INVALID_USERNAME");
+        assert_eq!(code(r#"{"username":null}"#), "M_INVALID_USERNAME");
+        assert_eq!(code(r#"{"username":["a"]}"#), "M_INVALID_USERNAME");
+        assert_eq!(code(r#"{"username":"bad name"}"#), "M_INVALID_USERNAME");
+        assert_eq!(code(r#"{"username":"admin"}"#), "M_USER_IN_USE");
+        assert_eq!(code(r#"{"username":"1234"}"#), "M_INVALID_USERNAME");
+        assert!(p
+            .body(user, br#"{"username":"1234","guest_access_token":"t"}"#)
+            .is_ok());
+        assert!(p.body(user, b"{}").is_ok(), "username-less probe passes");
+        assert_eq!(code(r#"{"username":"a","username":"b"}"#), "M_BAD_JSON");
+    }
+
+    #[test]
+    fn availability_is_answered_or_forwarded_canonically() {
+        let p = policy("");
+        let route = GuardedRoute::Available(ApiVersion::V3);
+        let ask = |q: Option<&str>| p.head(&Method::GET, route, q);
+        assert_eq!(errcode(ask(None)), "M_MISSING_PARAM");
+        assert_eq!(errcode(ask(Some("username=admin"))), "M_USER_IN_USE");
+        assert_eq!(errcode(ask(Some("username=a%20b"))), "M_INVALID_USERNAME");
+        assert_eq!(
+            errcode(ask(Some("username=a&username=b"))),
+            "M_INVALID_PARAM"
+        );
+        match ask(Some("username=Alice&kind=guest")) {
+            HeadDecision::Forward(f) => assert_eq!(
+                f.path_and_query,
+                "/_matrix/client/v3/register/available?username=alice"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn disabled_registration_and_methods() {
+        let p = policy("[registration]\nenabled = false\n");
+        assert_eq!(
+            errcode(p.head(&Method::POST, REGISTER, None)),
+            "M_FORBIDDEN"
+        );
+        assert_eq!(
+            errcode(p.head(
+                &Method::GET,
+                GuardedRoute::Available(ApiVersion::R0),
+                Some("username=x")
+            )),
+            "M_FORBIDDEN"
+        );
+        let open = policy("");
+        assert_eq!(
+            errcode(open.head(&Method::PUT, REGISTER, None)),
+            "M_UNRECOGNIZED"
+        );
+        assert!(matches!(
+            open.head(&Method::OPTIONS, REGISTER, Some("kind=guest")),
+            HeadDecision::Forward(Forward { ref path_and_query, body: None, .. }) if path_and_query == "/_matrix/client/v3/register"
+        ));
+        assert_eq!(
+            errcode(open.head(&Method::POST, GuardedRoute::AdminRegister, None)),
+            "M_FORBIDDEN"
+        );
+        assert_eq!(
+            errcode(open.head(&Method::POST, GuardedRoute::Unknown, None)),
+            "M_UNRECOGNIZED"
+        );
+    }
+}

@@ -1,0 +1,25 @@
+//! matrix-gatekeeper: a reverse proxy that guards account registration on a
+//! Matrix homeserver.
+//!
+//! The gate intercepts the registration routes of the client-server API,
+//! enforces the username grammar and the operator's name and guest policy,
+//! and forwards only what it validated, in one canonical form. Every other
+//! request passes straight through, streamed.
+//!
+//! - [`config`]: the typed, strict TOML configuration.
+//! - [`gate`]: the tower layer, usable in any tower stack.
+//! - [`upstream`]: the pooled client to the homeserver.
+//! - [`server`]: the accept loop and graceful shutdown.
+
+#![warn(missing_docs)]
+
+pub mod client_ip;
+pub mod config;
+pub mod error;
+pub mod gate;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use gate::{RegistrationGate, RegistrationGateLayer};
+pub use server::{build_service, Server};
