@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use http::header::{self, HeaderName};
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -13,20 +14,33 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tower::{Layer, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequestHeadersLayer};
 
 use crate::client_ip::ClientAddress;
 use crate::config::Config;
 use crate::gate::{GateRequestBody, RegistrationGate, RegistrationGateLayer};
 use crate::upstream::Upstream;
 
-/// The exact service production runs: the gate in front of the pooled
+/// The exact service production runs: credentials marked sensitive (so no
+/// log or debug output prints them), then the gate in front of the pooled
 /// upstream client.
-pub type GatekeeperService = RegistrationGate<Upstream<GateRequestBody<Incoming>>>;
+pub type GatekeeperService =
+    SetSensitiveRequestHeaders<RegistrationGate<Upstream<GateRequestBody<Incoming>>>>;
+
+/// Request headers that carry credentials.
+const SENSITIVE_HEADERS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::PROXY_AUTHORIZATION,
+];
 
 /// Builds the production service stack from a validated configuration.
 pub fn build_service(config: &Config) -> GatekeeperService {
-    RegistrationGateLayer::new(config).layer(Upstream::new(&config.upstream))
+    ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new(SENSITIVE_HEADERS))
+        .layer(RegistrationGateLayer::new(config))
+        .service(Upstream::new(&config.upstream))
 }
 
 /// A bound, not yet running gatekeeper.

@@ -162,8 +162,10 @@ fn classify_segments(s: &[&str]) -> Option<GuardedRoute> {
 }
 
 /// The most generous normalization of a path: escapes decoded (repeatedly,
-/// so double encoding cannot hide a segment), `\` read as `/`, `;params`
-/// dropped, empty and `.` segments removed, `..` applied, ASCII lower-cased.
+/// so double encoding cannot hide a segment), `\` read as `/`, the path cut
+/// at a decoded `?`, `#` or NUL, `;params` dropped, segments trimmed of
+/// whitespace, empty and `.` segments removed, `..` applied, ASCII
+/// lower-cased.
 pub fn normalize(raw_path: &str) -> Vec<String> {
     let mut bytes = raw_path.as_bytes().to_vec();
     for _ in 0..4 {
@@ -174,9 +176,15 @@ pub fn normalize(raw_path: &str) -> Vec<String> {
         bytes = decoded;
     }
     let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+    // A decoded `?`, `#` or NUL ends the path for some parsers.
+    let text = text.split(['?', '#', '\0']).next().unwrap_or("");
     let mut segments: Vec<String> = Vec::new();
     for segment in text.split('/') {
-        let segment = segment.split(';').next().unwrap_or("");
+        let segment = segment
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim_matches(|c: char| c.is_whitespace() || c.is_control());
         match segment {
             "" | "." => {}
             ".." => {
@@ -275,6 +283,11 @@ mod tests {
             "/_matrix/client/v3;a/register",
             "\\_matrix\\client\\v3\\register",
             "/../_matrix/client/v3/register",
+            "/_matrix/client/v3/register%3Fkind=guest",
+            "/_matrix/client/v3/register%23x",
+            "/_matrix/client/v3/register%00.png",
+            "/_matrix/client/v3/register%20",
+            "/_matrix/client/v3/%09register",
         ] {
             assert_eq!(classify(path), register, "{path}");
         }
