@@ -1,13 +1,23 @@
-//! The client address the gate resolved for a request.
+//! Who the client is: the address the gate resolves for a request, and the
+//! key its rate limits are counted under.
 //!
-//! The server puts a [`ClientAddress`] into every request's extensions; the
-//! upstream writes it as the only `X-Forwarded-For` entry, so the homeserver's
-//! own limits and logs see the address the gate decided on, never one the
-//! client wrote.
+//! The TCP peer is the client unless it is a trusted proxy. Then the
+//! `X-Forwarded-For` entries (all such headers, in order) are walked from the
+//! right, skipping trusted addresses; the first untrusted address is the
+//! client. The leftmost entry, which the client itself writes, is never
+//! believed on its own. An unparseable entry ends the walk at the last good
+//! address. IPv4-mapped IPv6 addresses count as IPv4.
+//!
+//! IPv6 clients are keyed by their `/ipv6_prefix_len` prefix, since one
+//! subscriber usually holds a whole /64 and can rotate through it freely.
 
-use std::net::IpAddr;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
 
-/// The resolved client address of a request (for now, the TCP peer).
+use http::HeaderMap;
+
+/// The resolved client address of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddress(pub IpAddr);
 
@@ -18,15 +28,309 @@ impl ClientAddress {
     }
 }
 
+/// The key a client's rate limits are counted under: the full IPv4 address,
+/// or the IPv6 prefix. Stored as 16 bytes (IPv4 as `::ffff:a.b.c.d`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientKey(pub u128);
+
+impl ClientKey {
+    /// The key of an IPv4 address.
+    pub fn v4(ip: Ipv4Addr) -> Self {
+        ClientKey(u128::from(ip.to_ipv6_mapped()))
+    }
+
+    /// The key of an IPv6 address: its first `prefix_len` bits.
+    pub fn v6(ip: Ipv6Addr, prefix_len: u8) -> Self {
+        ClientKey(u128::from(ip) & prefix_mask(prefix_len))
+    }
+
+    /// A coarser key shared by many clients (used when too many distinct
+    /// clients are tracked): the IPv4 /16 or the IPv6 /32.
+    pub fn coarse(self) -> Self {
+        let v4_mapped_prefix = u128::from(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+        if self.0 & prefix_mask(96) == v4_mapped_prefix {
+            ClientKey(self.0 & prefix_mask(112))
+        } else {
+            ClientKey(self.0 & prefix_mask(32))
+        }
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v6 = Ipv6Addr::from(self.0);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => write!(f, "{v4}"),
+            None => write!(f, "{v6}"),
+        }
+    }
+}
+
+fn prefix_mask(len: u8) -> u128 {
+    match len {
+        0 => 0,
+        l if l >= 128 => u128::MAX,
+        l => u128::MAX << (128 - u32::from(l)),
+    }
+}
+
+/// An IP network, `address/prefix` (a bare address is a single host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    network: IpAddr,
+    prefix_len: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` lies inside this network (IPv4-mapped IPv6 read as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix_len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(self.prefix_len))
+                };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = prefix_mask(self.prefix_len);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("expected an address or CIDR such as \"10.0.0.0/8\", got \"{text}\"");
+        let (addr, len) = match text.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (text, None),
+        };
+        let network = addr
+            .trim()
+            .parse::<IpAddr>()
+            .map_err(|_| bad())?
+            .to_canonical();
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            None => max,
+            Some(len) => len.trim().parse::<u8>().map_err(|_| bad())?,
+        };
+        if prefix_len > max {
+            return Err(format!(
+                "prefix length {prefix_len} is longer than {max} in \"{text}\""
+            ));
+        }
+        Ok(IpNet {
+            network,
+            prefix_len,
+        })
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+/// Resolves client addresses and rate-limit keys.
+#[derive(Debug, Clone)]
+pub struct ClientResolver {
+    trusted: Vec<IpNet>,
+    ipv6_prefix_len: u8,
+}
+
+impl Default for ClientResolver {
+    fn default() -> Self {
+        ClientResolver::new(Vec::new(), 64)
+    }
+}
+
+impl ClientResolver {
+    /// A resolver trusting `trusted` proxies and keying IPv6 by
+    /// `/ipv6_prefix_len`.
+    pub fn new(trusted: Vec<IpNet>, ipv6_prefix_len: u8) -> Self {
+        ClientResolver {
+            trusted,
+            ipv6_prefix_len,
+        }
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(ip))
+    }
+
+    /// The client address of a request from `peer` carrying `headers`.
+    pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> ClientAddress {
+        let peer = peer.to_canonical();
+        if self.trusted.is_empty() || !self.is_trusted(peer) {
+            return ClientAddress(peer);
+        }
+        let entries: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .flat_map(|value| value.to_str().unwrap_or("\u{0}").split(','))
+            .collect();
+        let mut last_good = peer;
+        for entry in entries.iter().rev() {
+            let Some(ip) = parse_forwarded_entry(entry) else {
+                return ClientAddress(last_good);
+            };
+            if !self.is_trusted(ip) {
+                return ClientAddress(ip);
+            }
+            last_good = ip;
+        }
+        ClientAddress(last_good)
+    }
+
+    /// The key a client's limits are counted under.
+    pub fn key(&self, client: ClientAddress) -> ClientKey {
+        match client.0.to_canonical() {
+            IpAddr::V4(v4) => ClientKey::v4(v4),
+            IpAddr::V6(v6) => ClientKey::v6(v6, self.ipv6_prefix_len),
+        }
+    }
+}
+
+/// One `X-Forwarded-For` entry: an address, optionally with a port
+/// (`192.0.2.1:4711`, `[2001:db8::1]:4711`).
+fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    if let Some(rest) = entry.strip_prefix('[') {
+        let (addr, _port) = rest.split_once(']')?;
+        return addr
+            .parse::<Ipv6Addr>()
+            .ok()
+            .map(|ip| IpAddr::V6(ip).to_canonical());
+    }
+    let (addr, port) = entry.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    addr.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for v in values {
+            map.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    fn resolver(trusted: &[&str]) -> ClientResolver {
+        ClientResolver::new(trusted.iter().map(|t| t.parse().unwrap()).collect(), 64)
+    }
 
     #[test]
     fn mapped_ipv6_is_read_as_ipv4() {
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(ClientAddress::new(mapped).0.to_string(), "192.0.2.7");
-        let v6: IpAddr = "2001:db8::1".parse().unwrap();
-        assert_eq!(ClientAddress::new(v6).0, v6);
+        assert_eq!(
+            ClientAddress::new(ip("::ffff:192.0.2.7")).0,
+            ip("192.0.2.7")
+        );
+        assert_eq!(ClientAddress::new(ip("2001:db8::1")).0, ip("2001:db8::1"));
+    }
+
+    #[test]
+    fn untrusted_peer_is_the_client_whatever_it_writes() {
+        let r = resolver(&["10.0.0.0/8"]);
+        let h = headers(&["1.2.3.4, 10.0.0.1"]);
+        assert_eq!(r.resolve(ip("203.0.113.9"), &h).0, ip("203.0.113.9"));
+        assert_eq!(resolver(&[]).resolve(ip("10.0.0.1"), &h).0, ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn trusted_peer_walk_takes_the_rightmost_untrusted_entry() {
+        let r = resolver(&["10.0.0.0/8", "2001:db8:ffff::/48"]);
+        // The client spoofed the leftmost entry; the proxy appended the real one.
+        let h = headers(&["6.6.6.6, 198.51.100.7, 10.1.2.3"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h).0, ip("198.51.100.7"));
+        // Several headers count in order.
+        let h = headers(&["6.6.6.6", "198.51.100.7", "10.1.2.3"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h).0, ip("198.51.100.7"));
+        // Mapped and IPv6 proxies, ports.
+        let h = headers(&["[2001:db8::5]:443, ::ffff:10.9.9.9"]);
+        assert_eq!(r.resolve(ip("2001:db8:ffff::1"), &h).0, ip("2001:db8::5"));
+        let h = headers(&["198.51.100.8:5555"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h).0, ip("198.51.100.8"));
+    }
+
+    #[test]
+    fn garbage_ends_the_walk_at_the_last_good_address() {
+        let r = resolver(&["10.0.0.0/8"]);
+        let h = headers(&["6.6.6.6, garbage, 10.1.2.3"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h).0, ip("10.1.2.3"));
+        let h = headers(&["unknown"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h).0, ip("10.0.0.1"));
+        // No header at all: the proxy itself.
+        assert_eq!(
+            r.resolve(ip("10.0.0.1"), &HeaderMap::new()).0,
+            ip("10.0.0.1")
+        );
+        // Everything trusted: the leftmost trusted address.
+        let h = headers(&["10.5.5.5, 10.1.2.3"]);
+        assert_eq!(r.resolve(ip("10.0.0.1"), &h).0, ip("10.5.5.5"));
+    }
+
+    #[test]
+    fn keys_group_ipv6_by_prefix_and_keep_ipv4_whole() {
+        let r = resolver(&[]);
+        let a = r.key(ClientAddress(ip("2001:db8:1:2:aaaa::1")));
+        let b = r.key(ClientAddress(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")));
+        let c = r.key(ClientAddress(ip("2001:db8:1:3::1")));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.to_string(), "2001:db8:1:2::");
+        let v4 = r.key(ClientAddress(ip("192.0.2.1")));
+        assert_ne!(v4, r.key(ClientAddress(ip("192.0.2.2"))));
+        assert_eq!(v4, r.key(ClientAddress::new(ip("::ffff:192.0.2.1"))));
+        assert_eq!(v4.to_string(), "192.0.2.1");
+        let r48 = ClientResolver::new(Vec::new(), 48);
+        assert_eq!(
+            r48.key(ClientAddress(ip("2001:db8:1:2::1"))),
+            r48.key(ClientAddress(ip("2001:db8:1:3::1")))
+        );
+    }
+
+    #[test]
+    fn coarse_keys_widen_the_net() {
+        let r = resolver(&[]);
+        let v4 = r.key(ClientAddress(ip("192.0.2.1"))).coarse();
+        assert_eq!(v4, r.key(ClientAddress(ip("192.0.200.9"))).coarse());
+        assert_eq!(v4.to_string(), "192.0.0.0");
+        let v6 = r.key(ClientAddress(ip("2001:db8:1:2::1"))).coarse();
+        assert_eq!(v6, r.key(ClientAddress(ip("2001:db8:ffff::1"))).coarse());
+    }
+
+    #[test]
+    fn networks_parse_and_match() {
+        let n: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!(n.contains(ip("10.255.0.1")));
+        assert!(n.contains(ip("::ffff:10.0.0.1")));
+        assert!(!n.contains(ip("11.0.0.1")));
+        let host: IpNet = "192.0.2.1".parse().unwrap();
+        assert!(host.contains(ip("192.0.2.1")));
+        assert!(!host.contains(ip("192.0.2.2")));
+        let all: IpNet = "::/0".parse().unwrap();
+        assert!(all.contains(ip("2001:db8::1")));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("nonsense".parse::<IpNet>().is_err());
     }
 }

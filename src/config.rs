@@ -11,6 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use regex::Regex;
+
+use crate::client_ip::{ClientResolver, IpNet};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -67,6 +69,10 @@ pub struct Config {
     pub username: UsernameConfig,
     /// The guest policy.
     pub guest: GuestConfig,
+    /// How the client address is found.
+    pub client_ip: ClientIpConfig,
+    /// Rate limits on the guarded routes.
+    pub rate_limit: RateLimitConfig,
 }
 
 impl Config {
@@ -150,7 +156,59 @@ impl Config {
                 ));
             }
         }
+        let prefix = self.client_ip.ipv6_prefix_len;
+        if !(1..=128).contains(&prefix) {
+            return Err(ConfigError::invalid(
+                "client_ip.ipv6_prefix_len",
+                format!("expected 1 to 128, got {prefix}"),
+            ));
+        }
+        let limits = &self.rate_limit;
+        for (name, limit) in limits.limits() {
+            if let Some(limit) = limit {
+                if limit.count == 0 {
+                    return Err(ConfigError::invalid(
+                        format!("rate_limit.{name}.count"),
+                        "must be at least 1 (remove the limit for no limit)",
+                    ));
+                }
+                if limit.period.0.is_zero() {
+                    return Err(ConfigError::invalid(
+                        format!("rate_limit.{name}.period"),
+                        "must be longer than zero",
+                    ));
+                }
+            }
+        }
+        if limits.max_tracked_clients == 0 {
+            return Err(ConfigError::invalid(
+                "rate_limit.max_tracked_clients",
+                "must be at least 1",
+            ));
+        }
+        if limits.store == StoreKind::Redis {
+            match &limits.redis_url {
+                None => {
+                    return Err(ConfigError::invalid(
+                        "rate_limit.redis_url",
+                        "needed when store = \"redis\"",
+                    ))
+                }
+                Some(url)
+                    if !(url.starts_with("redis://")
+                        || url.starts_with("redis+unix://")
+                        || url.starts_with("unix://")) =>
+                {
+                    return Err(ConfigError::invalid(
+                        "rate_limit.redis_url",
+                        format!("expected a redis:// URL, got \"{url}\""),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
         for (key, d) in [
+            ("rate_limit.redis_timeout", self.rate_limit.redis_timeout),
             (
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
@@ -341,6 +399,139 @@ pub struct GuestConfig {
     pub access: GuestAccess,
 }
 
+/// `[client_ip]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientIpConfig {
+    /// Proxies whose `X-Forwarded-For` entries are believed.
+    pub trusted_proxies: Vec<TrustedProxy>,
+    /// IPv6 clients are keyed by this prefix length.
+    pub ipv6_prefix_len: u8,
+}
+
+impl Default for ClientIpConfig {
+    fn default() -> Self {
+        ClientIpConfig {
+            trusted_proxies: Vec::new(),
+            ipv6_prefix_len: 64,
+        }
+    }
+}
+
+impl ClientIpConfig {
+    /// The resolver these settings describe.
+    pub fn resolver(&self) -> ClientResolver {
+        ClientResolver::new(
+            self.trusted_proxies.iter().map(|p| p.0).collect(),
+            self.ipv6_prefix_len,
+        )
+    }
+}
+
+/// One trusted proxy network (`"10.0.0.0/8"`, `"::1"`).
+#[derive(Debug, Clone, Copy)]
+pub struct TrustedProxy(pub IpNet);
+
+impl<'de> Deserialize<'de> for TrustedProxy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(TrustedProxy).map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for TrustedProxy {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// `[rate_limit]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Where limiter state lives.
+    pub store: StoreKind,
+    /// Completed registrations per client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registrations_per_ip: Option<LimitSpec>,
+    /// Every `POST …/register` per client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts_per_ip: Option<LimitSpec>,
+    /// Guest registrations per client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guests_per_ip: Option<LimitSpec>,
+    /// `/register/available` checks per client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub availability_checks_per_ip: Option<LimitSpec>,
+    /// `requestToken` and token validity checks per client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_requests_per_ip: Option<LimitSpec>,
+    /// Completed registrations for the whole server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registrations_global: Option<LimitSpec>,
+    /// Most clients tracked in memory; beyond it new clients share coarser keys.
+    pub max_tracked_clients: usize,
+    /// Redis (or Redis Cluster) URL for `store = "redis"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Longest wait for one Redis decision.
+    pub redis_timeout: HumanDuration,
+    /// What to do when Redis fails.
+    pub on_store_error: OnStoreError,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            store: StoreKind::Memory,
+            registrations_per_ip: None,
+            attempts_per_ip: None,
+            guests_per_ip: None,
+            availability_checks_per_ip: None,
+            token_requests_per_ip: None,
+            registrations_global: None,
+            max_tracked_clients: 1_000_000,
+            redis_url: None,
+            redis_timeout: HumanDuration(Duration::from_millis(50)),
+            on_store_error: OnStoreError::Local,
+        }
+    }
+}
+
+impl RateLimitConfig {
+    /// Every limit with its configuration name.
+    pub fn limits(&self) -> [(&'static str, Option<LimitSpec>); 6] {
+        [
+            ("registrations_per_ip", self.registrations_per_ip),
+            ("attempts_per_ip", self.attempts_per_ip),
+            ("guests_per_ip", self.guests_per_ip),
+            (
+                "availability_checks_per_ip",
+                self.availability_checks_per_ip,
+            ),
+            ("token_requests_per_ip", self.token_requests_per_ip),
+            ("registrations_global", self.registrations_global),
+        ]
+    }
+}
+
+/// `{ count = N, period = "1h" }`: a burst of N, refilled at N per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    /// Burst size, and units refilled per period.
+    pub count: u32,
+    /// The refill period.
+    pub period: HumanDuration,
+}
+
+impl LimitSpec {
+    /// Time to refill one unit (`period / count`).
+    pub fn emission_interval(&self) -> Duration {
+        self.period.0 / self.count.max(1)
+    }
+}
+
 // === small value types ===
 
 macro_rules! string_enum {
@@ -412,6 +603,28 @@ string_enum!(
         /// Guest registration is refused with `403 M_FORBIDDEN`.
         Deny => "deny",
     } default Deny
+);
+
+string_enum!(
+    /// Where limiter state lives.
+    StoreKind {
+        /// In this process.
+        Memory => "memory",
+        /// In Redis, shared by every replica.
+        Redis => "redis",
+    } default Memory
+);
+
+string_enum!(
+    /// What a Redis store does when Redis fails or is slow.
+    OnStoreError {
+        /// Fall back to this replica's in-memory limits.
+        Local => "local",
+        /// Let the request pass.
+        Allow => "allow",
+        /// Refuse the request with 429.
+        Deny => "deny",
+    } default Local
 );
 
 /// A duration written as `"250ms"`, `"5s"`, `"1m"`, `"2h"` or `"1d"`.
@@ -611,6 +824,39 @@ mod tests {
             err("[registration]\nmax_body_bytes = 0\n").starts_with("registration.max_body_bytes:")
         );
         assert!(err("[username]\nreserved = [\"Admin\"]\n").starts_with("username.reserved[0]:"));
+    }
+
+    #[test]
+    fn rate_limits_and_client_ip_are_validated_by_key() {
+        let c = Config::from_toml(
+            "[client_ip]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\nipv6_prefix_len = 56\n\
+             [rate_limit]\nregistrations_per_ip = { count = 3, period = \"1h\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.rate_limit.registrations_per_ip.unwrap().count, 3);
+        assert_eq!(
+            c.rate_limit
+                .registrations_per_ip
+                .unwrap()
+                .emission_interval(),
+            Duration::from_secs(1200)
+        );
+        assert!(c.rate_limit.attempts_per_ip.is_none());
+        assert!(err("[client_ip]\ntrusted_proxies = [\"10.0.0.0/99\"]\n")
+            .starts_with("client_ip.trusted_proxies[0]:"));
+        assert!(err("[client_ip]\nipv6_prefix_len = 0\n").starts_with("client_ip.ipv6_prefix_len:"));
+        assert!(
+            err("[rate_limit]\nguests_per_ip = { count = 0, period = \"1h\" }\n")
+                .starts_with("rate_limit.guests_per_ip.count:")
+        );
+        assert!(
+            err("[rate_limit]\nguests_per_ip = { count = 1, period = \"1h\", burst = 2 }\n")
+                .starts_with("rate_limit.guests_per_ip")
+        );
+        assert!(err("[rate_limit]\nstore = \"redis\"\n").starts_with("rate_limit.redis_url:"));
+        assert!(err("[rate_limit]\nstore = \"disk\"\n").starts_with("rate_limit.store:"));
+        assert!(err("[rate_limit]\non_store_error = \"panic\"\n")
+            .starts_with("rate_limit.on_store_error: expected \"local\", \"allow\" or \"deny\""));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod client_ip;
 pub mod config;
 pub mod error;
 pub mod gate;
+pub mod ratelimit;
 pub mod server;
 pub mod upstream;
 

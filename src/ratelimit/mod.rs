@@ -1,0 +1,394 @@
+//! Rate limits on the guarded routes, in memory or shared through Redis.
+//!
+//! Every limit is `{count = N, period = P}`: a burst of N refilled at N per
+//! P (GCRA, emission interval P/N). What each limit counts:
+//!
+//! | limit | counts |
+//! |---|---|
+//! | `attempts_per_ip` | every `POST …/register` |
+//! | `guests_per_ip` | every guest registration the policy lets through |
+//! | `availability_checks_per_ip` | every `GET …/register/available` |
+//! | `token_requests_per_ip` | `requestToken` and token validity checks |
+//! | `registrations_per_ip`, `registrations_global` | completed registrations |
+//!
+//! Completed registrations are counted by reservation: one unit of each is
+//! taken before a `POST …/register` is forwarded, and given back when the
+//! homeserver does not answer with a success. UIA round trips and failures
+//! therefore cost nothing, yet N concurrent requests can never complete more
+//! than N registrations.
+
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use governor::clock::MonotonicClock;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::client_ip::ClientKey;
+use crate::config::{LimitSpec, OnStoreError, RateLimitConfig, StoreKind};
+use memory::MemoryStore;
+use redis::RedisStore;
+
+/// One of the configured limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    /// `registrations_per_ip`
+    RegistrationsPerIp = 0,
+    /// `attempts_per_ip`
+    AttemptsPerIp = 1,
+    /// `guests_per_ip`
+    GuestsPerIp = 2,
+    /// `availability_checks_per_ip`
+    AvailabilityChecksPerIp = 3,
+    /// `token_requests_per_ip`
+    TokenRequestsPerIp = 4,
+    /// `registrations_global`
+    RegistrationsGlobal = 5,
+}
+
+impl LimitKind {
+    /// How many kinds there are.
+    pub const COUNT: usize = 6;
+
+    /// Every kind, in index order.
+    pub const ALL: [LimitKind; Self::COUNT] = [
+        LimitKind::RegistrationsPerIp,
+        LimitKind::AttemptsPerIp,
+        LimitKind::GuestsPerIp,
+        LimitKind::AvailabilityChecksPerIp,
+        LimitKind::TokenRequestsPerIp,
+        LimitKind::RegistrationsGlobal,
+    ];
+
+    /// The configuration name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitKind::RegistrationsPerIp => "registrations_per_ip",
+            LimitKind::AttemptsPerIp => "attempts_per_ip",
+            LimitKind::GuestsPerIp => "guests_per_ip",
+            LimitKind::AvailabilityChecksPerIp => "availability_checks_per_ip",
+            LimitKind::TokenRequestsPerIp => "token_requests_per_ip",
+            LimitKind::RegistrationsGlobal => "registrations_global",
+        }
+    }
+
+    /// Whether the limit is server-wide rather than per client.
+    pub fn is_global(self) -> bool {
+        self == LimitKind::RegistrationsGlobal
+    }
+
+    /// The key this limit counts `client` under.
+    pub fn key_for(self, client: ClientKey) -> ClientKey {
+        if self.is_global() {
+            ClientKey(0)
+        } else {
+            client
+        }
+    }
+}
+
+/// The configured limits, indexed by [`LimitKind`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitSpecs(pub [Option<LimitSpec>; LimitKind::COUNT]);
+
+impl LimitSpecs {
+    /// The limits of a configuration.
+    pub fn from_config(config: &RateLimitConfig) -> Self {
+        let mut specs = LimitSpecs::default();
+        for (kind, (_, spec)) in LimitKind::ALL.iter().zip(config.limits()) {
+            specs.0[*kind as usize] = spec;
+        }
+        specs
+    }
+
+    /// The spec of one limit, if configured.
+    pub fn get(&self, kind: LimitKind) -> Option<LimitSpec> {
+        self.0[kind as usize]
+    }
+}
+
+/// A refusal: which limit, and how long until a retry can pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    /// The limit that refused.
+    pub limit: LimitKind,
+    /// Time until the request would conform.
+    pub retry_after: Duration,
+}
+
+impl Limited {
+    /// `retry_after_ms` of the answer: at least 1.
+    pub fn retry_after_ms(&self) -> u64 {
+        let ms = self.retry_after.as_micros().div_ceil(1000);
+        u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// `Retry-After` of the answer: whole seconds, rounded up, at least 1.
+    pub fn retry_after_secs(&self) -> u64 {
+        self.retry_after_ms().div_ceil(1000).max(1)
+    }
+
+    /// The `429 M_LIMIT_EXCEEDED` answer.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({
+            "errcode": "M_LIMIT_EXCEEDED",
+            "error": "Too many requests",
+            "retry_after_ms": self.retry_after_ms(),
+        });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(self.retry_after_secs()),
+        );
+        response
+    }
+}
+
+/// Where a permit's units were taken, so a refund goes to the same place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    Nothing,
+    Local,
+    Redis,
+}
+
+/// Units taken by [`RateLimiter::acquire`]. Dropping it keeps them;
+/// [`Permit::settle`] gives them back unless the request succeeded.
+#[derive(Debug)]
+#[must_use = "settle the permit once the homeserver has answered"]
+pub struct Permit {
+    limiter: RateLimiter,
+    kinds: Vec<LimitKind>,
+    key: ClientKey,
+    taken: Taken,
+}
+
+impl Permit {
+    /// Keeps the units on success; gives them back otherwise. A Redis refund
+    /// runs in the background, off the response path.
+    pub fn settle(self, success: bool) {
+        if success || self.kinds.is_empty() {
+            return;
+        }
+        match self.taken {
+            Taken::Nothing => {}
+            Taken::Local => self.limiter.inner.local.refund(&self.kinds, self.key),
+            Taken::Redis => {
+                if let Some(redis) = self.limiter.inner.redis.clone() {
+                    let (kinds, key) = (self.kinds, self.key);
+                    tokio::spawn(async move {
+                        if let Err(error) = redis.refund(&kinds, key).await {
+                            tracing::warn!(%error, "rate-limit refund could not reach redis");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The rate limiter: the configured limits over the configured store.
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    specs: LimitSpecs,
+    local: MemoryStore<MonotonicClock>,
+    redis: Option<RedisStore>,
+    on_store_error: OnStoreError,
+    degraded: std::sync::atomic::AtomicBool,
+}
+
+impl RateLimiter {
+    /// A limiter for `config`. With `store = "redis"` it connects in the
+    /// background; decisions fall back per `on_store_error` until then.
+    /// Must be called inside a Tokio runtime when Redis is configured or
+    /// any limit is set (a housekeeping task is started).
+    pub fn new(config: &RateLimitConfig) -> Self {
+        let specs = LimitSpecs::from_config(config);
+        let redis = match (config.store, &config.redis_url) {
+            (StoreKind::Redis, Some(url)) => {
+                match RedisStore::new(url, specs, config.redis_timeout.0) {
+                    Ok(store) => Some(store),
+                    Err(error) => {
+                        tracing::error!(%error, "redis store unusable; limits kept in memory");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let limiter = RateLimiter {
+            inner: Arc::new(Inner {
+                specs,
+                local: MemoryStore::new(&specs, config.max_tracked_clients, MonotonicClock),
+                redis,
+                on_store_error: config.on_store_error,
+                degraded: std::sync::atomic::AtomicBool::new(false),
+            }),
+        };
+        if specs.0.iter().any(Option::is_some) {
+            limiter.start_housekeeping();
+        }
+        limiter
+    }
+
+    fn start_housekeeping(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                // Eviction walks every shard; keep it off the runtime's
+                // request-serving threads.
+                let _ = tokio::task::spawn_blocking(move || inner.local.housekeeping()).await;
+            }
+        });
+    }
+
+    /// Whether `kind` is configured.
+    pub fn is_configured(&self, kind: LimitKind) -> bool {
+        self.inner.specs.get(kind).is_some()
+    }
+
+    /// Takes one unit of each of `kinds` for `key`, all or nothing.
+    pub async fn acquire(&self, kinds: &[LimitKind], key: ClientKey) -> Result<Permit, Limited> {
+        let kinds: Vec<LimitKind> = kinds
+            .iter()
+            .copied()
+            .filter(|k| self.is_configured(*k))
+            .collect();
+        let permit = |taken| Permit {
+            limiter: self.clone(),
+            kinds: kinds.clone(),
+            key,
+            taken,
+        };
+        if kinds.is_empty() {
+            return Ok(permit(Taken::Nothing));
+        }
+        let inner = &self.inner;
+        if let Some(redis) = &inner.redis {
+            match redis.acquire(&kinds, key).await {
+                Ok(result) => {
+                    if inner
+                        .degraded
+                        .swap(false, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::info!("redis rate-limit store is back; shared limits restored");
+                    }
+                    return result
+                        .map(|()| permit(Taken::Redis))
+                        .map_err(|(limit, retry_after)| Limited { limit, retry_after });
+                }
+                Err(error) => {
+                    if !inner
+                        .degraded
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            %error,
+                            fallback = inner.on_store_error.as_str(),
+                            "redis rate-limit store failed"
+                        );
+                    }
+                    match inner.on_store_error {
+                        OnStoreError::Allow => return Ok(permit(Taken::Nothing)),
+                        OnStoreError::Deny => {
+                            return Err(Limited {
+                                limit: kinds[0],
+                                retry_after: Duration::from_secs(1),
+                            })
+                        }
+                        OnStoreError::Local => {}
+                    }
+                }
+            }
+        }
+        inner
+            .local
+            .acquire(&kinds, key)
+            .map(|()| permit(Taken::Local))
+            .map_err(|(limit, retry_after)| Limited { limit, retry_after })
+    }
+
+    /// Whether the Redis store is currently failing (decisions fall back).
+    pub fn is_degraded(&self) -> bool {
+        self.inner
+            .degraded
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_and_is_never_zero() {
+        let l = |us: u64| Limited {
+            limit: LimitKind::AttemptsPerIp,
+            retry_after: Duration::from_micros(us),
+        };
+        assert_eq!(l(0).retry_after_ms(), 1);
+        assert_eq!(l(1).retry_after_ms(), 1);
+        assert_eq!(l(1000).retry_after_ms(), 1);
+        assert_eq!(l(1001).retry_after_ms(), 2);
+        assert_eq!(l(5_181_000).retry_after_ms(), 5181);
+        assert_eq!(l(5_181_000).retry_after_secs(), 6);
+        assert_eq!(l(1_000_000).retry_after_secs(), 1);
+        assert_eq!(l(10).retry_after_secs(), 1);
+    }
+
+    #[test]
+    fn limited_answer_is_the_spec_429() {
+        let response = Limited {
+            limit: LimitKind::RegistrationsPerIp,
+            retry_after: Duration::from_millis(1500),
+        }
+        .into_response();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "2");
+        assert_eq!(response.headers()["content-type"], "application/json");
+    }
+
+    #[tokio::test]
+    async fn memory_limiter_reserves_and_refunds() {
+        let config = crate::config::Config::from_toml(
+            "[rate_limit]\nregistrations_per_ip = { count = 1, period = \"1h\" }\n",
+        )
+        .unwrap();
+        let limiter = RateLimiter::new(&config.rate_limit);
+        let key = ClientKey(1);
+        let kinds = [
+            LimitKind::RegistrationsPerIp,
+            LimitKind::RegistrationsGlobal,
+        ];
+        let permit = limiter.acquire(&kinds, key).await.unwrap();
+        let refused = limiter.acquire(&kinds, key).await.unwrap_err();
+        assert_eq!(refused.limit, LimitKind::RegistrationsPerIp);
+        assert!(refused.retry_after > Duration::from_secs(3599));
+        assert!(refused.retry_after <= Duration::from_secs(3600));
+        permit.settle(false);
+        limiter.acquire(&kinds, key).await.unwrap().settle(true);
+        assert!(limiter.acquire(&kinds, key).await.is_err());
+    }
+}
