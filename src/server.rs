@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderName};
@@ -17,7 +18,7 @@ use tokio::sync::mpsc;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequestHeadersLayer};
 
-use crate::client_ip::ClientAddress;
+use crate::client_ip::ClientResolver;
 use crate::config::Config;
 use crate::gate::{GateRequestBody, RegistrationGate, RegistrationGateLayer};
 use crate::upstream::Upstream;
@@ -48,6 +49,7 @@ pub fn build_service(config: &Config) -> GatekeeperService {
 pub struct Server {
     listeners: Vec<TcpListener>,
     service: GatekeeperService,
+    resolver: Arc<ClientResolver>,
     header_read_timeout: Duration,
     shutdown_timeout: Duration,
 }
@@ -65,11 +67,13 @@ impl Server {
         Ok(Server::from_listeners(config, listeners))
     }
 
-    /// Uses listeners the caller bound (tests bind `127.0.0.1:0`).
+    /// Uses listeners the caller bound (tests bind `127.0.0.1:0`). Must be
+    /// called inside a Tokio runtime.
     pub fn from_listeners(config: &Config, listeners: Vec<TcpListener>) -> Server {
         Server {
             listeners,
             service: build_service(config),
+            resolver: Arc::new(config.client_ip.resolver()),
             header_read_timeout: config.server.header_read_timeout.0,
             shutdown_timeout: config.server.shutdown_timeout.0,
         }
@@ -108,8 +112,9 @@ impl Server {
                 next = accepted.recv() => {
                     let Some((stream, peer)) = next else { break };
                     let service = self.service.clone();
-                    let client = ClientAddress::new(peer.ip());
+                    let resolver = self.resolver.clone();
                     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                        let client = resolver.resolve(peer.ip(), request.headers());
                         request.extensions_mut().insert(client);
                         service.clone().oneshot(request)
                     });

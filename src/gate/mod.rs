@@ -47,21 +47,24 @@ pub mod routes;
 pub mod username;
 
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, Uri};
+use http::{header, HeaderValue, Method, Request, Response, Uri};
 use http_body::Body;
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited as LimitedBody};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::client_ip::ClientAddress;
+use crate::client_ip::{ClientAddress, ClientResolver};
 use crate::config::Config;
 use crate::error::MatrixError;
+use crate::ratelimit::{LimitKind, Limited, RateLimiter};
+use policy::{AccountKind, BodyPlan};
 pub use policy::{Forward, HeadDecision, Policy, Refusal};
 pub use routes::GuardedRoute;
 
@@ -87,17 +90,32 @@ pub struct RegistrationGateLayer {
 struct Shared {
     policy: Policy,
     body_timeout: Duration,
+    resolver: ClientResolver,
+    limiter: RateLimiter,
 }
 
 impl RegistrationGateLayer {
-    /// A gate enforcing the policy of `config`.
+    /// A gate enforcing the policy and rate limits of `config`.
+    ///
+    /// With rate limits configured this must run inside a Tokio runtime (a
+    /// housekeeping task is started, and a Redis store connects in the
+    /// background). Requests should carry a [`ClientAddress`] extension;
+    /// the gate's own server inserts it. Requests without one share a
+    /// single per-client budget.
     pub fn new(config: &Config) -> Self {
         RegistrationGateLayer {
             shared: Arc::new(Shared {
                 policy: Policy::new(config),
                 body_timeout: config.server.body_timeout.0,
+                resolver: config.client_ip.resolver(),
+                limiter: RateLimiter::new(&config.rate_limit),
             }),
         }
+    }
+
+    /// The rate limiter this gate uses.
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.shared.limiter
     }
 }
 
@@ -169,11 +187,26 @@ where
 {
     let (parts, body) = request.into_parts();
     let client = parts.extensions.get::<ClientAddress>().map(|c| c.0);
+    let key = shared.resolver.key(client.map_or(
+        ClientAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        ClientAddress,
+    ));
+    let limiter = &shared.limiter;
+    if let Some(kind) = counted_limit(route, &parts.method) {
+        if let Err(limited) = limiter.acquire(&[kind], key).await {
+            return Ok(rate_limited(route, client, limited));
+        }
+    }
     let policy = &shared.policy;
     let forward = match policy.head(&parts.method, route, parts.uri.query()) {
         HeadDecision::Refuse(refusal) => return Ok(refuse(route, client, refusal)),
         HeadDecision::Forward(forward) => forward,
         HeadDecision::ReadBody(plan) => {
+            if let BodyPlan::Register(_, AccountKind::Guest) = plan {
+                if let Err(limited) = limiter.acquire(&[LimitKind::GuestsPerIp], key).await {
+                    return Ok(rate_limited(route, client, limited));
+                }
+            }
             let bytes = match read_body(
                 body,
                 declared_length(&parts.headers),
@@ -201,13 +234,63 @@ where
         Ok(request) => request,
         Err(refusal) => return Ok(refuse(route, client, refusal)),
     };
-    let response = inner.call(request).await?;
-    Ok(response.map(Either::Left))
+    // Completed registrations: reserve now, keep the units only if the
+    // homeserver answers with a success.
+    let permit = if matches!(route, GuardedRoute::Register(_)) && request.method() == Method::POST {
+        match limiter
+            .acquire(
+                &[
+                    LimitKind::RegistrationsPerIp,
+                    LimitKind::RegistrationsGlobal,
+                ],
+                key,
+            )
+            .await
+        {
+            Ok(permit) => Some(permit),
+            Err(limited) => return Ok(rate_limited(route, client, limited)),
+        }
+    } else {
+        None
+    };
+    let result = inner.call(request).await;
+    if let Some(permit) = permit {
+        let success = matches!(&result, Ok(response) if response.status().is_success());
+        permit.settle(success);
+    }
+    Ok(result?.map(Either::Left))
+}
+
+/// The per-client limit a guarded request counts against before anything
+/// else is looked at.
+fn counted_limit(route: GuardedRoute, method: &Method) -> Option<LimitKind> {
+    match (route, method) {
+        (GuardedRoute::Register(_), &Method::POST) => Some(LimitKind::AttemptsPerIp),
+        (GuardedRoute::Available(_), &Method::GET) => Some(LimitKind::AvailabilityChecksPerIp),
+        (GuardedRoute::RequestToken(..), &Method::POST)
+        | (GuardedRoute::TokenValidity(_), &Method::GET) => Some(LimitKind::TokenRequestsPerIp),
+        _ => None,
+    }
+}
+
+fn rate_limited<RB>(
+    route: GuardedRoute,
+    client: Option<IpAddr>,
+    limited: Limited,
+) -> Response<GateResponseBody<RB>> {
+    tracing::info!(
+        route = route.name(),
+        client = ?client,
+        limit = limited.limit.name(),
+        retry_after_ms = limited.retry_after_ms(),
+        "registration request rate-limited"
+    );
+    limited.into_response().map(Either::Right)
 }
 
 fn refuse<RB>(
     route: GuardedRoute,
-    client: Option<std::net::IpAddr>,
+    client: Option<IpAddr>,
     refusal: Refusal,
 ) -> Response<GateResponseBody<RB>> {
     tracing::info!(
@@ -245,7 +328,7 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+    match tokio::time::timeout(deadline, LimitedBody::new(body, limit).collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
         Ok(Err(e)) => Err(Refusal {

@@ -166,6 +166,29 @@ async fn answer(
             .insert("content-type", "application/json".parse().unwrap());
         response
     };
+    // Test controls: `x-test-delay-ms` delays the answer, `x-test-status`
+    // picks its status (a 401 is a UIA step, a 200 a completed registration).
+    let control = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    if let Some(ms) = control("x-test-delay-ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(status) = control("x-test-status") {
+        let status = StatusCode::from_u16(status as u16).unwrap();
+        let text = if status == StatusCode::UNAUTHORIZED {
+            r#"{"flows":[{"stages":["m.login.dummy"]}],"params":{},"session":"sess"}"#
+        } else if status.is_success() {
+            r#"{"user_id":"@someone:example.org","access_token":"t","device_id":"D"}"#
+        } else {
+            r#"{"errcode":"M_USER_IN_USE","error":"taken"}"#
+        };
+        return json(status, text.to_owned());
+    }
     match path.as_str() {
         "/slow" => {
             let ms = query_param(&target, "ms").unwrap_or(1000);
