@@ -471,9 +471,12 @@ pub struct RateLimitConfig {
     pub registrations_global: Option<LimitSpec>,
     /// Most clients tracked in memory; beyond it new clients share coarser keys.
     pub max_tracked_clients: usize,
-    /// Redis (or Redis Cluster) URL for `store = "redis"`.
+    /// Redis URL for `store = "redis"`; with `redis_cluster`, a
+    /// comma-separated list of cluster seed nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// Whether `redis_url` names a Redis Cluster.
+    pub redis_cluster: bool,
     /// Longest wait for one Redis decision.
     pub redis_timeout: HumanDuration,
     /// What to do when Redis fails.
@@ -492,6 +495,7 @@ impl Default for RateLimitConfig {
             registrations_global: None,
             max_tracked_clients: 1_000_000,
             redis_url: None,
+            redis_cluster: false,
             redis_timeout: HumanDuration(Duration::from_millis(50)),
             on_store_error: OnStoreError::Local,
         }
@@ -667,11 +671,11 @@ impl HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             write!(f, "{ms}ms")
-        } else if ms % 3_600_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(3_600_000) && ms > 0 {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 && ms > 0 {
+        } else if ms.is_multiple_of(60_000) && ms > 0 {
             write!(f, "{}m", ms / 60_000)
         } else {
             write!(f, "{}s", ms / 1000)

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,7 +104,12 @@ impl Server {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout);
-        builder.http2().timer(TokioTimer::new());
+        // HTTP/2 peers that vanish are found by pings.
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20));
         let graceful = GracefulShutdown::new();
 
         tokio::pin!(shutdown);
@@ -113,7 +119,10 @@ impl Server {
                     let Some((stream, peer)) = next else { break };
                     let service = self.service.clone();
                     let resolver = self.resolver.clone();
+                    let first_request = Arc::new(AtomicBool::new(false));
+                    let seen = first_request.clone();
                     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                        seen.store(true, Ordering::Relaxed);
                         let client = resolver.resolve(peer.ip(), request.headers());
                         request.extensions_mut().insert(client);
                         service.clone().oneshot(request)
@@ -122,8 +131,23 @@ impl Server {
                         .serve_connection(TokioIo::new(stream), hyper_service)
                         .into_owned();
                     let connection = graceful.watch(connection);
+                    let first_request_timeout = self.header_read_timeout;
                     tokio::spawn(async move {
-                        if let Err(error) = connection.await {
+                        tokio::pin!(connection);
+                        // hyper's header timeout starts only once the protocol
+                        // is known; a client that sends nothing, or stalls in
+                        // the HTTP/2 preface, is cut here.
+                        let result = tokio::select! {
+                            result = &mut connection => result,
+                            () = tokio::time::sleep(first_request_timeout) => {
+                                if !first_request.load(Ordering::Relaxed) {
+                                    tracing::debug!(%peer, "no request within the header timeout; closing");
+                                    return;
+                                }
+                                connection.await
+                            }
+                        };
+                        if let Err(error) = result {
                             tracing::debug!(%peer, %error, "connection ended with an error");
                         }
                     });

@@ -17,7 +17,7 @@
 //! [`MemoryStore::housekeeping`], off the request path.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -60,9 +60,7 @@ impl ClientTable {
     }
 
     fn shard(&self, key: &ClientKey) -> MutexGuard<'_, HashMap<ClientKey, u64>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        let index = (h.finish() as usize) % self.shards.len();
+        let index = (self.hasher.hash_one(key) as usize) % self.shards.len();
         // A poisoned shard only means another thread panicked mid-update of
         // plain integers; the data is still usable.
         self.shards[index]

@@ -221,7 +221,7 @@ impl RateLimiter {
         let specs = LimitSpecs::from_config(config);
         let redis = match (config.store, &config.redis_url) {
             (StoreKind::Redis, Some(url)) => {
-                match RedisStore::new(url, specs, config.redis_timeout.0) {
+                match RedisStore::new(url, config.redis_cluster, specs, config.redis_timeout.0) {
                     Ok(store) => Some(store),
                     Err(error) => {
                         tracing::error!(%error, "redis store unusable; limits kept in memory");

@@ -105,9 +105,15 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// A store for `specs` at `url` (a comma-separated list of seed nodes
-    /// means Redis Cluster). Connects in the background; never blocks.
-    pub fn new(url: &str, specs: LimitSpecs, timeout: Duration) -> Result<Self, StoreError> {
+    /// A store for `specs` at `url` (with `cluster`, a comma-separated list
+    /// of Redis Cluster seed nodes). Connects in the background; never
+    /// blocks.
+    pub fn new(
+        url: &str,
+        cluster: bool,
+        specs: LimitSpecs,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let store = RedisStore {
             connection: Arc::new(RwLock::new(None)),
             script: Arc::new(Script::new(GCRA_SCRIPT)),
@@ -116,7 +122,7 @@ impl RedisStore {
             prefix: Arc::from("mgk"),
         };
         let nodes: Vec<String> = url.split(',').map(|s| s.trim().to_owned()).collect();
-        if nodes.len() == 1 {
+        if !cluster {
             let client = redis::Client::open(nodes[0].as_str())?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))

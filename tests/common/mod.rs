@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -203,7 +205,10 @@ async fn answer(
         "/download" => {
             let n = query_param(&target, "bytes").unwrap_or(0);
             let mut response = Response::new(http_body_util::Either::Right(
-                http_body_util::StreamBody::new(StreamOfBytes { remaining: n }),
+                http_body_util::StreamBody::new(StreamOfBytes {
+                    remaining: n,
+                    offset: 0,
+                }),
             ));
             response
                 .headers_mut()
@@ -223,9 +228,11 @@ async fn answer(
     }
 }
 
-/// A body of `remaining` bytes (a repeating pattern), in 64 KiB frames.
+/// A body of `remaining` bytes (byte `i` is [`pattern_byte`]`(i)`), in
+/// 64 KiB frames.
 pub struct StreamOfBytes {
     pub remaining: u64,
+    pub offset: u64,
 }
 
 /// The byte at offset `i` of a [`StreamOfBytes`].
@@ -244,8 +251,10 @@ impl futures_core::Stream for StreamOfBytes {
             return std::task::Poll::Ready(None);
         }
         let n = self.remaining.min(65536);
+        let start = self.offset;
         self.remaining -= n;
-        let chunk: Vec<u8> = (0..n).map(pattern_byte).collect();
+        self.offset += n;
+        let chunk: Vec<u8> = (start..start + n).map(pattern_byte).collect();
         std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(chunk)))))
     }
 }
