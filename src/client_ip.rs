@@ -28,6 +28,11 @@ impl ClientAddress {
     }
 }
 
+/// The scheme the client used, as a trusted proxy reported it in
+/// `X-Forwarded-Proto`; absent, the gate reports `http`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardedProto(pub &'static str);
+
 /// The key a client's rate limits are counted under: the full IPv4 address,
 /// or the IPv6 prefix. Stored as 16 bytes (IPv4 as `::ffff:a.b.c.d`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -166,6 +171,21 @@ impl ClientResolver {
         self.trusted.iter().any(|net| net.contains(ip))
     }
 
+    /// The scheme a trusted proxy reports for the request, if any. A client
+    /// that is not a trusted proxy cannot choose it.
+    pub fn forwarded_proto(&self, peer: IpAddr, headers: &HeaderMap) -> Option<ForwardedProto> {
+        if self.trusted.is_empty() || !self.is_trusted(peer.to_canonical()) {
+            return None;
+        }
+        let value = headers.get("x-forwarded-proto")?.to_str().ok()?;
+        // The proxy nearest to us speaks last.
+        match value.rsplit(',').next()?.trim() {
+            v if v.eq_ignore_ascii_case("https") => Some(ForwardedProto("https")),
+            v if v.eq_ignore_ascii_case("http") => Some(ForwardedProto("http")),
+            _ => None,
+        }
+    }
+
     /// The client address of a request from `peer` carrying `headers`.
     pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> ClientAddress {
         let peer = peer.to_canonical();
@@ -287,6 +307,20 @@ mod tests {
         // Everything trusted: the leftmost trusted address.
         let h = headers(&["10.5.5.5, 10.1.2.3"]);
         assert_eq!(r.resolve(ip("10.0.0.1"), &h).0, ip("10.5.5.5"));
+    }
+
+    #[test]
+    fn forwarded_proto_is_believed_only_from_trusted_proxies() {
+        let r = resolver(&["10.0.0.0/8"]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-proto", HeaderValue::from_static("http, https"));
+        assert_eq!(
+            r.forwarded_proto(ip("10.0.0.1"), &h),
+            Some(ForwardedProto("https"))
+        );
+        assert_eq!(r.forwarded_proto(ip("192.0.2.1"), &h), None);
+        h.insert("x-forwarded-proto", HeaderValue::from_static("gopher"));
+        assert_eq!(r.forwarded_proto(ip("10.0.0.1"), &h), None);
     }
 
     #[test]

@@ -124,7 +124,11 @@ impl Server {
                     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                         seen.store(true, Ordering::Relaxed);
                         let client = resolver.resolve(peer.ip(), request.headers());
+                        let proto = resolver.forwarded_proto(peer.ip(), request.headers());
                         request.extensions_mut().insert(client);
+                        if let Some(proto) = proto {
+                            request.extensions_mut().insert(proto);
+                        }
                         service.clone().oneshot(request)
                     });
                     let connection = builder

@@ -26,7 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
-use crate::client_ip::ClientAddress;
+use crate::client_ip::{ClientAddress, ForwardedProto};
 use crate::config::UpstreamConfig;
 use crate::error::MatrixError;
 use crate::gate::BoxError;
@@ -197,9 +197,13 @@ impl<B> Upstream<B> {
                 parts.headers.insert("x-forwarded-for", value);
             }
         }
+        let proto = parts
+            .extensions
+            .get::<ForwardedProto>()
+            .map_or("http", |p| p.0);
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            .insert("x-forwarded-proto", HeaderValue::from_static(proto));
         if let Some(host) = forwarded_host {
             if !parts.headers.contains_key(header::HOST) {
                 parts.headers.insert(header::HOST, host.clone());
