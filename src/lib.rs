@@ -11,6 +11,7 @@
 //! - [`upstream`]: the pooled client to the homeserver.
 //! - [`server`]: the accept loop and graceful shutdown.
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod client_ip;
