@@ -202,3 +202,19 @@ async fn redis_cluster_store_shares_limits() {
     assert_eq!(register(&b, 200).await.status, 200);
     assert_eq!(register(&a, 200).await.status, 429);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_started_while_redis_is_down_uses_it_once_it_comes_up() {
+    let mut redis = RedisServer::start().await;
+    redis.kill();
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), &config(&redis, "local", "")).await;
+    // Local limits meanwhile; pass-through unaffected.
+    assert_eq!(register(&gate, 200).await.status, 200);
+    assert_eq!(get(&gate.url("/_matrix/client/versions")).await.status, 200);
+    redis.restart().await;
+    wait_until_redis_is_used(&gate, &redis, Duration::from_secs(15)).await;
+    assert_eq!(register(&gate, 200).await.status, 200);
+    assert_eq!(register(&gate, 200).await.status, 200);
+    assert_eq!(register(&gate, 200).await.status, 429);
+}
