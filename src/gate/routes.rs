@@ -155,8 +155,9 @@ fn classify_segments(s: &[&str]) -> Option<GuardedRoute> {
                 _ => GuardedRoute::Unknown,
             })
         }
-        // Unstable MSC prefixes put one more segment before `register`.
-        ["_matrix", "client", "unstable", _, "register", ..] => Some(GuardedRoute::Unknown),
+        // Unstable MSC prefixes and the long-gone `api/v1` put one more
+        // segment before `register`: no known route, but never unchecked.
+        ["_matrix", "client", _, _, "register", ..] => Some(GuardedRoute::Unknown),
         _ => None,
     }
 }
@@ -305,6 +306,7 @@ mod tests {
             "/_matrix/client/v1/register",
             "/_matrix/client/v3/register/m.login.registration_token/validity",
             "/_matrix/client/unstable/org.matrix.msc3231/register/x/validity",
+            "/_matrix/client/api/v1/register",
         ] {
             assert_eq!(classify(path), Some(GuardedRoute::Unknown), "{path}");
         }
