@@ -1,0 +1,1 @@
+//! Differential username corpus: the gate's verdict against Synapse's.

@@ -1,0 +1,1 @@
+//! Spec fuzzing of the guarded routes through the gate in front of Synapse.

@@ -1,0 +1,235 @@
+//! A real Synapse for the end-to-end tests.
+//!
+//! The first use creates a Python venv under the build directory
+//! (`target/e2e-venv`) and installs pinned `matrix-synapse` and `matrix-nio`
+//! from PyPI; later runs reuse it. Each [`Synapse`] is a private homeserver
+//! on a free loopback port with its own sqlite database, killed when the
+//! value is dropped (also on a failing test), and by its own watchdog if the
+//! test process dies.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The pinned packages.
+pub const PACKAGES: &[&str] = &["matrix-synapse==1.163.2", "matrix-nio==0.26.0"];
+
+/// The server name every test homeserver uses.
+pub const SERVER_NAME: &str = "e2e.test";
+
+/// The target directory of this build.
+pub fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The venv with Synapse and matrix-nio, created on first use.
+pub fn venv() -> &'static Path {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let venv = target_dir().join("e2e-venv");
+        let marker = venv.join(".installed");
+        let wanted = PACKAGES.join(" ");
+        if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
+            return venv;
+        }
+        eprintln!("e2e: creating {} with {wanted} (once)", venv.display());
+        let status = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .expect("python3 must be installed");
+        assert!(status.success(), "python3 -m venv failed");
+        let status = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PACKAGES)
+            .status()
+            .expect("pip runs");
+        assert!(status.success(), "pip install {wanted} failed");
+        std::fs::write(&marker, &wanted).unwrap();
+        venv
+    })
+}
+
+/// The venv's Python.
+pub fn python() -> PathBuf {
+    venv().join("bin/python")
+}
+
+/// A signing key shared by every test homeserver (generated once).
+fn signing_key() -> &'static Path {
+    static KEY: OnceLock<PathBuf> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let key = target_dir().join("e2e-signing.key");
+        if !key.exists() {
+            let status = Command::new(python())
+                .args([
+                    "-c",
+                    "import sys\nfrom signedjson.key import generate_signing_key, write_signing_keys\n\
+                     with open(sys.argv[1], 'w') as f:\n    write_signing_keys(f, [generate_signing_key('a_e2e')])",
+                ])
+                .arg(&key)
+                .status()
+                .unwrap();
+            assert!(status.success(), "signing key generation failed");
+        }
+        key
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running Synapse.
+pub struct Synapse {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Synapse {
+    /// Starts Synapse with the base test configuration plus `extra_yaml`
+    /// (top-level keys; a key given here replaces the base one).
+    pub async fn start(extra_yaml: &str) -> Synapse {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("mgk-synapse-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("media")).unwrap();
+        let mut base = vec![
+            ("server_name", format!("\"{SERVER_NAME}\"")),
+            ("pid_file", format!("\"{}\"", dir.join("homeserver.pid").display())),
+            (
+                "listeners",
+                format!(
+                    "\n  - port: {port}\n    bind_addresses: ['127.0.0.1']\n    type: http\n    tls: false\n    x_forwarded: true\n    resources:\n      - names: [client]\n        compress: false"
+                ),
+            ),
+            (
+                "database",
+                format!(
+                    "\n  name: sqlite3\n  args:\n    database: \"{}\"",
+                    dir.join("homeserver.db").display()
+                ),
+            ),
+            ("media_store_path", format!("\"{}\"", dir.join("media").display())),
+            ("signing_key_path", format!("\"{}\"", signing_key().display())),
+            ("report_stats", "false".into()),
+            ("trusted_key_servers", "[]".into()),
+            ("suppress_key_server_warning", "true".into()),
+            ("enable_registration", "true".into()),
+            ("enable_registration_without_verification", "true".into()),
+            ("allow_guest_access", "true".into()),
+            ("bcrypt_rounds", "4".into()),
+            ("registration_shared_secret", "\"e2e-shared-secret\"".into()),
+            ("macaroon_secret_key", "\"e2e-macaroon\"".into()),
+            ("form_secret", "\"e2e-form\"".into()),
+            ("rc_registration", "{per_second: 1000, burst_count: 1000}".into()),
+            (
+                "rc_login",
+                "{address: {per_second: 1000, burst_count: 1000}, account: {per_second: 1000, burst_count: 1000}, failed_attempts: {per_second: 1000, burst_count: 1000}}".into(),
+            ),
+            ("rc_message", "{per_second: 1000, burst_count: 1000}".into()),
+            ("max_upload_size", "\"50M\"".into()),
+        ];
+        let extra: Vec<(&str, &str)> = extra_yaml
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect();
+        base.retain(|(k, _)| !extra.iter().any(|(ek, _)| ek == k));
+        let mut yaml = String::new();
+        for (k, v) in &base {
+            yaml.push_str(&format!("{k}: {v}\n"));
+        }
+        for (k, v) in &extra {
+            yaml.push_str(&format!("{k}: {v}\n"));
+        }
+        let config = dir.join("homeserver.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let log = std::fs::File::create(dir.join("synapse.log")).unwrap();
+        let child = Command::new(python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/e2e/py/run_synapse.py"
+            ))
+            .arg(&config)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start synapse");
+        let mut synapse = Synapse { port, child, dir };
+        synapse.wait_ready().await;
+        synapse
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let url = format!("{}/_matrix/client/versions", self.url());
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("synapse exited with {status}; log:\n{}", self.log_tail());
+            }
+            if let Ok(Ok(answer)) =
+                tokio::time::timeout(Duration::from_secs(2), try_get(&url)).await
+            {
+                if answer == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "synapse did not become ready; log:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last lines of Synapse's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("synapse.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The homeserver's own base URL (bypassing the gate).
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+async fn try_get(url: &str) -> Result<u16, ()> {
+    use http_body_util::Empty;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let response = client
+        .get(url.parse().map_err(|_| ())?)
+        .await
+        .map_err(|_| ())?;
+    Ok(response.status().as_u16())
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("synapse log kept in {}", self.dir.display());
+        }
+    }
+}
