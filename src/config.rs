@@ -73,6 +73,10 @@ pub struct Config {
     pub client_ip: ClientIpConfig,
     /// Rate limits on the guarded routes.
     pub rate_limit: RateLimitConfig,
+    /// Rules for third-party identifiers (`requestToken`).
+    pub email: EmailConfig,
+    /// Logging.
+    pub log: LogConfig,
 }
 
 impl Config {
@@ -155,6 +159,12 @@ impl Config {
                     format!("reserved names are non-empty and lowercase, got \"{reserved}\""),
                 ));
             }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("not a level or filter: \"{}\"", self.log.level),
+            ));
         }
         let prefix = self.client_ip.ipv6_prefix_len;
         if !(1..=128).contains(&prefix) {
@@ -248,6 +258,11 @@ pub struct ServerConfig {
     pub body_timeout: HumanDuration,
     /// How long in-flight requests may take to finish on shutdown.
     pub shutdown_timeout: HumanDuration,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<AdminAddr>,
+    /// Also reload when the configuration file changes (checked every 2 s).
+    pub watch_config: bool,
 }
 
 impl Default for ServerConfig {
@@ -257,6 +272,8 @@ impl Default for ServerConfig {
             header_read_timeout: HumanDuration::secs(10),
             body_timeout: HumanDuration::secs(10),
             shutdown_timeout: HumanDuration::secs(30),
+            admin_listen: None,
+            watch_config: false,
         }
     }
 }
@@ -319,6 +336,9 @@ pub struct RegistrationConfig {
     /// Whether Synapse's shared-secret admin registration may be reached
     /// through the gate.
     pub allow_admin_register: bool,
+    /// `enforce`, or `shadow`: forward everything and only log and count
+    /// what would have been refused.
+    pub mode: GateMode,
 }
 
 impl Default for RegistrationConfig {
@@ -327,6 +347,7 @@ impl Default for RegistrationConfig {
             enabled: true,
             max_body_bytes: 65536,
             allow_admin_register: false,
+            mode: GateMode::Enforce,
         }
     }
 }
@@ -404,9 +425,13 @@ pub struct GuestConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ClientIpConfig {
     /// Proxies whose `X-Forwarded-For` entries are believed.
-    pub trusted_proxies: Vec<TrustedProxy>,
+    pub trusted_proxies: Vec<Network>,
     /// IPv6 clients are keyed by this prefix length.
     pub ipv6_prefix_len: u8,
+    /// Clients refused on every guarded route (`403 M_FORBIDDEN`).
+    pub deny: Vec<Network>,
+    /// User agents (regexes) refused on every guarded route.
+    pub deny_user_agents: Vec<DenyPattern>,
 }
 
 impl Default for ClientIpConfig {
@@ -414,6 +439,8 @@ impl Default for ClientIpConfig {
         ClientIpConfig {
             trusted_proxies: Vec::new(),
             ipv6_prefix_len: 64,
+            deny: Vec::new(),
+            deny_user_agents: Vec::new(),
         }
     }
 }
@@ -428,18 +455,126 @@ impl ClientIpConfig {
     }
 }
 
-/// One trusted proxy network (`"10.0.0.0/8"`, `"::1"`).
-#[derive(Debug, Clone, Copy)]
-pub struct TrustedProxy(pub IpNet);
+/// `[email]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmailConfig {
+    /// If not empty, `email/requestToken` only for these domains (globs such
+    /// as `"example.org"`, `"*.example.org"`).
+    pub allowed_domains: Vec<DomainGlob>,
+    /// `email/requestToken` refused for these domains (globs).
+    pub denied_domains: Vec<DomainGlob>,
+}
 
-impl<'de> Deserialize<'de> for TrustedProxy {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map(TrustedProxy).map_err(de::Error::custom)
+/// A domain glob: `*` matches any run of characters; case-insensitive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainGlob(pub String);
+
+impl DomainGlob {
+    /// Whether `domain` matches this glob.
+    pub fn matches(&self, domain: &str) -> bool {
+        glob_match(self.0.as_bytes(), domain.to_ascii_lowercase().as_bytes())
     }
 }
 
-impl Serialize for TrustedProxy {
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    // Iterative wildcard matching with backtracking to the last `*`.
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+impl<'de> Deserialize<'de> for DomainGlob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let ok = !text.is_empty()
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'*' | b'_'));
+        if ok {
+            Ok(DomainGlob(text.to_ascii_lowercase()))
+        } else {
+            Err(de::Error::custom(format!(
+                "expected a domain or glob such as \"*.example.org\", got \"{text}\""
+            )))
+        }
+    }
+}
+
+impl Serialize for DomainGlob {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A level or `tracing` filter (`info`, `debug`,
+    /// `matrix_gatekeeper=debug`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// The admin listener address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminAddr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for AdminAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(AdminAddr).map_err(|_| {
+            de::Error::custom(format!(
+                "expected an address such as \"127.0.0.1:9009\", got \"{text}\""
+            ))
+        })
+    }
+}
+
+impl Serialize for AdminAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// A network or single address (`"10.0.0.0/8"`, `"::1"`).
+#[derive(Debug, Clone, Copy)]
+pub struct Network(pub IpNet);
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(Network).map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for Network {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&self.0)
     }
@@ -607,6 +742,26 @@ string_enum!(
         /// Guest registration is refused with `403 M_FORBIDDEN`.
         Deny => "deny",
     } default Deny
+);
+
+string_enum!(
+    /// Whether the gate enforces its decisions.
+    GateMode {
+        /// Refusals are answered.
+        Enforce => "enforce",
+        /// Everything is forwarded; refusals are only logged and counted.
+        Shadow => "shadow",
+    } default Enforce
+);
+
+string_enum!(
+    /// Log line format.
+    LogFormat {
+        /// Human-readable lines.
+        Text => "text",
+        /// One JSON object per line.
+        Json => "json",
+    } default Text
 );
 
 string_enum!(
@@ -861,6 +1016,38 @@ mod tests {
         assert!(err("[rate_limit]\nstore = \"disk\"\n").starts_with("rate_limit.store:"));
         assert!(err("[rate_limit]\non_store_error = \"panic\"\n")
             .starts_with("rate_limit.on_store_error: expected \"local\", \"allow\" or \"deny\""));
+    }
+
+    #[test]
+    fn operations_sections_parse() {
+        let c = Config::from_toml(
+            "[server]\nadmin_listen = \"127.0.0.1:9009\"\n[registration]\nmode = \"shadow\"\n\
+             [client_ip]\ndeny = [\"192.0.2.0/24\"]\ndeny_user_agents = [\"(?i)curl\"]\n\
+             [email]\nallowed_domains = [\"*.Example.org\", \"example.org\"]\n[log]\nformat = \"json\"\nlevel = \"debug\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.registration.mode, GateMode::Shadow);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(c.email.allowed_domains[0].matches("mail.EXAMPLE.org"));
+        assert!(!c.email.allowed_domains[0].matches("example.org"));
+        assert!(c.email.allowed_domains[1].matches("example.org"));
+        assert!(err("[registration]\nmode = \"loud\"\n").starts_with("registration.mode:"));
+        assert!(
+            err("[email]\ndenied_domains = [\"a b\"]\n").starts_with("email.denied_domains[0]:")
+        );
+        assert!(err("[log]\nlevel = \"very=loud=x\"\n").starts_with("log.level:"));
+        assert!(err("[server]\nadmin_listen = \"x\"\n").starts_with("server.admin_listen:"));
+    }
+
+    #[test]
+    fn globs_match_like_shells() {
+        let g = |p: &str, t: &str| DomainGlob(p.to_owned()).matches(t);
+        assert!(g("*", "anything.example"));
+        assert!(g("*.mail.*", "x.mail.example"));
+        assert!(!g("*.mail.*", "mail.example"));
+        assert!(g("a*b*c", "aXXbYYc"));
+        assert!(!g("a*b*c", "aXXbYY"));
+        assert!(!g("example.org", "example.org.evil"));
     }
 
     #[test]

@@ -44,6 +44,11 @@ impl MatrixError {
         )
     }
 
+    /// `403 M_THREEPID_DENIED`
+    pub fn threepid_denied(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "M_THREEPID_DENIED", error)
+    }
+
     /// `400 M_BAD_JSON`
     pub fn bad_json(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", error)

@@ -14,12 +14,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod client_ip;
 pub mod config;
 pub mod error;
+pub mod explain;
 pub mod gate;
 pub mod ratelimit;
 pub mod server;
+pub mod telemetry;
 pub mod upstream;
 
 pub use config::Config;

@@ -1,12 +1,14 @@
 //! The accept loop: HTTP/1.1 and HTTP/2 on every listen address, header
-//! read timeouts, `TCP_NODELAY`, and a graceful drain with a deadline.
+//! read timeouts, `TCP_NODELAY`, a graceful drain with a deadline, the
+//! admin listener, and configuration reloads (SIGHUP, or a changed file).
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderName};
 use http::Request;
@@ -19,9 +21,10 @@ use tokio::sync::mpsc;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequestHeadersLayer};
 
-use crate::client_ip::ClientResolver;
-use crate::config::Config;
-use crate::gate::{GateRequestBody, RegistrationGate, RegistrationGateLayer};
+use crate::admin::AdminState;
+use crate::config::{Config, ConfigError};
+use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
+use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
 
 /// The exact service production runs: credentials marked sensitive (so no
@@ -39,45 +42,151 @@ const SENSITIVE_HEADERS: [HeaderName; 3] = [
 
 /// Builds the production service stack from a validated configuration.
 pub fn build_service(config: &Config) -> GatekeeperService {
-    ServiceBuilder::new()
+    build_stack(config).0
+}
+
+/// Builds the production stack and returns it with the gate layer (for
+/// reloads and metrics).
+pub fn build_stack(config: &Config) -> (GatekeeperService, RegistrationGateLayer) {
+    let metrics = Arc::new(Metrics::default());
+    let gate = RegistrationGateLayer::with_metrics(config, metrics.clone());
+    let service = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new(SENSITIVE_HEADERS))
-        .layer(RegistrationGateLayer::new(config))
-        .service(Upstream::new(&config.upstream))
+        .layer(gate.clone())
+        .service(Upstream::with_metrics(&config.upstream, metrics));
+    (service, gate)
+}
+
+/// Re-reads the configuration file and swaps the gate's policy.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    gate: RegistrationGateLayer,
+    path: Option<PathBuf>,
+    current: Arc<Mutex<Config>>,
+}
+
+impl Reloader {
+    /// Loads and validates the file; on success the new policy takes effect
+    /// for the next request, on failure the old one stays.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let Some(path) = &self.path else {
+            tracing::info!("no configuration file to reload (embedded configuration)");
+            return Ok(());
+        };
+        let result = Config::from_file(path);
+        self.gate.metrics().reload(result.is_ok());
+        let config = match result {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(%error, "configuration reload refused; the previous configuration stays");
+                return Err(error);
+            }
+        };
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, changed) in [
+            (
+                "server.listen",
+                current.server.listen != config.server.listen,
+            ),
+            (
+                "server.admin_listen",
+                current.server.admin_listen != config.server.admin_listen,
+            ),
+            (
+                "server.header_read_timeout",
+                current.server.header_read_timeout != config.server.header_read_timeout,
+            ),
+            (
+                "server.shutdown_timeout",
+                current.server.shutdown_timeout != config.server.shutdown_timeout,
+            ),
+            (
+                "upstream",
+                toml::to_string(&current.upstream).ok() != toml::to_string(&config.upstream).ok(),
+            ),
+            (
+                "log",
+                toml::to_string(&current.log).ok() != toml::to_string(&config.log).ok(),
+            ),
+        ] {
+            if changed {
+                tracing::warn!(key, "changed, but takes effect only after a restart");
+            }
+        }
+        self.gate.reload(&config);
+        *current = config;
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    fn modified(&self) -> Option<SystemTime> {
+        let path = self.path.as_ref()?;
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    }
 }
 
 /// A bound, not yet running gatekeeper.
 #[derive(Debug)]
 pub struct Server {
     listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
     service: GatekeeperService,
-    resolver: Arc<ClientResolver>,
+    reloader: Reloader,
+    upstream_authority: String,
     header_read_timeout: Duration,
     shutdown_timeout: Duration,
+    watch_config: bool,
 }
 
 impl Server {
-    /// Binds every `server.listen` address.
+    /// Binds every `server.listen` address and the admin listener.
     pub async fn bind(config: &Config) -> io::Result<Server> {
         let mut listeners = Vec::new();
         for addr in &config.server.listen.0 {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            listeners.push(listener);
+            listeners.push(bind(*addr).await?);
         }
-        Ok(Server::from_listeners(config, listeners))
+        let mut server = Server::from_listeners(config, listeners);
+        if let Some(admin) = config.server.admin_listen {
+            server.admin = Some(bind(admin.0).await?);
+        }
+        Ok(server)
     }
 
     /// Uses listeners the caller bound (tests bind `127.0.0.1:0`). Must be
     /// called inside a Tokio runtime.
     pub fn from_listeners(config: &Config, listeners: Vec<TcpListener>) -> Server {
+        let (service, gate) = build_stack(config);
+        let url = &config.upstream.url;
+        let upstream_authority = match url.port_u16() {
+            Some(_) => url.authority().map(|a| a.to_string()).unwrap_or_default(),
+            None => format!("{}:80", url.host().unwrap_or("127.0.0.1")),
+        };
         Server {
             listeners,
-            service: build_service(config),
-            resolver: Arc::new(config.client_ip.resolver()),
+            admin: None,
+            service,
+            reloader: Reloader {
+                gate,
+                path: None,
+                current: Arc::new(Mutex::new(config.clone())),
+            },
+            upstream_authority,
             header_read_timeout: config.server.header_read_timeout.0,
             shutdown_timeout: config.server.shutdown_timeout.0,
+            watch_config: config.server.watch_config,
         }
+    }
+
+    /// Serves the admin endpoints on `listener`.
+    pub fn with_admin_listener(mut self, listener: TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
+    }
+
+    /// The file a reload (SIGHUP, or a change with `watch_config`) reads.
+    pub fn with_config_path(mut self, path: PathBuf) -> Self {
+        self.reloader.path = Some(path);
+        self
     }
 
     /// The addresses actually bound.
@@ -88,16 +197,38 @@ impl Server {
             .collect()
     }
 
+    /// The admin listener's address, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// A handle that reloads the configuration.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// Serves until `shutdown` completes, then stops accepting and lets
     /// in-flight requests finish for at most `server.shutdown_timeout`.
+    /// SIGHUP reloads the configuration file.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (accepted_tx, mut accepted) = mpsc::channel::<(TcpStream, SocketAddr)>(64);
-        let mut acceptors = Vec::new();
+        let mut background = Vec::new();
         for listener in self.listeners {
             let tx = accepted_tx.clone();
-            acceptors.push(tokio::spawn(accept_loop(listener, tx)));
+            background.push(tokio::spawn(accept_loop(listener, tx)));
         }
         drop(accepted_tx);
+        if let Some(admin) = self.admin {
+            let state = AdminState {
+                gate: self.reloader.gate.clone(),
+                upstream: self.upstream_authority.clone(),
+            };
+            background.push(tokio::spawn(admin_loop(admin, state)));
+        }
+        background.push(tokio::spawn(reload_on_signal(self.reloader.clone())));
+        if self.watch_config {
+            background.push(tokio::spawn(reload_on_change(self.reloader.clone())));
+        }
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -118,17 +249,11 @@ impl Server {
                 next = accepted.recv() => {
                     let Some((stream, peer)) = next else { break };
                     let service = self.service.clone();
-                    let resolver = self.resolver.clone();
                     let first_request = Arc::new(AtomicBool::new(false));
                     let seen = first_request.clone();
                     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                         seen.store(true, Ordering::Relaxed);
-                        let client = resolver.resolve(peer.ip(), request.headers());
-                        let proto = resolver.forwarded_proto(peer.ip(), request.headers());
-                        request.extensions_mut().insert(client);
-                        if let Some(proto) = proto {
-                            request.extensions_mut().insert(proto);
-                        }
+                        request.extensions_mut().insert(PeerAddress(peer));
                         service.clone().oneshot(request)
                     });
                     let connection = builder
@@ -159,8 +284,8 @@ impl Server {
                 () = &mut shutdown => break,
             }
         }
-        for acceptor in &acceptors {
-            acceptor.abort();
+        for task in &background {
+            task.abort();
         }
         tracing::info!(
             connections = graceful.count(),
@@ -174,6 +299,62 @@ impl Server {
                 timeout = ?self.shutdown_timeout,
                 "drain deadline passed; closing remaining connections"
             );
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+async fn admin_loop(listener: TcpListener, state: AdminState) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let state = state.clone();
+                async move { state.answer(request).await }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+#[cfg(unix)]
+async fn reload_on_signal(reloader: Reloader) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        let _ = reloader.reload();
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_on_signal(_reloader: Reloader) {}
+
+async fn reload_on_change(reloader: Reloader) {
+    let mut seen = reloader.modified();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let now = reloader.modified();
+        if now.is_some() && now != seen {
+            seen = now;
+            tracing::info!("configuration file changed: reloading");
+            let _ = reloader.reload();
         }
     }
 }

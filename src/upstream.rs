@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use crate::client_ip::{ClientAddress, ForwardedProto};
 use crate::config::UpstreamConfig;
 use crate::error::MatrixError;
 use crate::gate::BoxError;
+use crate::telemetry::{Metrics, UpstreamError};
 
 /// The body of an upstream answer: the homeserver's, streamed, or the
 /// gate's own `502`/`504`.
@@ -68,6 +70,7 @@ pub struct Upstream<B> {
     authority: Authority,
     base_path: String,
     response_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl<B> Clone for Upstream<B> {
@@ -78,6 +81,7 @@ impl<B> Clone for Upstream<B> {
             authority: self.authority.clone(),
             base_path: self.base_path.clone(),
             response_timeout: self.response_timeout,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -90,6 +94,11 @@ where
 {
     /// A client for the homeserver at `config.url`.
     pub fn new(config: &UpstreamConfig) -> Self {
+        Self::with_metrics(config, Arc::default())
+    }
+
+    /// A client that counts its failures into `metrics`.
+    pub fn with_metrics(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout.0));
@@ -108,6 +117,7 @@ where
                 .unwrap_or_else(|| Authority::from_static("127.0.0.1:8008")),
             base_path: url.path().trim_end_matches('/').to_owned(),
             response_timeout: config.response_timeout.0,
+            metrics,
         }
     }
 }
@@ -137,11 +147,13 @@ where
         };
         let pending = self.client.request(request);
         let timeout = self.response_timeout;
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let response = match tokio::time::timeout(timeout, pending).await {
                 Ok(Ok(response)) => response,
-                Ok(Err(error)) => return Ok(failure_response(&error)),
+                Ok(Err(error)) => return Ok(failure_response(&error, &metrics)),
                 Err(_) => {
+                    metrics.upstream_error(UpstreamError::Timeout);
                     tracing::warn!(?timeout, "homeserver did not answer in time");
                     return Ok(MatrixError::gateway_timeout()
                         .into_response()
@@ -233,15 +245,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn failure_response(error: &hyper_util::client::legacy::Error) -> Response<UpstreamBody> {
+fn failure_response(
+    error: &hyper_util::client::legacy::Error,
+    metrics: &Metrics,
+) -> Response<UpstreamBody> {
     let timed_out = source_chain(error).any(|e| {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     });
     let answer = if timed_out {
+        metrics.upstream_error(UpstreamError::Timeout);
         tracing::warn!(error = %DisplayChain(error), "homeserver connection timed out");
         MatrixError::gateway_timeout()
     } else {
+        metrics.upstream_error(UpstreamError::Connect);
         tracing::warn!(error = %DisplayChain(error), "homeserver request failed");
         MatrixError::bad_gateway()
     };

@@ -177,3 +177,47 @@ fn serve_with_a_bad_config_exits_64_without_binding() {
     );
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is still free");
 }
+
+#[test]
+fn explain_prints_the_decision_and_the_rule() {
+    let output = run(&["explain", "--username", "adm1n"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.contains("decision: refused\n"), "{text}");
+    assert!(text.contains("rule: lookalike\n"), "{text}");
+    assert!(text.contains("answer: 400 M_USER_IN_USE"), "{text}");
+
+    let output = run(&["explain", "--username", "Alice"]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let text = stdout(&output);
+    assert!(
+        text.contains("decision: allowed\nusername: alice\n"),
+        "{text}"
+    );
+    assert!(text.contains(r#"body: {"username":"alice"}"#), "{text}");
+
+    let output = run(&["explain", "--guest"]);
+    assert!(stdout(&output).contains("rule: guest_denied"), "{output:?}");
+
+    let output = run(&[
+        "explain",
+        "--config",
+        example_path().to_str().unwrap(),
+        "--username",
+        "bob",
+        "--ip",
+        "not-an-ip",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "clap refuses a bad address: {output:?}"
+    );
+}
+
+#[test]
+fn healthcheck_fails_without_an_admin_listener() {
+    let url = format!("http://127.0.0.1:{}/healthz", free_port());
+    let output = run(&["healthcheck", "--url", &url]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+}

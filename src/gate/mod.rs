@@ -8,6 +8,14 @@
 //! or calls the inner service with a canonical request it wrote: the
 //! canonical path, its own query, and a re-serialized JSON body.
 //!
+//! In shadow mode (`[registration] mode = "shadow"`) the gate decides the
+//! same way but forwards the client's request as it came, and only logs and
+//! counts what it would have refused.
+//!
+//! The gate's state (policy, limits, client resolution) sits behind an
+//! atomic pointer: [`RegistrationGateLayer::reload`] swaps it without
+//! dropping a request, and the rate limiter's state carries over.
+//!
 //! # Embedding
 //!
 //! The layer wraps any service that takes `Request<GateRequestBody<B>>`;
@@ -40,6 +48,7 @@
 //! # }
 //! ```
 
+pub mod body;
 pub mod json;
 pub mod policy;
 pub mod query;
@@ -47,51 +56,76 @@ pub mod routes;
 pub mod username;
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, Uri};
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited as LimitedBody};
+use http_body_util::{BodyExt, Either, Full};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::client_ip::{ClientAddress, ClientResolver};
-use crate::config::Config;
-use crate::error::MatrixError;
-use crate::ratelimit::{LimitKind, Limited, RateLimiter};
+pub use body::GateBody;
 use policy::{AccountKind, BodyPlan};
 pub use policy::{Forward, HeadDecision, Policy, Refusal};
 pub use routes::GuardedRoute;
 
+use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
+use crate::config::{Config, GateMode};
+use crate::error::MatrixError;
+use crate::ratelimit::{LimitKind, Limited, RateLimiter};
+use crate::telemetry::{Metrics, Outcome};
+
 /// Boxed error type of bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body the inner service receives: the client's own body, streamed,
-/// on pass-through; the gate's canonical body on guarded routes.
-pub type GateRequestBody<B> = Either<B, Full<Bytes>>;
+/// The body the inner service receives (see [`GateBody`]).
+pub type GateRequestBody<B> = GateBody<B>;
 
 /// The body the gate answers with: the inner service's, or a gate refusal.
 pub type GateResponseBody<RB> = Either<RB, Full<Bytes>>;
+
+/// The TCP peer of a request, put into its extensions by the server. The
+/// gate resolves the [`ClientAddress`] from it (trusted proxies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddress(pub SocketAddr);
+
+// === impl GateState ===
+
+/// Everything a configuration reload replaces.
+#[derive(Debug)]
+struct GateState {
+    policy: Policy,
+    body_timeout: Duration,
+    resolver: ClientResolver,
+    limiter: RateLimiter,
+    mode: GateMode,
+}
+
+impl GateState {
+    fn new(config: &Config, limiter: RateLimiter) -> Self {
+        GateState {
+            policy: Policy::new(config),
+            body_timeout: config.server.body_timeout.0,
+            resolver: config.client_ip.resolver(),
+            limiter,
+            mode: config.registration.mode,
+        }
+    }
+}
 
 // === impl RegistrationGateLayer ===
 
 /// A [`Layer`] that puts the registration gate in front of a service.
 #[derive(Debug, Clone)]
 pub struct RegistrationGateLayer {
-    shared: Arc<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    policy: Policy,
-    body_timeout: Duration,
-    resolver: ClientResolver,
-    limiter: RateLimiter,
+    state: Arc<ArcSwap<GateState>>,
+    metrics: Arc<Metrics>,
 }
 
 impl RegistrationGateLayer {
@@ -99,23 +133,37 @@ impl RegistrationGateLayer {
     ///
     /// With rate limits configured this must run inside a Tokio runtime (a
     /// housekeeping task is started, and a Redis store connects in the
-    /// background). Requests should carry a [`ClientAddress`] extension;
-    /// the gate's own server inserts it. Requests without one share a
-    /// single per-client budget.
+    /// background). The gate resolves each request's client from a
+    /// [`PeerAddress`] or takes a [`ClientAddress`] given in the request's
+    /// extensions; requests with neither share one per-client budget.
     pub fn new(config: &Config) -> Self {
+        Self::with_metrics(config, Arc::default())
+    }
+
+    /// A gate that counts into `metrics`.
+    pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Self {
+        let limiter = RateLimiter::new(&config.rate_limit);
         RegistrationGateLayer {
-            shared: Arc::new(Shared {
-                policy: Policy::new(config),
-                body_timeout: config.server.body_timeout.0,
-                resolver: config.client_ip.resolver(),
-                limiter: RateLimiter::new(&config.rate_limit),
-            }),
+            state: Arc::new(ArcSwap::from_pointee(GateState::new(config, limiter))),
+            metrics,
         }
     }
 
-    /// The rate limiter this gate uses.
-    pub fn limiter(&self) -> &RateLimiter {
-        &self.shared.limiter
+    /// Swaps in the policy of a new (validated) configuration. Requests in
+    /// flight finish under the old policy; the rate limiter keeps its state.
+    pub fn reload(&self, config: &Config) {
+        let limiter = self.state.load().limiter.reconfigure(&config.rate_limit);
+        self.state.store(Arc::new(GateState::new(config, limiter)));
+    }
+
+    /// The rate limiter the gate uses now.
+    pub fn limiter(&self) -> RateLimiter {
+        self.state.load().limiter.clone()
+    }
+
+    /// The gate's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 }
 
@@ -125,7 +173,8 @@ impl<S> Layer<S> for RegistrationGateLayer {
     fn layer(&self, inner: S) -> Self::Service {
         RegistrationGate {
             inner,
-            shared: self.shared.clone(),
+            state: self.state.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -136,7 +185,8 @@ impl<S> Layer<S> for RegistrationGateLayer {
 #[derive(Debug, Clone)]
 pub struct RegistrationGate<S> {
     inner: S,
-    shared: Arc<Shared>,
+    state: Arc<ArcSwap<GateState>>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S, B, RB> Service<Request<B>> for RegistrationGate<S>
@@ -144,7 +194,7 @@ where
     S: Service<Request<GateRequestBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
     RB: Send + 'static,
 {
@@ -156,109 +206,287 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let state = self.state.load_full();
+        resolve_client(&state.resolver, &mut request);
         match routes::classify(request.uri().path()) {
             None => ResponseFuture::PassThrough {
-                future: self.inner.call(request.map(Either::Left)),
+                future: self.inner.call(request.map(GateBody::client)),
+                started,
+                metrics: self.metrics.clone(),
             },
             Some(route) => {
                 // The readied service goes into the future; a fresh clone
                 // stays behind for the next `poll_ready`.
                 let fresh = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, fresh);
+                let metrics = self.metrics.clone();
                 ResponseFuture::Guarded {
-                    future: Box::pin(guard(self.shared.clone(), inner, route, request)),
+                    future: Box::pin(guard(state, metrics.clone(), inner, route, request)),
+                    started,
+                    metrics,
                 }
             }
         }
     }
 }
 
+/// Puts the [`ClientAddress`] (and a trusted proxy's scheme) into the
+/// request, unless the embedding stack already did.
+fn resolve_client<B>(resolver: &ClientResolver, request: &mut Request<B>) {
+    if request.extensions().get::<ClientAddress>().is_some() {
+        return;
+    }
+    let Some(PeerAddress(peer)) = request.extensions().get::<PeerAddress>().copied() else {
+        return;
+    };
+    let client = resolver.resolve(peer.ip(), request.headers());
+    let proto = resolver.forwarded_proto(peer.ip(), request.headers());
+    request.extensions_mut().insert(client);
+    if let Some(proto) = proto {
+        request.extensions_mut().insert(proto);
+    }
+}
+
+/// The one audit record of a registration decision.
+struct Audit {
+    route: GuardedRoute,
+    client: Option<IpAddr>,
+    key: ClientKey,
+    user_agent: Option<String>,
+    kind: Option<&'static str>,
+    username: Option<String>,
+    outcome: Outcome,
+    rule: &'static str,
+    status: Option<u16>,
+}
+
+impl Audit {
+    fn emit(&self, metrics: &Metrics) {
+        metrics.decision(self.route.name(), self.outcome, self.rule);
+        tracing::info!(
+            target: "matrix_gatekeeper::audit",
+            route = self.route.name(),
+            client = self.client.map(|c| c.to_string()).as_deref().unwrap_or("-"),
+            key = %self.key,
+            user_agent = self.user_agent.as_deref().unwrap_or("-"),
+            kind = self.kind.unwrap_or("-"),
+            username = self.username.as_deref().unwrap_or("-"),
+            decision = self.outcome.as_str(),
+            rule = self.rule,
+            upstream_status = self.status.unwrap_or(0),
+            "registration decision"
+        );
+    }
+}
+
+/// Why a request is not forwarded as the gate wrote it.
+enum Stop {
+    Refuse(Refusal),
+    Limit(Limited),
+}
+
+impl Stop {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Stop::Refuse(_) => Outcome::Refused,
+            Stop::Limit(_) => Outcome::RateLimited,
+        }
+    }
+
+    fn rule(&self) -> &'static str {
+        match self {
+            Stop::Refuse(refusal) => refusal.rule,
+            Stop::Limit(limited) => limited.limit.name(),
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        match self {
+            Stop::Refuse(refusal) => refusal.error.into_response(),
+            Stop::Limit(limited) => limited.into_response(),
+        }
+    }
+}
+
+/// The client's body as far as the gate read it.
+enum ReadBody<B> {
+    /// All of it.
+    Complete(Bytes),
+    /// More than the limit: what was read, and the rest (shadow mode
+    /// forwards both).
+    TooLarge(Bytes, B),
+}
+
 async fn guard<S, B, RB>(
-    shared: Arc<Shared>,
+    state: Arc<GateState>,
+    metrics: Arc<Metrics>,
     mut inner: S,
     route: GuardedRoute,
     request: Request<B>,
 ) -> Result<Response<GateResponseBody<RB>>, S::Error>
 where
     S: Service<Request<GateRequestBody<B>>, Response = Response<RB>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
+    let shadow = state.mode == GateMode::Shadow;
     let (parts, body) = request.into_parts();
     let client = parts.extensions.get::<ClientAddress>().map(|c| c.0);
-    let key = shared.resolver.key(client.map_or(
-        ClientAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-        ClientAddress,
+    let key = state.resolver.key(ClientAddress(
+        client.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
     ));
-    let limiter = &shared.limiter;
-    if let Some(kind) = counted_limit(route, &parts.method) {
-        if let Err(limited) = limiter.acquire(&[kind], key).await {
-            return Ok(rate_limited(route, client, limited));
+    let user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let mut audit = Audit {
+        route,
+        client,
+        key,
+        user_agent,
+        kind: None,
+        username: None,
+        outcome: Outcome::Allowed,
+        rule: "",
+        status: None,
+    };
+    let mut body = Some(body);
+    let mut read: Option<Bytes> = None;
+    let decided = decide(&state, route, &parts, &mut body, &mut read, &mut audit).await;
+
+    let (request, permit) = match decided {
+        Ok((forward, permit)) => match canonical_request(&parts, forward) {
+            Ok(request) => (request, permit),
+            Err(refusal) => {
+                // The gate cannot write this request: refuse even in shadow
+                // mode, since nothing canonical exists to forward.
+                audit.outcome = Outcome::Refused;
+                audit.rule = refusal.rule;
+                audit.emit(&metrics);
+                return Ok(refusal.error.into_response().map(Either::Right));
+            }
+        },
+        Err(stop) if shadow => {
+            audit.outcome = Outcome::WouldRefuse;
+            audit.rule = stop.rule();
+            let original = match (read, body) {
+                (Some(bytes), Some(rest)) => GateBody::replay(bytes, rest),
+                (None, Some(body)) => GateBody::client(body),
+                (Some(bytes), None) => GateBody::canonical(bytes),
+                (None, None) => GateBody::canonical(Bytes::new()),
+            };
+            (Request::from_parts(parts, original), None)
         }
+        Err(stop) => {
+            audit.outcome = stop.outcome();
+            audit.rule = stop.rule();
+            audit.emit(&metrics);
+            return Ok(stop.into_response().map(Either::Right));
+        }
+    };
+    let result = inner.call(request).await;
+    let success = matches!(&result, Ok(response) if response.status().is_success());
+    if let Some(permit) = permit {
+        permit.settle(success);
     }
-    let policy = &shared.policy;
+    audit.status = result.as_ref().ok().map(|r| r.status().as_u16());
+    audit.emit(&metrics);
+    Ok(result?.map(Either::Left))
+}
+
+/// Runs every check of a guarded request, in order: bans, the route's
+/// per-client limit, the policy on method/path/query, the guest limit, the
+/// body, and the registration reservation.
+async fn decide<B>(
+    state: &GateState,
+    route: GuardedRoute,
+    parts: &http::request::Parts,
+    body: &mut Option<B>,
+    read: &mut Option<Bytes>,
+    audit: &mut Audit,
+) -> Result<(Forward, Option<crate::ratelimit::Permit>), Stop>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let policy = &state.policy;
+    let limiter = &state.limiter;
+    let key = audit.key;
+    policy
+        .client(audit.client, audit.user_agent.as_deref())
+        .map_err(Stop::Refuse)?;
+    if let Some(kind) = counted_limit(route, &parts.method) {
+        limiter
+            .acquire(&[kind], key)
+            .await
+            .map_err(Stop::Limit)?
+            .settle(true);
+    }
     let forward = match policy.head(&parts.method, route, parts.uri.query()) {
-        HeadDecision::Refuse(refusal) => return Ok(refuse(route, client, refusal)),
+        HeadDecision::Refuse(refusal) => return Err(Stop::Refuse(refusal)),
         HeadDecision::Forward(forward) => forward,
         HeadDecision::ReadBody(plan) => {
-            if let BodyPlan::Register(_, AccountKind::Guest) = plan {
-                if let Err(limited) = limiter.acquire(&[LimitKind::GuestsPerIp], key).await {
-                    return Ok(rate_limited(route, client, limited));
-                }
+            if let BodyPlan::Register(_, kind) = plan {
+                audit.kind = Some(match kind {
+                    AccountKind::Guest => "guest",
+                    AccountKind::User { .. } => "user",
+                });
             }
+            if let BodyPlan::Register(_, AccountKind::Guest) = plan {
+                limiter
+                    .acquire(&[LimitKind::GuestsPerIp], key)
+                    .await
+                    .map_err(Stop::Limit)?
+                    .settle(true);
+            }
+            let Some(client_body) = body.take() else {
+                return Err(Stop::Refuse(body_error("the body was already taken")));
+            };
             let bytes = match read_body(
-                body,
+                client_body,
                 declared_length(&parts.headers),
                 policy.max_body_bytes,
-                shared.body_timeout,
+                state.body_timeout,
             )
             .await
             {
-                Ok(bytes) => bytes,
-                Err(refusal) => return Ok(refuse(route, client, refusal)),
+                Ok(ReadBody::Complete(bytes)) => bytes,
+                Ok(ReadBody::TooLarge(prefix, rest)) => {
+                    *read = Some(prefix);
+                    *body = Some(rest);
+                    return Err(Stop::Refuse(Refusal {
+                        rule: "too_large",
+                        error: MatrixError::too_large(policy.max_body_bytes),
+                    }));
+                }
+                Err(refusal) => return Err(Stop::Refuse(refusal)),
             };
-            match policy.body(plan, &bytes) {
-                Ok(forward) => forward,
-                Err(refusal) => return Ok(refuse(route, client, refusal)),
-            }
+            *read = Some(bytes.clone());
+            policy.body(plan, &bytes).map_err(Stop::Refuse)?
         }
     };
-    tracing::info!(
-        route = route.name(),
-        client = ?client,
-        username = forward.username.as_deref(),
-        "registration request forwarded"
-    );
-    let request = match canonical_request(parts, forward) {
-        Ok(request) => request,
-        Err(refusal) => return Ok(refuse(route, client, refusal)),
-    };
+    audit.username = forward.username.clone();
     // Completed registrations: reserve now, keep the units only if the
     // homeserver answers with a success.
-    let permit = if matches!(route, GuardedRoute::Register(_)) && request.method() == Method::POST {
-        match limiter
-            .acquire(
-                &[
-                    LimitKind::RegistrationsPerIp,
-                    LimitKind::RegistrationsGlobal,
-                ],
-                key,
-            )
-            .await
-        {
-            Ok(permit) => Some(permit),
-            Err(limited) => return Ok(rate_limited(route, client, limited)),
-        }
+    let permit = if matches!(route, GuardedRoute::Register(_)) && parts.method == Method::POST {
+        Some(
+            limiter
+                .acquire(
+                    &[
+                        LimitKind::RegistrationsPerIp,
+                        LimitKind::RegistrationsGlobal,
+                    ],
+                    key,
+                )
+                .await
+                .map_err(Stop::Limit)?,
+        )
     } else {
         None
     };
-    let result = inner.call(request).await;
-    if let Some(permit) = permit {
-        let success = matches!(&result, Ok(response) if response.status().is_success());
-        permit.settle(success);
-    }
-    Ok(result?.map(Either::Left))
+    Ok((forward, permit))
 }
 
 /// The per-client limit a guarded request counts against before anything
@@ -273,36 +501,6 @@ fn counted_limit(route: GuardedRoute, method: &Method) -> Option<LimitKind> {
     }
 }
 
-fn rate_limited<RB>(
-    route: GuardedRoute,
-    client: Option<IpAddr>,
-    limited: Limited,
-) -> Response<GateResponseBody<RB>> {
-    tracing::info!(
-        route = route.name(),
-        client = ?client,
-        limit = limited.limit.name(),
-        retry_after_ms = limited.retry_after_ms(),
-        "registration request rate-limited"
-    );
-    limited.into_response().map(Either::Right)
-}
-
-fn refuse<RB>(
-    route: GuardedRoute,
-    client: Option<IpAddr>,
-    refusal: Refusal,
-) -> Response<GateResponseBody<RB>> {
-    tracing::info!(
-        route = route.name(),
-        client = ?client,
-        rule = refusal.rule,
-        errcode = refusal.error.errcode,
-        "registration request refused"
-    );
-    refusal.error.into_response().map(Either::Right)
-}
-
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
@@ -310,35 +508,49 @@ fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Reads a whole body, at most `limit` bytes, within `deadline`.
+fn body_error(detail: impl std::fmt::Display) -> Refusal {
+    Refusal {
+        rule: "body_error",
+        error: MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            format!("The request body could not be read: {detail}"),
+        ),
+    }
+}
+
+/// Reads a body, at most `limit` bytes, within `deadline`. Past the limit
+/// it stops and hands back what it read and the unread rest.
 async fn read_body<B>(
-    body: B,
+    mut body: B,
     declared: Option<u64>,
     limit: usize,
     deadline: Duration,
-) -> Result<Bytes, Refusal>
+) -> Result<ReadBody<B>, Refusal>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let too_large = || Refusal {
-        rule: "too_large",
-        error: MatrixError::too_large(limit),
-    };
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
+        return Ok(ReadBody::TooLarge(Bytes::new(), body));
     }
-    match tokio::time::timeout(deadline, LimitedBody::new(body, limit).collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Ok(Err(e)) => Err(Refusal {
-            rule: "body_error",
-            error: MatrixError::new(
-                http::StatusCode::BAD_REQUEST,
-                "M_UNKNOWN",
-                format!("The request body could not be read: {e}"),
-            ),
-        }),
+    let mut buffer = BytesMut::new();
+    let reading = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| body_error(e.into()))?;
+            if let Ok(data) = frame.into_data() {
+                buffer.extend_from_slice(&data);
+                if buffer.len() > limit {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    };
+    match tokio::time::timeout(deadline, reading).await {
+        Ok(Ok(false)) => Ok(ReadBody::Complete(buffer.freeze())),
+        Ok(Ok(true)) => Ok(ReadBody::TooLarge(buffer.freeze(), body)),
+        Ok(Err(refusal)) => Err(refusal),
         Err(_) => Err(Refusal {
             rule: "body_timeout",
             error: MatrixError::request_timeout(),
@@ -356,27 +568,34 @@ const BODY_HEADERS: [header::HeaderName; 5] = [
 ];
 
 fn canonical_request<B>(
-    mut parts: http::request::Parts,
+    parts: &http::request::Parts,
     forward: Forward,
 ) -> Result<Request<GateRequestBody<B>>, Refusal> {
-    parts.uri = forward.path_and_query.parse::<Uri>().map_err(|_| Refusal {
+    let uri = forward.path_and_query.parse::<Uri>().map_err(|_| Refusal {
         rule: "bad_query",
         error: MatrixError::invalid_param("The request could not be put in canonical form."),
     })?;
+    let bytes = forward.body.unwrap_or_default();
+    let length = bytes.len();
+    let mut request = Request::new(GateBody::canonical(bytes));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    *request.extensions_mut() = parts.extensions.clone();
+    let headers = request.headers_mut();
     for name in BODY_HEADERS {
-        parts.headers.remove(name);
+        headers.remove(name);
     }
-    let body = forward.body.unwrap_or_default();
-    if !body.is_empty() || parts.method == http::Method::POST {
-        parts.headers.insert(
+    if length > 0 || parts.method == Method::POST {
+        let headers = request.headers_mut();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    Ok(Request::from_parts(parts, Either::Right(Full::new(body))))
+    Ok(request)
 }
 
 // === impl ResponseFuture ===
@@ -386,14 +605,15 @@ type GuardedFuture<RB, E> =
 
 pin_project! {
     /// The future of [`RegistrationGate`]: the inner future itself on
-    /// pass-through, a boxed one on guarded routes.
+    /// pass-through, a boxed one on guarded routes. Both record the time to
+    /// response headers.
     #[project = ResponseFutureProj]
     #[allow(missing_docs)] // the variant fields are the futures named above
     pub enum ResponseFuture<F, RB, E> {
         /// Pass-through: the inner service's future, unboxed.
-        PassThrough { #[pin] future: F },
+        PassThrough { #[pin] future: F, started: Instant, metrics: Arc<Metrics> },
         /// A guarded route.
-        Guarded { future: GuardedFuture<RB, E> },
+        Guarded { future: GuardedFuture<RB, E>, started: Instant, metrics: Arc<Metrics> },
     }
 }
 
@@ -405,10 +625,24 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ResponseFutureProj::PassThrough { future } => future
-                .poll(cx)
-                .map(|result| result.map(|response| response.map(Either::Left))),
-            ResponseFutureProj::Guarded { future } => future.as_mut().poll(cx),
+            ResponseFutureProj::PassThrough {
+                future,
+                started,
+                metrics,
+            } => {
+                let output = std::task::ready!(future.poll(cx));
+                metrics.observe(false, started.elapsed());
+                Poll::Ready(output.map(|response| response.map(Either::Left)))
+            }
+            ResponseFutureProj::Guarded {
+                future,
+                started,
+                metrics,
+            } => {
+                let output = std::task::ready!(future.as_mut().poll(cx));
+                metrics.observe(true, started.elapsed());
+                Poll::Ready(output)
+            }
         }
     }
 }

@@ -12,9 +12,14 @@ use serde_json::{Map, Value};
 
 use super::json::parse_object;
 use super::query::{encode_component, Query};
-use super::routes::GuardedRoute;
+use super::routes::{GuardedRoute, Medium};
 use super::username::{UsernamePolicy, UsernameRule};
-use crate::config::{Config, GuestAccess};
+use std::net::IpAddr;
+
+use regex::Regex;
+
+use crate::client_ip::IpNet;
+use crate::config::{Config, DomainGlob, GuestAccess};
 use crate::error::MatrixError;
 
 /// The kind of account a `POST …/register` asks for.
@@ -92,6 +97,10 @@ pub struct Policy {
     allow_admin_register: bool,
     /// Largest registration body accepted.
     pub max_body_bytes: usize,
+    deny_networks: Vec<IpNet>,
+    deny_user_agents: Vec<Regex>,
+    email_allowed: Vec<DomainGlob>,
+    email_denied: Vec<DomainGlob>,
 }
 
 impl Policy {
@@ -103,7 +112,70 @@ impl Policy {
             guest_access: config.guest.access,
             allow_admin_register: config.registration.allow_admin_register,
             max_body_bytes: config.registration.max_body_bytes,
+            deny_networks: config.client_ip.deny.iter().map(|n| n.0).collect(),
+            deny_user_agents: config
+                .client_ip
+                .deny_user_agents
+                .iter()
+                .map(|p| p.0.clone())
+                .collect(),
+            email_allowed: config.email.allowed_domains.clone(),
+            email_denied: config.email.denied_domains.clone(),
         }
+    }
+
+    /// Refuses banned clients: a denied network, or a denied user agent.
+    pub fn client(&self, client: Option<IpAddr>, user_agent: Option<&str>) -> Result<(), Refusal> {
+        if let Some(ip) = client {
+            if self.deny_networks.iter().any(|net| net.contains(ip)) {
+                return Err(Refusal::new(
+                    "denied_client",
+                    MatrixError::forbidden("Registration is not available from your network."),
+                ));
+            }
+        }
+        if !self.deny_user_agents.is_empty() {
+            let agent = user_agent.unwrap_or("");
+            if self.deny_user_agents.iter().any(|p| p.is_match(agent)) {
+                return Err(Refusal::new(
+                    "denied_user_agent",
+                    MatrixError::forbidden("Registration is not available to this client."),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `[email]` domain rules to an email `requestToken` body.
+    fn email(&self, object: &Map<String, Value>) -> Result<(), Refusal> {
+        if self.email_allowed.is_empty() && self.email_denied.is_empty() {
+            return Ok(());
+        }
+        let Some(Value::String(address)) = object.get("email") else {
+            return Err(Refusal::new(
+                "bad_json",
+                MatrixError::bad_json("email must be a string."),
+            ));
+        };
+        let domain = address
+            .rsplit_once('@')
+            .map(|(_, domain)| domain.trim().trim_end_matches('.'))
+            .unwrap_or("");
+        let denied = || {
+            Err(Refusal::new(
+                "email_domain",
+                MatrixError::threepid_denied(
+                    "Third party identifier is not allowed on this server.",
+                ),
+            ))
+        };
+        if domain.is_empty() || self.email_denied.iter().any(|g| g.matches(domain)) {
+            return denied();
+        }
+        if !self.email_allowed.is_empty() && !self.email_allowed.iter().any(|g| g.matches(domain)) {
+            return denied();
+        }
+        Ok(())
     }
 
     /// Decides on a guarded request from its method, route and raw query.
@@ -246,11 +318,16 @@ impl Policy {
             Refusal::new(rule, e)
         })?;
         match plan {
-            BodyPlan::JsonObject(route) => Ok(Forward {
-                path_and_query: route.canonical_path().into_owned(),
-                body: Some(serialize(&object)),
-                username: None,
-            }),
+            BodyPlan::JsonObject(route) => {
+                if let GuardedRoute::RequestToken(_, Medium::Email) = route {
+                    self.email(&object)?;
+                }
+                Ok(Forward {
+                    path_and_query: route.canonical_path().into_owned(),
+                    body: Some(serialize(&object)),
+                    username: None,
+                })
+            }
             BodyPlan::Register(route, AccountKind::Guest) => {
                 let mut guest = Map::new();
                 match object.get("initial_device_display_name") {
@@ -436,6 +513,53 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn banned_clients_and_email_domains() {
+        let p = policy(
+            "[client_ip]\ndeny = [\"192.0.2.0/24\"]\ndeny_user_agents = [\"(?i)^python-requests\"]\n\
+             [email]\nallowed_domains = [\"example.org\", \"*.example.org\"]\ndenied_domains = [\"spam.example.org\"]\n",
+        );
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            p.client(ip("192.0.2.9"), None).unwrap_err().error.errcode,
+            "M_FORBIDDEN"
+        );
+        assert_eq!(
+            p.client(ip("198.51.100.1"), Some("Python-Requests/2"))
+                .unwrap_err()
+                .rule,
+            "denied_user_agent"
+        );
+        assert!(p.client(ip("198.51.100.1"), Some("Element/1.11")).is_ok());
+        assert!(p.client(None, None).is_ok());
+        let email = GuardedRoute::RequestToken(ApiVersion::V3, Medium::Email);
+        let check = |body: &str| p.body(BodyPlan::JsonObject(email), body.as_bytes());
+        assert!(check(r#"{"email":"a@example.org","client_secret":"s","send_attempt":1}"#).is_ok());
+        assert!(check(r#"{"email":"a@mail.Example.org"}"#).is_ok());
+        for body in [
+            r#"{"email":"a@spam.example.org"}"#,
+            r#"{"email":"a@evil.test"}"#,
+            r#"{"email":"nodomain"}"#,
+            r#"{"email":"a@example.org@evil.test"}"#,
+        ] {
+            let refusal = check(body).unwrap_err();
+            assert_eq!(
+                (refusal.error.status.as_u16(), refusal.error.errcode),
+                (403, "M_THREEPID_DENIED"),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            check(r#"{"email":5}"#).unwrap_err().error.errcode,
+            "M_BAD_JSON"
+        );
+        // msisdn is not subject to email rules.
+        let msisdn = GuardedRoute::RequestToken(ApiVersion::V3, Medium::Msisdn);
+        assert!(p
+            .body(BodyPlan::JsonObject(msisdn), br#"{"phone_number":"1"}"#)
+            .is_ok());
     }
 
     #[test]

@@ -32,6 +32,7 @@ use governor::{Quota, RateLimiter};
 
 use super::{LimitKind, LimitSpecs};
 use crate::client_ip::ClientKey;
+use crate::config::LimitSpec;
 
 const SHARDS: usize = 16;
 
@@ -179,11 +180,13 @@ struct MemoryLimit<C: Clock> {
     limiter: Limiter<C>,
     table: SharedTable,
     interval: Nanos,
+    spec: LimitSpec,
+    cap: usize,
 }
 
 /// All configured limits, in memory, on clock `C`.
 pub struct MemoryStore<C: Clock> {
-    limits: [Option<MemoryLimit<C>>; LimitKind::COUNT],
+    limits: [Option<Arc<MemoryLimit<C>>>; LimitKind::COUNT],
     clock: C,
 }
 
@@ -198,21 +201,38 @@ impl<C: Clock + Clone> std::fmt::Debug for MemoryStore<C> {
 impl<C: Clock + Clone> MemoryStore<C> {
     /// A store for `specs`, tracking at most about `cap` clients per limit.
     pub fn new(specs: &LimitSpecs, cap: usize, clock: C) -> Self {
+        Self::carrying_over(specs, cap, clock, None)
+    }
+
+    /// A store for `specs` that keeps the state of `previous` for every
+    /// limit whose spec and cap are unchanged (a configuration reload).
+    pub fn carrying_over(
+        specs: &LimitSpecs,
+        cap: usize,
+        clock: C,
+        previous: Option<&MemoryStore<C>>,
+    ) -> Self {
         let limits = LimitKind::ALL.map(|kind| {
             let spec = specs.get(kind)?;
+            let cap = if kind.is_global() { 1 } else { cap };
             let interval = spec.emission_interval().max(Duration::from_nanos(1));
             let burst = NonZeroU32::new(spec.count).unwrap_or(NonZeroU32::MIN);
             let quota = Quota::with_period(interval)?.allow_burst(burst);
-            let table = SharedTable(Arc::new(ClientTable::new(if kind.is_global() {
-                1
-            } else {
-                cap
-            })));
-            Some(MemoryLimit {
+            if let Some(old) = previous.and_then(|p| p.limits[kind as usize].as_ref()) {
+                if old.spec == spec && old.cap == cap {
+                    // governor's state is a TAT relative to the limiter's own
+                    // start, so the old limiter is kept whole.
+                    return Some(old.clone());
+                }
+            }
+            let table = SharedTable(Arc::new(ClientTable::new(cap)));
+            Some(Arc::new(MemoryLimit {
                 limiter: RateLimiter::new(quota, table.clone(), clock.clone()),
                 table,
                 interval: interval.into(),
-            })
+                spec,
+                cap,
+            }))
         });
         MemoryStore { limits, clock }
     }
@@ -360,6 +380,26 @@ mod tests {
                 Ok(())
             );
         }
+    }
+
+    #[test]
+    fn reconfiguring_keeps_the_state_of_unchanged_limits() {
+        let mut specs = specs_with(LimitKind::AttemptsPerIp, spec(1, 60));
+        specs.0[LimitKind::GuestsPerIp as usize] = spec(1, 60);
+        let (s, clock) = store(specs, 100);
+        s.acquire(&[LimitKind::AttemptsPerIp], KEY).unwrap();
+        s.acquire(&[LimitKind::GuestsPerIp], KEY).unwrap();
+        let mut changed = specs;
+        changed.0[LimitKind::GuestsPerIp as usize] = spec(2, 60);
+        let next = MemoryStore::carrying_over(&changed, 100, clock.clone(), Some(&s));
+        assert!(
+            next.acquire(&[LimitKind::AttemptsPerIp], KEY).is_err(),
+            "state kept"
+        );
+        assert!(
+            next.acquire(&[LimitKind::GuestsPerIp], KEY).is_ok(),
+            "changed limit starts fresh"
+        );
     }
 
     #[test]

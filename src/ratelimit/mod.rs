@@ -20,6 +20,7 @@
 pub mod memory;
 pub mod redis;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,11 +206,27 @@ pub struct RateLimiter {
 
 #[derive(Debug)]
 struct Inner {
+    config: RateLimitConfig,
     specs: LimitSpecs,
     local: MemoryStore<MonotonicClock>,
     redis: Option<RedisStore>,
     on_store_error: OnStoreError,
-    degraded: std::sync::atomic::AtomicBool,
+    degraded: AtomicBool,
+    store_errors: AtomicU64,
+    fallbacks: [AtomicU64; 3],
+}
+
+/// Counters of the Redis store's health.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Decisions Redis could not make.
+    pub errors: u64,
+    /// Decisions then taken by the local limits.
+    pub fallback_local: u64,
+    /// Decisions then allowed.
+    pub fallback_allow: u64,
+    /// Decisions then refused.
+    pub fallback_deny: u64,
 }
 
 impl RateLimiter {
@@ -218,26 +235,64 @@ impl RateLimiter {
     /// Must be called inside a Tokio runtime when Redis is configured or
     /// any limit is set (a housekeeping task is started).
     pub fn new(config: &RateLimitConfig) -> Self {
+        Self::build(config, None)
+    }
+
+    /// The limiter for a reloaded configuration: `self` again when the
+    /// `[rate_limit]` section is unchanged; otherwise a new limiter that
+    /// keeps the in-memory state of every limit whose spec is unchanged
+    /// (Redis state lives in Redis and is kept anyway).
+    pub fn reconfigure(&self, config: &RateLimitConfig) -> RateLimiter {
+        if same_section(&self.inner.config, config) {
+            return self.clone();
+        }
+        Self::build(config, Some(self))
+    }
+
+    fn build(config: &RateLimitConfig, previous: Option<&RateLimiter>) -> Self {
         let specs = LimitSpecs::from_config(config);
-        let redis = match (config.store, &config.redis_url) {
-            (StoreKind::Redis, Some(url)) => {
-                match RedisStore::new(url, config.redis_cluster, specs, config.redis_timeout.0) {
-                    Ok(store) => Some(store),
-                    Err(error) => {
-                        tracing::error!(%error, "redis store unusable; limits kept in memory");
-                        None
+        let reuse_redis = previous.and_then(|p| {
+            let old = &p.inner.config;
+            (old.store == config.store
+                && old.redis_url == config.redis_url
+                && old.redis_cluster == config.redis_cluster
+                && old.redis_timeout == config.redis_timeout)
+                .then(|| p.inner.redis.clone())
+                .flatten()
+                .map(|store| store.with_specs(specs))
+        });
+        let redis = if reuse_redis.is_some() {
+            reuse_redis
+        } else {
+            match (config.store, &config.redis_url) {
+                (StoreKind::Redis, Some(url)) => {
+                    match RedisStore::new(url, config.redis_cluster, specs, config.redis_timeout.0)
+                    {
+                        Ok(store) => Some(store),
+                        Err(error) => {
+                            tracing::error!(%error, "redis store unusable; limits kept in memory");
+                            None
+                        }
                     }
                 }
+                _ => None,
             }
-            _ => None,
         };
         let limiter = RateLimiter {
             inner: Arc::new(Inner {
+                config: config.clone(),
                 specs,
-                local: MemoryStore::new(&specs, config.max_tracked_clients, MonotonicClock),
+                local: MemoryStore::carrying_over(
+                    &specs,
+                    config.max_tracked_clients,
+                    MonotonicClock,
+                    previous.map(|p| &p.inner.local),
+                ),
                 redis,
                 on_store_error: config.on_store_error,
-                degraded: std::sync::atomic::AtomicBool::new(false),
+                degraded: AtomicBool::new(false),
+                store_errors: AtomicU64::new(0),
+                fallbacks: Default::default(),
             }),
         };
         if specs.0.iter().any(Option::is_some) {
@@ -289,10 +344,7 @@ impl RateLimiter {
         if let Some(redis) = &inner.redis {
             match redis.acquire(&kinds, key).await {
                 Ok(result) => {
-                    if inner
-                        .degraded
-                        .swap(false, std::sync::atomic::Ordering::Relaxed)
-                    {
+                    if inner.degraded.swap(false, Ordering::Relaxed) {
                         tracing::info!("redis rate-limit store is back; shared limits restored");
                     }
                     return result
@@ -300,10 +352,9 @@ impl RateLimiter {
                         .map_err(|(limit, retry_after)| Limited { limit, retry_after });
                 }
                 Err(error) => {
-                    if !inner
-                        .degraded
-                        .swap(true, std::sync::atomic::Ordering::Relaxed)
-                    {
+                    inner.store_errors.fetch_add(1, Ordering::Relaxed);
+                    inner.fallbacks[inner.on_store_error as usize].fetch_add(1, Ordering::Relaxed);
+                    if !inner.degraded.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             %error,
                             fallback = inner.on_store_error.as_str(),
@@ -332,10 +383,35 @@ impl RateLimiter {
 
     /// Whether the Redis store is currently failing (decisions fall back).
     pub fn is_degraded(&self) -> bool {
-        self.inner
-            .degraded
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.degraded.load(Ordering::Relaxed)
     }
+
+    /// Whether limits are kept in Redis.
+    pub fn uses_redis(&self) -> bool {
+        self.inner.redis.is_some()
+    }
+
+    /// Counters of the Redis store's health.
+    pub fn store_stats(&self) -> StoreStats {
+        let f = &self.inner.fallbacks;
+        StoreStats {
+            errors: self.inner.store_errors.load(Ordering::Relaxed),
+            fallback_local: f[OnStoreError::Local as usize].load(Ordering::Relaxed),
+            fallback_allow: f[OnStoreError::Allow as usize].load(Ordering::Relaxed),
+            fallback_deny: f[OnStoreError::Deny as usize].load(Ordering::Relaxed),
+        }
+    }
+
+    /// Keys held by the in-memory limits.
+    pub fn tracked(&self) -> usize {
+        self.inner.local.tracked()
+    }
+}
+
+/// Whether two `[rate_limit]` sections configure the same limiter.
+fn same_section(a: &RateLimitConfig, b: &RateLimitConfig) -> bool {
+    // Every field is plain data; compare their printed forms.
+    toml::to_string(a).ok() == toml::to_string(b).ok()
 }
 
 #[cfg(test)]

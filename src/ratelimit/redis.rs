@@ -162,6 +162,14 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// The same connection, deciding with other limits.
+    pub fn with_specs(&self, specs: LimitSpecs) -> Self {
+        RedisStore {
+            specs,
+            ..self.clone()
+        }
+    }
+
     fn key(&self, kind: LimitKind, key: ClientKey) -> String {
         if kind.is_global() {
             format!("{{{}}}:{}", self.prefix, kind.name())

@@ -262,6 +262,10 @@ impl futures_core::Stream for StreamOfBytes {
 /// A running gate.
 pub struct Gate {
     pub addr: SocketAddr,
+    /// The admin listener, when started with [`Gate::start_full`].
+    pub admin: Option<SocketAddr>,
+    /// Reloads the configuration file given to [`Gate::start_full`].
+    pub reloader: matrix_gatekeeper::server::Reloader,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -277,15 +281,32 @@ impl Gate {
     }
 
     pub async fn start_with(config: Config) -> Gate {
+        Gate::start_full(config, false, None).await
+    }
+
+    /// Starts the gate with an admin listener (if `admin`) and a
+    /// configuration file to reload from (if `path`).
+    pub async fn start_full(config: Config, admin: bool, path: Option<std::path::PathBuf>) -> Gate {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = Server::from_listeners(&config, vec![listener]);
+        let mut server = Server::from_listeners(&config, vec![listener]);
+        if admin {
+            let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            server = server.with_admin_listener(admin);
+        }
+        if let Some(path) = path {
+            server = server.with_config_path(path);
+        }
         let addr = server.local_addrs()[0];
+        let admin = server.admin_addr();
+        let reloader = server.reloader();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stop_rx.await;
         }));
         Gate {
             addr,
+            admin,
+            reloader,
             stop: Some(stop_tx),
             task: Some(task),
         }
@@ -293,6 +314,14 @@ impl Gate {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.admin.expect("started with an admin listener")
+        )
     }
 
     /// Signals shutdown and waits for the server to finish draining.

@@ -1,0 +1,292 @@
+//! Logs and metrics.
+//!
+//! Metrics are kept in atomics and small maps with static labels, and
+//! rendered in the Prometheus text format by the admin listener. Logging
+//! goes through `tracing`; one audit line per registration decision is
+//! written with the target `matrix_gatekeeper::audit`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::config::{LogConfig, LogFormat};
+use crate::ratelimit::RateLimiter;
+
+/// What happened to a registration request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Forwarded to the homeserver.
+    Allowed,
+    /// Refused by a rule.
+    Refused,
+    /// Refused by a rate limit.
+    RateLimited,
+    /// Shadow mode: would have been refused (or limited); forwarded.
+    WouldRefuse,
+}
+
+impl Outcome {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Refused => "refused",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::WouldRefuse => "would_refuse",
+        }
+    }
+}
+
+/// Kinds of upstream failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// The homeserver could not be reached (`502`).
+    Connect = 0,
+    /// The homeserver did not answer in time (`504`).
+    Timeout = 1,
+}
+
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram with fixed buckets (seconds).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+    }
+}
+
+type DecisionKey = (&'static str, &'static str, &'static str);
+
+/// The gate's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    decisions: Mutex<BTreeMap<DecisionKey, u64>>,
+    upstream_errors: [AtomicU64; 2],
+    guarded: Histogram,
+    pass_through: Histogram,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts one registration decision.
+    pub fn decision(&self, route: &'static str, outcome: Outcome, rule: &'static str) {
+        let mut decisions = self
+            .decisions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *decisions
+            .entry((route, outcome.as_str(), rule))
+            .or_insert(0) += 1;
+    }
+
+    /// Counts one upstream failure.
+    pub fn upstream_error(&self, kind: UpstreamError) {
+        self.upstream_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the time to response headers of one request.
+    pub fn observe(&self, guarded: bool, elapsed: Duration) {
+        if guarded {
+            self.guarded.observe(elapsed);
+        } else {
+            self.pass_through.observe(elapsed);
+        }
+    }
+
+    /// Counts one configuration reload.
+    pub fn reload(&self, ok: bool) {
+        if ok {
+            self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How often `route` ended in `outcome` by `rule` so far.
+    pub fn decision_count(&self, route: &str, outcome: Outcome, rule: &str) -> u64 {
+        let decisions = self
+            .decisions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        decisions
+            .iter()
+            .filter(|((r, o, l), _)| *r == route && *o == outcome.as_str() && *l == rule)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// Everything, in the Prometheus text format.
+    pub fn render(&self, limiter: &RateLimiter) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP gatekeeper_decisions_total Registration decisions by route, outcome and rule.\n");
+        out.push_str("# TYPE gatekeeper_decisions_total counter\n");
+        {
+            let decisions = self
+                .decisions
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for ((route, outcome, rule), n) in decisions.iter() {
+                let _ = writeln!(
+                    out,
+                    "gatekeeper_decisions_total{{route=\"{route}\",outcome=\"{outcome}\",rule=\"{rule}\"}} {n}"
+                );
+            }
+        }
+        out.push_str(
+            "# HELP gatekeeper_upstream_errors_total Requests the homeserver did not answer.\n",
+        );
+        out.push_str("# TYPE gatekeeper_upstream_errors_total counter\n");
+        for (kind, counter) in ["connect", "timeout"].iter().zip(&self.upstream_errors) {
+            let _ = writeln!(
+                out,
+                "gatekeeper_upstream_errors_total{{kind=\"{kind}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let store = limiter.store_stats();
+        out.push_str("# HELP gatekeeper_limiter_store_errors_total Rate-limit decisions Redis could not make.\n");
+        out.push_str("# TYPE gatekeeper_limiter_store_errors_total counter\n");
+        let _ = writeln!(
+            out,
+            "gatekeeper_limiter_store_errors_total {}",
+            store.errors
+        );
+        out.push_str("# HELP gatekeeper_limiter_fallbacks_total Decisions taken by the on_store_error fallback.\n");
+        out.push_str("# TYPE gatekeeper_limiter_fallbacks_total counter\n");
+        for (mode, n) in [
+            ("local", store.fallback_local),
+            ("allow", store.fallback_allow),
+            ("deny", store.fallback_deny),
+        ] {
+            let _ = writeln!(
+                out,
+                "gatekeeper_limiter_fallbacks_total{{mode=\"{mode}\"}} {n}"
+            );
+        }
+        out.push_str(
+            "# HELP gatekeeper_limiter_store_degraded 1 while the Redis store is failing.\n",
+        );
+        out.push_str("# TYPE gatekeeper_limiter_store_degraded gauge\n");
+        let _ = writeln!(
+            out,
+            "gatekeeper_limiter_store_degraded {}",
+            u8::from(limiter.is_degraded())
+        );
+        out.push_str(
+            "# HELP gatekeeper_limiter_tracked_keys Keys held by the in-memory limiter.\n",
+        );
+        out.push_str("# TYPE gatekeeper_limiter_tracked_keys gauge\n");
+        let _ = writeln!(out, "gatekeeper_limiter_tracked_keys {}", limiter.tracked());
+        out.push_str("# HELP gatekeeper_request_duration_seconds Time to response headers.\n");
+        out.push_str("# TYPE gatekeeper_request_duration_seconds histogram\n");
+        self.guarded.render(
+            &mut out,
+            "gatekeeper_request_duration_seconds",
+            "traffic=\"guarded\"",
+        );
+        self.pass_through.render(
+            &mut out,
+            "gatekeeper_request_duration_seconds",
+            "traffic=\"pass_through\"",
+        );
+        out.push_str("# HELP gatekeeper_config_reloads_total Configuration reloads by result.\n");
+        out.push_str("# TYPE gatekeeper_config_reloads_total counter\n");
+        let _ = writeln!(
+            out,
+            "gatekeeper_config_reloads_total{{result=\"ok\"}} {}",
+            self.reloads_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "gatekeeper_config_reloads_total{{result=\"error\"}} {}",
+            self.reloads_failed.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+/// Starts logging to standard error. `RUST_LOG`, when set, overrides
+/// `log.level`.
+pub fn init_logging(config: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match config.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x", "t=\"a\"");
+        assert!(out.contains("x_bucket{t=\"a\",le=\"0.0005\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{t=\"a\",le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{t=\"a\",le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{t=\"a\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{t=\"a\"} 3\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn decisions_render_with_labels() {
+        let m = Metrics::default();
+        m.decision("register", Outcome::Refused, "reserved");
+        m.decision("register", Outcome::Refused, "reserved");
+        m.decision("register", Outcome::Allowed, "");
+        m.upstream_error(UpstreamError::Timeout);
+        let limiter = RateLimiter::new(&Default::default());
+        let out = m.render(&limiter);
+        assert!(out.contains(
+            "gatekeeper_decisions_total{route=\"register\",outcome=\"refused\",rule=\"reserved\"} 2\n"
+        ));
+        assert!(out.contains("gatekeeper_upstream_errors_total{kind=\"timeout\"} 1\n"));
+        assert_eq!(
+            m.decision_count("register", Outcome::Refused, "reserved"),
+            2
+        );
+    }
+}

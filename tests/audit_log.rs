@@ -1,0 +1,185 @@
+//! One audit line per registration decision, with everything an operator
+//! needs and no secret; and the real binary's JSON logs and SIGHUP reload.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{post_json, send, FakeHomeserver, Gate};
+use http::Method;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_decision_is_one_audit_line_without_secrets() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .with_env_filter("matrix_gatekeeper::audit=info")
+        .init();
+
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        "[rate_limit]\nregistrations_per_ip = { count = 1, period = \"1h\" }\n",
+    )
+    .await;
+    let secret_password = "hunter2-very-secret";
+    let secret_token = "syt_secret_access_token";
+    let auth = format!("Bearer {secret_token}");
+    let with_secrets = |name: &str| {
+        format!(
+            r#"{{"username":"{name}","password":"{secret_password}","auth":{{"type":"m.login.registration_token","token":"{secret_token}","session":"s"}}}}"#
+        )
+    };
+    send(
+        Method::POST,
+        &gate.url("/_matrix/client/v3/register"),
+        &[
+            ("authorization", auth.as_str()),
+            ("user-agent", "Element/1.11 (test)"),
+            ("x-test-status", "200"),
+        ],
+        with_secrets("Alice"),
+    )
+    .await;
+    post_json(
+        &gate.url("/_matrix/client/v3/register"),
+        &with_secrets("admin"),
+    )
+    .await;
+    post_json(
+        &gate.url("/_matrix/client/v3/register"),
+        &with_secrets("bob"),
+    )
+    .await;
+    // Pass-through traffic is not audited.
+    send(Method::GET, &gate.url("/_matrix/client/versions"), &[], "").await;
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(!text.contains(secret_password), "password logged:\n{text}");
+    assert!(!text.contains(secret_token), "token logged:\n{text}");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["target"] == "matrix_gatekeeper::audit")
+        .collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let allowed = &lines[0];
+    assert_eq!(allowed["decision"], "allowed");
+    assert_eq!(allowed["route"], "register");
+    assert_eq!(allowed["kind"], "user");
+    assert_eq!(allowed["username"], "alice");
+    assert_eq!(allowed["client"], "127.0.0.1");
+    assert_eq!(allowed["key"], "127.0.0.1");
+    assert_eq!(allowed["user_agent"], "Element/1.11 (test)");
+    assert_eq!(allowed["upstream_status"], 200);
+    assert!(allowed["timestamp"].is_string());
+    assert_eq!(lines[1]["decision"], "refused");
+    assert_eq!(lines[1]["rule"], "reserved");
+    assert_eq!(lines[1]["upstream_status"], 0);
+    assert_eq!(lines[2]["decision"], "rate_limited");
+    assert_eq!(lines[2]["rule"], "registrations_per_ip");
+}
+
+#[test]
+fn the_binary_logs_json_and_reloads_on_sighup() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = std::env::temp_dir().join(format!("mgk-sighup-{}.toml", std::process::id()));
+    let write = |reserved: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[upstream]\nurl = \"http://127.0.0.1:1\"\n\
+                 [username]\nreserved = [\"{reserved}\"]\n[log]\nformat = \"json\"\nlevel = \"info\"\n"
+            ),
+        )
+        .unwrap()
+    };
+    write("first");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_matrix-gatekeeper"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url =
+        format!("http://127.0.0.1:{port}/_matrix/client/v3/register/available?username=second");
+    let status = |url: String| {
+        runtime.block_on(async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+                if let Ok(response) = client.get(url.parse().unwrap()).await {
+                    return response.status().as_u16();
+                }
+                assert!(Instant::now() < deadline, "the gate never answered");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // "second" is not reserved: asked upstream, which is unreachable (502).
+    assert_eq!(status(url.clone()), 502);
+    write("second");
+    let killed = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(url.clone()) != 400 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "configuration reloaded"),
+        "{stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "matrix-gatekeeper listening"),
+        "{stderr}"
+    );
+    assert!(output.status.success(), "{stderr}");
+    let _ = std::fs::remove_file(&path);
+}
