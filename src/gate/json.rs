@@ -2,11 +2,12 @@
 //!
 //! Homeservers disagree on duplicate keys (Synapse keeps the last one, other
 //! parsers the first), so a body with a duplicate key at any depth is
-//! refused: the gate and the homeserver could read different values. Numbers
-//! keep their exact value (no rounding through `f64`), and object keys their order, so a re-serialization
-//! changes nothing the gate did not mean to change.
+//! refused: the gate and the homeserver could read different values. The
+//! body is parsed once, and what is forwarded is the gate's re-serialization
+//! of that parse, so the homeserver reads exactly what the gate decided on.
+//! Integers within 64 bits and floats keep their value (larger integers are
+//! carried as the nearest float); object keys are written in sorted order.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -17,78 +18,85 @@ use crate::error::MatrixError;
 /// Parses a registration body: a JSON object without duplicate keys.
 pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, MatrixError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    if let Err(e) = NoDuplicates.deserialize(&mut de).and_then(|()| de.end()) {
-        return Err(if e.to_string().starts_with(DUPLICATE) {
-            MatrixError::bad_json(e.to_string())
-        } else {
-            MatrixError::not_json(format!("Content not JSON: {e}"))
-        });
-    }
-    match serde_json::from_slice::<Value>(body) {
+    let value = StrictValue.deserialize(&mut de).and_then(|value| {
+        de.end()?;
+        Ok(value)
+    });
+    match value {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(MatrixError::bad_json("Content must be a JSON object.")),
+        Err(e) if e.to_string().starts_with(DUPLICATE) => Err(MatrixError::bad_json(e.to_string())),
         Err(e) => Err(MatrixError::not_json(format!("Content not JSON: {e}"))),
     }
 }
 
 const DUPLICATE: &str = "duplicate key";
 
-/// Walks a JSON document and fails on the first duplicate object key.
-struct NoDuplicates;
+/// Builds a [`Value`] in one pass, failing on the first duplicate key.
+struct StrictValue;
 
-impl<'de> DeserializeSeed<'de> for NoDuplicates {
-    type Value = ();
+impl<'de> DeserializeSeed<'de> for StrictValue {
+    type Value = Value;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for NoDuplicates {
-    type Value = ();
+impl<'de> Visitor<'de> for StrictValue {
+    type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
     }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
     }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
     }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("number out of range"))
     }
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
-        Ok(())
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
     }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
     }
-    fn visit_none<E>(self) -> Result<(), E> {
-        Ok(())
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(NoDuplicates)?.is_some() {}
-        Ok(())
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(item) = seq.next_element_seed(StrictValue)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let mut seen = HashSet::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key) {
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Value, A::Error> {
+        let mut map = Map::new();
+        while let Some(key) = access.next_key::<String>()? {
+            if map.contains_key(&key) {
                 return Err(de::Error::custom(format!(
-                    "{DUPLICATE} in JSON object: the homeserver could read another value than the gate"
+                    "{DUPLICATE} {key:?} in JSON object: the homeserver could read another value than the gate"
                 )));
             }
-            map.next_value_seed(NoDuplicates)?;
+            let value = access.next_value_seed(StrictValue)?;
+            map.insert(key, value);
         }
-        Ok(())
+        Ok(Value::Object(map))
     }
 }
 
@@ -124,10 +132,15 @@ mod tests {
     }
 
     #[test]
-    fn numbers_and_order_survive_a_round_trip() {
-        let text = r#"{"z":1,"big":123456789012345678901234567890,"f":1.50,"e":-0.0,"a":{"y":true,"b":null}}"#;
+    fn numbers_survive_a_round_trip_and_keys_come_out_sorted() {
+        let text = r#"{"z":1,"max":18446744073709551615,"min":-9223372036854775808,"f":1.5,"e":-0.0,"a":{"y":true,"b":null}}"#;
         let map = parse_object(text.as_bytes()).unwrap();
-        assert_eq!(serde_json::to_string(&map).unwrap(), text);
+        assert_eq!(
+            serde_json::to_string(&map).unwrap(),
+            r#"{"a":{"b":null,"y":true},"e":-0.0,"f":1.5,"max":18446744073709551615,"min":-9223372036854775808,"z":1}"#
+        );
+        // Out of float range is not JSON a homeserver could read either.
+        assert_eq!(code(r#"{"e":1e400}"#), "M_NOT_JSON");
     }
 
     #[test]

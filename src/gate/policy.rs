@@ -465,14 +465,14 @@ mod tests {
         let fwd = p
             .body(
                 BodyPlan::Register(REGISTER, AccountKind::User { explicit: false }),
-                br#"{"username":"\u212Aelvin","password":"pw","auth":{"type":"m.login.dummy","session":null},"device_id":"D","inhibit_login":false,"refresh_token":true,"future":[1,2.50]}"#,
+                br#"{"username":"\u212Aelvin","password":"pw","auth":{"type":"m.login.dummy","session":null},"device_id":"D","inhibit_login":false,"refresh_token":true,"future":[1,2.5]}"#,
             )
             .unwrap();
         assert_eq!(fwd.path_and_query, "/_matrix/client/v3/register");
         assert_eq!(fwd.username.as_deref(), Some("kelvin"));
         assert_eq!(
             fwd.body.unwrap(),
-            Bytes::from_static(br#"{"username":"kelvin","password":"pw","auth":{"type":"m.login.dummy","session":null},"device_id":"D","inhibit_login":false,"refresh_token":true,"future":[1,2.50]}"#)
+            Bytes::from_static(br#"{"auth":{"session":null,"type":"m.login.dummy"},"device_id":"D","future":[1,2.5],"inhibit_login":false,"password":"pw","refresh_token":true,"username":"kelvin"}"#)
         );
     }
 
