@@ -263,6 +263,8 @@ pub struct ServerConfig {
     pub admin_listen: Option<AdminAddr>,
     /// Also reload when the configuration file changes (checked every 2 s).
     pub watch_config: bool,
+    /// Worker threads serving requests; 0 means one per CPU.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -274,6 +276,7 @@ impl Default for ServerConfig {
             shutdown_timeout: HumanDuration::secs(30),
             admin_listen: None,
             watch_config: false,
+            workers: 0,
         }
     }
 }

@@ -129,19 +129,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|error| {
-            eprintln!("matrix-gatekeeper: cannot start the runtime: {error}");
-            ExitCode::FAILURE
-        })
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build().map_err(|error| {
+        eprintln!("matrix-gatekeeper: cannot start the runtime: {error}");
+        ExitCode::FAILURE
+    })
 }
 
 fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     init_logging(&config.log);
-    let runtime = match runtime() {
+    let runtime = match runtime(config.server.workers) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
@@ -170,7 +171,7 @@ fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
 }
 
 fn healthcheck(url: &str) -> ExitCode {
-    let runtime = match runtime() {
+    let runtime = match runtime(1) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };

@@ -101,6 +101,10 @@ impl Reloader {
                 current.server.shutdown_timeout != config.server.shutdown_timeout,
             ),
             (
+                "server.workers",
+                current.server.workers != config.server.workers,
+            ),
+            (
                 "upstream",
                 toml::to_string(&current.upstream).ok() != toml::to_string(&config.upstream).ok(),
             ),
