@@ -1,11 +1,11 @@
 //! A real Synapse for the end-to-end tests.
 //!
 //! The first use creates a Python venv under the build directory
-//! (`target/e2e-venv`) and installs pinned `matrix-synapse` and `matrix-nio`
-//! from PyPI; later runs reuse it. Each [`Synapse`] is a private homeserver
-//! on a free loopback port with its own sqlite database, killed when the
-//! value is dropped (also on a failing test), and by its own watchdog if the
-//! test process dies.
+//! (`target/e2e-venv`) and installs pinned `matrix-synapse`, `matrix-nio` and
+//! `schemathesis` (the spec fuzzer) from PyPI; later runs reuse it. Each
+//! [`Synapse`] is a private homeserver on a free loopback port with its own
+//! sqlite database, killed when the value is dropped (also on a failing
+//! test), and by its own watchdog if the test process dies.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The pinned packages.
-pub const PACKAGES: &[&str] = &["matrix-synapse==1.163.2", "matrix-nio==0.26.0"];
+pub const PACKAGES: &[&str] = &[
+    "matrix-synapse==1.163.2",
+    "matrix-nio==0.26.0",
+    "schemathesis==4.32.5",
+];
 
 /// The server name every test homeserver uses.
 pub const SERVER_NAME: &str = "e2e.test";
