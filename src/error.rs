@@ -13,6 +13,8 @@ pub struct MatrixError {
     pub errcode: &'static str,
     /// Human-readable explanation.
     pub error: String,
+    /// The `Allow` header of a `405` answer.
+    pub allow: Option<&'static str>,
 }
 
 impl MatrixError {
@@ -22,6 +24,7 @@ impl MatrixError {
             status,
             errcode,
             error: error.into(),
+            allow: None,
         }
     }
 
@@ -92,13 +95,16 @@ impl MatrixError {
         )
     }
 
-    /// `405 M_UNRECOGNIZED`
-    pub fn method_not_allowed() -> Self {
-        Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "M_UNRECOGNIZED",
-            "Method not allowed on this endpoint",
-        )
+    /// `405 M_UNRECOGNIZED`, with the methods the endpoint allows.
+    pub fn method_not_allowed(allow: &'static str) -> Self {
+        MatrixError {
+            allow: Some(allow),
+            ..Self::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "M_UNRECOGNIZED",
+                "Method not allowed on this endpoint",
+            )
+        }
     }
 
     /// `502 M_UNKNOWN`: the homeserver could not be reached.
@@ -134,16 +140,43 @@ impl MatrixError {
         Bytes::from(value.to_string())
     }
 
-    /// This error as an HTTP response with `Content-Type: application/json`.
+    /// This error as an HTTP response: JSON, with the CORS headers every
+    /// Matrix answer carries.
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let mut response = Response::new(Full::new(self.body()));
-        *response.status_mut() = self.status;
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let mut response = json_response(self.status, self.body());
+        if let Some(allow) = self.allow {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
         response
     }
+}
+
+/// A JSON answer of the gate's own, with `Content-Type: application/json`
+/// and the CORS headers the spec asks of every client-server API answer (so
+/// a browser client such as Element Web can read a refusal).
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("X-Requested-With, Content-Type, Authorization"),
+    );
+    response
 }
 
 impl std::fmt::Display for MatrixError {
@@ -155,5 +188,25 @@ impl std::fmt::Display for MatrixError {
             self.errcode,
             self.error
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_carry_json_and_cors_headers_and_405_says_what_is_allowed() {
+        let response = MatrixError::method_not_allowed("POST, OPTIONS").into_response();
+        assert_eq!(response.status(), 405);
+        let headers = response.headers();
+        assert_eq!(headers["allow"], "POST, OPTIONS");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(headers["access-control-allow-origin"], "*");
+        assert!(headers.contains_key("access-control-allow-headers"));
+        assert!(!MatrixError::forbidden("x")
+            .into_response()
+            .headers()
+            .contains_key("allow"));
     }
 }

@@ -130,8 +130,14 @@ fn main() -> ExitCode {
 }
 
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
+    // One worker: a current-thread runtime, which hands work between the
+    // server and client tasks without cross-thread wake-ups.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     builder.enable_all().build().map_err(|error| {

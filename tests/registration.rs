@@ -270,10 +270,19 @@ async fn path_variants_are_forwarded_under_the_canonical_path_or_refused() {
 async fn other_methods_on_register_are_refused_but_preflight_passes() {
     let (hs, gate) = setup("").await;
     for method in [Method::GET, Method::PUT, Method::DELETE, Method::PATCH] {
-        send(method, &gate.url(REGISTER), &[], r#"{"username":"admin"}"#)
-            .await
-            .assert_error(405, "M_UNRECOGNIZED");
+        let answer = send(method, &gate.url(REGISTER), &[], r#"{"username":"admin"}"#).await;
+        answer.assert_error(405, "M_UNRECOGNIZED");
+        assert_eq!(answer.headers["allow"], "POST, OPTIONS");
     }
+    let answer = send(
+        Method::POST,
+        &gate.url("/_matrix/client/v3/register/available?username=a"),
+        &[],
+        "",
+    )
+    .await;
+    answer.assert_error(405, "M_UNRECOGNIZED");
+    assert_eq!(answer.headers["allow"], "GET, OPTIONS");
     hs.assert_saw_nothing("other methods");
     let answer = send(
         Method::OPTIONS,

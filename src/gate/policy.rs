@@ -213,7 +213,12 @@ impl Policy {
             Unknown => return unknown(),
         };
         if *method != expected {
-            return refuse("method", MatrixError::method_not_allowed());
+            let allow = match route {
+                Available(_) | TokenValidity(_) => "GET, OPTIONS",
+                AdminRegister => "GET, POST, OPTIONS",
+                _ => "POST, OPTIONS",
+            };
+            return refuse("method", MatrixError::method_not_allowed(allow));
         }
         if !self.enabled && route != AdminRegister {
             return refuse(
@@ -319,8 +324,11 @@ impl Policy {
         })?;
         match plan {
             BodyPlan::JsonObject(route) => {
-                if let GuardedRoute::RequestToken(_, Medium::Email) = route {
-                    self.email(&object)?;
+                if let GuardedRoute::RequestToken(_, medium) = route {
+                    check_request_token(medium, &object)?;
+                    if medium == Medium::Email {
+                        self.email(&object)?;
+                    }
                 }
                 Ok(Forward {
                     path_and_query: route.canonical_path().into_owned(),
@@ -376,6 +384,61 @@ impl Policy {
             }
         }
     }
+}
+
+/// The field types the spec gives a `requestToken` body. Homeservers do not
+/// all check them (Synapse answers 500 to a non-string `phone_number`), so
+/// the gate does: required fields present, every known field well typed.
+fn check_request_token(medium: Medium, object: &Map<String, Value>) -> Result<(), Refusal> {
+    let (required, strings): (&[&str], &[&str]) = match medium {
+        Medium::Email => (
+            &["client_secret", "email", "send_attempt"],
+            &[
+                "client_secret",
+                "email",
+                "next_link",
+                "id_server",
+                "id_access_token",
+            ],
+        ),
+        Medium::Msisdn => (
+            &["client_secret", "country", "phone_number", "send_attempt"],
+            &[
+                "client_secret",
+                "country",
+                "phone_number",
+                "next_link",
+                "id_server",
+                "id_access_token",
+            ],
+        ),
+    };
+    for field in required {
+        if !object.contains_key(*field) {
+            return Err(Refusal::new(
+                "missing_param",
+                MatrixError::missing_param(format!("Missing parameter: {field}")),
+            ));
+        }
+    }
+    for field in strings {
+        if object.get(*field).is_some_and(|v| !v.is_string()) {
+            return Err(Refusal::new(
+                "bad_json",
+                MatrixError::bad_json(format!("{field} must be a string.")),
+            ));
+        }
+    }
+    if object
+        .get("send_attempt")
+        .is_some_and(|v| !(v.is_u64() || v.is_i64()))
+    {
+        return Err(Refusal::new(
+            "bad_json",
+            MatrixError::bad_json("send_attempt must be an integer."),
+        ));
+    }
+    Ok(())
 }
 
 fn refuse(rule: &'static str, error: MatrixError) -> HeadDecision {
@@ -535,7 +598,15 @@ mod tests {
         assert!(p.client(ip("198.51.100.1"), Some("Element/1.11")).is_ok());
         assert!(p.client(None, None).is_ok());
         let email = GuardedRoute::RequestToken(ApiVersion::V3, Medium::Email);
-        let check = |body: &str| p.body(BodyPlan::JsonObject(email), body.as_bytes());
+        // A complete body around the given `email` field.
+        let check = |body: &str| {
+            let body = if body.contains("client_secret") {
+                body.to_owned()
+            } else {
+                body.replacen('}', r#","client_secret":"s","send_attempt":1}"#, 1)
+            };
+            p.body(BodyPlan::JsonObject(email), body.as_bytes())
+        };
         assert!(check(r#"{"email":"a@example.org","client_secret":"s","send_attempt":1}"#).is_ok());
         assert!(check(r#"{"email":"a@mail.Example.org"}"#).is_ok());
         for body in [
@@ -555,11 +626,33 @@ mod tests {
             check(r#"{"email":5}"#).unwrap_err().error.errcode,
             "M_BAD_JSON"
         );
-        // msisdn is not subject to email rules.
+        // msisdn is not subject to email rules, but to the spec's field types.
         let msisdn = GuardedRoute::RequestToken(ApiVersion::V3, Medium::Msisdn);
-        assert!(p
-            .body(BodyPlan::JsonObject(msisdn), br#"{"phone_number":"1"}"#)
-            .is_ok());
+        let msisdn = |body: &str| p.body(BodyPlan::JsonObject(msisdn), body.as_bytes());
+        assert!(msisdn(
+            r#"{"phone_number":"1","country":"GB","client_secret":"s","send_attempt":1}"#
+        )
+        .is_ok());
+        for (body, errcode) in [
+            (
+                r#"{"phone_number":null,"country":"GB","client_secret":"s","send_attempt":1}"#,
+                "M_BAD_JSON",
+            ),
+            (
+                r#"{"phone_number":"1","country":5,"client_secret":"s","send_attempt":1}"#,
+                "M_BAD_JSON",
+            ),
+            (
+                r#"{"phone_number":"1","country":"GB","client_secret":"s","send_attempt":"1"}"#,
+                "M_BAD_JSON",
+            ),
+            (
+                r#"{"phone_number":"1","country":"GB","send_attempt":1}"#,
+                "M_MISSING_PARAM",
+            ),
+        ] {
+            assert_eq!(msisdn(body).unwrap_err().error.errcode, errcode, "{body}");
+        }
     }
 
     #[test]

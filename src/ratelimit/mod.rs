@@ -31,6 +31,7 @@ use http_body_util::Full;
 
 use crate::client_ip::ClientKey;
 use crate::config::{LimitSpec, OnStoreError, RateLimitConfig, StoreKind};
+use crate::error::json_response;
 use memory::MemoryStore;
 use redis::RedisStore;
 
@@ -140,14 +141,9 @@ impl Limited {
             "error": "Too many requests",
             "retry_after_ms": self.retry_after_ms(),
         });
-        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(
+        let mut response =
+            json_response(StatusCode::TOO_MANY_REQUESTS, Bytes::from(body.to_string()));
+        response.headers_mut().insert(
             header::RETRY_AFTER,
             HeaderValue::from(self.retry_after_secs()),
         );

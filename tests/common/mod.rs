@@ -362,6 +362,13 @@ impl Answer {
                 .map(|v| v.to_str().unwrap()),
             Some("application/json")
         );
+        assert_eq!(
+            self.headers
+                .get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap()),
+            Some("*"),
+            "refusals carry CORS headers"
+        );
         let json = self.json();
         assert_eq!(json["errcode"], errcode, "{json}");
         assert!(json["error"].is_string(), "{json}");
