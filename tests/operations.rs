@@ -360,3 +360,36 @@ async fn reloading_under_load_fails_no_request() {
     assert_eq!(done.load(Ordering::Relaxed), 320);
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test]
+async fn with_watch_config_a_changed_file_is_picked_up() {
+    let hs = FakeHomeserver::start().await;
+    let path = temp_config_path("watch");
+    let write = |reserved: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nwatch_config = true\n[upstream]\nurl = \"{}\"\n[username]\nreserved = [\"{reserved}\"]\n",
+                hs.url()
+            ),
+        )
+        .unwrap()
+    };
+    write("first");
+    let gate = Gate::start_full(Config::from_file(&path).unwrap(), false, Some(path.clone())).await;
+    let available = gate.url("/_matrix/client/v3/register/available?username=second");
+    assert_eq!(get(&available).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    write("second");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = get(&available).await;
+        if answer.status == 400 {
+            answer.assert_error(400, "M_USER_IN_USE");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the changed file was not picked up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = std::fs::remove_file(&path);
+}
