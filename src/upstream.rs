@@ -39,28 +39,32 @@ pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
 
 /// Headers that name a client address; a client must not choose what the
 /// homeserver believes.
-const CLIENT_ADDRESS_HEADERS: [&str; 7] = [
-    "forwarded",
-    "x-forwarded-for",
-    "x-real-ip",
-    "true-client-ip",
-    "x-client-ip",
-    "cf-connecting-ip",
-    "x-forwarded-host",
+const CLIENT_ADDRESS_HEADERS: [HeaderName; 7] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("x-forwarded-host"),
 ];
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the old `Keep-Alive` family).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// A pooled HTTP/1.1 client to the homeserver, as a tower service.
 #[derive(Debug)]
@@ -177,17 +181,16 @@ impl<B> Upstream<B> {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(PathAndQuery::as_str)
-            .unwrap_or("/");
-        let target = if self.base_path.is_empty() {
-            PathAndQuery::try_from(path)
-        } else {
-            PathAndQuery::try_from(format!("{}{path}", self.base_path))
-        }
-        .map_err(|_| MatrixError::invalid_param("The request path cannot be forwarded."))?;
+        let target = match (self.base_path.is_empty(), parts.uri.path_and_query()) {
+            // The common case: the path as the client sent it, not parsed again.
+            (true, Some(path)) => path.clone(),
+            (_, path) => {
+                let path = path.map(PathAndQuery::as_str).unwrap_or("/");
+                PathAndQuery::try_from(format!("{}{path}", self.base_path)).map_err(|_| {
+                    MatrixError::invalid_param("The request path cannot be forwarded.")
+                })?
+            }
+        };
         parts.uri = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -201,12 +204,12 @@ impl<B> Upstream<B> {
             // Transfer-Encoding overrides Content-Length; never send both on.
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        for name in CLIENT_ADDRESS_HEADERS {
+        for name in &CLIENT_ADDRESS_HEADERS {
             parts.headers.remove(name);
         }
         if let Some(ClientAddress(ip)) = parts.extensions.get::<ClientAddress>() {
             if let Ok(value) = HeaderValue::from_str(&ip.to_string()) {
-                parts.headers.insert("x-forwarded-for", value);
+                parts.headers.insert(X_FORWARDED_FOR, value);
             }
         }
         let proto = parts
@@ -215,12 +218,12 @@ impl<B> Upstream<B> {
             .map_or("http", |p| p.0);
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static(proto));
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         if let Some(host) = forwarded_host {
             if !parts.headers.contains_key(header::HOST) {
                 parts.headers.insert(header::HOST, host.clone());
             }
-            parts.headers.insert("x-forwarded-host", host);
+            parts.headers.insert(X_FORWARDED_HOST, host);
         }
         // The pool speaks HTTP/1.1 to the homeserver whatever the client spoke.
         parts.version = Version::HTTP_11;
@@ -240,7 +243,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
