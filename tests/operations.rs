@@ -388,7 +388,10 @@ async fn with_watch_config_a_changed_file_is_picked_up() {
             answer.assert_error(400, "M_USER_IN_USE");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the changed file was not picked up");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the changed file was not picked up"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = std::fs::remove_file(&path);
