@@ -450,3 +450,58 @@ async fn put_passes_through_with_method_body_and_answer_unchanged() {
     assert_eq!(seen.method, Method::PUT);
     assert_eq!(seen.body.as_ref(), body.as_bytes());
 }
+
+#[tokio::test]
+async fn http2_clients_are_served_and_forwarded_as_http1() {
+    let (hs, gate) = setup("").await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<Bytes>>();
+    let request = |method: Method, path: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(gate.url(path))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap()
+    };
+    // Pass-through over HTTP/2.
+    let response = client
+        .request(request(Method::GET, "/_matrix/client/versions", ""))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    // A refusal over HTTP/2 never reaches the homeserver.
+    let response = client
+        .request(request(
+            Method::POST,
+            "/_matrix/client/v3/register",
+            r#"{"username":"admin"}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(br#"{"errcode":"M_USER_IN_USE""#));
+    // An accepted registration reaches it as HTTP/1.1 with a Host header.
+    let response = client
+        .request(request(
+            Method::POST,
+            "/_matrix/client/v3/register",
+            r#"{"username":"Alice"}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = hs.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].json()["username"], "alice");
+    assert_eq!(seen[1].header("host"), Some(gate.addr.to_string().as_str()));
+    assert_eq!(
+        seen[1].header("x-forwarded-host"),
+        Some(gate.addr.to_string().as_str())
+    );
+}

@@ -587,6 +587,15 @@ fn canonical_request<B>(
     for name in BODY_HEADERS {
         headers.remove(name);
     }
+    // HTTP/2 carries the host in the URI, which the canonical path drops:
+    // keep it as the Host header the homeserver would have seen.
+    if !headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                headers.insert(header::HOST, host);
+            }
+        }
+    }
     if length > 0 || parts.method == Method::POST {
         let headers = request.headers_mut();
         headers.insert(
