@@ -208,7 +208,8 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let started = Instant::now();
-        let state = self.state.load_full();
+        // A guard, not an `Arc`: pass-through requests take no reference count.
+        let state = self.state.load();
         resolve_client(&state.resolver, &mut request);
         match routes::classify(request.uri().path()) {
             None => ResponseFuture::PassThrough {
@@ -223,7 +224,13 @@ where
                 let inner = std::mem::replace(&mut self.inner, fresh);
                 let metrics = self.metrics.clone();
                 ResponseFuture::Guarded {
-                    future: Box::pin(guard(state, metrics.clone(), inner, route, request)),
+                    future: Box::pin(guard(
+                        arc_swap::Guard::into_inner(state),
+                        metrics.clone(),
+                        inner,
+                        route,
+                        request,
+                    )),
                     started,
                     metrics,
                 }
