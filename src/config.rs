@@ -108,13 +108,6 @@ impl Config {
         Config::from_toml(&text)
     }
 
-    /// The embedded example configuration.
-    pub fn embedded() -> Config {
-        // The embedded example is validated by a test; failing here would be
-        // a build defect, not an operator error.
-        Config::from_toml(EMBEDDED_EXAMPLE).unwrap_or_default()
-    }
-
     /// Checks the values serde cannot check alone.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.server.listen.0.is_empty() {

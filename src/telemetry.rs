@@ -135,7 +135,8 @@ impl Metrics {
     }
 
     /// How often `route` ended in `outcome` by `rule` so far.
-    pub fn decision_count(&self, route: &str, outcome: Outcome, rule: &str) -> u64 {
+    #[cfg(test)]
+    fn decision_count(&self, route: &str, outcome: Outcome, rule: &str) -> u64 {
         let decisions = self
             .decisions
             .lock()
