@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderName};
@@ -269,19 +270,31 @@ impl Server {
                         tokio::pin!(connection);
                         // hyper's header timeout starts only once the protocol
                         // is known; a client that sends nothing, or stalls in
-                        // the HTTP/2 preface, is cut here.
-                        let result = tokio::select! {
-                            result = &mut connection => result,
-                            () = tokio::time::sleep(first_request_timeout) => {
-                                if !first_request.load(Ordering::Relaxed) {
-                                    tracing::debug!(%peer, "no request within the header timeout; closing");
-                                    return;
-                                }
-                                connection.await
+                        // the HTTP/2 preface, is cut here. Once a request has
+                        // come, the deadline is dropped and never polled again.
+                        let mut deadline = Some(Box::pin(tokio::time::sleep(first_request_timeout)));
+                        let result = std::future::poll_fn(|cx| {
+                            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                                return Poll::Ready(Some(result));
                             }
-                        };
-                        if let Err(error) = result {
-                            tracing::debug!(%peer, %error, "connection ended with an error");
+                            if let Some(sleep) = deadline.as_mut() {
+                                if first_request.load(Ordering::Relaxed) {
+                                    deadline = None;
+                                } else if sleep.as_mut().poll(cx).is_ready() {
+                                    return Poll::Ready(None);
+                                }
+                            }
+                            Poll::Pending
+                        })
+                        .await;
+                        match result {
+                            None => {
+                                tracing::debug!(%peer, "no request within the header timeout; closing");
+                            }
+                            Some(Err(error)) => {
+                                tracing::debug!(%peer, %error, "connection ended with an error");
+                            }
+                            Some(Ok(())) => {}
                         }
                     });
                 }

@@ -17,14 +17,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
 use crate::client_ip::{ClientAddress, ForwardedProto};
@@ -33,9 +29,14 @@ use crate::error::MatrixError;
 use crate::gate::BoxError;
 use crate::telemetry::{Metrics, UpstreamError};
 
+mod pool;
+
+use pool::Pool;
+pub use pool::{PooledBody, SendError};
+
 /// The body of an upstream answer: the homeserver's, streamed, or the
 /// gate's own `502`/`504`.
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamBody<B> = Either<PooledBody<B>, Full<Bytes>>;
 
 /// Headers that name a client address; a client must not choose what the
 /// homeserver believes.
@@ -66,12 +67,18 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// A pooled HTTP/1.1 client to the homeserver, as a tower service.
+/// A pooled HTTP/1.1 client to the homeserver, as a tower service. Clones
+/// share one pool (and cost one reference count).
 #[derive(Debug)]
 pub struct Upstream<B> {
-    client: Client<HttpConnector, B>,
-    scheme: Scheme,
-    authority: Authority,
+    inner: Arc<Inner<B>>,
+}
+
+#[derive(Debug)]
+struct Inner<B> {
+    pool: Pool<B>,
+    /// `Host` for requests that came without one.
+    default_host: HeaderValue,
     base_path: String,
     response_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -80,12 +87,7 @@ pub struct Upstream<B> {
 impl<B> Clone for Upstream<B> {
     fn clone(&self) -> Self {
         Upstream {
-            client: self.client.clone(),
-            scheme: self.scheme.clone(),
-            authority: self.authority.clone(),
-            base_path: self.base_path.clone(),
-            response_timeout: self.response_timeout,
-            metrics: self.metrics.clone(),
+            inner: self.inner.clone(),
         }
     }
 }
@@ -103,25 +105,28 @@ where
 
     /// A client that counts its failures into `metrics`.
     pub fn with_metrics(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout.0));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout.0)
-            .build(connector);
         let url = &config.url;
+        let authority = url
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| Authority::from_static("127.0.0.1:8008"));
+        let port = authority.port_u16().unwrap_or(80);
+        let pool = Pool::new(
+            authority.host(),
+            port,
+            config.connect_timeout.0,
+            config.pool_idle_timeout.0,
+        );
+        let default_host = HeaderValue::from_str(authority.as_str())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Upstream {
-            client,
-            scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority: url
-                .authority()
-                .cloned()
-                .unwrap_or_else(|| Authority::from_static("127.0.0.1:8008")),
-            base_path: url.path().trim_end_matches('/').to_owned(),
-            response_timeout: config.response_timeout.0,
-            metrics,
+            inner: Arc::new(Inner {
+                pool,
+                default_host,
+                base_path: url.path().trim_end_matches('/').to_owned(),
+                response_timeout: config.response_timeout.0,
+                metrics,
+            }),
         }
     }
 }
@@ -132,7 +137,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<UpstreamBody>;
+    type Response = Response<UpstreamBody<B>>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
@@ -141,7 +146,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let request = match self.prepare(request) {
+        let request = match self.inner.prepare(request) {
             Ok(request) => request,
             Err(error) => {
                 return Box::pin(std::future::ready(Ok(error
@@ -149,13 +154,13 @@ where
                     .map(Either::Right))))
             }
         };
-        let pending = self.client.request(request);
-        let timeout = self.response_timeout;
-        let metrics = self.metrics.clone();
+        let inner = self.inner.clone();
         Box::pin(async move {
-            let response = match tokio::time::timeout(timeout, pending).await {
+            let timeout = inner.response_timeout;
+            let metrics = &inner.metrics;
+            let response = match tokio::time::timeout(timeout, inner.pool.send(request)).await {
                 Ok(Ok(response)) => response,
-                Ok(Err(error)) => return Ok(failure_response(&error, &metrics)),
+                Ok(Err(error)) => return Ok(failure_response(&error, metrics)),
                 Err(_) => {
                     metrics.upstream_error(UpstreamError::Timeout);
                     tracing::warn!(?timeout, "homeserver did not answer in time");
@@ -171,7 +176,7 @@ where
     }
 }
 
-impl<B> Upstream<B> {
+impl<B> Inner<B> {
     /// Rewrites a client request into the request the homeserver receives.
     fn prepare(&self, request: Request<B>) -> Result<Request<B>, MatrixError> {
         let (mut parts, body) = request.into_parts();
@@ -181,36 +186,25 @@ impl<B> Upstream<B> {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        let target = match (self.base_path.is_empty(), parts.uri.path_and_query()) {
-            // The common case: the path as the client sent it, not parsed again.
-            (true, Some(path)) => path.clone(),
-            (_, path) => {
-                let path = path.map(PathAndQuery::as_str).unwrap_or("/");
-                PathAndQuery::try_from(format!("{}{path}", self.base_path)).map_err(|_| {
-                    MatrixError::invalid_param("The request path cannot be forwarded.")
-                })?
-            }
-        };
-        parts.uri = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(target)
-            .build()
-            .map_err(|_| MatrixError::invalid_param("The request path cannot be forwarded."))?;
+        let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+        if !(origin_form && self.base_path.is_empty() && parts.uri.path_and_query().is_some()) {
+            // The common case above keeps the path as the client sent it,
+            // not parsed again; HTTP/2 requests (absolute URIs) and a
+            // homeserver under a base path get origin-form here.
+            let path = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+            let target = if self.base_path.is_empty() {
+                PathAndQuery::try_from(path)
+            } else {
+                PathAndQuery::try_from(format!("{}{path}", self.base_path))
+            };
+            parts.uri = Uri::from(target.map_err(|_| {
+                MatrixError::invalid_param("The request path cannot be forwarded.")
+            })?);
+        }
 
-        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-        strip_hop_by_hop(&mut parts.headers);
-        if chunked {
-            // Transfer-Encoding overrides Content-Length; never send both on.
-            parts.headers.remove(header::CONTENT_LENGTH);
-        }
-        for name in &CLIENT_ADDRESS_HEADERS {
-            parts.headers.remove(name);
-        }
+        strip_headers(&mut parts.headers, true);
         if let Some(ClientAddress(ip)) = parts.extensions.get::<ClientAddress>() {
-            if let Ok(value) = HeaderValue::from_str(&ip.to_string()) {
-                parts.headers.insert(X_FORWARDED_FOR, value);
-            }
+            parts.headers.insert(X_FORWARDED_FOR, ip_header_value(*ip));
         }
         let proto = parts
             .extensions
@@ -219,11 +213,19 @@ impl<B> Upstream<B> {
         parts
             .headers
             .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        if let Some(host) = forwarded_host {
-            if !parts.headers.contains_key(header::HOST) {
-                parts.headers.insert(header::HOST, host.clone());
+        match forwarded_host {
+            Some(host) => {
+                if !parts.headers.contains_key(header::HOST) {
+                    parts.headers.insert(header::HOST, host.clone());
+                }
+                parts.headers.insert(X_FORWARDED_HOST, host);
             }
-            parts.headers.insert(X_FORWARDED_HOST, host);
+            // HTTP/1.0 without Host: name the homeserver.
+            None => {
+                parts
+                    .headers
+                    .insert(header::HOST, self.default_host.clone());
+            }
         }
         // The pool speaks HTTP/1.1 to the homeserver whatever the client spoke.
         parts.version = Version::HTTP_11;
@@ -233,25 +235,86 @@ impl<B> Upstream<B> {
 
 /// Removes hop-by-hop headers, including every header `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    strip_headers(headers, false);
+}
+
+/// Removes hop-by-hop headers (and with `client_address`, every header
+/// naming a client address) in one pass over the names present; nothing is
+/// hashed unless something is to go.
+fn strip_headers(headers: &mut HeaderMap, client_address: bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut connection = false;
+    let mut chunked = false;
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            connection = true;
+        }
+        if name == header::TRANSFER_ENCODING {
+            chunked = true;
+        }
+        if HOP_BY_HOP.contains(name) || (client_address && CLIENT_ADDRESS_HEADERS.contains(name)) {
+            doomed.push(name.clone());
+        }
     }
-    for name in &HOP_BY_HOP {
+    if doomed.is_empty() {
+        return;
+    }
+    if connection {
+        doomed.extend(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
+        );
+    }
+    if chunked && client_address {
+        // Transfer-Encoding overrides Content-Length; never send both on.
+        doomed.push(header::CONTENT_LENGTH);
+    }
+    for name in doomed {
         headers.remove(name);
     }
 }
 
-fn failure_response(
-    error: &hyper_util::client::legacy::Error,
-    metrics: &Metrics,
-) -> Response<UpstreamBody> {
+/// An address as a header value. IPv4 addresses, the common case, are
+/// written by hand: `format!` costs more than the rest of the header work.
+fn ip_header_value(ip: std::net::IpAddr) -> HeaderValue {
+    let mut buffer = [0u8; 48];
+    let len = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buffer[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    buffer[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    buffer[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                buffer[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            len
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::io::Write;
+            let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+            // 48 bytes hold any IPv6 address (at most 45 characters).
+            let _ = write!(cursor, "{v6}");
+            usize::try_from(cursor.position()).unwrap_or(0)
+        }
+    };
+    HeaderValue::from_bytes(&buffer[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+fn failure_response<B>(error: &SendError, metrics: &Metrics) -> Response<UpstreamBody<B>> {
     let timed_out = source_chain(error).any(|e| {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
@@ -310,5 +373,30 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        let samples = [
+            "0.0.0.0",
+            "1.2.3.4",
+            "9.10.99.100",
+            "127.0.0.1",
+            "203.0.113.255",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:192.0.2.128",
+        ];
+        for sample in samples {
+            let ip: std::net::IpAddr = sample.parse().unwrap();
+            assert_eq!(ip_header_value(ip).to_str().unwrap(), ip.to_string());
+        }
+        for octet in 0..=255u8 {
+            let ip = std::net::IpAddr::from([octet, 255 - octet, octet / 3, octet % 7]);
+            assert_eq!(ip_header_value(ip).to_str().unwrap(), ip.to_string());
+        }
     }
 }
