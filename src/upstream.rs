@@ -203,6 +203,10 @@ impl<B> Inner<B> {
         }
 
         strip_headers(&mut parts.headers, true);
+        // Room for the forwarding headers at once: the map hyper parsed is
+        // sized to the client's headers, and growing it one insert at a time
+        // costs more than the inserts.
+        parts.headers.reserve(4);
         if let Some(ClientAddress(ip)) = parts.extensions.get::<ClientAddress>() {
             parts.headers.insert(X_FORWARDED_FOR, ip_header_value(*ip));
         }
