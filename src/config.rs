@@ -245,7 +245,8 @@ impl Config {
 pub struct ServerConfig {
     /// One address or a list.
     pub listen: ListenAddrs,
-    /// How long a client may take to send its request headers.
+    /// How long a client may take to send its request headers, and how long
+    /// a connection may stay idle (HTTP/1 keep-alive by hyper, HTTP/2 here).
     pub header_read_timeout: HumanDuration,
     /// How long a client may take to send a registration body.
     pub body_timeout: HumanDuration,

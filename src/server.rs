@@ -6,19 +6,21 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderName};
-use http::Request;
+use http::{Request, Version};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequestHeadersLayer};
 
@@ -246,7 +248,11 @@ impl Server {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
-        let graceful = GracefulShutdown::new();
+        // Every connection task watches `stop`; `open` counts them, and
+        // `done` closes when the last one has ended.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (done_tx, mut done) = mpsc::channel::<()>(1);
+        let open = Arc::new(AtomicUsize::new(0));
 
         tokio::pin!(shutdown);
         loop {
@@ -254,48 +260,28 @@ impl Server {
                 next = accepted.recv() => {
                     let Some((stream, peer)) = next else { break };
                     let service = self.service.clone();
-                    let first_request = Arc::new(AtomicBool::new(false));
-                    let seen = first_request.clone();
+                    let activity = Arc::new(Activity::new());
+                    let seen = activity.clone();
                     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                        seen.store(true, Ordering::Relaxed);
+                        let in_flight = seen.request(request.version());
                         request.extensions_mut().insert(PeerAddress(peer));
-                        service.clone().oneshot(request)
+                        Tracked {
+                            future: service.clone().oneshot(request),
+                            in_flight,
+                        }
                     });
                     let connection = builder
                         .serve_connection(TokioIo::new(stream), hyper_service)
                         .into_owned();
-                    let connection = graceful.watch(connection);
-                    let first_request_timeout = self.header_read_timeout;
+                    let timeout = self.header_read_timeout;
+                    let stop = stop_rx.clone();
+                    let done = done_tx.clone();
+                    let open = open.clone();
+                    open.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(async move {
-                        tokio::pin!(connection);
-                        // hyper's header timeout starts only once the protocol
-                        // is known; a client that sends nothing, or stalls in
-                        // the HTTP/2 preface, is cut here. Once a request has
-                        // come, the deadline is dropped and never polled again.
-                        let mut deadline = Some(Box::pin(tokio::time::sleep(first_request_timeout)));
-                        let result = std::future::poll_fn(|cx| {
-                            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
-                                return Poll::Ready(Some(result));
-                            }
-                            if let Some(sleep) = deadline.as_mut() {
-                                if first_request.load(Ordering::Relaxed) {
-                                    deadline = None;
-                                } else if sleep.as_mut().poll(cx).is_ready() {
-                                    return Poll::Ready(None);
-                                }
-                            }
-                            Poll::Pending
-                        })
-                        .await;
-                        match result {
-                            None => {
-                                tracing::debug!(%peer, "no request within the header timeout; closing");
-                            }
-                            Some(Err(error)) => {
-                                tracing::debug!(%peer, %error, "connection ended with an error");
-                            }
-                            Some(Ok(())) => {}
-                        }
+                        supervise(connection, activity, stop, timeout, peer).await;
+                        open.fetch_sub(1, Ordering::Relaxed);
+                        drop(done);
                     });
                 }
                 () = &mut shutdown => break,
@@ -305,10 +291,12 @@ impl Server {
             task.abort();
         }
         tracing::info!(
-            connections = graceful.count(),
+            connections = open.load(Ordering::Relaxed),
             "shutting down: draining in-flight requests"
         );
-        if tokio::time::timeout(self.shutdown_timeout, graceful.shutdown())
+        let _ = stop_tx.send(true);
+        drop(done_tx);
+        if tokio::time::timeout(self.shutdown_timeout, done.recv())
             .await
             .is_err()
         {
@@ -317,6 +305,210 @@ impl Server {
                 "drain deadline passed; closing remaining connections"
             );
         }
+    }
+}
+
+/// What one client connection is doing, as its requests see it.
+struct Activity {
+    born: Instant,
+    /// A request has arrived.
+    used: AtomicBool,
+    /// The connection speaks HTTP/2 (its idleness is the gate's to judge;
+    /// hyper closes idle HTTP/1 connections with the header timeout).
+    http2: AtomicBool,
+    in_flight: AtomicUsize,
+    /// When the last request ended, in milliseconds since `born`.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            born: Instant::now(),
+            used: AtomicBool::new(false),
+            http2: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Notes a request; an HTTP/2 request is counted until its response
+    /// body is gone.
+    fn request(self: &Arc<Self>, version: Version) -> Option<InFlight> {
+        self.used.store(true, Ordering::Relaxed);
+        if version != Version::HTTP_2 {
+            return None;
+        }
+        self.http2.store(true, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(self.clone()))
+    }
+
+    fn millis(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// When an idle HTTP/2 connection is due to close, if it is idle now.
+    fn idle_deadline(&self, timeout: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = self.last_end_ms.load(Ordering::Acquire);
+        Some(self.born + Duration::from_millis(last) + timeout)
+    }
+}
+
+/// One HTTP/2 request in flight; dropped with its response body (or with
+/// the request, if it never got one).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.last_end_ms.store(self.0.millis(), Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pin_project! {
+    /// The service's future, whose response body carries the request's
+    /// [`InFlight`] mark.
+    struct Tracked<F> {
+        #[pin]
+        future: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for Tracked<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.future.poll(cx));
+        let in_flight = this.in_flight.take();
+        Poll::Ready(output.map(|response| {
+            response.map(|body| TrackedBody {
+                body,
+                _in_flight: in_flight,
+            })
+        }))
+    }
+}
+
+pin_project! {
+    /// A response body and its request's [`InFlight`] mark.
+    struct TrackedBody<B> {
+        #[pin]
+        body: B,
+        _in_flight: Option<InFlight>,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Drives one client connection to its end:
+/// - a client that sends no request within the header timeout is cut
+///   (hyper's own header timeout starts only once the protocol is known);
+/// - an HTTP/2 connection with no request in flight for the header timeout
+///   is closed with a GOAWAY (hyper closes idle HTTP/1 connections itself);
+/// - on shutdown, the connection finishes its requests and closes.
+async fn supervise<C>(
+    connection: C,
+    activity: Arc<Activity>,
+    mut stop: watch::Receiver<bool>,
+    timeout: Duration,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + GracefulShutdownable,
+{
+    tokio::pin!(connection);
+    let mut first_request = Some(Box::pin(tokio::time::sleep(timeout)));
+    let mut idle: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let mut stopping = false;
+    let mut stop_signal = Box::pin(async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    });
+    let result = std::future::poll_fn(|cx| {
+        if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+            return Poll::Ready(Some(result));
+        }
+        if stopping {
+            return Poll::Pending;
+        }
+        if stop_signal.as_mut().poll(cx).is_ready() {
+            stopping = true;
+            connection.as_mut().shut_down();
+            return connection.as_mut().poll(cx).map(Some);
+        }
+        if let Some(sleep) = first_request.as_mut() {
+            if activity.used.load(Ordering::Relaxed) {
+                first_request = None;
+            } else if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        if activity.http2.load(Ordering::Relaxed) {
+            let sleep = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            while sleep.as_mut().poll(cx).is_ready() {
+                match activity.idle_deadline(timeout) {
+                    Some(due) if due <= Instant::now() => {
+                        tracing::debug!(%peer, "HTTP/2 connection idle; closing");
+                        stopping = true;
+                        connection.as_mut().shut_down();
+                        return connection.as_mut().poll(cx).map(Some);
+                    }
+                    Some(due) => sleep.as_mut().reset(due.into()),
+                    None => sleep.as_mut().reset(tokio::time::Instant::now() + timeout),
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    match result {
+        None => tracing::debug!(%peer, "no request within the header timeout; closing"),
+        Some(Err(error)) => tracing::debug!(%peer, %error, "connection ended with an error"),
+        Some(Ok(())) => {}
+    }
+}
+
+/// A connection that can be asked to finish its requests and close.
+trait GracefulShutdownable {
+    fn shut_down(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulShutdownable for auto::Connection<'static, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::ResBody: Body + Send + 'static,
+    <S::ResBody as Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }
 

@@ -505,3 +505,40 @@ async fn http2_clients_are_served_and_forwarded_as_http1() {
         Some(gate.addr.to_string().as_str())
     );
 }
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_but_busy_ones_are_not() {
+    let (_hs, gate) = setup("[server]\nheader_read_timeout = \"1s\"\n").await;
+    let stream = TcpStream::connect(gate.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let opened = Instant::now();
+    let closed = tokio::spawn(async move {
+        let result = connection.await;
+        (opened.elapsed(), result.is_ok())
+    });
+    // A request that takes longer than the idle timeout is not cut...
+    let request = Request::get(gate.url("/_matrix/client/versions"))
+        .header("x-test-delay-ms", "2500")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    let answered = opened.elapsed();
+    assert!(answered >= Duration::from_millis(2500), "{answered:?}");
+    // ...and, once nothing is in flight, the connection is closed cleanly
+    // (GOAWAY) about one timeout later.
+    let (lifetime, clean) = tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the idle HTTP/2 connection was not closed")
+        .unwrap();
+    assert!(clean, "the connection ended with an error");
+    assert!(
+        lifetime >= answered + Duration::from_millis(900),
+        "closed {lifetime:?} after opening, answered at {answered:?}"
+    );
+    assert!(sender.is_closed());
+}
