@@ -117,7 +117,12 @@ where
             config.connect_timeout.0,
             config.pool_idle_timeout.0,
         );
-        let default_host = HeaderValue::from_str(authority.as_str())
+        // Host and a non-default port, never userinfo.
+        let default_host = match authority.port_u16() {
+            Some(port) if port != 80 => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_owned(),
+        };
+        let default_host = HeaderValue::from_str(&default_host)
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Upstream {
             inner: Arc::new(Inner {

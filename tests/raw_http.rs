@@ -718,3 +718,20 @@ async fn client_that_stalls_inside_the_http2_preface_is_disconnected() {
     assert!(closed.is_some(), "connection still open after 5 s");
     hs.assert_saw_nothing("stalled preface");
 }
+
+#[tokio::test]
+async fn an_http10_request_without_host_reaches_the_homeserver_named_by_its_address() {
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), "").await;
+    let answer = raw_exchange(
+        gate.addr,
+        b"GET /_matrix/client/versions HTTP/1.0\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let seen = hs.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].header("host"), Some(hs.addr.to_string().as_str()));
+    assert_eq!(seen[0].header("x-forwarded-host"), None);
+}
