@@ -248,11 +248,10 @@ impl Server {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
-        // Every connection task watches `stop`; `open` counts them, and
-        // `done` closes when the last one has ended.
+        // Every connection task watches `stop` and holds a clone of
+        // `done_tx`: `done` closes when the last one has ended.
         let (stop_tx, stop_rx) = watch::channel(false);
         let (done_tx, mut done) = mpsc::channel::<()>(1);
-        let open = Arc::new(AtomicUsize::new(0));
 
         tokio::pin!(shutdown);
         loop {
@@ -276,11 +275,8 @@ impl Server {
                     let timeout = self.header_read_timeout;
                     let stop = stop_rx.clone();
                     let done = done_tx.clone();
-                    let open = open.clone();
-                    open.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(async move {
                         supervise(connection, activity, stop, timeout, peer).await;
-                        open.fetch_sub(1, Ordering::Relaxed);
                         drop(done);
                     });
                 }
@@ -291,7 +287,7 @@ impl Server {
             task.abort();
         }
         tracing::info!(
-            connections = open.load(Ordering::Relaxed),
+            connections = done_tx.strong_count() - 1,
             "shutting down: draining in-flight requests"
         );
         let _ = stop_tx.send(true);
@@ -456,10 +452,13 @@ async fn supervise<C>(
         if stopping {
             return Poll::Pending;
         }
-        if stop_signal.as_mut().poll(cx).is_ready() {
+        let mut shut_down = |cx: &mut Context<'_>| {
             stopping = true;
             connection.as_mut().shut_down();
-            return connection.as_mut().poll(cx).map(Some);
+            connection.as_mut().poll(cx).map(Some)
+        };
+        if stop_signal.as_mut().poll(cx).is_ready() {
+            return shut_down(cx);
         }
         if let Some(sleep) = first_request.as_mut() {
             if activity.used.load(Ordering::Relaxed) {
@@ -474,9 +473,7 @@ async fn supervise<C>(
                 match activity.idle_deadline(timeout) {
                     Some(due) if due <= Instant::now() => {
                         tracing::debug!(%peer, "HTTP/2 connection idle; closing");
-                        stopping = true;
-                        connection.as_mut().shut_down();
-                        return connection.as_mut().poll(cx).map(Some);
+                        return shut_down(cx);
                     }
                     Some(due) => sleep.as_mut().reset(due.into()),
                     None => sleep.as_mut().reset(tokio::time::Instant::now() + timeout),

@@ -140,7 +140,7 @@ where
                     let returner = if sender.is_ready() {
                         // The whole answer came with its head: the
                         // connection is free already.
-                        self.give_back(sender);
+                        give_back(&self.shared, sender);
                         None
                     } else {
                         Some(Returner {
@@ -178,10 +178,6 @@ where
             // exchange): leave it for a later request.
         }
         None
-    }
-
-    fn give_back(&self, sender: SendRequest<B>) {
-        give_back(&self.shared, sender);
     }
 
     async fn connect(&self) -> Result<SendRequest<B>, SendError> {
