@@ -167,6 +167,11 @@ impl ClientResolver {
         }
     }
 
+    /// Whether `peer` is a trusted proxy, whose forwarding headers count.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        !self.trusted.is_empty() && self.is_trusted(peer.to_canonical())
+    }
+
     fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|net| net.contains(ip))
     }

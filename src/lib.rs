@@ -19,6 +19,7 @@ pub mod client_ip;
 pub mod config;
 pub mod error;
 pub mod explain;
+mod fast_path;
 pub mod gate;
 pub mod ratelimit;
 pub mod server;

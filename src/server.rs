@@ -26,6 +26,7 @@ use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequ
 
 use crate::admin::AdminState;
 use crate::config::{Config, ConfigError};
+use crate::fast_path::{Ending, FastPath, Rewind};
 use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
 use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
@@ -140,6 +141,7 @@ pub struct Server {
     service: GatekeeperService,
     reloader: Reloader,
     upstream_authority: String,
+    fast_path: FastPath,
     header_read_timeout: Duration,
     shutdown_timeout: Duration,
     watch_config: bool,
@@ -173,11 +175,12 @@ impl Server {
             admin: None,
             service,
             reloader: Reloader {
-                gate,
+                gate: gate.clone(),
                 path: None,
                 current: Arc::new(Mutex::new(config.clone())),
             },
             upstream_authority,
+            fast_path: FastPath::new(config, gate.clone()),
             header_read_timeout: config.server.header_read_timeout.0,
             shutdown_timeout: config.server.shutdown_timeout.0,
             watch_config: config.server.watch_config,
@@ -258,6 +261,8 @@ impl Server {
             tokio::select! {
                 next = accepted.recv() => {
                     let Some((stream, peer)) = next else { break };
+                    let fast_path = self.fast_path.clone();
+                    let builder = builder.clone();
                     let service = self.service.clone();
                     let activity = Arc::new(Activity::new());
                     let seen = activity.clone();
@@ -269,14 +274,24 @@ impl Server {
                             in_flight,
                         }
                     });
-                    let connection = builder
-                        .serve_connection(TokioIo::new(stream), hyper_service)
-                        .into_owned();
                     let timeout = self.header_read_timeout;
-                    let stop = stop_rx.clone();
+                    let mut stop = stop_rx.clone();
                     let done = done_tx.clone();
                     tokio::spawn(async move {
-                        supervise(connection, activity, stop, timeout, peer).await;
+                        let mut stream = stream;
+                        // Plain HTTP/1.1 pass-through first; the full stack
+                        // takes the connection over when a request needs it.
+                        let ending = {
+                            let stopped = stop.wait_for(|stop| *stop);
+                            tokio::pin!(stopped);
+                            fast_path.serve(&mut stream, peer, stopped).await
+                        };
+                        if let Ending::Handoff(prefix) = ending {
+                            let connection = builder
+                                .serve_connection(TokioIo::new(Rewind::new(prefix, stream)), hyper_service)
+                                .into_owned();
+                            supervise(connection, activity, stop, timeout, peer).await;
+                        }
                         drop(done);
                     });
                 }

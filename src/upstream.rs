@@ -287,11 +287,25 @@ fn strip_headers(headers: &mut HeaderMap, client_address: bool) {
     }
 }
 
-/// An address as a header value. IPv4 addresses, the common case, are
-/// written by hand: `format!` costs more than the rest of the header work.
+/// An address as a header value.
 fn ip_header_value(ip: std::net::IpAddr) -> HeaderValue {
     let mut buffer = [0u8; 48];
-    let len = match ip {
+    let len = format_ip(ip, &mut buffer);
+    HeaderValue::from_bytes(&buffer[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Appends an address, as a header value, to `out`.
+pub(crate) fn write_ip(ip: std::net::IpAddr, out: &mut Vec<u8>) {
+    let mut buffer = [0u8; 48];
+    let len = format_ip(ip, &mut buffer);
+    out.extend_from_slice(&buffer[..len]);
+}
+
+/// Writes an address into `buffer` and returns its length. IPv4 addresses,
+/// the common case, are written by hand: `format!` costs more than the rest
+/// of the header work.
+fn format_ip(ip: std::net::IpAddr, buffer: &mut [u8; 48]) -> usize {
+    match ip {
         std::net::IpAddr::V4(v4) => {
             let mut len = 0;
             for (i, octet) in v4.octets().into_iter().enumerate() {
@@ -319,8 +333,7 @@ fn ip_header_value(ip: std::net::IpAddr) -> HeaderValue {
             let _ = write!(cursor, "{v6}");
             usize::try_from(cursor.position()).unwrap_or(0)
         }
-    };
-    HeaderValue::from_bytes(&buffer[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    }
 }
 
 fn failure_response<B>(error: &SendError, metrics: &Metrics) -> Response<UpstreamBody<B>> {

@@ -165,6 +165,11 @@ impl RegistrationGateLayer {
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
+
+    /// Runs `f` with the client resolver of the current configuration.
+    pub(crate) fn with_resolver<R>(&self, f: impl FnOnce(&ClientResolver) -> R) -> R {
+        f(&self.state.load().resolver)
+    }
 }
 
 impl<S> Layer<S> for RegistrationGateLayer {

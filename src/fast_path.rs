@@ -1,0 +1,1334 @@
+//! The HTTP/1.1 pass-through path for the common request.
+//!
+//! Most requests a homeserver gets are plain HTTP/1.1 requests that the gate
+//! only passes on: a `GET /sync`, a `PUT` of an event. For those the gate
+//! does not need a parsed request object, a header map, a response object
+//! and two protocol state machines: it reads the request head, checks it,
+//! writes the head the homeserver receives straight into a buffer, copies
+//! the body, and relays the answer.
+//!
+//! The path is narrow on purpose. It takes a request only when every part
+//! of it has one reading that the gate and any homeserver share:
+//!
+//! - HTTP/1.1, an origin-form target of plain URI characters, one `Host`;
+//! - no `Transfer-Encoding`, no `Expect`, at most one `Content-Length` of
+//!   digits only, a `Connection` header (if any) of just `keep-alive` or
+//!   `close`;
+//! - a path the gate does not guard (registration routes are never served
+//!   here), and a head that fits the read buffer.
+//!
+//! Anything else — including anything the head parser rejects — hands the
+//! connection, with every byte read so far, to the full HTTP stack (hyper
+//! and the gate's tower service), which reads the request from its first
+//! byte and serves the rest of the connection. The headers the homeserver
+//! receives are the same either way: hop-by-hop and client-address headers
+//! removed, `X-Forwarded-For`/`-Proto`/`-Host` written by the gate.
+//!
+//! The answer is relayed with its own framing when it has a length, and
+//! re-chunked when it is chunked or delimited by the connection's end.
+//! Transport failures answer `502`/`504` like the full stack does.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, HeaderValue};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use crate::config::Config;
+use crate::error::MatrixError;
+use crate::gate::{routes, RegistrationGateLayer};
+use crate::telemetry::{Metrics, UpstreamError};
+use crate::upstream::write_ip;
+
+/// Size of a client connection's read buffer; a request head that does not
+/// fit goes to the full stack.
+const CLIENT_BUFFER: usize = 8 * 1024;
+/// Size of the buffer answers are read into.
+const UPSTREAM_BUFFER: usize = 16 * 1024;
+/// The largest answer head accepted from the homeserver.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Request headers parsed here at most; more go to the full stack.
+const MAX_HEADERS: usize = 64;
+/// Answer headers accepted from the homeserver at most.
+const MAX_RESPONSE_HEADERS: usize = 100;
+/// Idle homeserver connections kept at most.
+const MAX_IDLE: usize = 1024;
+/// A chunk-size line longer than this is not HTTP.
+const MAX_CHUNK_LINE: usize = 1024;
+
+/// The fast path's shared state: cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct FastPath {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    gate: RegistrationGateLayer,
+    metrics: Arc<Metrics>,
+    pool: Arc<RawPool>,
+    base_path: String,
+    header_read_timeout: Duration,
+    response_timeout: Duration,
+}
+
+/// How a connection left the fast path.
+pub(crate) enum Ending {
+    /// It is closed (or is to be).
+    Closed,
+    /// The full stack serves it from here, starting with these bytes.
+    Handoff(Bytes),
+}
+
+impl FastPath {
+    pub(crate) fn new(config: &Config, gate: RegistrationGateLayer) -> Self {
+        let url = &config.upstream.url;
+        let host = url.host().unwrap_or("127.0.0.1");
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .to_owned();
+        let metrics = gate.metrics().clone();
+        FastPath {
+            inner: Arc::new(Inner {
+                gate,
+                metrics,
+                pool: Arc::new(RawPool {
+                    host,
+                    port: url.port_u16().unwrap_or(80),
+                    connect_timeout: config.upstream.connect_timeout.0,
+                    idle_timeout: config.upstream.pool_idle_timeout.0,
+                    idle: Mutex::new(Vec::new()),
+                    reaper: std::sync::Once::new(),
+                }),
+                base_path: url.path().trim_end_matches('/').to_owned(),
+                header_read_timeout: config.server.header_read_timeout.0,
+                response_timeout: config.upstream.response_timeout.0,
+            }),
+        }
+    }
+
+    /// Serves requests on `stream` until the client closes, the server
+    /// stops (`stop` completes), or a request needs the full stack.
+    pub(crate) async fn serve<F>(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+        stop: Pin<&mut F>,
+    ) -> Ending
+    where
+        F: Future,
+    {
+        let mut conn = Conn {
+            fast: &self.inner,
+            client: stream,
+            peer,
+            buf: vec![0; CLIENT_BUFFER],
+            start: 0,
+            end: 0,
+            ubuf: Vec::new(),
+            out: Vec::with_capacity(1024),
+            request: Vec::with_capacity(1024),
+            timer: Timer::default(),
+            stop,
+            stopping: false,
+        };
+        conn.run().await
+    }
+}
+
+/// What a parsed request head asks for.
+struct Plan {
+    head_len: usize,
+    body_len: u64,
+    head: bool,
+    client_close: bool,
+    /// Safe to send again on another connection if a reused one turns out
+    /// closed before any answer byte.
+    replayable: bool,
+}
+
+enum Parsed {
+    Plan(Plan),
+    NeedMore,
+    Handoff,
+}
+
+/// Why waiting for the client ended without data.
+enum Wait {
+    Eof,
+    TimedOut,
+    Stopped,
+}
+
+struct Conn<'a, F> {
+    fast: &'a Inner,
+    client: &'a mut TcpStream,
+    peer: SocketAddr,
+    /// Client bytes read: `buf[start..end]` is not consumed yet.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Answer bytes read from the homeserver (allocated on first use).
+    ubuf: Vec<u8>,
+    /// What is written to the client next.
+    out: Vec<u8>,
+    /// The request head the homeserver receives.
+    request: Vec<u8>,
+    timer: Timer,
+    stop: Pin<&'a mut F>,
+    stopping: bool,
+}
+
+impl<F: Future> Conn<'_, F> {
+    async fn run(&mut self) -> Ending {
+        loop {
+            // A head, whole, within the header timeout from when the
+            // connection began waiting for it.
+            let mut deadline = None;
+            let plan = loop {
+                if self.end > self.start {
+                    match self.parse() {
+                        Parsed::Plan(plan) => break plan,
+                        Parsed::Handoff => return self.handoff(),
+                        Parsed::NeedMore if self.start == 0 && self.end == self.buf.len() => {
+                            return self.handoff()
+                        }
+                        Parsed::NeedMore => {}
+                    }
+                } else if self.stopping {
+                    return Ending::Closed;
+                }
+                if self.end == self.buf.len() {
+                    self.compact();
+                }
+                let timeout = self.fast.header_read_timeout;
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
+                match self.read_client(Some(deadline)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(Wait::Stopped)) => {
+                        if self.end == self.start {
+                            return Ending::Closed;
+                        }
+                    }
+                    Ok(Err(Wait::TimedOut)) => {
+                        tracing::debug!(peer = %self.peer, "request head not complete within the header timeout; closing");
+                        return Ending::Closed;
+                    }
+                    Ok(Err(Wait::Eof)) | Err(_) => return Ending::Closed,
+                }
+            };
+            match self.exchange(plan).await {
+                Ok(true) if !self.stopping => {}
+                _ => return Ending::Closed,
+            }
+        }
+    }
+
+    fn handoff(&mut self) -> Ending {
+        Ending::Handoff(Bytes::copy_from_slice(&self.buf[self.start..self.end]))
+    }
+
+    fn compact(&mut self) {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+    }
+
+    /// Parses the head at `buf[start..end]` and, when this path takes it,
+    /// writes the head the homeserver receives into `self.request`.
+    fn parse(&mut self) -> Parsed {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(&self.buf[self.start..self.end]) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Parsed::NeedMore,
+            Err(_) => return Parsed::Handoff,
+        };
+        let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+            return Parsed::Handoff;
+        };
+        if method == "CONNECT" || !plain_origin_form(target.as_bytes()) {
+            return Parsed::Handoff;
+        }
+        let path = target.split_once('?').map_or(target, |(path, _)| path);
+        if routes::classify(path).is_some() {
+            return Parsed::Handoff;
+        }
+
+        let out = &mut self.request;
+        out.clear();
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.fast.base_path.as_bytes());
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+
+        let mut host: Option<&[u8]> = None;
+        let mut body_len: Option<u64> = None;
+        let mut client_close = false;
+        let mut forwarding = false;
+        for header in req.headers.iter() {
+            let name = header.name.as_bytes();
+            let value = header.value;
+            match request_header(name) {
+                RequestHeader::EndToEnd => {}
+                RequestHeader::Host => {
+                    if host.replace(value).is_some() {
+                        return Parsed::Handoff;
+                    }
+                }
+                RequestHeader::ContentLength => {
+                    if body_len.is_some() {
+                        return Parsed::Handoff;
+                    }
+                    match parse_length(value) {
+                        Some(len) => body_len = Some(len),
+                        None => return Parsed::Handoff,
+                    }
+                }
+                RequestHeader::Connection => {
+                    let value = trim(value);
+                    if value.eq_ignore_ascii_case(b"close") {
+                        client_close = true;
+                    } else if !value.eq_ignore_ascii_case(b"keep-alive") {
+                        return Parsed::Handoff;
+                    }
+                    continue;
+                }
+                RequestHeader::Refuse => return Parsed::Handoff,
+                RequestHeader::Forwarding => {
+                    forwarding = true;
+                    continue;
+                }
+                RequestHeader::Drop => continue,
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        let Some(host) = host else {
+            return Parsed::Handoff;
+        };
+
+        // Who the client is: the peer, or what a trusted proxy says.
+        let peer = self.peer.ip();
+        let (client, proto) = self.fast.gate.with_resolver(|resolver| {
+            if forwarding && resolver.trusts(peer) {
+                let mut map = HeaderMap::new();
+                for header in req.headers.iter() {
+                    let name = header.name;
+                    if name.eq_ignore_ascii_case("x-forwarded-for")
+                        || name.eq_ignore_ascii_case("x-forwarded-proto")
+                    {
+                        if let (Ok(name), Ok(value)) = (
+                            http::header::HeaderName::from_bytes(name.as_bytes()),
+                            HeaderValue::from_bytes(header.value),
+                        ) {
+                            map.append(name, value);
+                        }
+                    }
+                }
+                (
+                    resolver.resolve(peer, &map).0,
+                    resolver.forwarded_proto(peer, &map).map_or("http", |p| p.0),
+                )
+            } else {
+                (peer.to_canonical(), "http")
+            }
+        });
+        out.extend_from_slice(b"x-forwarded-for: ");
+        write_ip(client, out);
+        out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+        out.extend_from_slice(proto.as_bytes());
+        out.extend_from_slice(b"\r\nx-forwarded-host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\n\r\n");
+
+        let body_len = body_len.unwrap_or(0);
+        Parsed::Plan(Plan {
+            head_len,
+            body_len,
+            head: method == "HEAD",
+            client_close,
+            replayable: body_len == 0
+                && matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"),
+        })
+    }
+
+    /// Reads more client bytes into `buf[end..]`. `Ok(Ok(n))`: `n > 0`
+    /// bytes arrived. With a deadline (waiting for a head), the server's
+    /// stop also ends the wait.
+    async fn read_client(&mut self, deadline: Option<Instant>) -> io::Result<Result<usize, Wait>> {
+        self.timer.deadline = deadline;
+        let result = std::future::poll_fn(|cx| {
+            let mut read = ReadBuf::new(&mut self.buf[self.end..]);
+            match Pin::new(&mut *self.client).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    return Poll::Ready(Ok(if n == 0 { Err(Wait::Eof) } else { Ok(n) }));
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {}
+            }
+            if deadline.is_some() && !self.stopping && self.stop.as_mut().poll(cx).is_ready() {
+                self.stopping = true;
+                return Poll::Ready(Ok(Err(Wait::Stopped)));
+            }
+            if self.timer.poll_expired(cx).is_ready() {
+                return Poll::Ready(Ok(Err(Wait::TimedOut)));
+            }
+            Poll::Pending
+        })
+        .await;
+        self.timer.deadline = None;
+        if let Ok(Ok(n)) = result {
+            self.end += n;
+        }
+        result
+    }
+
+    /// Forwards one request and relays its answer. `Ok(true)`: the client
+    /// connection can carry another request.
+    async fn exchange(&mut self, plan: Plan) -> io::Result<bool> {
+        let started = Instant::now();
+        self.start += plan.head_len;
+        let (mut upstream, mut reused) = match self.fast.pool.checkout().await {
+            Ok(checked_out) => checked_out,
+            Err(error) => return self.fail(error, started).await,
+        };
+        if self.ubuf.is_empty() {
+            self.ubuf = vec![0; UPSTREAM_BUFFER];
+        }
+        let head = loop {
+            match self.send(&mut upstream, &plan).await {
+                Ok(()) => {}
+                Err(error) => return self.fail(error, started).await,
+            }
+            let deadline = started + self.fast.response_timeout;
+            match self.read_head(&mut upstream, deadline).await {
+                Ok(head) => break head,
+                // The homeserver had closed the idle connection: nothing
+                // of the request was read there.
+                Err(HeadError::Closed) if reused && plan.replayable => {
+                    tracing::debug!("idle homeserver connection was closed; retrying");
+                    upstream = match self.fast.pool.connect().await {
+                        Ok(stream) => stream,
+                        Err(error) => return self.fail(error, started).await,
+                    };
+                    reused = false;
+                }
+                Err(HeadError::Closed) => {
+                    let error = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the homeserver closed the connection before answering",
+                    );
+                    return self.fail(error, started).await;
+                }
+                Err(HeadError::Io(error)) => return self.fail(error, started).await,
+                Err(HeadError::Invalid(what)) => {
+                    let error = io::Error::new(io::ErrorKind::InvalidData, what);
+                    return self.fail(error, started).await;
+                }
+            }
+        };
+        self.fast.metrics.observe(false, started.elapsed());
+        let keep_client = !plan.client_close && !self.stopping;
+        let reusable = self.relay(&mut upstream, &head, &plan, keep_client).await?;
+        if reusable {
+            self.fast.pool.give_back(upstream);
+        }
+        Ok(keep_client)
+    }
+
+    /// Writes the request head and body to the homeserver.
+    async fn send(&mut self, upstream: &mut TcpStream, plan: &Plan) -> io::Result<()> {
+        let buffered = (self.end - self.start) as u64;
+        if plan.body_len <= buffered {
+            // The whole body is here: one write.
+            let body_end = self.start + plan.body_len as usize;
+            if plan.body_len == 0 {
+                upstream.write_all(&self.request).await?;
+            } else {
+                self.request
+                    .extend_from_slice(&self.buf[self.start..body_end]);
+                let result = upstream.write_all(&self.request).await;
+                let head_len = self.request.len() - plan.body_len as usize;
+                self.request.truncate(head_len);
+                result?;
+            }
+            self.start = body_end;
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            }
+            return Ok(());
+        }
+        upstream.write_all(&self.request).await?;
+        let mut left = plan.body_len;
+        loop {
+            let here = (self.end - self.start).min(usize::try_from(left).unwrap_or(usize::MAX));
+            if here > 0 {
+                upstream
+                    .write_all(&self.buf[self.start..self.start + here])
+                    .await?;
+                self.start += here;
+                left -= here as u64;
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            }
+            if left == 0 {
+                return Ok(());
+            }
+            match self.read_client(None).await? {
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client closed before its body was complete",
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Reads the homeserver's answer head (skipping interim `1xx` answers).
+    async fn read_head(
+        &mut self,
+        upstream: &mut TcpStream,
+        deadline: Instant,
+    ) -> Result<ResponseHead, HeadError> {
+        let mut filled = 0;
+        self.timer.deadline = Some(deadline);
+        let result = loop {
+            if filled > 0 {
+                match parse_response(&self.ubuf[..filled], &mut self.out) {
+                    Ok(Some(head)) if head.interim => {
+                        self.ubuf.copy_within(head.len..filled, 0);
+                        filled -= head.len;
+                        continue;
+                    }
+                    Ok(Some(mut head)) => {
+                        head.leftover = head.len..filled;
+                        break Ok(head);
+                    }
+                    Ok(None) => {}
+                    Err(what) => break Err(HeadError::Invalid(what)),
+                }
+            }
+            if filled == self.ubuf.len() {
+                if self.ubuf.len() >= MAX_RESPONSE_HEAD {
+                    break Err(HeadError::Invalid("the answer head is too large"));
+                }
+                self.ubuf.resize(self.ubuf.len() * 2, 0);
+            }
+            let timer = &mut self.timer;
+            let ubuf = &mut self.ubuf[filled..];
+            let read = std::future::poll_fn(|cx| {
+                let mut read = ReadBuf::new(ubuf);
+                match Pin::new(&mut *upstream).poll_read(cx, &mut read) {
+                    Poll::Ready(result) => Poll::Ready(result.map(|()| Some(read.filled().len()))),
+                    Poll::Pending => timer.poll_expired(cx).map(|()| Ok(None)),
+                }
+            })
+            .await;
+            match read {
+                Ok(Some(0)) if filled == 0 => break Err(HeadError::Closed),
+                Ok(Some(0)) => break Err(HeadError::Invalid("the answer head is cut short")),
+                Ok(Some(n)) => filled += n,
+                Ok(None) => {
+                    break Err(HeadError::Io(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the homeserver did not answer in time",
+                    )))
+                }
+                Err(error) if filled == 0 && is_reset(&error) => break Err(HeadError::Closed),
+                Err(error) => break Err(HeadError::Io(error)),
+            }
+        };
+        self.timer.deadline = None;
+        result
+    }
+
+    /// Writes the answer head (already in `self.out`) and relays the body.
+    /// `Ok(true)`: the homeserver connection can be used again.
+    async fn relay(
+        &mut self,
+        upstream: &mut TcpStream,
+        head: &ResponseHead,
+        plan: &Plan,
+        keep_client: bool,
+    ) -> io::Result<bool> {
+        let framing = if plan.head { Framing::None } else { head.body };
+        if framing == Framing::Chunked || framing == Framing::UntilClose {
+            self.out
+                .extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if !keep_client {
+            self.out.extend_from_slice(b"connection: close\r\n");
+        }
+        self.out.extend_from_slice(b"\r\n");
+        let leftover = head.leftover.clone();
+        let reusable = !head.upstream_close;
+        match framing {
+            Framing::None => {
+                self.client.write_all(&self.out).await?;
+                Ok(reusable && leftover.is_empty())
+            }
+            Framing::Length(len) => {
+                let here = leftover.len() as u64;
+                if here >= len {
+                    let end = leftover.start + len as usize;
+                    self.out.extend_from_slice(&self.ubuf[leftover.start..end]);
+                    self.client.write_all(&self.out).await?;
+                    return Ok(reusable && here == len);
+                }
+                self.client.write_all(&self.out).await?;
+                self.client.write_all(&self.ubuf[leftover]).await?;
+                let mut left = len - here;
+                while left > 0 {
+                    let want = self
+                        .ubuf
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let n = read_some(upstream, &mut self.ubuf[..want]).await?;
+                    if n == 0 {
+                        return Err(cut_short());
+                    }
+                    self.client.write_all(&self.ubuf[..n]).await?;
+                    left -= n as u64;
+                }
+                Ok(reusable)
+            }
+            Framing::Chunked => {
+                let clean = self.relay_chunked(upstream, leftover).await?;
+                Ok(reusable && clean)
+            }
+            Framing::UntilClose => {
+                let mut pending = leftover;
+                loop {
+                    if !pending.is_empty() {
+                        chunk_header(&mut self.out, pending.len());
+                        self.out.extend_from_slice(&self.ubuf[pending.clone()]);
+                        self.out.extend_from_slice(b"\r\n");
+                    }
+                    self.client.write_all(&self.out).await?;
+                    self.out.clear();
+                    let n = read_some(upstream, &mut self.ubuf).await?;
+                    if n == 0 {
+                        self.client.write_all(b"0\r\n\r\n").await?;
+                        return Ok(false);
+                    }
+                    pending = 0..n;
+                }
+            }
+        }
+    }
+
+    /// Relays a chunked body, chunk by chunk, re-encoded; trailers are
+    /// dropped. `Ok(true)`: nothing followed the body.
+    async fn relay_chunked(
+        &mut self,
+        upstream: &mut TcpStream,
+        leftover: std::ops::Range<usize>,
+    ) -> io::Result<bool> {
+        // Compact the unread bytes to the front of `ubuf`.
+        self.ubuf.copy_within(leftover.clone(), 0);
+        let mut filled = leftover.len();
+        let mut pos = 0;
+        let mut decoder = ChunkDecoder::default();
+        loop {
+            while pos < filled {
+                match decoder.step(&self.ubuf[pos..filled]).map_err(invalid)? {
+                    None => break,
+                    Some(Step::Data(n)) => {
+                        chunk_header(&mut self.out, n);
+                        self.out.extend_from_slice(&self.ubuf[pos..pos + n]);
+                        self.out.extend_from_slice(b"\r\n");
+                        pos += n;
+                    }
+                    Some(Step::Consumed(n)) => pos += n,
+                    Some(Step::End(n)) => {
+                        pos += n;
+                        self.out.extend_from_slice(b"0\r\n\r\n");
+                        self.client.write_all(&self.out).await?;
+                        return Ok(pos == filled);
+                    }
+                }
+            }
+            if !self.out.is_empty() {
+                self.client.write_all(&self.out).await?;
+                self.out.clear();
+            }
+            // Keep an incomplete size line; drop what was consumed.
+            self.ubuf.copy_within(pos..filled, 0);
+            filled -= pos;
+            pos = 0;
+            if filled == self.ubuf.len() {
+                return Err(invalid("a chunk-size line is too long"));
+            }
+            let n = read_some(upstream, &mut self.ubuf[filled..]).await?;
+            if n == 0 {
+                return Err(cut_short());
+            }
+            filled += n;
+        }
+    }
+
+    /// Answers a transport failure like the full stack: `504` on a timeout,
+    /// `502` otherwise. The client connection closes after the answer (its
+    /// request body may not have been read).
+    async fn fail(&mut self, error: io::Error, started: Instant) -> io::Result<bool> {
+        self.fast.metrics.observe(false, started.elapsed());
+        let answer = if error.kind() == io::ErrorKind::TimedOut {
+            self.fast.metrics.upstream_error(UpstreamError::Timeout);
+            tracing::warn!(%error, "homeserver did not answer in time");
+            MatrixError::gateway_timeout()
+        } else {
+            self.fast.metrics.upstream_error(UpstreamError::Connect);
+            tracing::warn!(%error, "homeserver request failed");
+            MatrixError::bad_gateway()
+        };
+        let body = answer.body();
+        let response = answer.into_response();
+        self.out.clear();
+        self.out.extend_from_slice(b"HTTP/1.1 ");
+        self.out
+            .extend_from_slice(response.status().as_str().as_bytes());
+        self.out.push(b' ');
+        self.out.extend_from_slice(
+            response
+                .status()
+                .canonical_reason()
+                .unwrap_or("")
+                .as_bytes(),
+        );
+        self.out.extend_from_slice(b"\r\n");
+        for (name, value) in response.headers() {
+            self.out.extend_from_slice(name.as_str().as_bytes());
+            self.out.extend_from_slice(b": ");
+            self.out.extend_from_slice(value.as_bytes());
+            self.out.extend_from_slice(b"\r\n");
+        }
+        self.out.extend_from_slice(b"content-length: ");
+        self.out
+            .extend_from_slice(body.len().to_string().as_bytes());
+        self.out.extend_from_slice(b"\r\ndate: ");
+        self.out.extend_from_slice(&http_date());
+        self.out.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+        self.out.extend_from_slice(&body);
+        self.client.write_all(&self.out).await?;
+        Ok(false)
+    }
+}
+
+/// A request header as this path treats it.
+enum RequestHeader {
+    /// Passed on as it came.
+    EndToEnd,
+    Host,
+    ContentLength,
+    Connection,
+    /// Hop-by-hop or naming a client address: never passed on.
+    Drop,
+    /// `X-Forwarded-For`/`-Proto`: replaced, but read when a trusted proxy sent them.
+    Forwarding,
+    /// Only the full stack serves such a request.
+    Refuse,
+}
+
+fn request_header(name: &[u8]) -> RequestHeader {
+    let is = |candidate: &str| name.eq_ignore_ascii_case(candidate.as_bytes());
+    match name.len() {
+        2 if is("te") => RequestHeader::Drop,
+        4 if is("host") => RequestHeader::Host,
+        6 if is("expect") => RequestHeader::Refuse,
+        7 if is("upgrade") || is("trailer") => RequestHeader::Drop,
+        9 if is("forwarded") || is("x-real-ip") => RequestHeader::Drop,
+        10 if is("connection") => RequestHeader::Connection,
+        10 if is("keep-alive") => RequestHeader::Drop,
+        11 if is("x-client-ip") => RequestHeader::Drop,
+        14 if is("content-length") => RequestHeader::ContentLength,
+        14 if is("true-client-ip") => RequestHeader::Drop,
+        15 if is("x-forwarded-for") => RequestHeader::Forwarding,
+        16 if is("proxy-connection") || is("x-forwarded-host") || is("cf-connecting-ip") => {
+            RequestHeader::Drop
+        }
+        17 if is("x-forwarded-proto") => RequestHeader::Forwarding,
+        17 if is("transfer-encoding") => RequestHeader::Refuse,
+        18 if is("proxy-authenticate") => RequestHeader::Drop,
+        19 if is("proxy-authorization") => RequestHeader::Drop,
+        _ => RequestHeader::EndToEnd,
+    }
+}
+
+/// An origin-form target (`/path?query`) of unreserved, reserved and
+/// percent-encoding characters only: one that every parser reads alike.
+fn plain_origin_form(target: &[u8]) -> bool {
+    target.first() == Some(&b'/')
+        && !target.starts_with(b"//")
+        && target.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'@'
+                        | b'/'
+                        | b'?'
+                        | b'%'
+                )
+        })
+}
+
+/// A `Content-Length` value: digits only, no sign, no list.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = trim(value);
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        value
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')),
+    )
+}
+
+fn trim(value: &[u8]) -> &[u8] {
+    value.trim_ascii()
+}
+
+/// How an answer's body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+struct ResponseHead {
+    /// Length of the head in `ubuf`.
+    len: usize,
+    /// A `1xx` answer to skip.
+    interim: bool,
+    body: Framing,
+    upstream_close: bool,
+    /// Bytes after the head in `ubuf`.
+    leftover: std::ops::Range<usize>,
+}
+
+enum HeadError {
+    /// The connection ended before any byte of an answer.
+    Closed,
+    Io(io::Error),
+    Invalid(&'static str),
+}
+
+/// Parses an answer head from `buf`; a final answer's head as the client
+/// receives it (without its framing headers and the final empty line) is
+/// written to `out`.
+fn parse_response(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<ResponseHead>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err("the answer head is not HTTP/1.1"),
+    };
+    let code = response.code.unwrap_or(0);
+    if code == 101 {
+        return Err("the homeserver switched protocols unasked");
+    }
+    if (100..200).contains(&code) {
+        return Ok(Some(ResponseHead {
+            len,
+            interim: true,
+            body: Framing::None,
+            upstream_close: false,
+            leftover: 0..0,
+        }));
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut other_encoding = false;
+    let mut upstream_close = response.version == Some(0);
+    let mut named: Vec<&[u8]> = Vec::new();
+    let mut date = false;
+    for header in response.headers.iter() {
+        let name = header.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let value = parse_length(header.value).ok_or("an invalid Content-Length")?;
+            if length.is_some_and(|l| l != value) {
+                return Err("conflicting Content-Length headers");
+            }
+            length = Some(value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            for coding in header.value.split(|&b| b == b',') {
+                let coding = trim(coding);
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    chunked = true;
+                } else if !coding.is_empty() {
+                    other_encoding = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in header.value.split(|&b| b == b',') {
+                let token = trim(token);
+                if token.eq_ignore_ascii_case(b"close") {
+                    upstream_close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    named.push(token);
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"date") {
+            date = true;
+        }
+    }
+    if other_encoding {
+        return Err("a transfer coding other than chunked");
+    }
+    let body = if code == 204 || code == 304 {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(len) = length {
+        Framing::Length(len)
+    } else {
+        Framing::UntilClose
+    };
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut code_text = [0u8; 3];
+    code_text[0] = b'0' + (code / 100 % 10) as u8;
+    code_text[1] = b'0' + (code / 10 % 10) as u8;
+    code_text[2] = b'0' + (code % 10) as u8;
+    out.extend_from_slice(&code_text);
+    out.push(b' ');
+    out.extend_from_slice(response.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for header in response.headers.iter() {
+        let name = header.name.as_bytes();
+        if response_hop_by_hop(name)
+            || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+            // Transfer-Encoding overrides Content-Length; never send both on.
+            || (chunked && name.eq_ignore_ascii_case(b"content-length"))
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(header.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !date {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&http_date());
+        out.extend_from_slice(b"\r\n");
+    }
+    Ok(Some(ResponseHead {
+        len,
+        interim: false,
+        body,
+        upstream_close,
+        leftover: 0..0,
+    }))
+}
+
+fn response_hop_by_hop(name: &[u8]) -> bool {
+    let is = |candidate: &str| name.eq_ignore_ascii_case(candidate.as_bytes());
+    match name.len() {
+        2 => is("te"),
+        7 => is("upgrade") || is("trailer"),
+        10 => is("connection") || is("keep-alive"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
+        18 => is("proxy-authenticate"),
+        19 => is("proxy-authorization"),
+        _ => false,
+    }
+}
+
+/// A chunked body decoder that works on whatever bytes are at hand.
+#[derive(Default)]
+struct ChunkDecoder {
+    state: ChunkState,
+}
+
+#[derive(Default, Clone, Copy)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+enum Step {
+    /// These many bytes at the front are chunk data.
+    Data(usize),
+    /// These many bytes were framing.
+    Consumed(usize),
+    /// The body ended after these many bytes.
+    End(usize),
+}
+
+impl ChunkDecoder {
+    /// One step over `input` (not empty); `None` when a line is not
+    /// complete yet.
+    fn step(&mut self, input: &[u8]) -> Result<Option<Step>, &'static str> {
+        match self.state {
+            ChunkState::Data(left) => {
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(input.len());
+                let left = left - n as u64;
+                self.state = if left == 0 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left)
+                };
+                Ok(Some(Step::Data(n)))
+            }
+            ChunkState::Size | ChunkState::DataEnd | ChunkState::Trailers => {
+                let Some(line_end) = input.iter().position(|&b| b == b'\n') else {
+                    if input.len() > MAX_CHUNK_LINE {
+                        return Err("a chunk-size line is too long");
+                    }
+                    return Ok(None);
+                };
+                let line = &input[..line_end];
+                let line = line
+                    .strip_suffix(b"\r")
+                    .ok_or("a bare LF in a chunked body")?;
+                let consumed = line_end + 1;
+                match self.state {
+                    ChunkState::DataEnd => {
+                        if !line.is_empty() {
+                            return Err("chunk data longer than its size");
+                        }
+                        self.state = ChunkState::Size;
+                        Ok(Some(Step::Consumed(consumed)))
+                    }
+                    ChunkState::Trailers => {
+                        if line.is_empty() {
+                            Ok(Some(Step::End(consumed)))
+                        } else {
+                            Ok(Some(Step::Consumed(consumed)))
+                        }
+                    }
+                    _ => {
+                        let digits = line.split(|&b| b == b';').next().unwrap_or(b"");
+                        let digits = digits.trim_ascii_end();
+                        if digits.is_empty() || digits.len() > 15 {
+                            return Err("an invalid chunk size");
+                        }
+                        let mut size = 0u64;
+                        for &d in digits {
+                            let v = (d as char).to_digit(16).ok_or("an invalid chunk size")?;
+                            size = size * 16 + u64::from(v);
+                        }
+                        self.state = if size == 0 {
+                            ChunkState::Trailers
+                        } else {
+                            ChunkState::Data(size)
+                        };
+                        Ok(Some(Step::Consumed(consumed)))
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn chunk_header(out: &mut Vec<u8>, len: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+async fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut read = ReadBuf::new(buf);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Ready(result) => Poll::Ready(result.map(|()| read.filled().len())),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+fn is_reset(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+fn cut_short() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the homeserver's answer was cut short",
+    )
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// The current time as an HTTP date, formatted at most once a second per thread.
+fn http_date() -> [u8; 29] {
+    use std::cell::Cell;
+    thread_local! {
+        static CACHE: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHE.with(|cache| {
+        let (at, text) = cache.get();
+        if at == secs {
+            return text;
+        }
+        let mut text = [0u8; 29];
+        let formatted = httpdate::fmt_http_date(now);
+        let len = formatted.len().min(29);
+        text[..len].copy_from_slice(&formatted.as_bytes()[..len]);
+        cache.set((secs, text));
+        text
+    })
+}
+
+/// A deadline for the phase a connection is in, on one timer per
+/// connection that is moved only when it would fire too late: a request
+/// costs no timer operation while the deadlines keep moving forward.
+#[derive(Default)]
+struct Timer {
+    deadline: Option<Instant>,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// When the sleep fires, if it is armed.
+    armed: Option<Instant>,
+}
+
+impl Timer {
+    /// Ready once the current deadline has passed.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(deadline) = self.deadline else {
+            return Poll::Pending;
+        };
+        loop {
+            if self.armed.is_none_or(|armed| armed > deadline) {
+                match self.sleep.as_mut() {
+                    Some(sleep) => sleep.as_mut().reset(deadline.into()),
+                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline.into()))),
+                }
+                self.armed = Some(deadline);
+            }
+            let Some(sleep) = self.sleep.as_mut() else {
+                return Poll::Pending;
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // It fired: at the deadline, or at an earlier one.
+            if self.armed.take().is_some_and(|armed| armed >= deadline) {
+                return Poll::Ready(());
+            }
+        }
+    }
+}
+
+// === the homeserver connections ===
+
+#[derive(Debug)]
+struct RawPool {
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    /// Most recently returned last.
+    idle: Mutex<Vec<(TcpStream, Instant)>>,
+    reaper: std::sync::Once,
+}
+
+impl RawPool {
+    /// An idle connection that is still open (and whether it was reused),
+    /// or a new one.
+    async fn checkout(self: &Arc<Self>) -> io::Result<(TcpStream, bool)> {
+        loop {
+            let next = lock(&self.idle).pop();
+            let Some((stream, _)) = next else { break };
+            if still_open(&stream) {
+                return Ok((stream, true));
+            }
+        }
+        Ok((self.connect().await?, false))
+    }
+
+    async fn connect(self: &Arc<Self>) -> io::Result<TcpStream> {
+        self.start_reaper();
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", self.connect_timeout),
+            )
+        })??;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    fn give_back(&self, stream: TcpStream) {
+        if self.idle_timeout.is_zero() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        if idle.len() < MAX_IDLE {
+            idle.push((stream, Instant::now()));
+        }
+    }
+
+    /// Starts, once, the task that closes connections idle for too long.
+    fn start_reaper(self: &Arc<Self>) {
+        self.reaper.call_once(|| {
+            let weak: Weak<RawPool> = Arc::downgrade(self);
+            let every = (self.idle_timeout / 2).max(Duration::from_millis(500));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(pool) = weak.upgrade() else { return };
+                    let timeout = pool.idle_timeout;
+                    lock(&pool.idle).retain(|(_, since)| since.elapsed() < timeout);
+                }
+            });
+        });
+    }
+}
+
+/// Whether an idle connection is still open, without a system call unless
+/// the homeserver sent something (a close, most likely) while it was idle.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut probe = [0u8; 1];
+            matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// === handing a connection to the full stack ===
+
+/// A client connection whose first bytes were already read: they are read
+/// again first.
+#[derive(Debug)]
+pub(crate) struct Rewind {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl Rewind {
+    pub(crate) fn new(prefix: Bytes, stream: TcpStream) -> Self {
+        Rewind { prefix, stream }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
