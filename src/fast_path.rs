@@ -34,13 +34,13 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderValue};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::config::Config;
 use crate::error::MatrixError;
@@ -178,7 +178,8 @@ struct Conn<'a, F> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// Answer bytes read from the homeserver (allocated on first use).
+    /// Answer bytes read from the homeserver: the buffer of the homeserver
+    /// connection in use (none between requests).
     ubuf: Vec<u8>,
     /// What is written to the client next.
     out: Vec<u8>,
@@ -407,26 +408,32 @@ impl<F: Future> Conn<'_, F> {
             Ok(checked_out) => checked_out,
             Err(error) => return self.fail(error, started).await,
         };
-        if self.ubuf.is_empty() {
-            self.ubuf = vec![0; UPSTREAM_BUFFER];
-        }
+        // The answer buffer travels with the homeserver connection.
+        self.ubuf = std::mem::take(&mut upstream.buf);
+        let deadline = started + self.fast.response_timeout;
         let head = loop {
-            match self.send(&mut upstream, &plan).await {
-                Ok(()) => {}
-                Err(error) => return self.fail(error, started).await,
-            }
-            let deadline = started + self.fast.response_timeout;
-            match self.read_head(&mut upstream, deadline).await {
+            let result = match self.send(&mut upstream.stream, &plan).await {
+                Ok(()) => self.read_head(&mut upstream.stream, deadline).await,
+                Err(error) if is_reset(&error) => Err(HeadError::Closed),
+                Err(error) => Err(HeadError::Io(error)),
+            };
+            match result {
                 Ok(head) => break head,
                 // The homeserver had closed the idle connection: nothing
                 // of the request was read there.
                 Err(HeadError::Closed) if reused && plan.replayable => {
                     tracing::debug!("idle homeserver connection was closed; retrying");
                     upstream = match self.fast.pool.connect().await {
-                        Ok(stream) => stream,
+                        Ok(fresh) => fresh,
                         Err(error) => return self.fail(error, started).await,
                     };
                     reused = false;
+                }
+                Err(HeadError::ClientGone) => {
+                    // As the full stack does: the request is abandoned, and
+                    // the homeserver sees its connection close.
+                    tracing::debug!(peer = %self.peer, "client left before the answer");
+                    return Ok(false);
                 }
                 Err(HeadError::Closed) => {
                     let error = io::Error::new(
@@ -444,9 +451,16 @@ impl<F: Future> Conn<'_, F> {
         };
         self.fast.metrics.observe(false, started.elapsed());
         let keep_client = !plan.client_close && !self.stopping;
-        let reusable = self.relay(&mut upstream, &head, &plan, keep_client).await?;
+        let reusable = self
+            .relay(&mut upstream.stream, &head, &plan, keep_client)
+            .await?;
+        let buf = std::mem::take(&mut self.ubuf);
         if reusable {
+            upstream.buf = buf;
             self.fast.pool.give_back(upstream);
+        }
+        if self.out.capacity() > 4 * CLIENT_BUFFER {
+            self.out = Vec::with_capacity(1024);
         }
         Ok(keep_client)
     }
@@ -534,16 +548,41 @@ impl<F: Future> Conn<'_, F> {
                 }
                 self.ubuf.resize(self.ubuf.len() * 2, 0);
             }
-            let timer = &mut self.timer;
-            let ubuf = &mut self.ubuf[filled..];
             let read = std::future::poll_fn(|cx| {
-                let mut read = ReadBuf::new(ubuf);
-                match Pin::new(&mut *upstream).poll_read(cx, &mut read) {
-                    Poll::Ready(result) => Poll::Ready(result.map(|()| Some(read.filled().len()))),
-                    Poll::Pending => timer.poll_expired(cx).map(|()| Ok(None)),
+                let mut read = ReadBuf::new(&mut self.ubuf[filled..]);
+                if let Poll::Ready(result) = Pin::new(&mut *upstream).poll_read(cx, &mut read) {
+                    return Poll::Ready(result.map(|()| Some(read.filled().len())).map_err(Some));
                 }
+                // A client that leaves while its answer is awaited
+                // abandons the request; bytes it sends meanwhile (the next
+                // requests) are kept.
+                if let Poll::Ready(ready) = self.client.poll_read_ready(cx) {
+                    let gone = match ready {
+                        Err(_) => true,
+                        Ok(()) if self.end < self.buf.len() => {
+                            match self.client.try_read(&mut self.buf[self.end..]) {
+                                Ok(0) => true,
+                                Ok(n) => {
+                                    self.end += n;
+                                    false
+                                }
+                                Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+                            }
+                        }
+                        Ok(()) => false,
+                    };
+                    if gone {
+                        return Poll::Ready(Err(None));
+                    }
+                }
+                self.timer.poll_expired(cx).map(|()| Ok(None))
             })
             .await;
+            let read = match read {
+                Ok(read) => Ok(read),
+                Err(None) => break Err(HeadError::ClientGone),
+                Err(Some(error)) => Err(error),
+            };
             match read {
                 Ok(Some(0)) if filled == 0 => break Err(HeadError::Closed),
                 Ok(Some(0)) => break Err(HeadError::Invalid("the answer head is cut short")),
@@ -846,6 +885,8 @@ struct ResponseHead {
 enum HeadError {
     /// The connection ended before any byte of an answer.
     Closed,
+    /// The client closed its connection while the answer was awaited.
+    ClientGone,
     Io(io::Error),
     Invalid(&'static str),
 }
@@ -1161,8 +1202,8 @@ impl Timer {
         loop {
             if self.armed.is_none_or(|armed| armed > deadline) {
                 match self.sleep.as_mut() {
-                    Some(sleep) => sleep.as_mut().reset(deadline.into()),
-                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline.into()))),
+                    Some(sleep) => sleep.as_mut().reset(deadline),
+                    None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
                 }
                 self.armed = Some(deadline);
             }
@@ -1182,6 +1223,13 @@ impl Timer {
 
 // === the homeserver connections ===
 
+/// A connection to the homeserver, and the buffer its answers are read into.
+#[derive(Debug)]
+struct UpstreamConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
 #[derive(Debug)]
 struct RawPool {
     host: String,
@@ -1189,25 +1237,25 @@ struct RawPool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     /// Most recently returned last.
-    idle: Mutex<Vec<(TcpStream, Instant)>>,
+    idle: Mutex<Vec<(UpstreamConn, Instant)>>,
     reaper: std::sync::Once,
 }
 
 impl RawPool {
     /// An idle connection that is still open (and whether it was reused),
     /// or a new one.
-    async fn checkout(self: &Arc<Self>) -> io::Result<(TcpStream, bool)> {
+    async fn checkout(self: &Arc<Self>) -> io::Result<(UpstreamConn, bool)> {
         loop {
             let next = lock(&self.idle).pop();
-            let Some((stream, _)) = next else { break };
-            if still_open(&stream) {
-                return Ok((stream, true));
+            let Some((conn, _)) = next else { break };
+            if still_open(&conn.stream) {
+                return Ok((conn, true));
             }
         }
         Ok((self.connect().await?, false))
     }
 
-    async fn connect(self: &Arc<Self>) -> io::Result<TcpStream> {
+    async fn connect(self: &Arc<Self>) -> io::Result<UpstreamConn> {
         self.start_reaper();
         let stream = tokio::time::timeout(
             self.connect_timeout,
@@ -1221,16 +1269,19 @@ impl RawPool {
             )
         })??;
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        Ok(UpstreamConn {
+            stream,
+            buf: vec![0; UPSTREAM_BUFFER],
+        })
     }
 
-    fn give_back(&self, stream: TcpStream) {
+    fn give_back(&self, conn: UpstreamConn) {
         if self.idle_timeout.is_zero() {
             return;
         }
         let mut idle = lock(&self.idle);
         if idle.len() < MAX_IDLE {
-            idle.push((stream, Instant::now()));
+            idle.push((conn, Instant::now()));
         }
     }
 
@@ -1330,5 +1381,253 @@ impl AsyncWrite for Rewind {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes `input` fed in pieces of `step` bytes, as the relay does.
+    fn decode(input: &[u8], step: usize) -> Result<(Vec<u8>, usize), &'static str> {
+        let mut decoder = ChunkDecoder::default();
+        let mut data = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut fed = 0;
+        let mut consumed = 0;
+        loop {
+            let mut pos = 0;
+            while pos < pending.len() {
+                match decoder.step(&pending[pos..])? {
+                    None => break,
+                    Some(Step::Data(n)) => {
+                        data.extend_from_slice(&pending[pos..pos + n]);
+                        pos += n;
+                    }
+                    Some(Step::Consumed(n)) => pos += n,
+                    Some(Step::End(n)) => return Ok((data, consumed + pos + n)),
+                }
+            }
+            pending.drain(..pos);
+            consumed += pos;
+            if fed == input.len() {
+                return Err("cut short");
+            }
+            let next = (fed + step).min(input.len());
+            pending.extend_from_slice(&input[fed..next]);
+            fed = next;
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_they_are_split() {
+        let body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: t\r\n\r\nNEXT";
+        for step in 1..body.len() {
+            let (data, used) = decode(body, step).unwrap();
+            assert_eq!(data, b"hello world0123456789abcdef", "step {step}");
+            assert_eq!(&body[used..], b"NEXT", "step {step}");
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        for bad in [
+            &b"5\nhello\r\n0\r\n\r\n"[..],
+            b"g\r\nhello\r\n0\r\n\r\n",
+            b"3\r\nhello\r\n0\r\n\r\n",
+            b"\r\nhello\r\n",
+            b"1000000000000000\r\n",
+        ] {
+            assert!(
+                decode(bad, bad.len()).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let endless = vec![b'1'; MAX_CHUNK_LINE + 10];
+        assert!(decode(&endless, endless.len()).is_err());
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"123"), Some(123));
+        assert_eq!(parse_length(b" 12 "), Some(12));
+        for bad in [
+            &b""[..],
+            b"+1",
+            b"-1",
+            b"1,1",
+            b"1 1",
+            b"0x10",
+            b"9999999999999999999",
+        ] {
+            assert_eq!(
+                parse_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn only_plain_origin_form_targets_are_taken() {
+        for good in [
+            "/",
+            "/_matrix/client/versions",
+            "/_matrix/client/v3/rooms/!a:b/send/m.room.message/1?x=%7B%7D&y=1",
+            "/a;b=(1)*+,$'@~_-.",
+        ] {
+            assert!(plain_origin_form(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "*",
+            "//evil/path",
+            "http://a/b",
+            "/a#frag",
+            "/a\"b",
+            "/a{b}",
+            "/a\\b",
+            "/a|b",
+            "/a^b",
+            "/a`b",
+            "/a<b>",
+            "/caf\u{e9}",
+            "",
+        ] {
+            assert!(!plain_origin_form(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_hop_by_hop_and_client_address_header_is_kept_from_the_homeserver() {
+        use crate::upstream::{CLIENT_ADDRESS_HEADERS, HOP_BY_HOP};
+        for name in HOP_BY_HOP.iter().chain(CLIENT_ADDRESS_HEADERS.iter()) {
+            for spelling in [name.as_str().to_owned(), name.as_str().to_ascii_uppercase()] {
+                let kind = request_header(spelling.as_bytes());
+                assert!(
+                    !matches!(
+                        kind,
+                        RequestHeader::EndToEnd
+                            | RequestHeader::Host
+                            | RequestHeader::ContentLength
+                    ),
+                    "{spelling} would be passed on"
+                );
+            }
+            // Answers lose their hop-by-hop headers too.
+            if HOP_BY_HOP.contains(name) {
+                assert!(response_hop_by_hop(name.as_str().as_bytes()), "{name}");
+            }
+        }
+        assert!(matches!(
+            request_header(b"X-Forwarded-Proto"),
+            RequestHeader::Forwarding
+        ));
+        assert!(matches!(request_header(b"Expect"), RequestHeader::Refuse));
+        assert!(matches!(
+            request_header(b"Transfer-Encoding"),
+            RequestHeader::Refuse
+        ));
+        assert!(matches!(
+            request_header(b"Authorization"),
+            RequestHeader::EndToEnd
+        ));
+    }
+
+    fn head_of(raw: &[u8]) -> Result<Option<(ResponseHead, String)>, &'static str> {
+        let mut out = Vec::new();
+        parse_response(raw, &mut out).map(|h| h.map(|h| (h, String::from_utf8(out).unwrap())))
+    }
+
+    #[test]
+    fn answer_heads_are_framed_and_cleaned() {
+        let (head, out) = head_of(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nDate: x\r\n\r\nhello")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.body, Framing::Length(5));
+        assert_eq!(head.len, 47);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nDate: x\r\n");
+
+        let (head, out) = head_of(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\nConnection: close, x-a\r\nX-A: 1\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.body, Framing::Chunked);
+        assert!(head.upstream_close);
+        assert!(
+            !out.to_ascii_lowercase().contains("content-length"),
+            "{out}"
+        );
+        assert!(!out.to_ascii_lowercase().contains("x-a"), "{out}");
+        assert!(out.contains("date: "), "a missing Date is added: {out}");
+
+        let (head, _) = head_of(b"HTTP/1.0 200 OK\r\n\r\nbody").unwrap().unwrap();
+        assert_eq!(head.body, Framing::UntilClose);
+        assert!(head.upstream_close);
+
+        let (head, _) = head_of(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(head.interim);
+        let (head, _) = head_of(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.body, Framing::None);
+        assert!(head_of(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+
+        for bad in [
+            &b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"ICY 200 OK\r\n\r\n",
+        ] {
+            assert!(head_of(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn chunk_headers_are_lowercase_hex() {
+        for (len, text) in [
+            (1, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (65535, "ffff\r\n"),
+        ] {
+            let mut out = Vec::new();
+            chunk_header(&mut out, len);
+            assert_eq!(out, text.as_bytes());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_fires_at_the_current_deadline_only() {
+        let mut timer = Timer::default();
+        let start = Instant::now();
+        let expired = |timer: &mut Timer| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            timer.poll_expired(&mut cx).is_ready()
+        };
+        timer.deadline = Some(start + Duration::from_secs(10));
+        assert!(!expired(&mut timer));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        // A later deadline: the armed sleep fires early and is moved on.
+        timer.deadline = Some(start + Duration::from_secs(16));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!expired(&mut timer));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(expired(&mut timer));
+        // An earlier deadline than the armed one is honoured.
+        timer.deadline = Some(Instant::now() + Duration::from_secs(60));
+        assert!(!expired(&mut timer));
+        timer.deadline = Some(Instant::now() + Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(expired(&mut timer));
+        timer.deadline = None;
+        assert!(!expired(&mut timer));
     }
 }

@@ -40,7 +40,7 @@ pub type UpstreamBody<B> = Either<PooledBody<B>, Full<Bytes>>;
 
 /// Headers that name a client address; a client must not choose what the
 /// homeserver believes.
-const CLIENT_ADDRESS_HEADERS: [HeaderName; 7] = [
+pub(crate) const CLIENT_ADDRESS_HEADERS: [HeaderName; 7] = [
     HeaderName::from_static("forwarded"),
     HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-real-ip"),
@@ -51,7 +51,7 @@ const CLIENT_ADDRESS_HEADERS: [HeaderName; 7] = [
 ];
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the old `Keep-Alive` family).
-const HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),

@@ -1,0 +1,669 @@
+//! The HTTP/1.1 fast path against the full stack: a request served by the
+//! fast path (the first plain request on a connection) and the same request
+//! served by hyper and the tower service (on a connection the full stack
+//! took over, after a guarded request) must reach the homeserver alike, and
+//! their answers must reach the client alike. A guarded request is gated
+//! whichever path its connection was on.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{FakeHomeserver, Gate, Recorded};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A request that the full stack serves (a guarded route): the connection
+/// it is sent on stays with the full stack.
+const TAKEOVER: &str = "/_matrix/client/v3/register/available?username=takeover";
+
+fn takeover_request(host: &str) -> Vec<u8> {
+    format!("GET {TAKEOVER} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes()
+}
+
+/// One answer as a raw client reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawAnswer {
+    status: u16,
+    reason: String,
+    /// Lowercased names, sorted; `date` left out (it changes by the second).
+    headers: Vec<(String, String)>,
+    has_date: bool,
+    body: Vec<u8>,
+}
+
+/// Reads one answer from `stream` (with `buf` holding bytes already read).
+async fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>, head_request: bool) -> RawAnswer {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        if let Ok(httparse::Status::Complete(len)) = response.parse(buf) {
+            let status = response.code.unwrap();
+            let reason = response.reason.unwrap_or("").to_owned();
+            let mut list = Vec::new();
+            let mut has_date = false;
+            let mut length = None;
+            let mut chunked = false;
+            for h in response.headers.iter() {
+                let name = h.name.to_ascii_lowercase();
+                let value = String::from_utf8_lossy(h.value).into_owned();
+                match name.as_str() {
+                    "date" => {
+                        has_date = true;
+                        continue;
+                    }
+                    "content-length" => length = Some(value.parse::<usize>().unwrap()),
+                    "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+                    _ => {}
+                }
+                list.push((name, value));
+            }
+            list.sort();
+            buf.drain(..len);
+            let body = if head_request || status == 204 || status == 304 {
+                Vec::new()
+            } else if chunked {
+                loop {
+                    if let Some((body, used)) = decode_chunked(buf) {
+                        buf.drain(..used);
+                        break body;
+                    }
+                    read_more(stream, buf, deadline).await;
+                }
+            } else if let Some(length) = length {
+                while buf.len() < length {
+                    read_more(stream, buf, deadline).await;
+                }
+                buf.drain(..length).collect()
+            } else {
+                panic!("an answer without framing reached the client: {list:?}");
+            };
+            return RawAnswer {
+                status,
+                reason,
+                headers: list,
+                has_date,
+                body,
+            };
+        }
+        read_more(stream, buf, deadline).await;
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: tokio::time::Instant) {
+    let mut chunk = [0u8; 16384];
+    let n = tokio::time::timeout_at(deadline, stream.read(&mut chunk))
+        .await
+        .expect("answer within 10 s")
+        .unwrap();
+    assert!(
+        n > 0,
+        "connection closed mid-answer; got {:?}",
+        String::from_utf8_lossy(buf)
+    );
+    buf.extend_from_slice(&chunk[..n]);
+}
+
+/// A whole chunked body at the front of `buf`: the data and the bytes used.
+fn decode_chunked(buf: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut pos = 0;
+    let mut body = Vec::new();
+    loop {
+        let line_end = pos + buf[pos..].windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&buf[pos..line_end]).unwrap();
+        let size = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16).unwrap();
+        pos = line_end + 2;
+        if size == 0 {
+            // No trailers are relayed.
+            if buf.len() < pos + 2 {
+                return None;
+            }
+            assert_eq!(&buf[pos..pos + 2], b"\r\n", "trailers reached the client");
+            return Some((body, pos + 2));
+        }
+        if buf.len() < pos + size + 2 {
+            return None;
+        }
+        body.extend_from_slice(&buf[pos..pos + size]);
+        assert_eq!(&buf[pos + size..pos + size + 2], b"\r\n");
+        pos += size + 2;
+    }
+}
+
+/// Sends `request` on a new connection, either straight (the fast path) or
+/// after a takeover request (the full stack), and reads the answer.
+async fn exchange(gate: &Gate, request: &[u8], head: bool, full_stack: bool) -> RawAnswer {
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    let mut buf = Vec::new();
+    if full_stack {
+        stream
+            .write_all(&takeover_request(&gate.addr.to_string()))
+            .await
+            .unwrap();
+        let answer = read_answer(&mut stream, &mut buf, false).await;
+        assert_eq!(answer.status, 200, "takeover request: {answer:?}");
+    }
+    stream.write_all(request).await.unwrap();
+    read_answer(&mut stream, &mut buf, head).await
+}
+
+/// What the homeserver received, comparable: headers lowercased and sorted.
+fn comparable(recorded: &Recorded) -> (String, String, Vec<(String, String)>, Vec<u8>) {
+    let mut headers: Vec<(String, String)> = recorded
+        .headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    headers.sort();
+    (
+        recorded.method.to_string(),
+        recorded.target.clone(),
+        headers,
+        recorded.body.to_vec(),
+    )
+}
+
+/// The requests of the comparison: every kind of header the fast path
+/// treats on its own.
+fn requests(host: &str) -> Vec<(&'static str, Vec<u8>)> {
+    let big_body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let mut big = format!(
+        "PUT /_matrix/media/v3/upload/big HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        big_body.len()
+    )
+    .into_bytes();
+    big.extend_from_slice(&big_body);
+    vec![
+        (
+            "plain GET",
+            format!("GET /_matrix/client/versions HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test/1\r\nAccept: */*\r\n\r\n").into_bytes(),
+        ),
+        (
+            "hop-by-hop and spoofed forwarding headers",
+            format!(
+                "GET /_matrix/client/v3/account/whoami HTTP/1.1\r\nHost: {host}\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
+                 Trailer: x-t\r\nUpgrade: websocket\r\nProxy-Authorization: Basic c2VjcmV0\r\nProxy-Connection: keep-alive\r\n\
+                 X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Host: evil\r\n\
+                 X-Forwarded-Proto: https\r\nTrue-Client-IP: 6.6.6.6\r\nCF-Connecting-IP: 6.6.6.6\r\nX-Client-IP: 6.6.6.6\r\n\
+                 Authorization: Bearer syt_token\r\nConnection: keep-alive\r\n\r\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            "PUT with a body",
+            format!(
+                "PUT /_matrix/client/v3/rooms/%21r%3Aexample.org/send/m.room.message/txn1 HTTP/1.1\r\nHost: {host}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 30\r\n\r\n{{\"msgtype\":\"m.text\",\"body\":\"x\"}}"
+            )
+            .into_bytes(),
+        ),
+        (
+            "POST with an empty body",
+            format!("POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+        ),
+        (
+            "DELETE",
+            format!("DELETE /_matrix/client/v3/devices/ABC HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes(),
+        ),
+        (
+            "OPTIONS",
+            format!("OPTIONS /_matrix/client/v3/sync HTTP/1.1\r\nHost: {host}\r\nOrigin: https://app.example\r\n\r\n").into_bytes(),
+        ),
+        (
+            "query and reserved characters",
+            format!(
+                "GET /_matrix/client/v3/rooms/!a:b/messages;x=(1)*+,$'@?dir=b&limit=10&filter=%7B%7D HTTP/1.1\r\nHost: {host}\r\n\r\n"
+            )
+            .into_bytes(),
+        ),
+        (
+            "repeated headers and odd case",
+            format!(
+                "GET /_matrix/client/versions HTTP/1.1\r\nHOST: {host}\r\nAccept: a\r\nX-Many: 1\r\naccept: b\r\nx-many: 2\r\n\r\n"
+            )
+            .into_bytes(),
+        ),
+        ("a body larger than the read buffer", big),
+        (
+            "the last request on a connection",
+            format!("GET /_matrix/client/versions HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes(),
+        ),
+    ]
+}
+
+async fn compare_requests(extra_toml: &str) {
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), extra_toml).await;
+    let host = gate.addr.to_string();
+    for (what, request) in requests(&host) {
+        let head = request.starts_with(b"HEAD");
+        let mut seen = Vec::new();
+        let mut answers = Vec::new();
+        for full_stack in [false, true] {
+            hs.clear();
+            answers.push(exchange(&gate, &request, head, full_stack).await);
+            let recorded: Vec<Recorded> = hs
+                .requests()
+                .into_iter()
+                .filter(|r| r.target != TAKEOVER)
+                .collect();
+            assert_eq!(recorded.len(), 1, "{what}: {recorded:?}");
+            seen.push(comparable(&recorded[0]));
+        }
+        assert_eq!(
+            seen[0], seen[1],
+            "{what}: the homeserver saw the two paths differently"
+        );
+        assert_eq!(
+            answers[0], answers[1],
+            "{what}: the client saw the two paths differently"
+        );
+        assert_eq!(answers[0].status, 200, "{what}");
+    }
+}
+
+#[tokio::test]
+async fn requests_reach_the_homeserver_alike_on_both_paths() {
+    compare_requests("").await;
+}
+
+#[tokio::test]
+async fn a_trusted_proxys_client_address_is_resolved_alike_on_both_paths() {
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n",
+    )
+    .await;
+    let host = gate.addr.to_string();
+    let request = format!(
+        "GET /_matrix/client/versions HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 6.6.6.6, 198.51.100.7\r\n\
+         X-Forwarded-For: 10.1.2.3\r\nX-Forwarded-Proto: https\r\n\r\n"
+    );
+    let mut seen = Vec::new();
+    for full_stack in [false, true] {
+        hs.clear();
+        exchange(&gate, request.as_bytes(), false, full_stack).await;
+        let recorded: Vec<Recorded> = hs
+            .requests()
+            .into_iter()
+            .filter(|r| r.target != TAKEOVER)
+            .collect();
+        assert_eq!(recorded.len(), 1);
+        assert_eq!(recorded[0].header("x-forwarded-for"), Some("198.51.100.7"));
+        assert_eq!(recorded[0].header("x-forwarded-proto"), Some("https"));
+        seen.push(comparable(&recorded[0]));
+    }
+    assert_eq!(seen[0], seen[1]);
+    // The fast path's own code is exercised here too, not only its equality.
+    compare_requests("[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n").await;
+}
+
+/// A stand-in homeserver that answers each request with the raw answer its
+/// path names, and closes the connection after it if the script says so.
+/// An empty answer is never sent: the connection is held until the gate
+/// closes it. The counter counts connections accepted, plus 1000 for each
+/// held connection the gate closed.
+async fn scripted_homeserver(
+    script: Vec<(&'static str, &'static [u8], bool)>,
+) -> (String, Arc<Mutex<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(Mutex::new(0));
+    let count = accepted.clone();
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            *count.lock().unwrap() += 1;
+            let count = count.clone();
+            let script = script.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let (path, used) = loop {
+                        let mut headers = [httparse::EMPTY_HEADER; 64];
+                        let mut req = httparse::Request::new(&mut headers);
+                        if let Ok(httparse::Status::Complete(len)) = req.parse(&buf) {
+                            let path = req.path.unwrap().to_owned();
+                            let body: usize = req
+                                .headers
+                                .iter()
+                                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                                .map_or(0, |h| {
+                                    std::str::from_utf8(h.value).unwrap().parse().unwrap()
+                                });
+                            if buf.len() >= len + body {
+                                break (path, len + body);
+                            }
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    buf.drain(..used);
+                    let (answer, close) = script
+                        .iter()
+                        .find(|(name, _, _)| path.ends_with(name))
+                        .map_or(
+                            (
+                                &b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"[..],
+                                false,
+                            ),
+                            |(_, a, c)| (*a, *c),
+                        );
+                    if answer.is_empty() {
+                        // Never answer; count the connection's end.
+                        let mut rest = [0u8; 1024];
+                        while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
+                        *count.lock().unwrap() += 1000;
+                        return;
+                    }
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    if close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+const ANSWERS: [(&str, &[u8], bool); 9] = [
+    (
+        "takeover",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"available\":true}",
+        false,
+    ),
+    (
+        "/length",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}",
+        false,
+    ),
+    (
+        "/chunked",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        false,
+    ),
+    (
+        "/until-close",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nthe body ends with the connection",
+        true,
+    ),
+    ("/no-content", b"HTTP/1.1 204 No Content\r\nX-B: 2\r\n\r\n", false),
+    (
+        "/not-modified",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n",
+        false,
+    ),
+    (
+        "/interim",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        false,
+    ),
+    (
+        "/named-hop",
+        b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\nX-End: kept\r\nContent-Length: 2\r\nDate: Tue, 24 Nov 2026 10:00:00 GMT\r\n\r\nok",
+        false,
+    ),
+    (
+        "/length-closes",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nbye!!",
+        true,
+    ),
+];
+
+#[tokio::test]
+async fn answers_reach_the_client_alike_on_both_paths() {
+    let (url, _) = scripted_homeserver(ANSWERS.to_vec()).await;
+    let gate = Gate::start(&url, "").await;
+    let host = gate.addr.to_string();
+    for (path, _, _) in &ANSWERS[1..] {
+        for method in ["GET", "HEAD"] {
+            let request =
+                format!("{method} /_matrix/client/v3/x{path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            let head = method == "HEAD";
+            let fast = exchange(&gate, request.as_bytes(), head, false).await;
+            let full = exchange(&gate, request.as_bytes(), head, true).await;
+            assert_eq!(
+                fast, full,
+                "{method} {path}: the client saw the two paths differently"
+            );
+            assert!(fast.has_date, "{method} {path}: no Date");
+            assert!(
+                !fast
+                    .headers
+                    .iter()
+                    .any(|(n, _)| n == "x-hop" || n == "keep-alive" || n == "connection"),
+                "{method} {path}: hop-by-hop headers reached the client: {fast:?}"
+            );
+        }
+    }
+    // The bodies themselves, on the fast path.
+    let body_of = |path: &str| {
+        let request = format!("GET /_matrix/client/v3/x{path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let gate = &gate;
+        async move { exchange(gate, request.as_bytes(), false, false).await }
+    };
+    assert_eq!(body_of("/chunked").await.body, b"hello world");
+    assert_eq!(
+        body_of("/until-close").await.body,
+        b"the body ends with the connection"
+    );
+    assert_eq!(body_of("/interim").await.body, b"ok");
+    let named = body_of("/named-hop").await;
+    assert!(
+        named.headers.contains(&("x-end".into(), "kept".into())),
+        "{named:?}"
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_connections_carry_every_kind_of_answer_in_order() {
+    let (url, _) = scripted_homeserver(ANSWERS.to_vec()).await;
+    let gate = Gate::start(&url, "").await;
+    let host = gate.addr.to_string();
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    let mut buf = Vec::new();
+    // One at a time, then all written at once (pipelined).
+    for pipelined in [false, true] {
+        let mut all = Vec::new();
+        for (path, _, _) in &ANSWERS[1..] {
+            let request =
+                format!("GET /_matrix/client/v3/x{path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            if pipelined {
+                all.extend_from_slice(request.as_bytes());
+            } else {
+                stream.write_all(request.as_bytes()).await.unwrap();
+                let answer = read_answer(&mut stream, &mut buf, false).await;
+                assert!(answer.status < 400, "{path}: {answer:?}");
+            }
+        }
+        if pipelined {
+            stream.write_all(&all).await.unwrap();
+            for (path, raw, _) in &ANSWERS[1..] {
+                let answer = read_answer(&mut stream, &mut buf, false).await;
+                let want = std::str::from_utf8(raw).unwrap();
+                let status = want.rsplit("HTTP/1.1 ").next().unwrap()[..3]
+                    .parse::<u16>()
+                    .unwrap();
+                assert_eq!(answer.status, status, "{path}: {answer:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_registration_after_pass_through_requests_is_gated() {
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), "").await;
+    let host = gate.addr.to_string();
+    let plain = format!("GET /_matrix/client/versions HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let body = r#"{"username":"admin","password":"x","auth":{"type":"m.login.dummy"}}"#;
+    let register = format!(
+        "POST /_matrix/client/v3/register HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Sent one after another on one connection, then all in one write.
+    for pipelined in [false, true] {
+        hs.clear();
+        let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+        let mut buf = Vec::new();
+        if pipelined {
+            let all = [
+                plain.as_str(),
+                plain.as_str(),
+                register.as_str(),
+                plain.as_str(),
+            ]
+            .concat();
+            stream.write_all(all.as_bytes()).await.unwrap();
+        }
+        let mut statuses = Vec::new();
+        for request in [&plain, &plain, &register, &plain] {
+            if !pipelined {
+                stream.write_all(request.as_bytes()).await.unwrap();
+            }
+            let answer = read_answer(&mut stream, &mut buf, false).await;
+            statuses.push(answer.status);
+            if request == &register {
+                let json: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+                assert_eq!(json["errcode"], "M_USER_IN_USE", "{json}");
+            }
+        }
+        assert_eq!(statuses, [200, 200, 400, 200], "pipelined: {pipelined}");
+        let targets: Vec<String> = hs.requests().into_iter().map(|r| r.target).collect();
+        assert_eq!(targets.len(), 3, "{targets:?}");
+        assert!(
+            targets.iter().all(|t| t == "/_matrix/client/versions"),
+            "the refused registration reached the homeserver: {targets:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connections_the_homeserver_closes_after_each_answer_are_not_reused() {
+    // Every answer comes without `Connection: close`, and the stand-in
+    // closes right after it: the gate must notice before reusing.
+    let (url, accepted) = scripted_homeserver(vec![(
+        "/versions",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        true,
+    )])
+    .await;
+    let gate = Gate::start(&url, "").await;
+    let host = gate.addr.to_string();
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 0..50 {
+        // POSTs with a body: never sent twice, so a stale connection would
+        // show as a 502.
+        let request = format!(
+            "POST /_matrix/client/versions HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream, &mut buf, false).await;
+        assert_eq!(answer.status, 200, "request {i}: {answer:?}");
+        assert_eq!(answer.body, b"ok");
+    }
+    assert_eq!(*accepted.lock().unwrap(), 50);
+}
+
+#[tokio::test]
+async fn keep_alive_connections_to_the_homeserver_are_reused() {
+    let (url, accepted) = scripted_homeserver(vec![(
+        "/versions",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        false,
+    )])
+    .await;
+    let gate = Gate::start(&url, "").await;
+    let host = gate.addr.to_string();
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..10 {
+            let request = format!("GET /_matrix/client/versions HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            assert_eq!(read_answer(&mut stream, &mut buf, false).await.status, 200);
+        }
+    }
+    assert_eq!(*accepted.lock().unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_malformed_answer_is_a_502_and_a_cut_one_closes_the_connection() {
+    let (url, _) = scripted_homeserver(vec![
+        ("/garbage", b"SPDY/9 200 OK\r\n\r\n", true),
+        (
+            "/two-lengths",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            true,
+        ),
+        (
+            "/cut",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly a little",
+            true,
+        ),
+    ])
+    .await;
+    let gate = Gate::start(&url, "").await;
+    let host = gate.addr.to_string();
+    for path in ["/garbage", "/two-lengths"] {
+        let request = format!("GET /_matrix/client/v3/x{path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let answer = exchange(&gate, request.as_bytes(), false, false).await;
+        assert_eq!(answer.status, 502, "{path}: {answer:?}");
+        let json: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(json["errcode"], "M_UNKNOWN");
+    }
+    // The head was relayed before the body was cut: the client sees the
+    // connection end short of the declared length.
+    let request = format!("GET /_matrix/client/v3/x/cut HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection was not closed");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("only a little"), "{text}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_while_waiting_abandons_its_request_upstream() {
+    let (url, counter) = scripted_homeserver(vec![("/hang", b"", false)]).await;
+    let gate = Gate::start(&url, "").await;
+    let host = gate.addr.to_string();
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    let request = format!("GET /_matrix/client/v3/sync/hang HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        *counter.lock().unwrap(),
+        1,
+        "the request reached the homeserver"
+    );
+    drop(stream);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while *counter.lock().unwrap() < 1000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the homeserver connection stayed open after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
