@@ -634,8 +634,8 @@ impl<F: Future> Conn<'_, F> {
                     self.client.write_all(&self.out).await?;
                     return Ok(reusable && here == len);
                 }
+                self.out.extend_from_slice(&self.ubuf[leftover]);
                 self.client.write_all(&self.out).await?;
-                self.client.write_all(&self.ubuf[leftover]).await?;
                 let mut left = len - here;
                 while left > 0 {
                     let want = self
