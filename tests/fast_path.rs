@@ -667,3 +667,129 @@ async fn a_client_that_leaves_while_waiting_abandons_its_request_upstream() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Header names a request may carry in the generated comparison: every kind
+/// the fast path treats on its own, and ordinary ones.
+const HEADER_POOL: [&str; 21] = [
+    "Keep-Alive",
+    "TE",
+    "Trailer",
+    "Upgrade",
+    "Proxy-Authorization",
+    "Proxy-Connection",
+    "X-Forwarded-For",
+    "Forwarded",
+    "X-Real-IP",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "True-Client-IP",
+    "CF-Connecting-IP",
+    "X-Client-IP",
+    "Authorization",
+    "User-Agent",
+    "Accept",
+    "X-Custom",
+    "Connection",
+    "Cookie",
+    "Content-Type",
+];
+
+fn generated_request(
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(usize, bool, String)],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    for (index, upper, value) in headers {
+        let name = HEADER_POOL[*index];
+        let name = if *upper {
+            name.to_ascii_uppercase()
+        } else {
+            name.to_ascii_lowercase()
+        };
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+#[test]
+fn generated_requests_reach_the_homeserver_alike_on_both_paths() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (hs, gates) = runtime.block_on(async {
+        let hs = FakeHomeserver::start().await;
+        let plain = Gate::start(&hs.url(), "").await;
+        let trusting = Gate::start(
+            &hs.url(),
+            "[client_ip]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n",
+        )
+        .await;
+        (hs, [plain, trusting])
+    });
+    let value = prop_oneof![
+        "[a-zA-Z0-9 ,;=./:_-]{0,24}",
+        Just("close".to_owned()),
+        Just("keep-alive".to_owned()),
+        Just("Keep-Alive".to_owned()),
+        Just("keep-alive, x-custom".to_owned()),
+        Just("6.6.6.6, 10.1.2.3".to_owned()),
+        Just("10.1.2.3".to_owned()),
+        Just("https".to_owned()),
+    ];
+    let strategy = (
+        0usize..2,
+        prop::sample::select(vec!["GET", "PUT", "POST", "DELETE", "OPTIONS"]),
+        "(/[a-zA-Z0-9._~!$&'()*+,;=:@%-]{0,12}){1,4}(\\?[a-zA-Z0-9=&%._-]{0,16})?",
+        prop::collection::vec((0..HEADER_POOL.len(), any::<bool>(), value), 0..8),
+        prop::collection::vec(any::<u8>(), 0..64),
+    );
+    let mut runner = TestRunner::new(Config::with_cases(300));
+    runner
+        .run(&strategy, |(which, method, path, headers, body)| {
+            let gate = &gates[which];
+            let host = gate.addr.to_string();
+            let request = generated_request(&host, method, &path, &headers, &body);
+            let mut seen = Vec::new();
+            let mut answers = Vec::new();
+            for full_stack in [false, true] {
+                hs.clear();
+                let answer = runtime.block_on(exchange(gate, &request, false, full_stack));
+                let recorded: Vec<Recorded> = hs
+                    .requests()
+                    .into_iter()
+                    .filter(|r| r.target != TAKEOVER)
+                    .collect();
+                prop_assert_eq!(recorded.len(), 1, "{:?}", recorded);
+                seen.push(comparable(&recorded[0]));
+                answers.push(answer);
+            }
+            prop_assert_eq!(
+                &seen[0],
+                &seen[1],
+                "the homeserver saw the two paths differently"
+            );
+            prop_assert_eq!(
+                &answers[0],
+                &answers[1],
+                "the client saw the two paths differently"
+            );
+            Ok(())
+        })
+        .unwrap();
+    drop(gates);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+}
