@@ -1,6 +1,10 @@
 //! The accept loop: HTTP/1.1 and HTTP/2 on every listen address, header
 //! read timeouts, `TCP_NODELAY`, a graceful drain with a deadline, the
 //! admin listener, and configuration reloads (SIGHUP, or a changed file).
+//!
+//! Each connection starts on the HTTP/1.1 fast path (`src/fast_path.rs`);
+//! the first request it does not take hands the connection to hyper and
+//! the tower service, which serve it from then on.
 
 use std::future::Future;
 use std::io;
