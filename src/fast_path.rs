@@ -404,9 +404,12 @@ impl<F: Future> Conn<'_, F> {
     async fn exchange(&mut self, plan: Plan) -> io::Result<bool> {
         let started = Instant::now();
         self.start += plan.head_len;
+        // After a `502`/`504` the connection can carry on if no request body
+        // is left unread in it.
+        let keep_after_failure = plan.body_len == 0 && !plan.client_close && !self.stopping;
         let (mut upstream, mut reused) = match self.fast.pool.checkout().await {
             Ok(checked_out) => checked_out,
-            Err(error) => return self.fail(error, started).await,
+            Err(error) => return self.fail(error, started, keep_after_failure).await,
         };
         // The answer buffer travels with the homeserver connection.
         self.ubuf = std::mem::take(&mut upstream.buf);
@@ -425,7 +428,7 @@ impl<F: Future> Conn<'_, F> {
                     tracing::debug!("idle homeserver connection was closed; retrying");
                     upstream = match self.fast.pool.connect().await {
                         Ok(fresh) => fresh,
-                        Err(error) => return self.fail(error, started).await,
+                        Err(error) => return self.fail(error, started, keep_after_failure).await,
                     };
                     reused = false;
                 }
@@ -440,12 +443,14 @@ impl<F: Future> Conn<'_, F> {
                         io::ErrorKind::UnexpectedEof,
                         "the homeserver closed the connection before answering",
                     );
-                    return self.fail(error, started).await;
+                    return self.fail(error, started, keep_after_failure).await;
                 }
-                Err(HeadError::Io(error)) => return self.fail(error, started).await,
+                Err(HeadError::Io(error)) => {
+                    return self.fail(error, started, keep_after_failure).await
+                }
                 Err(HeadError::Invalid(what)) => {
                     let error = io::Error::new(io::ErrorKind::InvalidData, what);
-                    return self.fail(error, started).await;
+                    return self.fail(error, started, keep_after_failure).await;
                 }
             }
         };
@@ -727,9 +732,9 @@ impl<F: Future> Conn<'_, F> {
     }
 
     /// Answers a transport failure like the full stack: `504` on a timeout,
-    /// `502` otherwise. The client connection closes after the answer (its
-    /// request body may not have been read).
-    async fn fail(&mut self, error: io::Error, started: Instant) -> io::Result<bool> {
+    /// `502` otherwise. Unless `keep`, the client connection closes after
+    /// the answer (its request body may not have been read).
+    async fn fail(&mut self, error: io::Error, started: Instant, keep: bool) -> io::Result<bool> {
         self.fast.metrics.observe(false, started.elapsed());
         let answer = if error.kind() == io::ErrorKind::TimedOut {
             self.fast.metrics.upstream_error(UpstreamError::Timeout);
@@ -766,10 +771,14 @@ impl<F: Future> Conn<'_, F> {
             .extend_from_slice(body.len().to_string().as_bytes());
         self.out.extend_from_slice(b"\r\ndate: ");
         self.out.extend_from_slice(&http_date());
-        self.out.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+        self.out.extend_from_slice(if keep {
+            b"\r\n\r\n".as_slice()
+        } else {
+            b"\r\nconnection: close\r\n\r\n".as_slice()
+        });
         self.out.extend_from_slice(&body);
         self.client.write_all(&self.out).await?;
-        Ok(false)
+        Ok(keep)
     }
 }
 

@@ -793,3 +793,83 @@ fn generated_requests_reach_the_homeserver_alike_on_both_paths() {
     drop(gates);
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
+
+/// Sends `request` twice on one connection through the fast path, then
+/// once on a connection the full stack took over; returns the three answers.
+async fn answered_on_both_paths(gate: &Gate, request: &[u8]) -> Vec<RawAnswer> {
+    let mut answers = Vec::new();
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        stream.write_all(request).await.unwrap();
+        answers.push(read_answer(&mut stream, &mut buf, false).await);
+    }
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    let mut buf = Vec::new();
+    stream
+        .write_all(&takeover_request(&gate.addr.to_string()))
+        .await
+        .unwrap();
+    read_answer(&mut stream, &mut buf, false).await;
+    stream.write_all(request).await.unwrap();
+    answers.push(read_answer(&mut stream, &mut buf, false).await);
+    answers
+}
+
+#[tokio::test]
+async fn a_502_or_504_is_answered_alike_and_keeps_the_connection() {
+    // Nothing listens: 502.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gate = Gate::start(&format!("http://{closed}"), "").await;
+    let request = format!(
+        "GET /_matrix/client/versions HTTP/1.1\r\nHost: {}\r\n\r\n",
+        gate.addr
+    );
+    let answers = answered_on_both_paths(&gate, request.as_bytes()).await;
+    assert_eq!(answers[0].status, 502, "{answers:?}");
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(
+        answers[0], answers[2],
+        "the client saw the two paths differently"
+    );
+
+    // No answer within the response timeout: 504.
+    let (url, _) = scripted_homeserver(vec![("/hang", b"", false)]).await;
+    let config = matrix_gatekeeper::Config::from_toml(&format!(
+        "[upstream]\nurl = \"{url}\"\nresponse_timeout = \"300ms\"\n"
+    ))
+    .unwrap();
+    let gate = Gate::start_with(config).await;
+    let request = format!(
+        "GET /_matrix/client/v3/x/hang HTTP/1.1\r\nHost: {}\r\n\r\n",
+        gate.addr
+    );
+    let answers = answered_on_both_paths(&gate, request.as_bytes()).await;
+    assert_eq!(answers[0].status, 504, "{answers:?}");
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(
+        answers[0], answers[2],
+        "the client saw the two paths differently"
+    );
+
+    // With a body that may not have been read, the connection closes.
+    let request = format!(
+        "PUT /_matrix/client/v3/x/hang HTTP/1.1\r\nHost: {}\r\nContent-Length: 2\r\n\r\n{{}}",
+        gate.addr
+    );
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection was not closed");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+}
