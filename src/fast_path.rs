@@ -32,7 +32,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -46,6 +46,7 @@ use crate::config::Config;
 use crate::error::MatrixError;
 use crate::gate::{routes, RegistrationGateLayer};
 use crate::telemetry::{Metrics, UpstreamError};
+use crate::upstream::pool::{bare_host, connect_tcp, lock, spawn_reaper};
 use crate::upstream::write_ip;
 
 /// Size of a client connection's read buffer; a request head that does not
@@ -91,12 +92,7 @@ pub(crate) enum Ending {
 impl FastPath {
     pub(crate) fn new(config: &Config, gate: RegistrationGateLayer) -> Self {
         let url = &config.upstream.url;
-        let host = url.host().unwrap_or("127.0.0.1");
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host)
-            .to_owned();
+        let host = bare_host(url.host().unwrap_or("127.0.0.1")).to_owned();
         let metrics = gate.metrics().clone();
         FastPath {
             inner: Arc::new(Inner {
@@ -1266,18 +1262,7 @@ impl RawPool {
 
     async fn connect(self: &Arc<Self>) -> io::Result<UpstreamConn> {
         self.start_reaper();
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {:?}", self.connect_timeout),
-            )
-        })??;
-        let _ = stream.set_nodelay(true);
+        let stream = connect_tcp(&self.host, self.port, self.connect_timeout).await?;
         Ok(UpstreamConn {
             stream,
             buf: vec![0; UPSTREAM_BUFFER],
@@ -1297,17 +1282,9 @@ impl RawPool {
     /// Starts, once, the task that closes connections idle for too long.
     fn start_reaper(self: &Arc<Self>) {
         self.reaper.call_once(|| {
-            let weak: Weak<RawPool> = Arc::downgrade(self);
-            let every = (self.idle_timeout / 2).max(Duration::from_millis(500));
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let Some(pool) = weak.upgrade() else { return };
-                    let timeout = pool.idle_timeout;
-                    lock(&pool.idle).retain(|(_, since)| since.elapsed() < timeout);
-                }
+            spawn_reaper(Arc::downgrade(self), self.idle_timeout, |pool| {
+                let timeout = pool.idle_timeout;
+                lock(&pool.idle).retain(|(_, since)| since.elapsed() < timeout);
             });
         });
     }
@@ -1325,10 +1302,6 @@ fn still_open(stream: &TcpStream) -> bool {
             matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 // === handing a connection to the full stack ===

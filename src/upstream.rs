@@ -29,7 +29,7 @@ use crate::error::MatrixError;
 use crate::gate::BoxError;
 use crate::telemetry::{Metrics, UpstreamError};
 
-mod pool;
+pub(crate) mod pool;
 
 use pool::Pool;
 pub use pool::{PooledBody, SendError};

@@ -107,10 +107,7 @@ where
     /// A pool of connections to `host:port` (`host` a name, or an address;
     /// IPv6 addresses with or without brackets).
     pub fn new(host: &str, port: u16, connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+        let host = bare_host(host);
         Pool {
             shared: Arc::new(Shared {
                 host: host.to_owned(),
@@ -183,19 +180,9 @@ where
     async fn connect(&self) -> Result<SendRequest<B>, SendError> {
         let shared = &self.shared;
         self.start_reaper();
-        let stream = tokio::time::timeout(
-            shared.connect_timeout,
-            TcpStream::connect((shared.host.as_str(), shared.port)),
-        )
-        .await
-        .map_err(|_| {
-            SendError::Connect(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {:?}", shared.connect_timeout),
-            ))
-        })?
-        .map_err(SendError::Connect)?;
-        let _ = stream.set_nodelay(true);
+        let stream = connect_tcp(&shared.host, shared.port, shared.connect_timeout)
+            .await
+            .map_err(SendError::Connect)?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -211,28 +198,16 @@ where
     /// Starts, once, the task that closes connections idle for too long.
     fn start_reaper(&self) {
         self.shared.reaper.call_once(|| {
-            let weak: Weak<Shared<B>> = Arc::downgrade(&self.shared);
-            let every = (self.shared.idle_timeout / 2).max(Duration::from_millis(500));
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let Some(shared) = weak.upgrade() else { return };
-                    let expired = {
-                        let mut idle = lock(&shared.idle);
-                        let before = idle.len();
-                        let timeout = shared.idle_timeout;
-                        idle.retain(|entry| {
-                            !entry.sender.is_closed() && entry.since.elapsed() < timeout
-                        });
-                        before - idle.len()
-                    };
-                    if expired > 0 {
-                        tracing::trace!(expired, "closed idle homeserver connections");
-                    }
-                }
-            });
+            spawn_reaper(
+                Arc::downgrade(&self.shared),
+                self.shared.idle_timeout,
+                |shared| {
+                    let timeout = shared.idle_timeout;
+                    lock(&shared.idle).retain(|entry| {
+                        !entry.sender.is_closed() && entry.since.elapsed() < timeout
+                    });
+                },
+            );
         });
     }
 
@@ -256,7 +231,48 @@ fn give_back<B>(shared: &Shared<B>, sender: SendRequest<B>) {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Opens a connection to `host:port` (with `TCP_NODELAY`), or fails with
+/// `TimedOut` after `timeout`.
+pub(crate) async fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {timeout:?}"),
+            )
+        })??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// `host` as a name or address to connect to: IPv6 brackets removed.
+pub(crate) fn bare_host(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// Runs `sweep` on the pool every half `idle_timeout` (at least every
+/// 500 ms), for as long as the pool lives.
+pub(crate) fn spawn_reaper<T: Send + Sync + 'static>(
+    pool: Weak<T>,
+    idle_timeout: Duration,
+    sweep: fn(&T),
+) {
+    let every = (idle_timeout / 2).max(Duration::from_millis(500));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else { return };
+            sweep(&pool);
+        }
+    });
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the stack inconsistent.
     mutex
         .lock()
