@@ -45,8 +45,8 @@ use tokio::time::{Instant, Sleep};
 use crate::config::Config;
 use crate::error::MatrixError;
 use crate::gate::{routes, RegistrationGateLayer};
-use crate::telemetry::{Metrics, UpstreamError};
-use crate::upstream::pool::{bare_host, connect_tcp, lock, spawn_reaper};
+use crate::telemetry::UpstreamError;
+use crate::upstream::pool::{bare_host, connect_tcp, lock, spawn_reaper, MAX_IDLE};
 use crate::upstream::write_ip;
 
 /// Size of a client connection's read buffer; a request head that does not
@@ -60,8 +60,6 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Answer headers accepted from the homeserver at most.
 const MAX_RESPONSE_HEADERS: usize = 100;
-/// Idle homeserver connections kept at most.
-const MAX_IDLE: usize = 1024;
 /// A chunk-size line longer than this is not HTTP.
 const MAX_CHUNK_LINE: usize = 1024;
 
@@ -74,7 +72,6 @@ pub(crate) struct FastPath {
 #[derive(Debug)]
 struct Inner {
     gate: RegistrationGateLayer,
-    metrics: Arc<Metrics>,
     pool: Arc<RawPool>,
     base_path: String,
     header_read_timeout: Duration,
@@ -93,11 +90,9 @@ impl FastPath {
     pub(crate) fn new(config: &Config, gate: RegistrationGateLayer) -> Self {
         let url = &config.upstream.url;
         let host = bare_host(url.host().unwrap_or("127.0.0.1")).to_owned();
-        let metrics = gate.metrics().clone();
         FastPath {
             inner: Arc::new(Inner {
                 gate,
-                metrics,
                 pool: Arc::new(RawPool {
                     host,
                     port: url.port_u16().unwrap_or(80),
@@ -450,7 +445,7 @@ impl<F: Future> Conn<'_, F> {
                 }
             }
         };
-        self.fast.metrics.observe(false, started.elapsed());
+        self.fast.gate.metrics().observe(false, started.elapsed());
         let keep_client = !plan.client_close && !self.stopping;
         let reusable = self
             .relay(&mut upstream.stream, &head, &plan, keep_client)
@@ -731,13 +726,19 @@ impl<F: Future> Conn<'_, F> {
     /// `502` otherwise. Unless `keep`, the client connection closes after
     /// the answer (its request body may not have been read).
     async fn fail(&mut self, error: io::Error, started: Instant, keep: bool) -> io::Result<bool> {
-        self.fast.metrics.observe(false, started.elapsed());
+        self.fast.gate.metrics().observe(false, started.elapsed());
         let answer = if error.kind() == io::ErrorKind::TimedOut {
-            self.fast.metrics.upstream_error(UpstreamError::Timeout);
+            self.fast
+                .gate
+                .metrics()
+                .upstream_error(UpstreamError::Timeout);
             tracing::warn!(%error, "homeserver did not answer in time");
             MatrixError::gateway_timeout()
         } else {
-            self.fast.metrics.upstream_error(UpstreamError::Connect);
+            self.fast
+                .gate
+                .metrics()
+                .upstream_error(UpstreamError::Connect);
             tracing::warn!(%error, "homeserver request failed");
             MatrixError::bad_gateway()
         };

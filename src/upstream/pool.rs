@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use crate::gate::BoxError;
 
 /// At most this many idle connections are kept; more are closed.
-const MAX_IDLE: usize = 1024;
+pub(crate) const MAX_IDLE: usize = 1024;
 
 /// Why a request got no answer from the homeserver.
 #[derive(Debug)]
