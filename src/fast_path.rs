@@ -43,11 +43,9 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Config;
-use crate::error::MatrixError;
 use crate::gate::{routes, RegistrationGateLayer};
-use crate::telemetry::UpstreamError;
 use crate::upstream::pool::{bare_host, connect_tcp, lock, spawn_reaper, MAX_IDLE};
-use crate::upstream::write_ip;
+use crate::upstream::{failure_answer, write_ip};
 
 /// Size of a client connection's read buffer; a request head that does not
 /// fit goes to the full stack.
@@ -289,7 +287,7 @@ impl<F: Future> Conn<'_, F> {
                     }
                 }
                 RequestHeader::Connection => {
-                    let value = trim(value);
+                    let value = value.trim_ascii();
                     if value.eq_ignore_ascii_case(b"close") {
                         client_close = true;
                     } else if !value.eq_ignore_ascii_case(b"keep-alive") {
@@ -727,21 +725,8 @@ impl<F: Future> Conn<'_, F> {
     /// the answer (its request body may not have been read).
     async fn fail(&mut self, error: io::Error, started: Instant, keep: bool) -> io::Result<bool> {
         self.fast.gate.metrics().observe(false, started.elapsed());
-        let answer = if error.kind() == io::ErrorKind::TimedOut {
-            self.fast
-                .gate
-                .metrics()
-                .upstream_error(UpstreamError::Timeout);
-            tracing::warn!(%error, "homeserver did not answer in time");
-            MatrixError::gateway_timeout()
-        } else {
-            self.fast
-                .gate
-                .metrics()
-                .upstream_error(UpstreamError::Connect);
-            tracing::warn!(%error, "homeserver request failed");
-            MatrixError::bad_gateway()
-        };
+        let timed_out = error.kind() == io::ErrorKind::TimedOut;
+        let answer = failure_answer(timed_out, &error, self.fast.gate.metrics());
         let body = answer.body();
         let response = answer.into_response();
         self.out.clear();
@@ -853,7 +838,7 @@ fn plain_origin_form(target: &[u8]) -> bool {
 
 /// A `Content-Length` value: digits only, no sign, no list.
 fn parse_length(value: &[u8]) -> Option<u64> {
-    let value = trim(value);
+    let value = value.trim_ascii();
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -862,10 +847,6 @@ fn parse_length(value: &[u8]) -> Option<u64> {
             .iter()
             .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')),
     )
-}
-
-fn trim(value: &[u8]) -> &[u8] {
-    value.trim_ascii()
 }
 
 /// How an answer's body is delimited.
@@ -937,7 +918,7 @@ fn parse_response(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<ResponseHead>,
             length = Some(value);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             for coding in header.value.split(|&b| b == b',') {
-                let coding = trim(coding);
+                let coding = coding.trim_ascii();
                 if coding.eq_ignore_ascii_case(b"chunked") {
                     chunked = true;
                 } else if !coding.is_empty() {
@@ -946,7 +927,7 @@ fn parse_response(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<ResponseHead>,
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in header.value.split(|&b| b == b',') {
-                let token = trim(token);
+                let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     upstream_close = true;
                 } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {

@@ -167,9 +167,8 @@ where
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) => return Ok(failure_response(&error, metrics)),
                 Err(_) => {
-                    metrics.upstream_error(UpstreamError::Timeout);
-                    tracing::warn!(?timeout, "homeserver did not answer in time");
-                    return Ok(MatrixError::gateway_timeout()
+                    let error = format!("no answer within {timeout:?}");
+                    return Ok(failure_answer(true, &error, metrics)
                         .into_response()
                         .map(Either::Right));
                 }
@@ -341,16 +340,27 @@ fn failure_response<B>(error: &SendError, metrics: &Metrics) -> Response<Upstrea
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     });
-    let answer = if timed_out {
+    failure_answer(timed_out, &DisplayChain(error), metrics)
+        .into_response()
+        .map(Either::Right)
+}
+
+/// The answer to a homeserver that failed, counted and logged: `504` when
+/// it timed out, `502` otherwise.
+pub(crate) fn failure_answer(
+    timed_out: bool,
+    error: &dyn std::fmt::Display,
+    metrics: &Metrics,
+) -> MatrixError {
+    if timed_out {
         metrics.upstream_error(UpstreamError::Timeout);
-        tracing::warn!(error = %DisplayChain(error), "homeserver connection timed out");
+        tracing::warn!(%error, "homeserver did not answer in time");
         MatrixError::gateway_timeout()
     } else {
         metrics.upstream_error(UpstreamError::Connect);
-        tracing::warn!(error = %DisplayChain(error), "homeserver request failed");
+        tracing::warn!(%error, "homeserver request failed");
         MatrixError::bad_gateway()
-    };
-    answer.into_response().map(Either::Right)
+    }
 }
 
 fn source_chain<'a>(
