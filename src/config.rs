@@ -153,12 +153,9 @@ impl Config {
                 ));
             }
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(ConfigError::invalid(
-                "log.level",
-                format!("not a level or filter: \"{}\"", self.log.level),
-            ));
-        }
+        check_log_filter(&self.log.level).map_err(|message| {
+            ConfigError::invalid("log.level", format!("{message}: \"{}\"", self.log.level))
+        })?;
         let prefix = self.client_ip.ipv6_prefix_len;
         if !(1..=128).contains(&prefix) {
             return Err(ConfigError::invalid(
@@ -232,9 +229,124 @@ impl Config {
     }
 
     /// The effective configuration, defaults filled in, as TOML.
+    /// The configuration as TOML, every default filled in and every
+    /// secret (a password in `rate_limit.redis_url`) redacted: what `check`
+    /// prints, safe for a journal.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+        let mut shown = self.clone();
+        shown.rate_limit.redis_url = shown.rate_limit.redis_url.as_deref().map(redact_url);
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
+
+    /// The [restart-only keys](RESTART_ONLY_KEYS) whose value in `new`
+    /// differs from this (running) configuration's.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let (Ok(running), Ok(new)) = (toml::Value::try_from(self), toml::Value::try_from(new))
+        else {
+            return RESTART_ONLY_KEYS.to_vec();
+        };
+        let lookup = |root: &toml::Value, key: &str| {
+            key.split('.')
+                .try_fold(root, |value, part| value.get(part))
+                .cloned()
+        };
+        RESTART_ONLY_KEYS
+            .iter()
+            .copied()
+            .filter(|key| lookup(&running, key) != lookup(&new, key))
+            .collect()
+    }
+}
+
+/// The keys (or whole sections) read once, at start: a reload that changes
+/// them logs a warning and keeps the running value until a restart. The
+/// README and the example configuration list the same keys (a test checks).
+pub const RESTART_ONLY_KEYS: [&str; 8] = [
+    "server.listen",
+    "server.admin_listen",
+    "server.header_read_timeout",
+    "server.shutdown_timeout",
+    "server.watch_config",
+    "server.workers",
+    "upstream",
+    "log",
+];
+
+/// A URL (or a comma-separated list of them, as `redis_url` takes for a
+/// cluster) with its password replaced by `***`: the password of the
+/// userinfo (`redis://user:secret@host`, `redis://:secret@host`, a bare
+/// `redis://secret@host`), and `password`/`pass` query parameters.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let Some((scheme, rest)) = url.split_once("://") else {
+                return url.to_owned();
+            };
+            let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:***@{host}"),
+                    None => format!("***@{host}"),
+                },
+                None => authority.to_owned(),
+            };
+            let tail = match tail.split_once('?') {
+                Some((path, query)) => {
+                    let query: Vec<String> = query
+                        .split('&')
+                        .map(|pair| match pair.split_once('=') {
+                            Some((name, _))
+                                if name.eq_ignore_ascii_case("password")
+                                    || name.eq_ignore_ascii_case("pass") =>
+                            {
+                                format!("{name}=***")
+                            }
+                            _ => pair.to_owned(),
+                        })
+                        .collect();
+                    format!("{path}?{}", query.join("&"))
+                }
+                None => tail.to_owned(),
+            };
+            format!("{scheme}://{authority}{tail}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The level names a log filter takes.
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a log filter (`log.level` or `RUST_LOG`): comma-separated
+/// directives, each a level (`info`) or `target=level`
+/// (`matrix_gatekeeper::audit=warn`). `tracing`'s own parser also takes a
+/// bare word as a target to log at every level, which turns a typo such as
+/// `inof` into a filter that silently drops every line; that is refused.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    let is_level = |word: &str| {
+        LOG_LEVELS
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case(word.trim()))
+    };
+    if filter.split(',').all(|d| d.trim().is_empty()) {
+        return Err("empty; expected a level such as info".to_owned());
+    }
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level,
+            Some(_) => return Err(format!("directive {directive:?} names no target")),
+            None => directive,
+        };
+        if !is_level(level) {
+            return Err(format!(
+                "{level:?} is not a level (expected one of {})",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|e| format!("not a filter ({e})"))
 }
 
 // === sections ===
@@ -924,6 +1036,38 @@ fn serialize_display<S: Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::O
 mod tests {
     use super::*;
 
+    #[test]
+    fn redis_passwords_are_redacted() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:hunter2@redis:6379/0", "redis://:***@redis:6379/0"),
+            ("redis://gate:hunter2@redis", "redis://gate:***@redis"),
+            ("rediss://hunter2@redis/", "rediss://***@redis/"),
+            (
+                "redis://a:hunter2@n1:7000,redis://a:hunter2@n2:7000",
+                "redis://a:***@n1:7000,redis://a:***@n2:7000",
+            ),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=hunter2",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        let config = Config::from_toml(
+            "[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://:hunter2@redis:6379\"\n",
+        )
+        .unwrap();
+        let printed = config.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("redis://:***@redis:6379"), "{printed}");
+        // The running configuration keeps the secret.
+        assert_eq!(
+            config.rate_limit.redis_url.as_deref(),
+            Some("redis://:hunter2@redis:6379")
+        );
+    }
+
     fn err(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()
     }
@@ -1033,6 +1177,26 @@ mod tests {
             err("[email]\ndenied_domains = [\"a b\"]\n").starts_with("email.denied_domains[0]:")
         );
         assert!(err("[log]\nlevel = \"very=loud=x\"\n").starts_with("log.level:"));
+        for typo in [
+            "inof",
+            "",
+            " , ",
+            "debug,matrix_gatekeeper",
+            "=info",
+            "x=loud",
+        ] {
+            let message = err(&format!("[log]\nlevel = \"{typo}\"\n"));
+            assert!(message.starts_with("log.level:"), "{typo:?}: {message}");
+        }
+        for good in [
+            "info",
+            "WARN",
+            "warn,matrix_gatekeeper::audit=info",
+            "a[span]=debug",
+        ] {
+            Config::from_toml(&format!("[log]\nlevel = \"{good}\"\n"))
+                .unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
         assert!(err("[server]\nadmin_listen = \"x\"\n").starts_with("server.admin_listen:"));
     }
 

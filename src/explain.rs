@@ -1,17 +1,20 @@
 //! `matrix-gatekeeper explain`: the decision the policy takes on one
-//! registration, and the rule that made it, for support tickets.
+//! registration, the rule that made it, and the rate limits the request
+//! counts against, for support tickets.
 //!
 //! It runs the same pure policy the gate runs on `POST
-//! /_matrix/client/v3/register`; rate limits, which depend on traffic, are
-//! not evaluated.
+//! /_matrix/client/v3/register`, and names the limits in the order the gate
+//! takes them. It does not read their state: that lives in the running gate
+//! (or in Redis), and depends on traffic.
 
 use std::fmt;
 use std::net::IpAddr;
 
 use http::Method;
 
-use crate::config::{Config, GateMode};
-use crate::gate::policy::{HeadDecision, Policy};
+use crate::client_ip::ClientAddress;
+use crate::config::{Config, GateMode, LimitSpec};
+use crate::gate::policy::{HeadDecision, Policy, RequestedName};
 use crate::gate::routes::{ApiVersion, GuardedRoute};
 
 /// What to explain.
@@ -29,6 +32,19 @@ pub struct Question {
 
 /// The answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// What the policy decided.
+    pub decision: Explained,
+    /// The username as sent and as mapped, if one was given.
+    pub username: Option<RequestedName>,
+    /// The rate limits the request counts against, in the gate's order.
+    pub limits: Vec<AppliedLimit>,
+    /// Whether the gate runs in shadow mode (then it only logs a refusal).
+    pub shadow: bool,
+}
+
+/// The policy's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Explained {
     /// The request would be forwarded like this.
     Allowed {
@@ -36,10 +52,6 @@ pub enum Explained {
         target: String,
         /// The body the homeserver would receive.
         body: String,
-        /// The mapped username, if one was given.
-        username: Option<String>,
-        /// Whether the gate runs in shadow mode.
-        shadow: bool,
     },
     /// The request would be refused.
     Refused {
@@ -51,31 +63,91 @@ pub enum Explained {
         errcode: &'static str,
         /// Error text.
         error: String,
-        /// Whether the gate runs in shadow mode (then it only logs this).
-        shadow: bool,
     },
 }
 
+/// One rate limit a request counts against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedLimit {
+    /// The `[rate_limit]` key.
+    pub name: &'static str,
+    /// Its configured value; `None` when it is not set (no limit).
+    pub spec: Option<LimitSpec>,
+    /// The key it is counted under: the client's address or IPv6 prefix,
+    /// `*` for the whole server, or `-` when no `--ip` was given.
+    pub key: String,
+    /// When the unit it takes is given back.
+    pub refunded: &'static str,
+}
+
 /// Runs the policy of `config` on the registration `question` describes.
-pub fn explain(config: &Config, question: &Question) -> Explained {
+pub fn explain(config: &Config, question: &Question) -> Explanation {
     let policy = Policy::new(config);
     let shadow = config.registration.mode == GateMode::Shadow;
+    let client_key = question.ip.map_or_else(
+        || "-".to_owned(),
+        |ip| {
+            let key = config.client_ip.resolver().key(ClientAddress(ip));
+            match ip.to_canonical() {
+                IpAddr::V6(_) => format!("{key}/{}", config.client_ip.ipv6_prefix_len),
+                IpAddr::V4(_) => key.to_string(),
+            }
+        },
+    );
+    let limit = |name: &'static str, refunded: &'static str| {
+        let spec = config
+            .rate_limit
+            .limits()
+            .into_iter()
+            .find(|(key, _)| *key == name)
+            .and_then(|(_, spec)| spec);
+        let key = if name == "registrations_global" {
+            "*".to_owned()
+        } else {
+            client_key.clone()
+        };
+        AppliedLimit {
+            name,
+            spec,
+            key,
+            refunded,
+        }
+    };
+    let mut explanation = Explanation {
+        decision: Explained::Allowed {
+            target: String::new(),
+            body: String::new(),
+        },
+        username: None,
+        limits: Vec::new(),
+        shadow,
+    };
     let refused = |refusal: crate::gate::Refusal| Explained::Refused {
         rule: refusal.rule,
         status: refusal.error.status.as_u16(),
         errcode: refusal.error.errcode,
         error: refusal.error.error,
-        shadow,
     };
+    // The gate's order: bans, then every attempt is counted, then the
+    // policy on the query, the guest limit, the body, and the reservation
+    // of a completed registration.
     if let Err(refusal) = policy.client(question.ip, question.user_agent.as_deref()) {
-        return refused(refusal);
+        explanation.decision = refused(refusal);
+        return explanation;
     }
+    explanation.limits.push(limit("attempts_per_ip", "never"));
     let route = GuardedRoute::Register(ApiVersion::V3);
     let query = question.guest.then_some("kind=guest");
     let forward = match policy.head(&Method::POST, route, query) {
-        HeadDecision::Refuse(refusal) => return refused(refusal),
+        HeadDecision::Refuse(refusal) => {
+            explanation.decision = refused(refusal);
+            return explanation;
+        }
         HeadDecision::Forward(forward) => forward,
         HeadDecision::ReadBody(plan) => {
+            if question.guest {
+                explanation.limits.push(limit("guests_per_ip", "never"));
+            }
             let mut body = serde_json::Map::new();
             if let Some(name) = &question.username {
                 body.insert("username".into(), serde_json::Value::String(name.clone()));
@@ -83,59 +155,91 @@ pub fn explain(config: &Config, question: &Question) -> Explained {
             let bytes = serde_json::to_vec(&body).unwrap_or_default();
             match policy.body(plan, &bytes) {
                 Ok(forward) => forward,
-                Err(refusal) => return refused(refusal),
+                Err(refusal) => {
+                    explanation.username = refusal.username.as_deref().cloned();
+                    explanation.decision = refused(refusal);
+                    return explanation;
+                }
             }
         }
     };
-    Explained::Allowed {
+    let unless_success = "when the homeserver answers with anything but a 2xx";
+    explanation
+        .limits
+        .push(limit("registrations_per_ip", unless_success));
+    explanation
+        .limits
+        .push(limit("registrations_global", unless_success));
+    explanation.username = forward.username;
+    explanation.decision = Explained::Allowed {
         target: format!("POST {}", forward.path_and_query),
         body: forward
             .body
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default(),
-        username: forward.username,
-        shadow,
+    };
+    explanation
+}
+
+impl Explanation {
+    /// Whether the policy lets the request through.
+    pub fn allowed(&self) -> bool {
+        matches!(self.decision, Explained::Allowed { .. })
     }
 }
 
-impl fmt::Display for Explained {
+impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Explained::Allowed {
-                target,
-                body,
-                username,
-                shadow,
-            } => {
-                writeln!(f, "decision: allowed")?;
-                if let Some(name) = username {
-                    writeln!(f, "username: {name}")?;
-                }
+        match &self.decision {
+            Explained::Allowed { .. } => writeln!(f, "decision: allowed")?,
+            Explained::Refused { rule, .. } => {
+                writeln!(f, "decision: refused")?;
+                writeln!(f, "rule: {rule}")?;
+            }
+        }
+        if let Some(name) = &self.username {
+            match name.mapped.as_deref() {
+                Some(mapped) if mapped == name.sent => writeln!(f, "username: {mapped}")?,
+                Some(mapped) => writeln!(f, "username: {mapped} (sent as {:?})", name.sent)?,
+                None => writeln!(f, "username: {:?} (not mapped)", name.sent)?,
+            }
+        }
+        match &self.decision {
+            Explained::Allowed { target, body } => {
                 writeln!(f, "forwarded: {target}")?;
                 writeln!(f, "body: {body}")?;
-                if *shadow {
-                    writeln!(f, "mode: shadow")?;
-                }
             }
             Explained::Refused {
-                rule,
                 status,
                 errcode,
                 error,
-                shadow,
-            } => {
-                writeln!(f, "decision: refused")?;
-                writeln!(f, "rule: {rule}")?;
-                writeln!(f, "answer: {status} {errcode}: {error}")?;
-                if *shadow {
-                    writeln!(
-                        f,
-                        "mode: shadow (the request would be forwarded and only logged)"
-                    )?;
-                }
+                ..
+            } => writeln!(f, "answer: {status} {errcode}: {error}")?,
+        }
+        if self.shadow {
+            writeln!(
+                f,
+                "mode: shadow (a refused request is forwarded as sent, and only logged)"
+            )?;
+        }
+        if self.limits.is_empty() {
+            return writeln!(f, "limits: none (refused before any limit counts)");
+        }
+        writeln!(
+            f,
+            "limits (counted in this order; their current state is in the running gate):"
+        )?;
+        for limit in &self.limits {
+            match &limit.spec {
+                Some(spec) => writeln!(
+                    f,
+                    "  {}: {} per {}, key {}, refunded {}",
+                    limit.name, spec.count, spec.period, limit.key, limit.refunded
+                )?,
+                None => writeln!(f, "  {}: not set", limit.name)?,
             }
         }
-        writeln!(f, "note: rate limits are not evaluated")
+        Ok(())
     }
 }
 
@@ -143,7 +247,7 @@ impl fmt::Display for Explained {
 mod tests {
     use super::*;
 
-    fn ask(toml: &str, q: Question) -> Explained {
+    fn ask(toml: &str, q: Question) -> Explanation {
         explain(&Config::from_toml(toml).unwrap(), &q)
     }
 
@@ -153,7 +257,7 @@ mod tests {
             username: Some(name.to_owned()),
             ..Default::default()
         };
-        match ask("", q("adm1n")) {
+        match ask("", q("adm1n")).decision {
             Explained::Refused {
                 rule,
                 errcode,
@@ -164,30 +268,35 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match ask("", q("Kevin")) {
-            Explained::Allowed {
-                username, target, ..
-            } => {
-                assert_eq!(username.as_deref(), Some("kevin"));
+        let kevin = ask("", q("Kevin"));
+        match &kevin.decision {
+            Explained::Allowed { target, .. } => {
                 assert_eq!(target, "POST /_matrix/client/v3/register");
             }
             other => panic!("{other:?}"),
         }
+        let name = kevin.username.clone().unwrap();
+        assert_eq!(
+            (name.sent.as_str(), name.mapped.as_deref()),
+            ("Kevin", Some("kevin"))
+        );
+        let text = kevin.to_string();
+        assert!(
+            text.contains("username: kevin (sent as \"Kevin\")"),
+            "{text}"
+        );
         let guest = Question {
             guest: true,
             ..Default::default()
         };
         assert!(matches!(
-            ask("", guest.clone()),
+            ask("", guest.clone()).decision,
             Explained::Refused {
                 rule: "guest_denied",
                 ..
             }
         ));
-        assert!(matches!(
-            ask("[guest]\naccess = \"allow\"\n", guest),
-            Explained::Allowed { .. }
-        ));
+        assert!(ask("[guest]\naccess = \"allow\"\n", guest).allowed());
         let banned = Question {
             ip: Some("192.0.2.7".parse().unwrap()),
             ..q("alice")
@@ -199,5 +308,71 @@ mod tests {
         .to_string();
         assert!(text.contains("rule: denied_client"), "{text}");
         assert!(text.contains("mode: shadow"), "{text}");
+    }
+
+    #[test]
+    fn names_the_mapped_name_of_a_refusal_and_the_limits_in_gate_order() {
+        let limits = "[rate_limit]\nattempts_per_ip = { count = 30, period = \"1h\" }\n\
+                      registrations_per_ip = { count = 3, period = \"1h\" }\n\
+                      guests_per_ip = { count = 5, period = \"1h\" }\n";
+        let question = |name: &str, ip: &str| Question {
+            username: Some(name.to_owned()),
+            ip: Some(ip.parse().unwrap()),
+            ..Default::default()
+        };
+        let refused = ask(limits, question("Admin", "2001:db8:1:2:3:4:5:6"));
+        let name = refused.username.clone().unwrap();
+        assert_eq!(
+            (name.sent.as_str(), name.mapped.as_deref()),
+            ("Admin", Some("admin"))
+        );
+        let names: Vec<_> = refused.limits.iter().map(|l| l.name).collect();
+        assert_eq!(
+            names,
+            ["attempts_per_ip"],
+            "a refused name is only an attempt"
+        );
+        assert_eq!(refused.limits[0].key, "2001:db8:1:2::/64");
+        let allowed = ask(limits, question("alice", "192.0.2.7"));
+        let shown: Vec<_> = allowed
+            .limits
+            .iter()
+            .map(|l| (l.name, l.spec.map(|s| s.count), l.key.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("attempts_per_ip", Some(30), "192.0.2.7"),
+                ("registrations_per_ip", Some(3), "192.0.2.7"),
+                ("registrations_global", None, "*"),
+            ]
+        );
+        let text = allowed.to_string();
+        assert!(
+            text.contains("  registrations_per_ip: 3 per 1h, key 192.0.2.7, refunded when"),
+            "{text}"
+        );
+        assert!(text.contains("  registrations_global: not set"), "{text}");
+        let guest = Question {
+            guest: true,
+            ..Default::default()
+        };
+        let guest = ask(&format!("[guest]\naccess = \"allow\"\n{limits}"), guest);
+        let names: Vec<_> = guest.limits.iter().map(|l| l.name).collect();
+        assert_eq!(
+            names,
+            [
+                "attempts_per_ip",
+                "guests_per_ip",
+                "registrations_per_ip",
+                "registrations_global"
+            ]
+        );
+        let banned = ask(
+            "[client_ip]\ndeny = [\"192.0.2.0/24\"]\n",
+            question("alice", "192.0.2.7"),
+        );
+        assert!(banned.limits.is_empty());
+        assert!(banned.to_string().contains("limits: none"), "{banned}");
     }
 }

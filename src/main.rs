@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use matrix_gatekeeper::config::{Config, ConfigError};
-use matrix_gatekeeper::explain::{explain, Explained, Question};
+use matrix_gatekeeper::config::{Config, ConfigError, UpstreamConfig};
+use matrix_gatekeeper::explain::{explain, Question};
 use matrix_gatekeeper::server::{shutdown_signal, Server};
 use matrix_gatekeeper::telemetry::init_logging;
 
@@ -40,8 +40,8 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Print the decision the policy takes on a registration, and the rule
-    /// that made it (rate limits are not evaluated).
+    /// Print the decision the policy takes on a registration, the rule that
+    /// made it, and the rate limits the request counts against.
     Explain {
         /// Configuration file; without it, the embedded example configuration.
         #[arg(long, short)]
@@ -93,13 +93,13 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Explain {
-            config,
+            config: config_path,
             username,
             guest,
             ip,
             user_agent,
         } => {
-            let config = match load_or_exit(config.as_ref()) {
+            let config = match load_or_exit(config_path.as_ref()) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
@@ -112,10 +112,15 @@ fn main() -> ExitCode {
                     user_agent,
                 },
             );
+            let source = config_path
+                .as_ref()
+                .map_or_else(|| "embedded".to_owned(), |p| p.display().to_string());
+            println!("configuration: {source}");
             print!("{explained}");
-            match explained {
-                Explained::Allowed { .. } => ExitCode::SUCCESS,
-                Explained::Refused { .. } => ExitCode::from(1),
+            if explained.allowed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
             }
         }
         Command::Healthcheck { url } => healthcheck(&url),
@@ -124,6 +129,10 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
+            if let Err(message) = init_logging(&config.log) {
+                eprintln!("matrix-gatekeeper: invalid configuration: {message}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             serve(config, path)
         }
     }
@@ -147,33 +156,73 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
-    init_logging(&config.log);
     let runtime = match runtime(config.server.workers) {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
     runtime.block_on(async {
+        let shutdown = shutdown_signal();
         let mut server = match Server::bind(&config).await {
             Ok(server) => server,
             Err(error) => {
-                tracing::error!(%error, "cannot bind");
+                tracing::error!(key = error.key, address = %error.addr, "{error}");
                 return ExitCode::from(EXIT_BIND);
             }
+        };
+        let source = match &path {
+            Some(path) => path.display().to_string(),
+            None => "embedded".to_owned(),
         };
         if let Some(path) = path {
             server = server.with_config_path(path);
         }
+        let listen = server
+            .local_addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let admin = server
+            .admin_addr()
+            .map_or_else(|| "off".to_owned(), |addr| addr.to_string());
         tracing::info!(
-            listen = ?server.local_addrs(),
-            admin = ?server.admin_addr(),
+            listen = %listen,
+            admin = %admin,
             upstream = %config.upstream.url,
             mode = config.registration.mode.as_str(),
+            config = %source,
             "matrix-gatekeeper listening"
         );
-        server.run(shutdown_signal()).await;
+        if source == "embedded" {
+            tracing::info!(
+                "running with the embedded example configuration; pass --config FILE for your own"
+            );
+        }
+        tokio::spawn(warn_if_homeserver_unreachable(config.upstream.clone()));
+        server.run(shutdown).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// One TCP connection to the homeserver at start: a gate whose homeserver is
+/// down still starts (the homeserver may come up later), but says so.
+async fn warn_if_homeserver_unreachable(upstream: UpstreamConfig) {
+    let url = &upstream.url;
+    let host = url.host().unwrap_or("127.0.0.1");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = url.port_u16().unwrap_or(80);
+    let connect = tokio::net::TcpStream::connect((host, port));
+    let problem = match tokio::time::timeout(upstream.connect_timeout.0, connect).await {
+        Ok(Ok(_)) => return,
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no connection within {:?}", upstream.connect_timeout.0),
+    };
+    tracing::warn!(
+        upstream = %url,
+        error = %problem,
+        "the homeserver cannot be reached yet; requests get 502 until it can"
+    );
 }
 
 fn healthcheck(url: &str) -> ExitCode {
@@ -192,15 +241,18 @@ fn healthcheck(url: &str) -> ExitCode {
         match tokio::time::timeout(std::time::Duration::from_secs(3), client.get(uri)).await {
             Ok(Ok(response)) if response.status().is_success() => ExitCode::SUCCESS,
             Ok(Ok(response)) => {
-                eprintln!("healthcheck: {}", response.status());
+                eprintln!("healthcheck: {url} answered {}", response.status());
                 ExitCode::FAILURE
             }
             Ok(Err(error)) => {
-                eprintln!("healthcheck: {error}");
+                let cause = std::error::Error::source(&error)
+                    .map(|source| format!(" ({source})"))
+                    .unwrap_or_default();
+                eprintln!("healthcheck: {url}: {error}{cause}");
                 ExitCode::FAILURE
             }
             Err(_) => {
-                eprintln!("healthcheck: no answer within 3 s");
+                eprintln!("healthcheck: {url}: no answer within 3 s");
                 ExitCode::FAILURE
             }
         }

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -70,7 +70,9 @@ pub fn build_stack(config: &Config) -> (GatekeeperService, RegistrationGateLayer
 pub struct Reloader {
     gate: RegistrationGateLayer,
     path: Option<PathBuf>,
-    current: Arc<Mutex<Config>>,
+    /// The configuration the process started with: the values of the
+    /// restart-only keys in force.
+    running: Arc<Config>,
 }
 
 impl Reloader {
@@ -90,43 +92,12 @@ impl Reloader {
                 return Err(error);
             }
         };
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, changed) in [
-            (
-                "server.listen",
-                current.server.listen != config.server.listen,
-            ),
-            (
-                "server.admin_listen",
-                current.server.admin_listen != config.server.admin_listen,
-            ),
-            (
-                "server.header_read_timeout",
-                current.server.header_read_timeout != config.server.header_read_timeout,
-            ),
-            (
-                "server.shutdown_timeout",
-                current.server.shutdown_timeout != config.server.shutdown_timeout,
-            ),
-            (
-                "server.workers",
-                current.server.workers != config.server.workers,
-            ),
-            (
-                "upstream",
-                toml::to_string(&current.upstream).ok() != toml::to_string(&config.upstream).ok(),
-            ),
-            (
-                "log",
-                toml::to_string(&current.log).ok() != toml::to_string(&config.log).ok(),
-            ),
-        ] {
-            if changed {
-                tracing::warn!(key, "changed, but takes effect only after a restart");
-            }
+        // Compared with what runs, not with the last file read: a second
+        // reload warns again, and a reverted file does not.
+        for key in self.running.restart_only_changes(&config) {
+            tracing::warn!(key, "changed, but takes effect only after a restart");
         }
         self.gate.reload(&config);
-        *current = config;
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }
@@ -153,14 +124,14 @@ pub struct Server {
 
 impl Server {
     /// Binds every `server.listen` address and the admin listener.
-    pub async fn bind(config: &Config) -> io::Result<Server> {
+    pub async fn bind(config: &Config) -> Result<Server, BindError> {
         let mut listeners = Vec::new();
         for addr in &config.server.listen.0 {
-            listeners.push(bind(*addr).await?);
+            listeners.push(bind("server.listen", *addr).await?);
         }
         let mut server = Server::from_listeners(config, listeners);
         if let Some(admin) = config.server.admin_listen {
-            server.admin = Some(bind(admin.0).await?);
+            server.admin = Some(bind("server.admin_listen", admin.0).await?);
         }
         Ok(server)
     }
@@ -181,7 +152,7 @@ impl Server {
             reloader: Reloader {
                 gate: gate.clone(),
                 path: None,
-                current: Arc::new(Mutex::new(config.clone())),
+                running: Arc::new(config.clone()),
             },
             upstream_authority,
             fast_path: FastPath::new(config, gate.clone()),
@@ -528,10 +499,23 @@ where
     }
 }
 
-async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// A listen address that could not be bound, named by its key.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({key}): {source}")]
+pub struct BindError {
+    /// `server.listen` or `server.admin_listen`.
+    pub key: &'static str,
+    /// The address tried.
+    pub addr: SocketAddr,
+    /// What the operating system said.
+    #[source]
+    pub source: io::Error,
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+        .map_err(|source| BindError { key, addr, source })
 }
 
 async fn admin_loop(listener: TcpListener, state: AdminState) {
@@ -605,26 +589,35 @@ async fn accept_loop(listener: TcpListener, accepted: mpsc::Sender<(TcpStream, S
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal that arrives
+/// while the server is still starting is not lost (nor kills the process
+/// the default way). Call it inside a Tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        async fn received(signal: Option<Signal>) {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+        let terminate = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        async move {
+            tokio::select! {
+                () = received(terminate) => {},
+                () = received(interrupt) => {},
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
     }
 }

@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{check_log_filter, LogConfig, LogFormat};
 use crate::ratelimit::RateLimiter;
 
 /// What happened to a registration request.
@@ -238,19 +239,35 @@ impl Metrics {
     }
 }
 
-/// Starts logging to standard error. `RUST_LOG`, when set, overrides
-/// `log.level`.
-pub fn init_logging(config: &LogConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// The log filter in force: `RUST_LOG` when it is set (and not empty),
+/// else `log.level`. An unusable filter is an error naming where it came
+/// from, never a silent fallback: a typo must not turn logging off.
+pub fn log_filter(config: &LogConfig) -> Result<String, String> {
+    match std::env::var("RUST_LOG") {
+        Ok(value) if !value.trim().is_empty() => check_log_filter(&value)
+            .map(|()| value.clone())
+            .map_err(|message| format!("RUST_LOG: {message}: \"{value}\"")),
+        Ok(_) | Err(std::env::VarError::NotPresent) => check_log_filter(&config.level)
+            .map(|()| config.level.clone())
+            .map_err(|message| format!("log.level: {message}: \"{}\"", config.level)),
+        Err(std::env::VarError::NotUnicode(_)) => Err("RUST_LOG: not valid UTF-8".to_owned()),
+    }
+}
+
+/// Starts logging to standard error, with the filter [`log_filter`] picks.
+/// Colours only when standard error is a terminal.
+pub fn init_logging(config: &LogConfig) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(config)?)
+        .map_err(|e| format!("log.level: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter);
     match config.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -98,6 +98,166 @@ async fn every_decision_is_one_audit_line_without_secrets() {
     assert_eq!(lines[2]["rule"], "registrations_per_ip");
 }
 
+/// The JSON log lines `filter` lets through while `run` runs; a subscriber
+/// scoped to this thread, so it does not meet the global one of another
+/// test.
+async fn log_lines<F: std::future::Future<Output = ()>>(
+    filter: &str,
+    run: F,
+) -> Vec<serde_json::Value> {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .with_env_filter(filter)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    run.await;
+    drop(guard);
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The audit lines a `run` produced, parsed.
+async fn audit_lines<F: std::future::Future<Output = ()>>(run: F) -> Vec<serde_json::Value> {
+    log_lines("matrix_gatekeeper::audit=info", run)
+        .await
+        .into_iter()
+        .filter(|v| v["target"] == "matrix_gatekeeper::audit")
+        .collect()
+}
+
+#[tokio::test]
+async fn reload_warns_about_restart_only_keys_against_what_runs() {
+    let path = std::env::temp_dir().join(format!("mgk-restart-keys-{}.toml", std::process::id()));
+    let started = "[server]\nlisten = \"127.0.0.1:8009\"\nworkers = 0\n[upstream]\nurl = \"http://127.0.0.1:8008\"\n";
+    let changed = "[server]\nlisten = \"127.0.0.1:8010\"\nworkers = 0\n[upstream]\nurl = \"http://127.0.0.1:8008\"\n[username]\nreserved = [\"x\"]\n";
+    std::fs::write(&path, started).unwrap();
+    let config = matrix_gatekeeper::Config::from_file(&path).unwrap();
+    let server = matrix_gatekeeper::Server::from_listeners(&config, Vec::new())
+        .with_config_path(path.clone());
+    let reloader = server.reloader();
+    let warned = |lines: &[serde_json::Value]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l["message"] == "changed, but takes effect only after a restart")
+            .map(|l| l["key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut rounds = Vec::new();
+    for text in [changed, changed, started] {
+        std::fs::write(&path, text).unwrap();
+        let lines = log_lines("matrix_gatekeeper=info", async {
+            reloader.reload().unwrap();
+        })
+        .await;
+        rounds.push(warned(&lines));
+    }
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(
+        rounds,
+        [
+            vec!["server.listen".to_owned()],
+            // Still not in effect: the second reload says so again.
+            vec!["server.listen".to_owned()],
+            // Back to what runs: nothing to warn about.
+            vec![],
+        ]
+    );
+}
+
+#[tokio::test]
+async fn refusals_name_the_username_and_the_kind() {
+    let hs = FakeHomeserver::start().await;
+    let register = |gate: &Gate| gate.url("/_matrix/client/v3/register");
+    let long = "x".repeat(400);
+    let lines = audit_lines(async {
+        let gate = Gate::start(&hs.url(), "").await;
+        for name in [
+            "admin", "adm1n", "_bridge", "12345", "Admin", "ok\nname", &long,
+        ] {
+            let body = serde_json::json!({ "username": name }).to_string();
+            post_json(&register(&gate), &body).await;
+        }
+        // A guest refused at the head (guests are denied by default), and
+        // a guest named only in a later `kind` value.
+        post_json(&gate.url("/_matrix/client/v3/register?kind=guest"), "{}").await;
+        post_json(
+            &gate.url("/_matrix/client/v3/register?kind=user&kind=guest"),
+            "{}",
+        )
+        .await;
+        send(
+            Method::GET,
+            &gate.url("/_matrix/client/v3/register/available?username=Root"),
+            &[],
+            "",
+        )
+        .await;
+    })
+    .await;
+    hs.assert_saw_nothing("every request here is refused");
+    let by = |i: usize, field: &str| lines[i][field].clone();
+    assert_eq!(lines.len(), 10, "{lines:#?}");
+    for (i, (username, rule)) in [
+        ("admin", "reserved"),
+        ("adm1n", "lookalike"),
+        ("_bridge", "leading_underscore"),
+        ("12345", "numeric"),
+        ("admin", "reserved"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(by(i, "decision"), "refused", "{:#?}", lines[i]);
+        assert_eq!(by(i, "username"), *username, "{:#?}", lines[i]);
+        assert_eq!(by(i, "rule"), *rule, "{:#?}", lines[i]);
+        assert_eq!(by(i, "kind"), "user", "{:#?}", lines[i]);
+    }
+    // The name as sent appears only where mapping changed it.
+    assert!(lines[0].get("username_sent").is_none(), "{:#?}", lines[0]);
+    assert_eq!(by(4, "username_sent"), "Admin");
+    // Control characters are escaped, long names cut.
+    assert_eq!(by(5, "username"), "ok\\nname");
+    assert_eq!(by(5, "rule"), "grammar");
+    let cut = by(6, "username").as_str().unwrap().to_owned();
+    assert!(
+        cut.len() <= 300 + '…'.len_utf8() && cut.ends_with('…'),
+        "{cut}"
+    );
+    assert_eq!(by(7, "kind"), "guest");
+    assert_eq!(by(7, "rule"), "guest_denied");
+    assert_eq!(by(8, "kind"), "guest");
+    assert_eq!(by(8, "rule"), "ambiguous_kind");
+    assert_eq!(by(9, "route"), "available");
+    assert_eq!(by(9, "username"), "root");
+    assert_eq!(by(9, "username_sent"), "Root");
+}
+
+#[tokio::test]
+async fn shadow_mode_names_what_it_would_refuse() {
+    let hs = FakeHomeserver::start().await;
+    let lines = audit_lines(async {
+        let gate = Gate::start(&hs.url(), "[registration]\nmode = \"shadow\"\n").await;
+        post_json(
+            &gate.url("/_matrix/client/v3/register"),
+            r#"{"username":"Administrator"}"#,
+        )
+        .await;
+    })
+    .await;
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["decision"], "would_refuse");
+    assert_eq!(lines[0]["rule"], "reserved");
+    assert_eq!(lines[0]["username"], "administrator");
+    assert_eq!(lines[0]["username_sent"], "Administrator");
+    assert_eq!(lines[0]["kind"], "user");
+}
+
 #[test]
 fn the_binary_logs_json_and_reloads_on_sighup() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

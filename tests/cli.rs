@@ -191,7 +191,7 @@ fn explain_prints_the_decision_and_the_rule() {
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     let text = stdout(&output);
     assert!(
-        text.contains("decision: allowed\nusername: alice\n"),
+        text.contains("decision: allowed\nusername: alice (sent as \"Alice\")\n"),
         "{text}"
     );
     assert!(text.contains(r#"body: {"username":"alice"}"#), "{text}");
@@ -220,4 +220,203 @@ fn healthcheck_fails_without_an_admin_listener() {
     let url = format!("http://127.0.0.1:{}/healthz", free_port());
     let output = run(&["healthcheck", "--url", &url]);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
+}
+
+#[test]
+fn explain_names_the_configuration_the_mapped_name_and_the_limits() {
+    let output = run(&["explain", "--username", "Admin", "--ip", "192.0.2.7"]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let text = stdout(&output);
+    assert!(text.starts_with("configuration: embedded\n"), "{text}");
+    assert!(text.contains("rule: reserved\n"), "{text}");
+    assert!(
+        text.contains("username: admin (sent as \"Admin\")\n"),
+        "{text}"
+    );
+    // The embedded example recommends 30 attempts an hour.
+    assert!(
+        text.contains("  attempts_per_ip: 30 per 1h, key 192.0.2.7, refunded never\n"),
+        "{text}"
+    );
+    let config =
+        TempConfig::new("[rate_limit]\nregistrations_per_ip = { count = 2, period = \"1d\" }\n");
+    let output = run(&[
+        "explain",
+        "--config",
+        config.path().to_str().unwrap(),
+        "--username",
+        "carol",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let text = stdout(&output);
+    assert!(
+        text.starts_with(&format!("configuration: {}\n", config.path().display())),
+        "{text}"
+    );
+    assert!(text.contains("  attempts_per_ip: not set\n"), "{text}");
+    assert!(
+        text.contains("  registrations_per_ip: 2 per 24h, key -, refunded when the homeserver"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_redacts_the_redis_password() {
+    let config = TempConfig::new(
+        "[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://:s3cret-pass@redis:6379/0\"\n",
+    );
+    let output = check(config.path());
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let printed = stdout(&output);
+    assert!(!printed.contains("s3cret-pass"), "{printed}");
+    assert!(printed.contains("redis://:***@redis:6379/0"), "{printed}");
+}
+
+#[test]
+fn healthcheck_failures_name_the_url() {
+    let url = format!("http://127.0.0.1:{}/healthz", free_port());
+    let output = run(&["healthcheck", "--url", &url]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(stderr(&output).contains(&url), "{}", stderr(&output));
+}
+
+/// Runs `serve` until its stderr shows `wanted` (or it exits), then stops it
+/// and returns its exit status and stderr.
+fn serve_until(config: &Path, env: &[(&str, &str)], wanted: &str) -> (Option<i32>, String) {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("binary starts");
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+            let _ = tx.send(String::from_utf8_lossy(&text).into_owned());
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = String::new();
+    loop {
+        if let Ok(more) = rx.recv_timeout(Duration::from_millis(50)) {
+            text = more;
+        }
+        if text.contains(wanted) {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            while let Ok(more) = rx.recv_timeout(Duration::from_millis(200)) {
+                text = more;
+            }
+            return (status.code(), text);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve never printed {wanted:?}:\n{text}");
+        }
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    while let Ok(more) = rx.recv_timeout(Duration::from_millis(200)) {
+        text = more;
+    }
+    (status.code(), text)
+}
+
+#[test]
+fn a_log_level_typo_is_refused_not_silence() {
+    let port = free_port();
+    let config = TempConfig::new(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"inof\"\n"
+    ));
+    let (code, text) = serve_until(config.path(), &[], "never");
+    assert_eq!(code, Some(EXIT_CONFIG), "{text}");
+    assert!(text.contains("log.level"), "{text}");
+    assert!(text.contains("inof"), "{text}");
+
+    let good = TempConfig::new(&format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let (code, text) = serve_until(good.path(), &[("RUST_LOG", "wran")], "never");
+    assert_eq!(code, Some(EXIT_CONFIG), "{text}");
+    assert!(text.contains("RUST_LOG"), "{text}");
+}
+
+#[test]
+fn start_up_is_plain_text_and_says_what_it_found() {
+    let port = free_port();
+    let admin = free_port();
+    let homeserver = free_port();
+    let config = TempConfig::new(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+         [upstream]\nurl = \"http://127.0.0.1:{homeserver}\"\n"
+    ));
+    let (code, text) = serve_until(config.path(), &[], "cannot be reached");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes on a pipe:\n{text}");
+    let listening = text
+        .lines()
+        .find(|line| line.contains("matrix-gatekeeper listening"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        listening.contains(&format!("listen=127.0.0.1:{port}")),
+        "{listening}"
+    );
+    assert!(
+        listening.contains(&format!("admin=127.0.0.1:{admin}")),
+        "{listening}"
+    );
+    assert!(
+        listening.contains(&format!("config={}", config.path().display())),
+        "{listening}"
+    );
+    assert!(!listening.contains("Some("), "{listening}");
+    assert!(!listening.contains('['), "{listening}");
+    let warning = text
+        .lines()
+        .find(|line| line.contains("cannot be reached"))
+        .unwrap();
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains(&format!("127.0.0.1:{homeserver}")),
+        "{warning}"
+    );
+}
+
+#[test]
+fn a_bind_failure_names_the_listener_and_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let free = free_port();
+    for (config, key) in [
+        (
+            format!("[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+            "server.listen",
+        ),
+        (
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{free}\"\nadmin_listen = \"127.0.0.1:{port}\"\n"
+            ),
+            "server.admin_listen",
+        ),
+    ] {
+        let config = TempConfig::new(&config);
+        let (code, text) = serve_until(config.path(), &[], "never");
+        assert_eq!(code, Some(71), "{text}");
+        assert!(text.contains(key), "{key}: {text}");
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    }
 }

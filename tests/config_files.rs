@@ -109,3 +109,43 @@ fn embedded_example_is_the_shipped_example() {
     let text = std::fs::read_to_string(example_path()).unwrap();
     assert_eq!(matrix_gatekeeper::config::EMBEDDED_EXAMPLE, text);
 }
+
+#[test]
+fn readme_and_example_list_the_same_restart_only_keys_as_the_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = std::fs::read_to_string(example_path()).unwrap();
+    let paragraph = |text: &str, marker: &str| -> String {
+        let start = text.find(marker).unwrap_or_else(|| panic!("no {marker:?}"));
+        text[start..].split("\n\n").next().unwrap().to_owned()
+    };
+    let readme_list = paragraph(&readme, "Restart-only keys:");
+    let example_list = paragraph(&example, "# Restart-only keys:");
+    for key in matrix_gatekeeper::config::RESTART_ONLY_KEYS {
+        let shown = if key.contains('.') {
+            format!("`{key}`")
+        } else {
+            format!("`[{key}]`")
+        };
+        assert!(
+            readme_list.contains(&shown),
+            "README lacks {shown}: {readme_list}"
+        );
+        let bare = shown.trim_matches('`');
+        assert!(
+            example_list.contains(bare),
+            "example lacks {bare}: {example_list}"
+        );
+    }
+    let count = |text: &str| text.matches("server.").count() + text.matches('[').count();
+    assert_eq!(
+        count(&readme_list),
+        matrix_gatekeeper::config::RESTART_ONLY_KEYS.len(),
+        "the README lists a key the code does not: {readme_list}"
+    );
+    assert_eq!(
+        count(&example_list),
+        matrix_gatekeeper::config::RESTART_ONLY_KEYS.len(),
+        "the example lists a key the code does not: {example_list}"
+    );
+}

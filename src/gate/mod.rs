@@ -72,7 +72,7 @@ use tower::{Layer, Service};
 
 pub use body::GateBody;
 use policy::{AccountKind, BodyPlan};
-pub use policy::{Forward, HeadDecision, Policy, Refusal};
+pub use policy::{Forward, HeadDecision, Policy, Refusal, RequestedName};
 pub use routes::GuardedRoute;
 
 use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
@@ -268,23 +268,59 @@ struct Audit {
     key: ClientKey,
     user_agent: Option<String>,
     kind: Option<&'static str>,
-    username: Option<String>,
+    username: Option<RequestedName>,
     outcome: Outcome,
     rule: &'static str,
     status: Option<u16>,
 }
 
+/// Longest client-chosen text (a username, a user agent) an audit line
+/// carries, in bytes.
+const AUDIT_TEXT_MAX: usize = 300;
+
+/// Client-chosen text made safe for a log line: control characters escaped
+/// (`\n`, `\u{1b}`), cut to [`AUDIT_TEXT_MAX`] bytes on a character
+/// boundary with `…` appended.
+fn audit_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(AUDIT_TEXT_MAX) + 3);
+    for c in text.chars() {
+        let before = out.len();
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() > AUDIT_TEXT_MAX {
+            out.truncate(before);
+            out.push('…');
+            break;
+        }
+    }
+    out
+}
+
 impl Audit {
     fn emit(&self, metrics: &Metrics) {
         metrics.decision(self.route.name(), self.outcome, self.rule);
+        let mapped = self
+            .username
+            .as_ref()
+            .and_then(|name| name.mapped.as_deref());
+        // The name as sent, only where mapping changed it (or refused it).
+        let sent = self
+            .username
+            .as_ref()
+            .filter(|name| name.mapped.as_deref() != Some(name.sent.as_str()))
+            .map(|name| audit_text(&name.sent));
         tracing::info!(
             target: "matrix_gatekeeper::audit",
             route = self.route.name(),
             client = self.client.map(|c| c.to_string()).as_deref().unwrap_or("-"),
             key = %self.key,
-            user_agent = self.user_agent.as_deref().unwrap_or("-"),
+            user_agent = self.user_agent.as_deref().map(audit_text).as_deref().unwrap_or("-"),
             kind = self.kind.unwrap_or("-"),
-            username = self.username.as_deref().unwrap_or("-"),
+            username = mapped.map(audit_text).as_deref().unwrap_or("-"),
+            username_sent = sent.as_deref(),
             decision = self.outcome.as_str(),
             rule = self.rule,
             upstream_status = self.status.unwrap_or(0),
@@ -311,6 +347,14 @@ impl Stop {
         match self {
             Stop::Refuse(refusal) => refusal.rule,
             Stop::Limit(limited) => limited.limit.name(),
+        }
+    }
+
+    /// The username a refusal names, for the audit line.
+    fn username(&self) -> Option<RequestedName> {
+        match self {
+            Stop::Refuse(refusal) => refusal.username.as_deref().cloned(),
+            Stop::Limit(_) => None,
         }
     }
 
@@ -358,7 +402,10 @@ where
         client,
         key,
         user_agent,
-        kind: None,
+        kind: match route {
+            GuardedRoute::Register(_) => Some(policy::audited_kind(parts.uri.query())),
+            _ => None,
+        },
         username: None,
         outcome: Outcome::Allowed,
         rule: "",
@@ -383,6 +430,7 @@ where
         Err(stop) if shadow => {
             audit.outcome = Outcome::WouldRefuse;
             audit.rule = stop.rule();
+            audit.username = audit.username.take().or_else(|| stop.username());
             let original = match (read, body) {
                 (Some(bytes), Some(rest)) => GateBody::replay(bytes, rest),
                 (None, Some(body)) => GateBody::client(body),
@@ -394,6 +442,7 @@ where
         Err(stop) => {
             audit.outcome = stop.outcome();
             audit.rule = stop.rule();
+            audit.username = audit.username.take().or_else(|| stop.username());
             audit.emit(&metrics);
             return Ok(stop.into_response().map(Either::Right));
         }
@@ -440,12 +489,6 @@ where
         HeadDecision::Refuse(refusal) => return Err(Stop::Refuse(refusal)),
         HeadDecision::Forward(forward) => forward,
         HeadDecision::ReadBody(plan) => {
-            if let BodyPlan::Register(_, kind) = plan {
-                audit.kind = Some(match kind {
-                    AccountKind::Guest => "guest",
-                    AccountKind::User { .. } => "user",
-                });
-            }
             if let BodyPlan::Register(_, AccountKind::Guest) = plan {
                 limiter
                     .acquire(&[LimitKind::GuestsPerIp], key)
@@ -468,10 +511,10 @@ where
                 Ok(ReadBody::TooLarge(prefix, rest)) => {
                     *read = Some(prefix);
                     *body = Some(rest);
-                    return Err(Stop::Refuse(Refusal {
-                        rule: "too_large",
-                        error: MatrixError::too_large(policy.max_body_bytes),
-                    }));
+                    return Err(Stop::Refuse(Refusal::new(
+                        "too_large",
+                        MatrixError::too_large(policy.max_body_bytes),
+                    )));
                 }
                 Err(refusal) => return Err(Stop::Refuse(refusal)),
             };
@@ -521,14 +564,14 @@ fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 fn body_error(detail: impl std::fmt::Display) -> Refusal {
-    Refusal {
-        rule: "body_error",
-        error: MatrixError::new(
+    Refusal::new(
+        "body_error",
+        MatrixError::new(
             StatusCode::BAD_REQUEST,
             "M_UNKNOWN",
             format!("The request body could not be read: {detail}"),
         ),
-    }
+    )
 }
 
 /// Reads a body, at most `limit` bytes, within `deadline`. Past the limit
@@ -563,10 +606,7 @@ where
         Ok(Ok(false)) => Ok(ReadBody::Complete(buffer.freeze())),
         Ok(Ok(true)) => Ok(ReadBody::TooLarge(buffer.freeze(), body)),
         Ok(Err(refusal)) => Err(refusal),
-        Err(_) => Err(Refusal {
-            rule: "body_timeout",
-            error: MatrixError::request_timeout(),
-        }),
+        Err(_) => Err(Refusal::new("body_timeout", MatrixError::request_timeout())),
     }
 }
 
@@ -583,9 +623,11 @@ fn canonical_request<B>(
     parts: &http::request::Parts,
     forward: Forward,
 ) -> Result<Request<GateRequestBody<B>>, Refusal> {
-    let uri = forward.path_and_query.parse::<Uri>().map_err(|_| Refusal {
-        rule: "bad_query",
-        error: MatrixError::invalid_param("The request could not be put in canonical form."),
+    let uri = forward.path_and_query.parse::<Uri>().map_err(|_| {
+        Refusal::new(
+            "bad_query",
+            MatrixError::invalid_param("The request could not be put in canonical form."),
+        )
     })?;
     let bytes = forward.body.unwrap_or_default();
     let length = bytes.len();

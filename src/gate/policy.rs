@@ -34,6 +34,18 @@ pub enum AccountKind {
     Guest,
 }
 
+/// A username a request named: as the client sent it, and as the gate
+/// mapped it. The audit log records both, so that an operator can see why a
+/// name was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedName {
+    /// The name as sent.
+    pub sent: String,
+    /// The localpart after case mapping; `None` when mapping itself refused
+    /// the name (`case = "reject"` and upper case).
+    pub mapped: Option<String>,
+}
+
 /// Why the gate refused a request: the rule, for logs and metrics, and the
 /// answer the client receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,11 +54,20 @@ pub struct Refusal {
     pub rule: &'static str,
     /// The Matrix error answered.
     pub error: MatrixError,
+    /// The username the refused request named, if the refusal came after
+    /// the gate read one (boxed: refusals travel in `Result`s, and most
+    /// carry none).
+    pub username: Option<Box<RequestedName>>,
 }
 
 impl Refusal {
-    fn new(rule: &'static str, error: MatrixError) -> Self {
-        Refusal { rule, error }
+    /// A refusal by `rule`, answered with `error`.
+    pub fn new(rule: &'static str, error: MatrixError) -> Self {
+        Refusal {
+            rule,
+            error,
+            username: None,
+        }
     }
 }
 
@@ -74,8 +95,8 @@ pub struct Forward {
     pub path_and_query: String,
     /// The re-serialized JSON body, if the request has one.
     pub body: Option<Bytes>,
-    /// The mapped localpart that was checked, if any.
-    pub username: Option<String>,
+    /// The username that was checked and forwarded (mapped), if any.
+    pub username: Option<RequestedName>,
 }
 
 /// How a body is to be judged.
@@ -178,6 +199,26 @@ impl Policy {
         Ok(())
     }
 
+    /// Checks a requested username; the refusal, too, names it.
+    fn username_decision(
+        &self,
+        requested: &str,
+        guest_upgrade: bool,
+    ) -> Result<RequestedName, Refusal> {
+        let (mapped, verdict) = self.username.judge(requested, guest_upgrade);
+        let name = RequestedName {
+            sent: requested.to_owned(),
+            mapped,
+        };
+        match verdict {
+            Ok(()) => Ok(name),
+            Err(rule) => Err(Refusal {
+                username: Some(Box::new(name)),
+                ..rule.into()
+            }),
+        }
+    }
+
     /// Decides on a guarded request from its method, route and raw query.
     pub fn head(
         &self,
@@ -276,13 +317,16 @@ impl Policy {
                         )
                     }
                 };
-                match self.username.check(name, false) {
-                    Ok(mapped) => HeadDecision::Forward(Forward {
-                        path_and_query: format!("{path}?username={}", encode_component(&mapped)),
+                match self.username_decision(name, false) {
+                    Ok(checked) => HeadDecision::Forward(Forward {
+                        path_and_query: format!(
+                            "{path}?username={}",
+                            encode_component(checked.mapped.as_deref().unwrap_or_default())
+                        ),
                         body: None,
-                        username: Some(mapped),
+                        username: Some(checked),
                     }),
-                    Err(rule) => HeadDecision::Refuse(rule.into()),
+                    Err(refusal) => HeadDecision::Refuse(refusal),
                 }
             }
             TokenValidity(_) => match query.single("token") {
@@ -361,13 +405,17 @@ impl Policy {
             }
             BodyPlan::Register(route, AccountKind::User { explicit }) => {
                 let mut object = object;
-                let guest_upgrade = object.contains_key("guest_access_token");
+                // Synapse treats a null token as no token (`is None`), so
+                // only a string token makes this a guest upgrade.
+                let guest_upgrade =
+                    matches!(object.get("guest_access_token"), Some(Value::String(_)));
                 let username = match object.get("username") {
                     None => None,
                     Some(Value::String(requested)) => {
-                        let mapped = self.username.check(requested, guest_upgrade)?;
-                        object.insert("username".to_owned(), Value::String(mapped.clone()));
-                        Some(mapped)
+                        let checked = self.username_decision(requested, guest_upgrade)?;
+                        let mapped = checked.mapped.clone().unwrap_or_default();
+                        object.insert("username".to_owned(), Value::String(mapped));
+                        Some(checked)
                     }
                     Some(_) => return Err(UsernameRule::NotAString.into()),
                 };
@@ -439,6 +487,18 @@ fn check_request_token(medium: Medium, object: &Map<String, Value>) -> Result<()
         ));
     }
     Ok(())
+}
+
+/// The account kind a `POST …/register` asks for, as the audit log names
+/// it: `guest` when any `kind` value says so (however the homeserver would
+/// read several), else `user`. Decisions use [`Policy::head`], which refuses
+/// ambiguous and unknown kinds.
+pub fn audited_kind(raw_query: Option<&str>) -> &'static str {
+    if Query::parse(raw_query).values("kind").any(|v| v == "guest") {
+        "guest"
+    } else {
+        "user"
+    }
 }
 
 fn refuse(rule: &'static str, error: MatrixError) -> HeadDecision {
@@ -532,7 +592,9 @@ mod tests {
             )
             .unwrap();
         assert_eq!(fwd.path_and_query, "/_matrix/client/v3/register");
-        assert_eq!(fwd.username.as_deref(), Some("kelvin"));
+        let name = fwd.username.unwrap();
+        assert_eq!(name.mapped.as_deref(), Some("kelvin"));
+        assert_eq!(name.sent, "\u{212A}elvin");
         assert_eq!(
             fwd.body.unwrap(),
             Bytes::from_static(br#"{"auth":{"session":null,"type":"m.login.dummy"},"device_id":"D","future":[1,2.5],"inhibit_login":false,"password":"pw","refresh_token":true,"username":"kelvin"}"#)
@@ -553,6 +615,12 @@ mod tests {
         assert!(p
             .body(user, br#"{"username":"1234","guest_access_token":"t"}"#)
             .is_ok());
+        for name in ["12345", "007", "0"] {
+            for token in ["null", "5", "false", "{}"] {
+                let body = format!(r#"{{"username":"{name}","guest_access_token":{token}}}"#);
+                assert_eq!(code(&body), "M_INVALID_USERNAME", "{body}");
+            }
+        }
         assert!(p.body(user, b"{}").is_ok(), "username-less probe passes");
         assert_eq!(code(r#"{"username":"a","username":"b"}"#), "M_BAD_JSON");
     }

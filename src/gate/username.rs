@@ -129,17 +129,30 @@ impl UsernamePolicy {
     /// carries a `guest_access_token`: such a request may name its own
     /// all-digit localpart (the homeserver checks the token).
     pub fn check(&self, requested: &str, guest_upgrade: bool) -> Result<String, UsernameRule> {
+        let (mapped, verdict) = self.judge(requested, guest_upgrade);
+        verdict?;
+        mapped.ok_or(UsernameRule::UpperCase)
+    }
+
+    /// Like [`check`](Self::check), but hands back the mapped localpart
+    /// whatever the verdict, for the audit log: `None` only when case
+    /// mapping itself refused the name (`case = "reject"`).
+    pub fn judge(
+        &self,
+        requested: &str,
+        guest_upgrade: bool,
+    ) -> (Option<String>, Result<(), UsernameRule>) {
         let mapped = match self.case {
             CaseMode::Lowercase => map_case(requested),
             CaseMode::Reject => {
                 if map_case(requested) != requested {
-                    return Err(UsernameRule::UpperCase);
+                    return (None, Err(UsernameRule::UpperCase));
                 }
                 requested.to_owned()
             }
         };
-        self.check_mapped(&mapped, guest_upgrade)?;
-        Ok(mapped)
+        let verdict = self.check_mapped(&mapped, guest_upgrade);
+        (Some(mapped), verdict)
     }
 
     /// Checks an already-mapped localpart (no case mapping applied).

@@ -2,8 +2,8 @@
 //! spec's own registration OpenAPI, against the gate in front of a real
 //! Synapse.
 //!
-//! The spec files (`../shared/reference/matrix-spec`, read-only) are bundled
-//! at test time by `py/bundle_spec.py` into one document whose paths carry
+//! The spec files (vendored in `spec/matrix-spec`, with their licence and
+//! origin) are bundled at test time by `py/bundle_spec.py` into one document whose paths carry
 //! their own base paths (`/_matrix/client/v3/…`, and `/_matrix/client/v1/…`
 //! for the token validity route). `st run` (pinned in `synapse.rs`) then runs
 //! twice, bounded by example count, a per-request timeout and a whole-run
@@ -31,11 +31,8 @@ use serde_json::Value;
 
 use crate::synapse::{self, Synapse};
 
-/// The shared, read-only Matrix spec.
-const SPEC_DIR: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/reference/matrix-spec"
-);
+/// The vendored excerpt of the Matrix spec (see its `README.md`).
+const SPEC_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/spec/matrix-spec");
 /// Schemathesis examples per operation (and phase); `MGK_FUZZ_EXAMPLES`
 /// overrides.
 const MAX_EXAMPLES: u32 = 300;
@@ -202,8 +199,7 @@ async fn guarded_routes_conform_to_the_spec_under_schemathesis() {
     assert!(
         api_dir.join("registration.yaml").is_file()
             && api_dir.join("registration_tokens.yaml").is_file(),
-        "the Matrix spec is missing: expected {} (the read-only shared reference at \
-         ../shared/reference/matrix-spec next to the crate); spec fuzzing cannot run without it",
+        "the vendored Matrix spec is missing: expected {}",
         api_dir.display()
     );
     let seed = env_or("MGK_FUZZ_SEED", SEED);
