@@ -1,6 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (the
 //! process is alive) and `/readyz` (the homeserver is reachable; the
-//! limiter store's state is reported).
+//! limiter store's state is reported: Redis is asked for a `PING`).
 //!
 //! It is a separate listener, meant for loopback or a private network, and
 //! is off unless `[server] admin_listen` is set.
@@ -51,16 +51,12 @@ impl AdminState {
     }
 
     async fn readiness(&self) -> Response<Full<Bytes>> {
-        let reachable = matches!(
-            tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&self.upstream)).await,
-            Ok(Ok(_))
-        );
         let limiter = self.gate.limiter();
-        let store = match (limiter.uses_redis(), limiter.is_degraded()) {
-            (false, _) => "memory",
-            (true, false) => "redis",
-            (true, true) => "redis-degraded",
-        };
+        let (upstream, store) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&self.upstream)),
+            limiter.store_health(),
+        );
+        let reachable = matches!(upstream, Ok(Ok(_)));
         let body = serde_json::json!({
             "upstream": if reachable { "reachable" } else { "unreachable" },
             "store": store,

@@ -206,6 +206,13 @@ impl Metrics {
             "gatekeeper_limiter_store_degraded {}",
             u8::from(limiter.is_degraded())
         );
+        out.push_str("# HELP gatekeeper_limiter_pending_refunds Redis refunds waiting for Redis to answer.\n");
+        out.push_str("# TYPE gatekeeper_limiter_pending_refunds gauge\n");
+        let _ = writeln!(
+            out,
+            "gatekeeper_limiter_pending_refunds {}",
+            limiter.pending_refunds()
+        );
         out.push_str(
             "# HELP gatekeeper_limiter_tracked_keys Keys held by the in-memory limiter.\n",
         );

@@ -9,19 +9,85 @@ use std::time::{Duration, Instant};
 use common::redis_server::RedisServer;
 use common::{get, send, Answer, FakeHomeserver, Gate};
 use http::Method;
+use matrix_gatekeeper::Config;
 
 const REGISTER: &str = "/_matrix/client/v3/register";
 
 fn config(redis: &RedisServer, on_error: &str, extra: &str) -> String {
+    config_for_url(&redis.url(), on_error, extra)
+}
+
+fn config_for_url(url: &str, on_error: &str, extra: &str) -> String {
     format!(
         "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
-         [rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"100ms\"\n\
+         [rate_limit]\nstore = \"redis\"\nredis_url = \"{url}\"\nredis_timeout = \"100ms\"\n\
          on_store_error = \"{on_error}\"\n\
          registrations_per_ip = {{ count = 2, period = \"1h\" }}\n\
-         availability_checks_per_ip = {{ count = 1000, period = \"1m\" }}\n{extra}",
-        redis.url()
+         availability_checks_per_ip = {{ count = 1000, period = \"1m\" }}\n{extra}"
     )
 }
+
+/// A gate with its admin listener, in front of `hs`.
+async fn gate_with_admin(hs: &FakeHomeserver, extra_toml: &str) -> Gate {
+    let toml = format!(
+        "[upstream]\nurl = \"{}\"\nresponse_timeout = \"10s\"\nconnect_timeout = \"2s\"\n{extra_toml}",
+        hs.url()
+    );
+    Gate::start_full(Config::from_toml(&toml).unwrap(), true, None).await
+}
+
+/// A registration request the homeserver answers with `status` after
+/// `delay_ms`, sent in the background.
+fn register_slowly(gate: &Gate, status: u16, delay_ms: u64) -> tokio::task::JoinHandle<Answer> {
+    let url = gate.url(REGISTER);
+    tokio::spawn(async move {
+        let (status, delay) = (status.to_string(), delay_ms.to_string());
+        send(
+            Method::POST,
+            &url,
+            &[
+                ("content-type", "application/json"),
+                ("x-test-status", status.as_str()),
+                ("x-test-delay-ms", delay.as_str()),
+            ],
+            "{}",
+        )
+        .await
+    })
+}
+
+/// Waits until some key matching `pattern` exists in Redis (or, with
+/// `present = false`, until none does). Fails after `within`.
+async fn wait_for_keys(redis: &RedisServer, pattern: &str, present: bool, within: Duration) {
+    let deadline = Instant::now() + within;
+    while redis.keys(pattern).await.is_empty() == present {
+        assert!(
+            Instant::now() < deadline,
+            "keys {pattern:?} still {}",
+            if present { "absent" } else { "present" }
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The value of a metric line on the admin listener.
+async fn metric(gate: &Gate, name: &str) -> Option<f64> {
+    let text = String::from_utf8(get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Statuses of `n` registrations the homeserver would complete, sent in
+/// turn through `gates`.
+async fn registrations(gates: &[&Gate], n: usize) -> Vec<u16> {
+    let mut statuses = Vec::with_capacity(n);
+    for i in 0..n {
+        statuses.push(register(gates[i % gates.len()], 200).await.status.as_u16());
+    }
+    statuses
+}
+
+const REGISTRATION_KEYS: &str = "{mgk}:registrations_per_ip:*";
 
 async fn register(gate: &Gate, status: u16) -> Answer {
     let status = status.to_string();
@@ -217,4 +283,110 @@ async fn a_gate_started_while_redis_is_down_uses_it_once_it_comes_up() {
     assert_eq!(register(&gate, 200).await.status, 200);
     assert_eq!(register(&gate, 200).await.status, 200);
     assert_eq!(register(&gate, 200).await.status, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_redis_restart_two_replicas_still_complete_only_the_limit() {
+    let mut redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let a = Gate::start(&hs.url(), &config(&redis, "local", "")).await;
+    let b = Gate::start(&hs.url(), &config(&redis, "local", "")).await;
+    // Both replicas hold a connection to Redis, which then dies and comes
+    // back empty on the same port.
+    wait_until_redis_is_used(&a, &redis, Duration::from_secs(5)).await;
+    wait_until_redis_is_used(&b, &redis, Duration::from_secs(5)).await;
+    redis.restart().await;
+    // The first decision on each replica meets its dead connection: it
+    // reconnects and decides in Redis, not locally.
+    assert_eq!(registrations(&[&a, &b], 4).await, [200, 200, 429, 429]);
+    assert_eq!(redis.keys(REGISTRATION_KEYS).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_that_failed_during_an_outage_reaches_redis_when_it_is_back() {
+    let mut redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), &config(&redis, "local", "")).await;
+    // A UIA step the homeserver answers slowly: its unit is reserved in
+    // Redis, which saves its data and dies before the answer comes.
+    let step = register_slowly(&gate, 401, 500);
+    wait_for_keys(&redis, REGISTRATION_KEYS, true, Duration::from_secs(5)).await;
+    redis.save().await;
+    redis.kill();
+    assert_eq!(step.await.unwrap().status, 401);
+    // Redis comes back with its data; the refund the gate could not send is
+    // sent now, which leaves the client's key as fresh as it was.
+    redis.restart_with_saved_data().await;
+    wait_for_keys(&redis, REGISTRATION_KEYS, false, Duration::from_secs(5)).await;
+    assert_eq!(registrations(&[&gate], 3).await, [200, 200, 429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_for_a_redis_that_came_back_empty_gives_no_credit() {
+    let mut redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let gate = gate_with_admin(&hs, &config(&redis, "local", "")).await;
+    let step = register_slowly(&gate, 401, 500);
+    wait_for_keys(&redis, REGISTRATION_KEYS, true, Duration::from_secs(5)).await;
+    redis.kill();
+    assert_eq!(step.await.unwrap().status, 401);
+    // Redis comes back empty: the reservation the queued refund would give
+    // back is gone, and the refund must not give back a unit taken since.
+    redis.restart().await;
+    assert_eq!(register(&gate, 200).await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&gate, "gatekeeper_limiter_pending_refunds").await != Some(0.0) {
+        assert!(Instant::now() < deadline, "the refund queue never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(registrations(&[&gate], 2).await, [200, 429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_whether_redis_answers() {
+    let redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let live = gate_with_admin(&hs, &config(&redis, "local", "")).await;
+    let ready = get(&live.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["store"], "redis");
+
+    let nothing_listens = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{nothing_listens}");
+    let dead = gate_with_admin(&hs, &config_for_url(&url, "local", "")).await;
+    let ready = get(&dead.admin_url("/readyz")).await;
+    // The gate still serves (on its local limits), so it stays ready; the
+    // body says the store is not.
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["store"], "redis-unreachable");
+    assert_eq!(ready.json()["upstream"], "reachable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_that_timed_out_in_a_stall_take_nothing_when_redis_wakes() {
+    let redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let deny = Gate::start(&hs.url(), &config(&redis, "deny", "")).await;
+    let local = Gate::start(&hs.url(), &config(&redis, "local", "")).await;
+    wait_until_redis_is_used(&deny, &redis, Duration::from_secs(5)).await;
+    wait_until_redis_is_used(&local, &redis, Duration::from_secs(5)).await;
+
+    let stall = redis.stall(1.5).await;
+    // Each decision gives up after redis_timeout (100 ms) and falls back;
+    // its script is already on its way and runs when Redis wakes.
+    for _ in 0..3 {
+        register(&deny, 200)
+            .await
+            .assert_error(429, "M_LIMIT_EXCEEDED");
+        assert_eq!(register(&local, 401).await.status, 401);
+    }
+    stall.await.unwrap();
+
+    // The scripts of the timed-out decisions ran before these (they were
+    // sent earlier on the same connections) and changed nothing.
+    assert_eq!(registrations(&[&deny, &local], 3).await, [200, 200, 429]);
 }

@@ -33,7 +33,7 @@ use crate::client_ip::ClientKey;
 use crate::config::{LimitSpec, OnStoreError, RateLimitConfig, StoreKind};
 use crate::error::json_response;
 use memory::MemoryStore;
-use redis::RedisStore;
+use redis::{RedisStore, Reservation};
 
 /// One of the configured limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -156,7 +156,7 @@ impl Limited {
 enum Taken {
     Nothing,
     Local,
-    Redis,
+    Redis(Reservation),
 }
 
 /// Units taken by [`RateLimiter::acquire`]. Dropping it keeps them;
@@ -172,7 +172,8 @@ pub struct Permit {
 
 impl Permit {
     /// Keeps the units on success; gives them back otherwise. A Redis refund
-    /// runs in the background, off the response path.
+    /// runs in the background, off the response path, and is kept until
+    /// Redis takes it if Redis is down.
     pub fn settle(self, success: bool) {
         if success || self.kinds.is_empty() {
             return;
@@ -180,14 +181,9 @@ impl Permit {
         match self.taken {
             Taken::Nothing => {}
             Taken::Local => self.limiter.inner.local.refund(&self.kinds, self.key),
-            Taken::Redis => {
-                if let Some(redis) = self.limiter.inner.redis.clone() {
-                    let (kinds, key) = (self.kinds, self.key);
-                    tokio::spawn(async move {
-                        if let Err(error) = redis.refund(&kinds, key).await {
-                            tracing::warn!(%error, "rate-limit refund could not reach redis");
-                        }
-                    });
+            Taken::Redis(reservation) => {
+                if let Some(redis) = &self.limiter.inner.redis {
+                    redis.refund_in_background(&self.kinds, self.key, reservation);
                 }
             }
         }
@@ -344,7 +340,7 @@ impl RateLimiter {
                         tracing::info!("redis rate-limit store is back; shared limits restored");
                     }
                     return result
-                        .map(|()| permit(Taken::Redis))
+                        .map(|reservation| permit(Taken::Redis(reservation)))
                         .map_err(|(limit, retry_after)| Limited { limit, retry_after });
                 }
                 Err(error) => {
@@ -385,6 +381,25 @@ impl RateLimiter {
     /// Whether limits are kept in Redis.
     pub fn uses_redis(&self) -> bool {
         self.inner.redis.is_some()
+    }
+
+    /// The store's state as `/readyz` reports it: `memory`; `redis` when
+    /// Redis answers a `PING` within `redis_timeout`; `redis-unreachable`
+    /// when it does not (decisions then fall back per `on_store_error`).
+    pub async fn store_health(&self) -> &'static str {
+        match &self.inner.redis {
+            None => "memory",
+            Some(redis) if redis.ping().await => "redis",
+            Some(_) => "redis-unreachable",
+        }
+    }
+
+    /// Redis refunds waiting for Redis to come back.
+    pub fn pending_refunds(&self) -> usize {
+        self.inner
+            .redis
+            .as_ref()
+            .map_or(0, RedisStore::pending_refunds)
     }
 
     /// Counters of the Redis store's health.

@@ -9,59 +9,104 @@
 //!
 //! The connection is made lazily and re-made on its own after failures; a
 //! Redis that is down at start-up, or goes away later, costs each decision
-//! at most `redis_timeout` before the caller falls back.
+//! at most `redis_timeout` before the caller falls back. Three things keep
+//! the shared state right across outages:
+//!
+//! - **A dead connection is retried once.** After Redis restarts, the pooled
+//!   connection is dead; the decision that finds out reconnects and sends its
+//!   script again, within the same `redis_timeout`, instead of falling back.
+//! - **A decision carries its deadline.** The gate gives up on a decision
+//!   after `redis_timeout`, but its script may already be on its way, and a
+//!   stalled Redis runs it when it wakes. The script is given the deadline on
+//!   Redis' own clock (the gate learns the offset between its clock and
+//!   Redis' from every answer) and changes nothing once it has passed.
+//! - **Refunds outlive an outage, not a data loss.** A refund Redis cannot
+//!   take is queued (bounded) and sent again until Redis answers. Every take
+//!   answers with the data set's epoch (a key holding the time it was
+//!   created); a refund carries the epoch of its take and is dropped if Redis
+//!   came back without that data, so it never frees a unit taken since.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::Script;
-use tokio::sync::RwLock;
+use redis::{FromRedisValue, RedisError, Script, ScriptInvocation};
+use tokio::sync::{Notify, RwLock};
 
 use super::{LimitKind, LimitSpecs};
 use crate::client_ip::ClientKey;
 
 /// GCRA over several keys, all or nothing, on Redis' own clock
-/// (microseconds). ARGV: mode, then interval and burst for each key.
+/// (microseconds).
+///
+/// KEYS: the epoch key, then one key per limit. ARGV: mode (`take`,
+/// `refund` or `clock`), the deadline on Redis' clock (0: none), the epoch a
+/// refund's units were taken in, then interval and burst for each limit key.
+///
+/// Answers `{status, wait, index, now, epoch}`; status 1: done, 0: refused
+/// (`wait` until the `index`th limit key conforms), 2: the deadline had
+/// passed and nothing was changed, 3: a refund for another epoch, dropped.
 const GCRA_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local refund = ARGV[1] == 'refund'
-local next_tats = {}
-local worst = 0
-local worst_i = 0
-for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[2 * i])
-  local burst = tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', key))
-  if refund then
+local mode = ARGV[1]
+if mode == 'clock' then return {1, 0, 0, now, 0} end
+local deadline = tonumber(ARGV[2])
+if deadline > 0 and now > deadline then return {2, 0, 0, now, 0} end
+local epoch = tonumber(redis.call('GET', KEYS[1]))
+if mode == 'refund' then
+  if epoch == nil or epoch ~= tonumber(ARGV[3]) then return {3, 0, 0, now, 0} end
+  for i = 2, #KEYS do
+    local interval = tonumber(ARGV[2 * i])
+    local tat = tonumber(redis.call('GET', KEYS[i]))
     if tat then
       tat = tat - interval
       if tat <= now then
-        redis.call('DEL', key)
+        redis.call('DEL', KEYS[i])
       else
-        redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+        redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
       end
     end
-  else
-    if not tat or tat < now then tat = now end
-    local next_tat = tat + interval
-    local allow_at = next_tat - interval * burst
-    if allow_at > now and allow_at - now > worst then
-      worst = allow_at - now
-      worst_i = i
-    end
-    next_tats[i] = next_tat
   end
+  return {1, 0, 0, now, epoch}
 end
-if refund then return {1, 0, 0} end
-if worst > 0 then return {0, worst, worst_i} end
-for i, key in ipairs(KEYS) do
-  redis.call('SET', key, string.format('%.0f', next_tats[i]), 'PX', math.ceil((next_tats[i] - now) / 1000))
+local next_tats = {}
+local worst = 0
+local worst_i = 0
+for i = 2, #KEYS do
+  local interval = tonumber(ARGV[2 * i])
+  local burst = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  if not tat or tat < now then tat = now end
+  local next_tat = tat + interval
+  local allow_at = next_tat - interval * burst
+  if allow_at > now and allow_at - now > worst then
+    worst = allow_at - now
+    worst_i = i - 1
+  end
+  next_tats[i] = next_tat
 end
-return {1, 0, 0}
+if worst > 0 then return {0, worst, worst_i, now, 0} end
+if epoch == nil then
+  epoch = now
+  redis.call('SET', KEYS[1], string.format('%.0f', epoch))
+end
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], string.format('%.0f', next_tats[i]), 'PX', math.ceil((next_tats[i] - now) / 1000))
+end
+return {1, 0, 0, now, epoch}
 ";
+
+/// Refunds kept while Redis cannot take them; past this, new ones are
+/// dropped (and counted).
+const REFUND_QUEUE_CAPACITY: usize = 10_000;
+
+/// First and longest wait between two attempts to send queued refunds.
+const REFUND_RETRY_MIN: Duration = Duration::from_millis(50);
+const REFUND_RETRY_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 enum Connection {
@@ -77,31 +122,136 @@ pub enum StoreError {
     NotConnected,
     /// Redis answered with an error.
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] RedisError),
     /// Redis did not answer within `redis_timeout`.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// The script ran after the decision's deadline and changed nothing.
+    #[error("redis ran the decision after its deadline")]
+    PastDeadline,
     /// The script answered something unexpected.
     #[error("unexpected answer from the rate-limit script")]
     BadAnswer,
 }
 
+/// Units taken in Redis: what a refund needs to give them back to the same
+/// data set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// The epoch of the data set the units were taken from.
+    pub epoch: u64,
+}
+
+/// What became of a refund Redis answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundOutcome {
+    /// The units were given back.
+    Refunded,
+    /// Redis lost the data the units were taken from (it came back empty);
+    /// nothing was changed.
+    DataLost,
+}
+
 /// Limits kept in Redis.
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: Arc<RwLock<Option<Connection>>>,
-    script: Arc<Script>,
+    shared: Arc<Shared>,
     specs: LimitSpecs,
+}
+
+/// What every store made by [`RedisStore::with_specs`] shares.
+struct Shared {
+    connection: RwLock<Option<Connection>>,
+    script: Script,
     timeout: Duration,
-    prefix: Arc<str>,
+    prefix: String,
+    clock: RedisClock,
+    refunds: RefundQueue,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("timeout", &self.timeout)
+            .field("timeout", &self.shared.timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// The offset between the gate's monotonic clock and Redis' `TIME`.
+struct RedisClock {
+    /// The gate's clock is microseconds since this instant.
+    base: Instant,
+    /// Redis' time minus the gate's when the last answer arrived; `i64::MIN`
+    /// until the first answer. Measured at arrival, it is lower than the
+    /// true offset by the answer's way back, so a deadline translated with
+    /// it falls early on Redis' clock by that much: a script that meets it
+    /// answers before the gate stops waiting.
+    offset: AtomicI64,
+}
+
+impl RedisClock {
+    fn micros(&self, at: Instant) -> i64 {
+        i64::try_from(at.saturating_duration_since(self.base).as_micros()).unwrap_or(i64::MAX)
+    }
+
+    fn observe(&self, redis_now: i64) {
+        let local = self.micros(Instant::now());
+        self.offset
+            .store(redis_now.saturating_sub(local), Ordering::Relaxed);
+    }
+
+    /// `at` on Redis' clock, once an answer has shown the offset.
+    fn on_redis_clock(&self, at: Instant) -> Option<i64> {
+        let offset = self.offset.load(Ordering::Relaxed);
+        (offset != i64::MIN).then(|| self.micros(at).saturating_add(offset))
+    }
+}
+
+/// The keys and limit arguments of one decision.
+#[derive(Debug, Clone)]
+struct Decision {
+    kinds: Vec<LimitKind>,
+    keys: Vec<String>,
+    limits: Vec<(u64, u32)>,
+}
+
+/// A refund waiting for Redis.
+#[derive(Debug, Clone)]
+struct QueuedRefund {
+    decision: Decision,
+    epoch: u64,
+}
+
+/// Refunds Redis could not take yet, sent again by one background task.
+struct RefundQueue {
+    entries: Mutex<VecDeque<QueuedRefund>>,
+    /// Whether the task that sends them is running.
+    sending: AtomicBool,
+    /// Wakes that task early (a decision just went through Redis).
+    wake: Arc<Notify>,
+    dropped: AtomicU64,
+}
+
+impl RefundQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<QueuedRefund>> {
+        // The queue holds plain data; a panic elsewhere leaves it usable.
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// How a script answered.
+enum Answer {
+    Done { epoch: u64 },
+    Refused { wait: Duration, kind: LimitKind },
+    Stale,
+}
+
+/// What is sent to Redis.
+enum Request<'a> {
+    Script(&'a ScriptInvocation<'a>),
+    Command(&'a redis::Cmd),
 }
 
 impl RedisStore {
@@ -114,13 +264,22 @@ impl RedisStore {
         specs: LimitSpecs,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let store = RedisStore {
-            connection: Arc::new(RwLock::new(None)),
-            script: Arc::new(Script::new(GCRA_SCRIPT)),
-            specs,
+        let shared = Arc::new(Shared {
+            connection: RwLock::new(None),
+            script: Script::new(GCRA_SCRIPT),
             timeout,
-            prefix: Arc::from("mgk"),
-        };
+            prefix: "mgk".to_owned(),
+            clock: RedisClock {
+                base: Instant::now(),
+                offset: AtomicI64::new(i64::MIN),
+            },
+            refunds: RefundQueue {
+                entries: Mutex::new(VecDeque::new()),
+                sending: AtomicBool::new(false),
+                wake: Arc::new(Notify::new()),
+                dropped: AtomicU64::new(0),
+            },
+        });
         let nodes: Vec<String> = url.split(',').map(|s| s.trim().to_owned()).collect();
         if !cluster {
             let client = redis::Client::open(nodes[0].as_str())?;
@@ -131,7 +290,7 @@ impl RedisStore {
                 .set_min_delay(Duration::from_millis(50))
                 .set_max_delay(Duration::from_secs(2));
             let manager = ConnectionManager::new_lazy_with_config(client, config)?;
-            if let Ok(mut slot) = store.connection.try_write() {
+            if let Ok(mut slot) = shared.connection.try_write() {
                 *slot = Some(Connection::Single(manager));
             }
         } else {
@@ -140,17 +299,22 @@ impl RedisStore {
                 .response_timeout(timeout)
                 .retries(1)
                 .build()?;
-            let slot = store.connection.clone();
+            let weak = Arc::downgrade(&shared);
             tokio::spawn(async move {
                 let mut delay = Duration::from_millis(100);
                 loop {
                     match client.get_async_connection().await {
                         Ok(connection) => {
-                            *slot.write().await = Some(Connection::Cluster(connection));
+                            let Some(shared) = weak.upgrade() else { return };
+                            *shared.connection.write().await =
+                                Some(Connection::Cluster(connection));
                             tracing::info!("connected to redis cluster");
                             return;
                         }
                         Err(error) => {
+                            if weak.strong_count() == 0 {
+                                return;
+                            }
                             tracing::warn!(%error, "cannot connect to redis cluster; retrying");
                             tokio::time::sleep(delay).await;
                             delay = (delay * 2).min(Duration::from_secs(5));
@@ -159,7 +323,7 @@ impl RedisStore {
                 }
             });
         }
-        Ok(store)
+        Ok(RedisStore { shared, specs })
     }
 
     /// The same connection, deciding with other limits.
@@ -170,66 +334,22 @@ impl RedisStore {
         }
     }
 
-    fn key(&self, kind: LimitKind, key: ClientKey) -> String {
-        if kind.is_global() {
-            format!("{{{}}}:{}", self.prefix, kind.name())
-        } else {
-            format!("{{{}}}:{}:{:032x}", self.prefix, kind.name(), key.0)
-        }
-    }
-
-    /// Runs the script; answers whether the units were taken, and if not,
-    /// the wait and the limit that refused.
-    async fn run(
-        &self,
-        mode: &str,
-        kinds: &[LimitKind],
-        key: ClientKey,
-    ) -> Result<Option<(Duration, LimitKind)>, StoreError> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(mode);
-        let mut included: Vec<LimitKind> = Vec::with_capacity(kinds.len());
+    fn decision(&self, kinds: &[LimitKind], key: ClientKey) -> Decision {
+        let mut decision = Decision {
+            kinds: Vec::with_capacity(kinds.len()),
+            keys: Vec::with_capacity(kinds.len()),
+            limits: Vec::with_capacity(kinds.len()),
+        };
         for &kind in kinds {
             let Some(spec) = self.specs.get(kind) else {
                 continue;
             };
-            included.push(kind);
             let interval_us = spec.emission_interval().as_micros().max(1) as u64;
-            invocation
-                .key(self.key(kind, key))
-                .arg(interval_us)
-                .arg(spec.count);
+            decision.kinds.push(kind);
+            decision.keys.push(self.shared.key(kind, key));
+            decision.limits.push((interval_us, spec.count));
         }
-        if included.is_empty() {
-            return Ok(None);
-        }
-        let connection = self.connection.read().await.clone();
-        let Some(connection) = connection else {
-            return Err(StoreError::NotConnected);
-        };
-        let call = async {
-            match connection {
-                Connection::Single(mut c) => invocation.invoke_async::<Vec<i64>>(&mut c).await,
-                Connection::Cluster(mut c) => invocation.invoke_async::<Vec<i64>>(&mut c).await,
-            }
-        };
-        let answer = tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))??;
-        match answer.as_slice() {
-            [1, _, _] => Ok(None),
-            [0, wait_us, index] => {
-                let kind = usize::try_from(*index - 1)
-                    .ok()
-                    .and_then(|i| included.get(i))
-                    .ok_or(StoreError::BadAnswer)?;
-                Ok(Some((
-                    Duration::from_micros((*wait_us).max(1) as u64),
-                    *kind,
-                )))
-            }
-            _ => Err(StoreError::BadAnswer),
-        }
+        decision
     }
 
     /// Takes one unit of each of `kinds` for `key`, all or nothing.
@@ -238,15 +358,296 @@ impl RedisStore {
         &self,
         kinds: &[LimitKind],
         key: ClientKey,
-    ) -> Result<Result<(), (LimitKind, Duration)>, StoreError> {
-        Ok(match self.run("take", kinds, key).await? {
-            None => Ok(()),
-            Some((wait, kind)) => Err((kind, wait)),
-        })
+    ) -> Result<Result<Reservation, (LimitKind, Duration)>, StoreError> {
+        let decision = self.decision(kinds, key);
+        if decision.keys.is_empty() {
+            return Ok(Ok(Reservation { epoch: 0 }));
+        }
+        let answer = self.shared.decide(Mode::Take, &decision).await?;
+        // Redis answers: a good moment to send refunds it missed (a sender
+        // runs exactly while some are queued).
+        if self.shared.refunds.sending.load(Ordering::Relaxed) {
+            self.shared.refunds.wake.notify_one();
+        }
+        match answer {
+            Answer::Done { epoch } => Ok(Ok(Reservation { epoch })),
+            Answer::Refused { wait, kind } => Ok(Err((kind, wait))),
+            Answer::Stale => Err(StoreError::BadAnswer),
+        }
     }
 
-    /// Gives back one unit of each of `kinds` for `key`.
-    pub async fn refund(&self, kinds: &[LimitKind], key: ClientKey) -> Result<(), StoreError> {
-        self.run("refund", kinds, key).await.map(|_| ())
+    /// Gives back one unit of each of `kinds` for `key`, taken by
+    /// `reservation`.
+    pub async fn refund(
+        &self,
+        kinds: &[LimitKind],
+        key: ClientKey,
+        reservation: Reservation,
+    ) -> Result<RefundOutcome, StoreError> {
+        let decision = self.decision(kinds, key);
+        if decision.keys.is_empty() {
+            return Ok(RefundOutcome::Refunded);
+        }
+        self.shared
+            .refund(&decision, reservation.epoch)
+            .await
+            .map(|answer| match answer {
+                Answer::Stale => RefundOutcome::DataLost,
+                _ => RefundOutcome::Refunded,
+            })
     }
+
+    /// Gives back one unit of each of `kinds` for `key` in the background,
+    /// off the response path. A refund Redis cannot take now is queued and
+    /// sent again until it can.
+    pub fn refund_in_background(
+        &self,
+        kinds: &[LimitKind],
+        key: ClientKey,
+        reservation: Reservation,
+    ) {
+        let decision = self.decision(kinds, key);
+        if decision.keys.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        runtime.spawn(async move {
+            if let Err(error) = shared.refund(&decision, reservation.epoch).await {
+                tracing::warn!(%error, "rate-limit refund could not reach redis; queued");
+                Shared::queue_refund(
+                    &shared,
+                    QueuedRefund {
+                        decision,
+                        epoch: reservation.epoch,
+                    },
+                );
+            }
+        });
+    }
+
+    /// Refunds waiting for Redis.
+    pub fn pending_refunds(&self) -> usize {
+        self.shared.refunds.lock().len()
+    }
+
+    /// Refunds dropped because the queue was full.
+    pub fn dropped_refunds(&self) -> u64 {
+        self.shared.refunds.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether Redis answers a `PING` within `redis_timeout`.
+    pub async fn ping(&self) -> bool {
+        let shared = &self.shared;
+        let ping = redis::cmd("PING");
+        let answer = tokio::time::timeout(
+            shared.timeout,
+            shared.send::<String>(&Request::Command(&ping)),
+        )
+        .await;
+        matches!(answer, Ok(Ok(_)))
+    }
+}
+
+/// What a script run does.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Take,
+    Refund { epoch: u64 },
+}
+
+impl Shared {
+    fn key(&self, kind: LimitKind, key: ClientKey) -> String {
+        if kind.is_global() {
+            format!("{{{}}}:{}", self.prefix, kind.name())
+        } else {
+            format!("{{{}}}:{}:{:032x}", self.prefix, kind.name(), key.0)
+        }
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{{{}}}:epoch", self.prefix)
+    }
+
+    async fn refund(&self, decision: &Decision, epoch: u64) -> Result<Answer, StoreError> {
+        self.decide(Mode::Refund { epoch }, decision).await
+    }
+
+    /// Runs the script for `decision` within `redis_timeout`, with the
+    /// deadline on Redis' clock.
+    async fn decide(&self, mode: Mode, decision: &Decision) -> Result<Answer, StoreError> {
+        let deadline = Instant::now() + self.timeout;
+        tokio::time::timeout_at(deadline.into(), async {
+            let redis_deadline = match self.clock.on_redis_clock(deadline) {
+                Some(at) => at,
+                None => {
+                    // The first answer teaches the offset; until then, ask
+                    // Redis for its time in the same budget.
+                    self.run_script("clock", 0, 0, decision).await?;
+                    self.clock
+                        .on_redis_clock(deadline)
+                        .ok_or(StoreError::BadAnswer)?
+                }
+            };
+            // 0 means "no deadline" to the script; a real one is never 0.
+            let redis_deadline = redis_deadline.max(1);
+            match mode {
+                Mode::Take => self.run_script("take", redis_deadline, 0, decision).await,
+                Mode::Refund { epoch } => {
+                    self.run_script("refund", redis_deadline, epoch, decision)
+                        .await
+                }
+            }
+        })
+        .await
+        .map_err(|_| StoreError::Timeout(self.timeout))?
+    }
+
+    async fn run_script(
+        &self,
+        mode: &str,
+        redis_deadline: i64,
+        epoch: u64,
+        decision: &Decision,
+    ) -> Result<Answer, StoreError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(self.epoch_key())
+            .arg(mode)
+            .arg(redis_deadline)
+            .arg(epoch);
+        for (key, (interval_us, burst)) in decision.keys.iter().zip(&decision.limits) {
+            invocation.key(key).arg(*interval_us).arg(*burst);
+        }
+        let answer: Vec<i64> = self.send(&Request::Script(&invocation)).await?;
+        let [status, wait_us, index, redis_now, epoch] = answer.as_slice() else {
+            return Err(StoreError::BadAnswer);
+        };
+        self.clock.observe(*redis_now);
+        match status {
+            1 => Ok(Answer::Done {
+                epoch: u64::try_from(*epoch).map_err(|_| StoreError::BadAnswer)?,
+            }),
+            0 => {
+                let kind = usize::try_from(*index - 1)
+                    .ok()
+                    .and_then(|i| decision.kinds.get(i))
+                    .ok_or(StoreError::BadAnswer)?;
+                Ok(Answer::Refused {
+                    wait: Duration::from_micros((*wait_us).max(1) as u64),
+                    kind: *kind,
+                })
+            }
+            2 => Err(StoreError::PastDeadline),
+            3 => Ok(Answer::Stale),
+            _ => Err(StoreError::BadAnswer),
+        }
+    }
+
+    /// Sends `request`; a request that fails because the connection is
+    /// dead (Redis restarted, or the network dropped it) is sent once more,
+    /// on the connection the client makes anew. The caller bounds the time.
+    async fn send<T: FromRedisValue>(&self, request: &Request<'_>) -> Result<T, StoreError> {
+        let connection = self.connection.read().await.clone();
+        let Some(connection) = connection else {
+            return Err(StoreError::NotConnected);
+        };
+        match send_once(&connection, request).await {
+            Err(error) if is_dead_connection(&error) => {
+                tracing::debug!(%error, "redis connection lost; reconnecting");
+                Ok(send_once(&connection, request).await?)
+            }
+            answer => Ok(answer?),
+        }
+    }
+
+    fn queue_refund(shared: &Arc<Shared>, refund: QueuedRefund) {
+        {
+            let mut entries = shared.refunds.lock();
+            if entries.len() >= REFUND_QUEUE_CAPACITY {
+                drop(entries);
+                if shared.refunds.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        capacity = REFUND_QUEUE_CAPACITY,
+                        "rate-limit refund queue full; refunds are dropped"
+                    );
+                }
+                return;
+            }
+            entries.push_back(refund);
+        }
+        if !shared.refunds.sending.swap(true, Ordering::AcqRel) {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                shared.refunds.sending.store(false, Ordering::Release);
+                return;
+            };
+            runtime.spawn(send_queued_refunds(
+                Arc::downgrade(shared),
+                shared.refunds.wake.clone(),
+            ));
+        }
+    }
+}
+
+/// Sends queued refunds in order until the queue is empty, waiting between
+/// attempts while Redis does not take them. Ends when the store is gone.
+async fn send_queued_refunds(weak: Weak<Shared>, wake: Arc<Notify>) {
+    let mut delay = REFUND_RETRY_MIN;
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let next = shared.refunds.lock().front().cloned();
+        let Some(refund) = next else {
+            shared.refunds.sending.store(false, Ordering::Release);
+            // A refund queued between the look and the store above would
+            // otherwise wait for the next failure to start a sender.
+            if shared.refunds.lock().is_empty()
+                || shared.refunds.sending.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+            continue;
+        };
+        match shared.refund(&refund.decision, refund.epoch).await {
+            Ok(answer) => {
+                if matches!(answer, Answer::Stale) {
+                    tracing::info!("queued rate-limit refund dropped: redis lost its data");
+                }
+                shared.refunds.lock().pop_front();
+                delay = REFUND_RETRY_MIN;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "queued rate-limit refund not taken yet");
+                drop(shared);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = wake.notified() => {}
+                }
+                delay = (delay * 2).min(REFUND_RETRY_MAX);
+            }
+        }
+    }
+}
+
+async fn send_once<T: FromRedisValue>(
+    connection: &Connection,
+    request: &Request<'_>,
+) -> Result<T, RedisError> {
+    match connection.clone() {
+        Connection::Single(mut c) => match request {
+            Request::Script(invocation) => invocation.invoke_async(&mut c).await,
+            Request::Command(command) => command.query_async(&mut c).await,
+        },
+        Connection::Cluster(mut c) => match request {
+            Request::Script(invocation) => invocation.invoke_async(&mut c).await,
+            Request::Command(command) => command.query_async(&mut c).await,
+        },
+    }
+}
+
+/// Whether `error` says the connection is gone (rather than Redis refusing
+/// or being slow): the client reconnects, so sending again can succeed.
+fn is_dead_connection(error: &RedisError) -> bool {
+    !error.is_timeout() && (error.is_connection_dropped() || error.is_unrecoverable_error())
 }

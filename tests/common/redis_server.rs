@@ -1,5 +1,5 @@
 //! A private `redis-server` for one test, on a free port, that the test can
-//! kill and restart.
+//! kill, restart (empty or with the data it saved) and stall.
 
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
@@ -81,6 +81,10 @@ impl RedisServer {
             .arg("no")
             .arg("--dir")
             .arg(&self.dir)
+            // `DEBUG SLEEP` stalls the server for the stall tests; Redis 7
+            // refuses DEBUG unless this is set.
+            .arg("--enable-debug-command")
+            .arg("local")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if self.cluster {
@@ -139,7 +143,70 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(self.dir.join("nodes.conf"));
+        let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
         self.spawn().await;
+    }
+
+    /// Writes the data set to disk (`SAVE`), for
+    /// [`RedisServer::restart_with_saved_data`].
+    pub async fn save(&self) {
+        let mut con = self.connection().await;
+        let _: () = redis::cmd("SAVE").query_async(&mut con).await.unwrap();
+    }
+
+    /// Starts the server again on the same port with the data of the last
+    /// [`RedisServer::save`] (keys and their remaining time to live), as a
+    /// Redis with persistence comes back.
+    pub async fn restart_with_saved_data(&mut self) {
+        self.kill();
+        assert!(self.dir.join("dump.rdb").exists(), "nothing was saved");
+        self.spawn().await;
+    }
+
+    /// Blocks the server for `seconds` (`DEBUG SLEEP`) and returns once it
+    /// is verifiably stalled (a `PING` goes unanswered); the handle
+    /// completes when the server answers again.
+    pub async fn stall(&self, seconds: f64) -> tokio::task::JoinHandle<()> {
+        // The client's default response timeout is shorter than a stall.
+        let mut sleeper = redis::Client::open(self.url().as_str())
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+            )
+            .await
+            .unwrap();
+        let mut prober = self.connection().await;
+        let sleep = tokio::spawn(async move {
+            let answer: redis::RedisResult<()> = redis::cmd("DEBUG")
+                .arg("SLEEP")
+                .arg(seconds)
+                .query_async(&mut sleeper)
+                .await;
+            answer.expect("DEBUG SLEEP");
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let ping = tokio::time::timeout(
+                Duration::from_millis(50),
+                redis::cmd("PING").query_async::<String>(&mut prober),
+            )
+            .await;
+            if ping.is_err() {
+                return sleep;
+            }
+            assert!(Instant::now() < deadline, "redis-server never stalled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The keys matching `pattern`.
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut con = self.connection().await;
+        redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut con)
+            .await
+            .unwrap()
     }
 }
 
