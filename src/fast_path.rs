@@ -26,7 +26,9 @@
 //!
 //! The answer is relayed with its own framing when it has a length, and
 //! re-chunked when it is chunked or delimited by the connection's end.
-//! Transport failures answer `502`/`504` like the full stack does.
+//! Transport failures answer `502`/`504` like the full stack does; a client
+//! that does not finish its body gets a `400` of its own, not counted as a
+//! homeserver error.
 
 use std::future::Future;
 use std::io;
@@ -43,9 +45,10 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Config;
+use crate::error::MatrixError;
 use crate::gate::{routes, RegistrationGateLayer};
 use crate::upstream::pool::{bare_host, connect_tcp, lock, spawn_reaper, MAX_IDLE};
-use crate::upstream::{failure_answer, write_ip};
+use crate::upstream::{client_body_failure, failure_answer, write_ip};
 
 /// Size of a client connection's read buffer; a request head that does not
 /// fit goes to the full stack.
@@ -406,8 +409,7 @@ impl<F: Future> Conn<'_, F> {
         let head = loop {
             let result = match self.send(&mut upstream.stream, &plan).await {
                 Ok(()) => self.read_head(&mut upstream.stream, deadline).await,
-                Err(error) if is_reset(&error) => Err(HeadError::Closed),
-                Err(error) => Err(HeadError::Io(error)),
+                Err(error) => Err(error),
             };
             match result {
                 Ok(head) => break head,
@@ -426,6 +428,13 @@ impl<F: Future> Conn<'_, F> {
                     // the homeserver sees its connection close.
                     tracing::debug!(peer = %self.peer, "client left before the answer");
                     return Ok(false);
+                }
+                Err(HeadError::ClientBody(error)) => {
+                    // The homeserver connection, holding part of a request,
+                    // is closed with `upstream`.
+                    self.fast.gate.metrics().observe(false, started.elapsed());
+                    let answer = client_body_failure(&error);
+                    return self.answer_error(answer, false).await;
                 }
                 Err(HeadError::Closed) => {
                     let error = io::Error::new(
@@ -460,20 +469,30 @@ impl<F: Future> Conn<'_, F> {
     }
 
     /// Writes the request head and body to the homeserver.
-    async fn send(&mut self, upstream: &mut TcpStream, plan: &Plan) -> io::Result<()> {
+    async fn send(&mut self, upstream: &mut TcpStream, plan: &Plan) -> Result<(), HeadError> {
+        let upstream_failed = |error: io::Error| {
+            if is_reset(&error) {
+                HeadError::Closed
+            } else {
+                HeadError::Io(error)
+            }
+        };
         let buffered = (self.end - self.start) as u64;
         if plan.body_len <= buffered {
             // The whole body is here: one write.
             let body_end = self.start + plan.body_len as usize;
             if plan.body_len == 0 {
-                upstream.write_all(&self.request).await?;
+                upstream
+                    .write_all(&self.request)
+                    .await
+                    .map_err(upstream_failed)?;
             } else {
                 self.request
                     .extend_from_slice(&self.buf[self.start..body_end]);
                 let result = upstream.write_all(&self.request).await;
                 let head_len = self.request.len() - plan.body_len as usize;
                 self.request.truncate(head_len);
-                result?;
+                result.map_err(upstream_failed)?;
             }
             self.start = body_end;
             if self.start == self.end {
@@ -482,14 +501,18 @@ impl<F: Future> Conn<'_, F> {
             }
             return Ok(());
         }
-        upstream.write_all(&self.request).await?;
+        upstream
+            .write_all(&self.request)
+            .await
+            .map_err(upstream_failed)?;
         let mut left = plan.body_len;
         loop {
             let here = (self.end - self.start).min(usize::try_from(left).unwrap_or(usize::MAX));
             if here > 0 {
                 upstream
                     .write_all(&self.buf[self.start..self.start + here])
-                    .await?;
+                    .await
+                    .map_err(upstream_failed)?;
                 self.start += here;
                 left -= here as u64;
             }
@@ -500,14 +523,16 @@ impl<F: Future> Conn<'_, F> {
             if left == 0 {
                 return Ok(());
             }
-            match self.read_client(None).await? {
-                Ok(_) => {}
-                Err(_) => {
-                    return Err(io::Error::new(
+            // The client's body failing is the client's doing.
+            match self.read_client(None).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => {
+                    return Err(HeadError::ClientBody(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the client closed before its body was complete",
-                    ))
+                    )))
                 }
+                Err(error) => return Err(HeadError::ClientBody(error)),
             }
         }
     }
@@ -727,6 +752,12 @@ impl<F: Future> Conn<'_, F> {
         self.fast.gate.metrics().observe(false, started.elapsed());
         let timed_out = error.kind() == io::ErrorKind::TimedOut;
         let answer = failure_answer(timed_out, &error, self.fast.gate.metrics());
+        self.answer_error(answer, keep).await
+    }
+
+    /// Writes a Matrix error of the gate's own; unless `keep`, it closes
+    /// the client connection.
+    async fn answer_error(&mut self, answer: MatrixError, keep: bool) -> io::Result<bool> {
         let body = answer.body();
         let response = answer.into_response();
         self.out.clear();
@@ -874,6 +905,8 @@ enum HeadError {
     Closed,
     /// The client closed its connection while the answer was awaited.
     ClientGone,
+    /// The client's body ended (or failed) before it was complete.
+    ClientBody(io::Error),
     Io(io::Error),
     Invalid(&'static str),
 }
