@@ -28,7 +28,9 @@
 //! re-chunked when it is chunked or delimited by the connection's end.
 //! Transport failures answer `502`/`504` like the full stack does; a client
 //! that does not finish its body gets a `400` of its own, not counted as a
-//! homeserver error.
+//! homeserver error. A connection closed while the client may still be
+//! sending lingers ([`linger`]), as one the full stack closes does
+//! ([`Rewind`]).
 
 use std::future::Future;
 use std::io;
@@ -83,6 +85,9 @@ struct Inner {
 pub(crate) enum Ending {
     /// It is closed (or is to be).
     Closed,
+    /// It is to be closed while the client may still be sending a request
+    /// body: see [`linger`].
+    Linger,
     /// The full stack serves it from here, starting with these bytes.
     Handoff(Bytes),
 }
@@ -133,6 +138,7 @@ impl FastPath {
             timer: Timer::default(),
             stop,
             stopping: false,
+            linger: false,
         };
         conn.run().await
     }
@@ -180,6 +186,9 @@ struct Conn<'a, F> {
     timer: Timer,
     stop: Pin<&'a mut F>,
     stopping: bool,
+    /// The connection is closed after an answer while the client may still
+    /// be sending its body.
+    linger: bool,
 }
 
 impl<F: Future> Conn<'_, F> {
@@ -222,6 +231,7 @@ impl<F: Future> Conn<'_, F> {
             };
             match self.exchange(plan).await {
                 Ok(true) if !self.stopping => {}
+                Ok(_) if self.linger => return Ending::Linger,
                 _ => return Ending::Closed,
             }
         }
@@ -752,6 +762,9 @@ impl<F: Future> Conn<'_, F> {
         self.fast.gate.metrics().observe(false, started.elapsed());
         let timed_out = error.kind() == io::ErrorKind::TimedOut;
         let answer = failure_answer(timed_out, &error, self.fast.gate.metrics());
+        // Closing while the client may still be sending its body: read on
+        // for a while, so that it can read this answer.
+        self.linger = !keep;
         self.answer_error(answer, keep).await
     }
 
@@ -1319,19 +1332,93 @@ fn still_open(stream: &TcpStream) -> bool {
     }
 }
 
+// === closing while the client is still sending ===
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// How much a closing connection reads at most before it closes anyway.
+const LINGER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Reading and discarding what a client still sends after the gate has
+/// answered and shut its side of the connection down (as nginx's
+/// `lingering_close` does). Closing a socket with unread data in it sends a
+/// reset, and a reset can destroy the answer before the client reads it: a
+/// client still uploading a body the gate refused would see "connection
+/// reset" instead of the refusal. Bounded in time and in bytes.
+struct Lingering {
+    deadline: Pin<Box<Sleep>>,
+    left: usize,
+    scratch: Box<[u8]>,
+}
+
+impl Lingering {
+    fn new() -> Self {
+        Lingering {
+            deadline: Box::pin(tokio::time::sleep(LINGER_TIME)),
+            left: LINGER_BYTES,
+            scratch: vec![0; UPSTREAM_BUFFER].into_boxed_slice(),
+        }
+    }
+
+    /// Ready once the client has closed its side, failed, or a bound is
+    /// reached.
+    fn poll_discard(&mut self, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<()> {
+        while self.left > 0 {
+            let mut read = ReadBuf::new(&mut self.scratch);
+            match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                    self.left = self.left.saturating_sub(read.filled().len());
+                }
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return self.deadline.as_mut().poll(cx),
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+/// Shuts the gate's side of `stream` down (the client sees the end of the
+/// answer) and reads what the client still sends, within the bounds of
+/// [`Lingering`]; the connection closes when `stream` is dropped.
+pub(crate) async fn linger(mut stream: TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut lingering = Lingering::new();
+    std::future::poll_fn(|cx| lingering.poll_discard(&mut stream, cx)).await;
+}
+
 // === handing a connection to the full stack ===
 
 /// A client connection whose first bytes were already read: they are read
-/// again first.
-#[derive(Debug)]
+/// again first. When the full stack shuts the connection down before the
+/// client has closed its side, it lingers (see [`Lingering`]).
 pub(crate) struct Rewind {
     prefix: Bytes,
     stream: TcpStream,
+    /// The client has closed its side: nothing is left to read.
+    client_closed: bool,
+    lingering: Option<Box<Lingering>>,
+}
+
+impl std::fmt::Debug for Rewind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewind")
+            .field("stream", &self.stream)
+            .field("client_closed", &self.client_closed)
+            .field("lingering", &self.lingering.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Rewind {
     pub(crate) fn new(prefix: Bytes, stream: TcpStream) -> Self {
-        Rewind { prefix, stream }
+        Rewind {
+            prefix,
+            stream,
+            client_closed: false,
+            lingering: None,
+        }
     }
 }
 
@@ -1347,7 +1434,12 @@ impl AsyncRead for Rewind {
             self.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let result = std::task::ready!(Pin::new(&mut self.stream).poll_read(cx, buf));
+        if result.is_ok() && buf.filled().len() == before && buf.remaining() > 0 {
+            self.client_closed = true;
+        }
+        Poll::Ready(result)
     }
 }
 
@@ -1377,7 +1469,18 @@ impl AsyncWrite for Rewind {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.lingering.is_none() {
+            std::task::ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+            if this.client_closed {
+                return Poll::Ready(Ok(()));
+            }
+            this.lingering = Some(Box::new(Lingering::new()));
+        }
+        if let Some(lingering) = this.lingering.as_mut() {
+            std::task::ready!(lingering.poll_discard(&mut this.stream, cx));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

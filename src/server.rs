@@ -33,7 +33,7 @@ use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequ
 use crate::admin::AdminState;
 use crate::config::{Config, ConfigError};
 use crate::error::MatrixError;
-use crate::fast_path::{Ending, FastPath, Rewind};
+use crate::fast_path::{linger, Ending, FastPath, Rewind};
 use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
 use crate::telemetry::Metrics;
 use crate::upstream::{unforwardable, Upstream};
@@ -302,11 +302,15 @@ impl Server {
                             tokio::pin!(stopped);
                             fast_path.serve(&mut stream, peer, stopped).await
                         };
-                        if let Ending::Handoff(prefix) = ending {
-                            let connection = builder
-                                .serve_connection(TokioIo::new(Rewind::new(prefix, stream)), hyper_service)
-                                .into_owned();
-                            supervise(connection, activity, stop, timeout, peer).await;
+                        match ending {
+                            Ending::Handoff(prefix) => {
+                                let connection = builder
+                                    .serve_connection(TokioIo::new(Rewind::new(prefix, stream)), hyper_service)
+                                    .into_owned();
+                                supervise(connection, activity, stop, timeout, peer).await;
+                            }
+                            Ending::Linger => linger(stream).await,
+                            Ending::Closed => {}
                         }
                         drop(done);
                     });

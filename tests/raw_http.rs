@@ -1,7 +1,7 @@
 //! Raw-socket tests: chunked and oversized registration bodies, conflicting
 //! length headers and request smuggling, slow clients, requests refused
-//! before the gate (`CONNECT`, two `Host` headers), and uploads the client
-//! does not finish.
+//! before the gate (`CONNECT`, two `Host` headers), uploads the client does
+//! not finish, and refusals a client still sending its body can read.
 //!
 //! The request-smuggling tests run against two homeservers: the recording
 //! hyper fake of the harness, and a deliberately naive one here that frames
@@ -882,4 +882,74 @@ async fn an_upload_the_client_does_not_finish_is_its_own_400_not_a_homeserver_er
         );
         assert_eq!(upstream_errors(&gate, "connect").await, 0, "{what}");
     }
+}
+
+// === refusals while the client is still sending ===
+
+/// Large enough that the client is still writing when the gate answers.
+const STILL_SENDING: usize = 4 * 1024 * 1024;
+
+/// Sends the rest of a request, `body`, and reads everything the gate sends
+/// until it closes: neither may be cut off by a reset.
+async fn send_then_read(stream: &mut TcpStream, body: &[u8]) -> RawResponse {
+    let written = stream.write_all(body).await;
+    let mut got = Vec::new();
+    let read = stream.read_to_end(&mut got).await;
+    assert!(
+        written.is_ok() && read.is_ok(),
+        "write: {written:?}, read: {read:?}, got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let responses = parse_responses(&got);
+    assert_eq!(responses.len(), 1, "{:?}", String::from_utf8_lossy(&got));
+    responses.into_iter().next().unwrap()
+}
+
+#[tokio::test]
+async fn a_client_still_sending_a_body_over_the_limit_reads_the_whole_413() {
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), "[registration]\nmax_body_bytes = 1024\n").await;
+    let head = request(
+        "POST",
+        REGISTER,
+        &[
+            "Content-Type: application/json".into(),
+            format!("Content-Length: {STILL_SENDING}"),
+        ],
+        b"",
+    );
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream.write_all(&head).await.unwrap();
+    let answer = send_then_read(&mut stream, &vec![b' '; STILL_SENDING]).await;
+    answer.assert_error(413, "M_TOO_LARGE");
+    hs.assert_saw_nothing("body over the limit");
+}
+
+#[tokio::test]
+async fn a_client_that_sends_its_body_after_the_408_reads_the_whole_408() {
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        &format!(
+            "[server]\nbody_timeout = \"300ms\"\n[registration]\nmax_body_bytes = {}\n",
+            2 * STILL_SENDING
+        ),
+    )
+    .await;
+    let head = request(
+        "POST",
+        REGISTER,
+        &[
+            "Content-Type: application/json".into(),
+            format!("Content-Length: {}", 1 + STILL_SENDING),
+        ],
+        b"{",
+    );
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream.write_all(&head).await.unwrap();
+    // The 408 has arrived (and is left unread); the rest of the body follows.
+    stream.readable().await.unwrap();
+    let answer = send_then_read(&mut stream, &vec![b' '; STILL_SENDING]).await;
+    answer.assert_error(408, "M_UNKNOWN");
+    hs.assert_saw_nothing("body too slow");
 }
