@@ -125,6 +125,29 @@ impl MatrixError {
         )
     }
 
+    /// `400 M_UNKNOWN`: a request no reading of which the gate can forward.
+    pub fn bad_request(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", error)
+    }
+
+    /// `400 M_UNKNOWN`: the client's body ended before it was complete, or
+    /// broke its own framing.
+    pub fn incomplete_body() -> Self {
+        Self::bad_request("The request body was incomplete or malformed.")
+    }
+
+    /// `405 M_UNRECOGNIZED` for `CONNECT`: the gate opens no tunnels.
+    pub fn connect_not_allowed() -> Self {
+        MatrixError {
+            allow: Some("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            ..Self::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "M_UNRECOGNIZED",
+                "CONNECT is not supported.",
+            )
+        }
+    }
+
     /// `408 M_UNKNOWN`: the client was too slow sending its body.
     pub fn request_timeout() -> Self {
         Self::new(

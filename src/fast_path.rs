@@ -26,7 +26,11 @@
 //!
 //! The answer is relayed with its own framing when it has a length, and
 //! re-chunked when it is chunked or delimited by the connection's end.
-//! Transport failures answer `502`/`504` like the full stack does.
+//! Transport failures answer `502`/`504` like the full stack does; a client
+//! that does not finish its body gets a `400` of its own, not counted as a
+//! homeserver error. A connection closed while the client may still be
+//! sending lingers ([`linger`]), as one the full stack closes does
+//! ([`Rewind`]).
 
 use std::future::Future;
 use std::io;
@@ -43,9 +47,10 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Config;
+use crate::error::MatrixError;
 use crate::gate::{routes, RegistrationGateLayer};
 use crate::upstream::pool::{bare_host, connect_tcp, lock, spawn_reaper, MAX_IDLE};
-use crate::upstream::{failure_answer, write_ip};
+use crate::upstream::{client_body_failure, failure_answer, write_ip};
 
 /// Size of a client connection's read buffer; a request head that does not
 /// fit goes to the full stack.
@@ -80,6 +85,9 @@ struct Inner {
 pub(crate) enum Ending {
     /// It is closed (or is to be).
     Closed,
+    /// It is to be closed while the client may still be sending a request
+    /// body: see [`linger`].
+    Linger,
     /// The full stack serves it from here, starting with these bytes.
     Handoff(Bytes),
 }
@@ -130,6 +138,7 @@ impl FastPath {
             timer: Timer::default(),
             stop,
             stopping: false,
+            linger: false,
         };
         conn.run().await
     }
@@ -177,6 +186,9 @@ struct Conn<'a, F> {
     timer: Timer,
     stop: Pin<&'a mut F>,
     stopping: bool,
+    /// The connection is closed after an answer while the client may still
+    /// be sending its body.
+    linger: bool,
 }
 
 impl<F: Future> Conn<'_, F> {
@@ -219,6 +231,7 @@ impl<F: Future> Conn<'_, F> {
             };
             match self.exchange(plan).await {
                 Ok(true) if !self.stopping => {}
+                Ok(_) if self.linger => return Ending::Linger,
                 _ => return Ending::Closed,
             }
         }
@@ -406,8 +419,7 @@ impl<F: Future> Conn<'_, F> {
         let head = loop {
             let result = match self.send(&mut upstream.stream, &plan).await {
                 Ok(()) => self.read_head(&mut upstream.stream, deadline).await,
-                Err(error) if is_reset(&error) => Err(HeadError::Closed),
-                Err(error) => Err(HeadError::Io(error)),
+                Err(error) => Err(error),
             };
             match result {
                 Ok(head) => break head,
@@ -426,6 +438,13 @@ impl<F: Future> Conn<'_, F> {
                     // the homeserver sees its connection close.
                     tracing::debug!(peer = %self.peer, "client left before the answer");
                     return Ok(false);
+                }
+                Err(HeadError::ClientBody(error)) => {
+                    // The homeserver connection, holding part of a request,
+                    // is closed with `upstream`.
+                    self.fast.gate.metrics().observe(false, started.elapsed());
+                    let answer = client_body_failure(&error);
+                    return self.answer_error(answer, false).await;
                 }
                 Err(HeadError::Closed) => {
                     let error = io::Error::new(
@@ -460,20 +479,30 @@ impl<F: Future> Conn<'_, F> {
     }
 
     /// Writes the request head and body to the homeserver.
-    async fn send(&mut self, upstream: &mut TcpStream, plan: &Plan) -> io::Result<()> {
+    async fn send(&mut self, upstream: &mut TcpStream, plan: &Plan) -> Result<(), HeadError> {
+        let upstream_failed = |error: io::Error| {
+            if is_reset(&error) {
+                HeadError::Closed
+            } else {
+                HeadError::Io(error)
+            }
+        };
         let buffered = (self.end - self.start) as u64;
         if plan.body_len <= buffered {
             // The whole body is here: one write.
             let body_end = self.start + plan.body_len as usize;
             if plan.body_len == 0 {
-                upstream.write_all(&self.request).await?;
+                upstream
+                    .write_all(&self.request)
+                    .await
+                    .map_err(upstream_failed)?;
             } else {
                 self.request
                     .extend_from_slice(&self.buf[self.start..body_end]);
                 let result = upstream.write_all(&self.request).await;
                 let head_len = self.request.len() - plan.body_len as usize;
                 self.request.truncate(head_len);
-                result?;
+                result.map_err(upstream_failed)?;
             }
             self.start = body_end;
             if self.start == self.end {
@@ -482,14 +511,18 @@ impl<F: Future> Conn<'_, F> {
             }
             return Ok(());
         }
-        upstream.write_all(&self.request).await?;
+        upstream
+            .write_all(&self.request)
+            .await
+            .map_err(upstream_failed)?;
         let mut left = plan.body_len;
         loop {
             let here = (self.end - self.start).min(usize::try_from(left).unwrap_or(usize::MAX));
             if here > 0 {
                 upstream
                     .write_all(&self.buf[self.start..self.start + here])
-                    .await?;
+                    .await
+                    .map_err(upstream_failed)?;
                 self.start += here;
                 left -= here as u64;
             }
@@ -500,14 +533,16 @@ impl<F: Future> Conn<'_, F> {
             if left == 0 {
                 return Ok(());
             }
-            match self.read_client(None).await? {
-                Ok(_) => {}
-                Err(_) => {
-                    return Err(io::Error::new(
+            // The client's body failing is the client's doing.
+            match self.read_client(None).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => {
+                    return Err(HeadError::ClientBody(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the client closed before its body was complete",
-                    ))
+                    )))
                 }
+                Err(error) => return Err(HeadError::ClientBody(error)),
             }
         }
     }
@@ -727,6 +762,15 @@ impl<F: Future> Conn<'_, F> {
         self.fast.gate.metrics().observe(false, started.elapsed());
         let timed_out = error.kind() == io::ErrorKind::TimedOut;
         let answer = failure_answer(timed_out, &error, self.fast.gate.metrics());
+        // Closing while the client may still be sending its body: read on
+        // for a while, so that it can read this answer.
+        self.linger = !keep;
+        self.answer_error(answer, keep).await
+    }
+
+    /// Writes a Matrix error of the gate's own; unless `keep`, it closes
+    /// the client connection.
+    async fn answer_error(&mut self, answer: MatrixError, keep: bool) -> io::Result<bool> {
         let body = answer.body();
         let response = answer.into_response();
         self.out.clear();
@@ -874,6 +918,8 @@ enum HeadError {
     Closed,
     /// The client closed its connection while the answer was awaited.
     ClientGone,
+    /// The client's body ended (or failed) before it was complete.
+    ClientBody(io::Error),
     Io(io::Error),
     Invalid(&'static str),
 }
@@ -1286,19 +1332,93 @@ fn still_open(stream: &TcpStream) -> bool {
     }
 }
 
+// === closing while the client is still sending ===
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// How much a closing connection reads at most before it closes anyway.
+const LINGER_BYTES: usize = 8 * 1024 * 1024;
+
+/// Reading and discarding what a client still sends after the gate has
+/// answered and shut its side of the connection down (as nginx's
+/// `lingering_close` does). Closing a socket with unread data in it sends a
+/// reset, and a reset can destroy the answer before the client reads it: a
+/// client still uploading a body the gate refused would see "connection
+/// reset" instead of the refusal. Bounded in time and in bytes.
+struct Lingering {
+    deadline: Pin<Box<Sleep>>,
+    left: usize,
+    scratch: Box<[u8]>,
+}
+
+impl Lingering {
+    fn new() -> Self {
+        Lingering {
+            deadline: Box::pin(tokio::time::sleep(LINGER_TIME)),
+            left: LINGER_BYTES,
+            scratch: vec![0; UPSTREAM_BUFFER].into_boxed_slice(),
+        }
+    }
+
+    /// Ready once the client has closed its side, failed, or a bound is
+    /// reached.
+    fn poll_discard(&mut self, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<()> {
+        while self.left > 0 {
+            let mut read = ReadBuf::new(&mut self.scratch);
+            match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if !read.filled().is_empty() => {
+                    self.left = self.left.saturating_sub(read.filled().len());
+                }
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return self.deadline.as_mut().poll(cx),
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+/// Shuts the gate's side of `stream` down (the client sees the end of the
+/// answer) and reads what the client still sends, within the bounds of
+/// [`Lingering`]; the connection closes when `stream` is dropped.
+pub(crate) async fn linger(mut stream: TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut lingering = Lingering::new();
+    std::future::poll_fn(|cx| lingering.poll_discard(&mut stream, cx)).await;
+}
+
 // === handing a connection to the full stack ===
 
 /// A client connection whose first bytes were already read: they are read
-/// again first.
-#[derive(Debug)]
+/// again first. When the full stack shuts the connection down before the
+/// client has closed its side, it lingers (see [`Lingering`]).
 pub(crate) struct Rewind {
     prefix: Bytes,
     stream: TcpStream,
+    /// The client has closed its side: nothing is left to read.
+    client_closed: bool,
+    lingering: Option<Box<Lingering>>,
+}
+
+impl std::fmt::Debug for Rewind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewind")
+            .field("stream", &self.stream)
+            .field("client_closed", &self.client_closed)
+            .field("lingering", &self.lingering.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Rewind {
     pub(crate) fn new(prefix: Bytes, stream: TcpStream) -> Self {
-        Rewind { prefix, stream }
+        Rewind {
+            prefix,
+            stream,
+            client_closed: false,
+            lingering: None,
+        }
     }
 }
 
@@ -1314,7 +1434,12 @@ impl AsyncRead for Rewind {
             self.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let result = std::task::ready!(Pin::new(&mut self.stream).poll_read(cx, buf));
+        if result.is_ok() && buf.filled().len() == before && buf.remaining() > 0 {
+            self.client_closed = true;
+        }
+        Poll::Ready(result)
     }
 }
 
@@ -1344,7 +1469,18 @@ impl AsyncWrite for Rewind {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.lingering.is_none() {
+            std::task::ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+            if this.client_closed {
+                return Poll::Ready(Ok(()));
+            }
+            this.lingering = Some(Box::new(Lingering::new()));
+        }
+        if let Some(lingering) = this.lingering.as_mut() {
+            std::task::ready!(lingering.poll_discard(&mut this.stream, cx));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -16,9 +16,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{Request, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -30,10 +32,11 @@ use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequ
 
 use crate::admin::AdminState;
 use crate::config::{Config, ConfigError};
-use crate::fast_path::{Ending, FastPath, Rewind};
+use crate::error::MatrixError;
+use crate::fast_path::{linger, Ending, FastPath, Rewind};
 use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
 use crate::telemetry::Metrics;
-use crate::upstream::Upstream;
+use crate::upstream::{unforwardable, Upstream};
 
 /// The exact service production runs: credentials marked sensitive (so no
 /// log or debug output prints them), then the gate in front of the pooled
@@ -243,9 +246,18 @@ impl Server {
                     let seen = activity.clone();
                     let hyper_service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                         let in_flight = seen.request(request.version());
+                        // Refused before the gate: not a registration decision.
+                        if let Some(refusal) = unforwardable(request.method(), request.headers()) {
+                            return Tracked {
+                                future: None,
+                                refused: Some(Ok(refusal_response(refusal, &request))),
+                                in_flight,
+                            };
+                        }
                         request.extensions_mut().insert(PeerAddress(peer));
                         Tracked {
-                            future: service.clone().oneshot(request),
+                            future: Some(service.clone().oneshot(request)),
+                            refused: None,
                             in_flight,
                         }
                     });
@@ -261,11 +273,15 @@ impl Server {
                             tokio::pin!(stopped);
                             fast_path.serve(&mut stream, peer, stopped).await
                         };
-                        if let Ending::Handoff(prefix) = ending {
-                            let connection = builder
-                                .serve_connection(TokioIo::new(Rewind::new(prefix, stream)), hyper_service)
-                                .into_owned();
-                            supervise(connection, activity, stop, timeout, peer).await;
+                        match ending {
+                            Ending::Handoff(prefix) => {
+                                let connection = builder
+                                    .serve_connection(TokioIo::new(Rewind::new(prefix, stream)), hyper_service)
+                                    .into_owned();
+                                supervise(connection, activity, stop, timeout, peer).await;
+                            }
+                            Ending::Linger => linger(stream).await,
+                            Ending::Closed => {}
                         }
                         drop(done);
                     });
@@ -355,17 +371,34 @@ impl Drop for InFlight {
     }
 }
 
+/// The answer to `request`, refused before the gate. A refused `CONNECT`
+/// also closes an HTTP/1 connection: the client may have started its
+/// tunnel already, and those bytes are not HTTP.
+fn refusal_response<T, B>(
+    refusal: MatrixError,
+    request: &Request<T>,
+) -> http::Response<Either<B, Full<Bytes>>> {
+    let mut response = refusal.into_response().map(Either::Right);
+    if request.method() == http::Method::CONNECT && request.version() < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    response
+}
+
 pin_project! {
-    /// The service's future, whose response body carries the request's
-    /// [`InFlight`] mark.
-    struct Tracked<F> {
+    /// The service's future (or the answer to a request refused before
+    /// it), whose response body carries the request's [`InFlight`] mark.
+    struct Tracked<F, R> {
         #[pin]
-        future: F,
+        future: Option<F>,
+        refused: Option<R>,
         in_flight: Option<InFlight>,
     }
 }
 
-impl<F, B, E> Future for Tracked<F>
+impl<F, B, E> Future for Tracked<F, Result<http::Response<B>, E>>
 where
     F: Future<Output = Result<http::Response<B>, E>>,
 {
@@ -373,7 +406,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let output = std::task::ready!(this.future.poll(cx));
+        let output = match this.future.as_pin_mut() {
+            Some(future) => std::task::ready!(future.poll(cx)),
+            None => match this.refused.take() {
+                Some(refused) => refused,
+                // Polled again after it completed.
+                None => return Poll::Pending,
+            },
+        };
         let in_flight = this.in_flight.take();
         Poll::Ready(output.map(|response| {
             response.map(|body| TrackedBody {

@@ -6,6 +6,13 @@
 //! header with the address the gate resolved, and turns transport failures
 //! into Matrix answers: `502` when the homeserver cannot be reached, `504`
 //! when it does not answer in time. It never returns an error.
+//!
+//! Requests no reading of which can be forwarded (`CONNECT`, two `Host`
+//! headers) are refused before anything is sent. Answers the gate cannot
+//! relay as they are — an upgrade it did not ask for, a transfer coding other
+//! than chunked — are a `502`, as on the fast path. A request body that fails
+//! on the client's side (it ends early, or breaks its chunked framing) is the
+//! client's fault: a `400`, not counted as a homeserver error.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -18,9 +25,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
-use http::{Request, Response, Uri, Version};
-use http_body::Body;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
+use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::client_ip::{ClientAddress, ForwardedProto};
@@ -36,7 +44,7 @@ pub use pool::{PooledBody, SendError};
 
 /// The body of an upstream answer: the homeserver's, streamed, or the
 /// gate's own `502`/`504`.
-pub type UpstreamBody<B> = Either<PooledBody<B>, Full<Bytes>>;
+pub type UpstreamBody<B> = Either<PooledBody<ClientBody<B>>, Full<Bytes>>;
 
 /// Headers that name a client address; a client must not choose what the
 /// homeserver believes.
@@ -76,7 +84,7 @@ pub struct Upstream<B> {
 
 #[derive(Debug)]
 struct Inner<B> {
-    pool: Pool<B>,
+    pool: Pool<ClientBody<B>>,
     /// `Host` for requests that came without one.
     default_host: HeaderValue,
     base_path: String,
@@ -163,6 +171,7 @@ where
         Box::pin(async move {
             let timeout = inner.response_timeout;
             let metrics = &inner.metrics;
+            let request = request.map(|body| ClientBody { body });
             let response = match tokio::time::timeout(timeout, inner.pool.send(request)).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) => return Ok(failure_response(&error, metrics)),
@@ -174,7 +183,19 @@ where
                 }
             };
             let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
+            let unrelayable = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                Some(UnrelayableAnswer::Upgrade)
+            } else if strip_headers(&mut parts.headers, false) {
+                None
+            } else {
+                Some(UnrelayableAnswer::TransferCoding)
+            };
+            if let Some(error) = unrelayable {
+                // The homeserver connection is closed with the body.
+                return Ok(failure_answer(false, &error, metrics)
+                    .into_response()
+                    .map(Either::Right));
+            }
             Ok(Response::from_parts(parts, Either::Left(body)))
         })
     }
@@ -184,6 +205,9 @@ impl<B> Inner<B> {
     /// Rewrites a client request into the request the homeserver receives.
     fn prepare(&self, request: Request<B>) -> Result<Request<B>, MatrixError> {
         let (mut parts, body) = request.into_parts();
+        if let Some(refusal) = unforwardable(&parts.method, &parts.headers) {
+            return Err(refusal);
+        }
         let forwarded_host = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -241,15 +265,47 @@ impl<B> Inner<B> {
     }
 }
 
-/// Removes hop-by-hop headers, including every header `Connection` names.
+/// Why a request is refused before the gate or the homeserver sees it:
+/// `CONNECT` (the gate opens no tunnels, and a `2xx` would turn the
+/// connection into one), or more than one `Host` (the gate and the
+/// homeserver could each take a different one).
+pub(crate) fn unforwardable(method: &Method, headers: &HeaderMap) -> Option<MatrixError> {
+    if method == Method::CONNECT {
+        return Some(MatrixError::connect_not_allowed());
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Some(MatrixError::bad_request(
+            "The request has more than one Host header.",
+        ));
+    }
+    None
+}
+
+/// An answer the gate does not relay.
+#[derive(Debug, thiserror::Error)]
+enum UnrelayableAnswer {
+    /// A `101`: the gate never asks for an upgrade.
+    #[error("the homeserver switched protocols unasked")]
+    Upgrade,
+    /// The body would reach the client without a coding it was sent with.
+    #[error("a transfer coding other than chunked")]
+    TransferCoding,
+}
+
+/// Removes hop-by-hop headers, including every header `Connection` names,
+/// and a `Content-Length` that `Transfer-Encoding` overrides.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     strip_headers(headers, false);
 }
 
 /// Removes hop-by-hop headers (and with `client_address`, every header
 /// naming a client address) in one pass over the names present; nothing is
-/// hashed unless something is to go.
-fn strip_headers(headers: &mut HeaderMap, client_address: bool) {
+/// hashed unless something is to go. A `Content-Length` goes with a
+/// `Transfer-Encoding` (RFC 9112 section 6.3: the body was framed by the
+/// latter). Returns `false` when `Transfer-Encoding` named a coding other
+/// than chunked, which is lost with the header.
+fn strip_headers(headers: &mut HeaderMap, client_address: bool) -> bool {
     let mut doomed: Vec<HeaderName> = Vec::new();
     let mut connection = false;
     let mut chunked = false;
@@ -265,8 +321,18 @@ fn strip_headers(headers: &mut HeaderMap, client_address: bool) {
         }
     }
     if doomed.is_empty() {
-        return;
+        return true;
     }
+    let only_chunked = !chunked
+        || headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .all(|value| {
+                value.as_bytes().split(|&b| b == b',').all(|coding| {
+                    let coding = coding.trim_ascii();
+                    coding.is_empty() || coding.eq_ignore_ascii_case(b"chunked")
+                })
+            });
     if connection {
         doomed.extend(
             headers
@@ -277,12 +343,57 @@ fn strip_headers(headers: &mut HeaderMap, client_address: bool) {
                 .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
         );
     }
-    if chunked && client_address {
+    if chunked {
         // Transfer-Encoding overrides Content-Length; never send both on.
         doomed.push(header::CONTENT_LENGTH);
     }
     for name in doomed {
         headers.remove(name);
+    }
+    only_chunked
+}
+
+/// A failure of the client's request body: it ended before it was
+/// complete, or broke its framing. The client's doing, not the homeserver's.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed")]
+pub struct ClientBodyError(#[source] BoxError);
+
+pin_project! {
+    /// The client's request body on its way to the homeserver: its failures
+    /// are marked as [`ClientBodyError`]s, so that they can be told from the
+    /// homeserver's.
+    #[derive(Debug)]
+    pub struct ClientBody<B> {
+        #[pin]
+        body: B,
+    }
+}
+
+impl<B> Body for ClientBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project()
+            .body
+            .poll_frame(cx)
+            .map_err(|error| ClientBodyError(error.into()))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -336,6 +447,11 @@ fn format_ip(ip: std::net::IpAddr, buffer: &mut [u8; 48]) -> usize {
 }
 
 fn failure_response<B>(error: &SendError, metrics: &Metrics) -> Response<UpstreamBody<B>> {
+    if source_chain(error).any(|e| e.is::<ClientBodyError>()) {
+        return client_body_failure(&DisplayChain(error))
+            .into_response()
+            .map(Either::Right);
+    }
     let timed_out = source_chain(error).any(|e| {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
@@ -361,6 +477,14 @@ pub(crate) fn failure_answer(
         tracing::warn!(%error, "homeserver request failed");
         MatrixError::bad_gateway()
     }
+}
+
+/// The answer to a client whose request body failed: `400`, logged as the
+/// client's doing, and not counted as a homeserver error (any client could
+/// otherwise raise that count at will).
+pub(crate) fn client_body_failure(error: &dyn std::fmt::Display) -> MatrixError {
+    tracing::info!(%error, "client request body incomplete or malformed; request abandoned");
+    MatrixError::incomplete_body()
 }
 
 fn source_chain<'a>(

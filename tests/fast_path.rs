@@ -383,7 +383,7 @@ async fn scripted_homeserver(
     (url, accepted)
 }
 
-const ANSWERS: [(&str, &[u8], bool); 9] = [
+const ANSWERS: [(&str, &[u8], bool); 10] = [
     (
         "takeover",
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"available\":true}",
@@ -425,14 +425,43 @@ const ANSWERS: [(&str, &[u8], bool); 9] = [
         b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nbye!!",
         true,
     ),
+    // Transfer-Encoding overrides the stale Content-Length (RFC 9112 6.3).
+    (
+        "/length-and-chunked",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        false,
+    ),
+];
+
+/// Answers the gate cannot relay as they are: both paths answer `502`.
+const UNRELAYABLE_ANSWERS: [(&str, &[u8], bool); 3] = [
+    // The gate never asks for an upgrade.
+    (
+        "/switching",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        true,
+    ),
+    // A transfer coding other than chunked would be lost with the header.
+    (
+        "/gzip-chunked",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        false,
+    ),
+    (
+        "/chunked-gzip",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nthe body ends with the connection",
+        true,
+    ),
 ];
 
 #[tokio::test]
 async fn answers_reach_the_client_alike_on_both_paths() {
-    let (url, _) = scripted_homeserver(ANSWERS.to_vec()).await;
+    let mut script = ANSWERS.to_vec();
+    script.extend(UNRELAYABLE_ANSWERS);
+    let (url, _) = scripted_homeserver(script).await;
     let gate = Gate::start(&url, "").await;
     let host = gate.addr.to_string();
-    for (path, _, _) in &ANSWERS[1..] {
+    for (path, _, _) in ANSWERS[1..].iter().chain(&UNRELAYABLE_ANSWERS) {
         for method in ["GET", "HEAD"] {
             let request =
                 format!("{method} /_matrix/client/v3/x{path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
@@ -451,6 +480,9 @@ async fn answers_reach_the_client_alike_on_both_paths() {
                     .any(|(n, _)| n == "x-hop" || n == "keep-alive" || n == "connection"),
                 "{method} {path}: hop-by-hop headers reached the client: {fast:?}"
             );
+            if UNRELAYABLE_ANSWERS.iter().any(|(p, _, _)| p == path) {
+                assert_eq!(fast.status, 502, "{method} {path}: {fast:?}");
+            }
         }
     }
     // The bodies themselves, on the fast path.
@@ -465,6 +497,12 @@ async fn answers_reach_the_client_alike_on_both_paths() {
         b"the body ends with the connection"
     );
     assert_eq!(body_of("/interim").await.body, b"ok");
+    let both = body_of("/length-and-chunked").await;
+    assert_eq!(both.body, b"hello world");
+    assert!(
+        !both.headers.iter().any(|(n, _)| n == "content-length"),
+        "{both:?}"
+    );
     let named = body_of("/named-hop").await;
     assert!(
         named.headers.contains(&("x-end".into(), "kept".into())),

@@ -542,3 +542,50 @@ async fn idle_http2_connections_are_closed_but_busy_ones_are_not() {
     );
     assert!(sender.is_closed());
 }
+
+#[tokio::test]
+async fn a_client_still_uploading_when_the_homeserver_is_unreachable_reads_the_whole_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let gate = Gate::start(&format!("http://{closed}"), "").await;
+    // Large enough that the client is still writing when the gate answers.
+    let body = vec![b'x'; 4 * MIB as usize];
+    for full_stack in [false, true] {
+        let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+        if full_stack {
+            // A guarded request hands the connection to the full stack.
+            stream
+                .write_all(b"GET /_matrix/client/v3/register/available?username=a HTTP/1.1\r\nHost: gate\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"}") {
+                let mut byte = [0u8; 1];
+                stream.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 502"), "{head:?}");
+        }
+        let upload = format!(
+            "PUT /_matrix/media/v3/upload HTTP/1.1\r\nHost: gate\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(upload.as_bytes()).await.unwrap();
+        let written = stream.write_all(&body).await;
+        let mut got = Vec::new();
+        let read = stream.read_to_end(&mut got).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            written.is_ok() && read.is_ok(),
+            "full stack: {full_stack}: write {written:?}, read {read:?}, got {text:?}"
+        );
+        assert!(text.starts_with("HTTP/1.1 502"), "{text}");
+        assert!(
+            text.ends_with(r#""The homeserver could not be reached."}"#),
+            "{text}"
+        );
+    }
+}

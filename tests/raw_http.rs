@@ -1,5 +1,7 @@
 //! Raw-socket tests: chunked and oversized registration bodies, conflicting
-//! length headers and request smuggling, slow clients.
+//! length headers and request smuggling, slow clients, requests refused
+//! before the gate (`CONNECT`, two `Host` headers), uploads the client does
+//! not finish, and refusals a client still sending its body can read.
 //!
 //! The request-smuggling tests run against two homeservers: the recording
 //! hyper fake of the harness, and a deliberately naive one here that frames
@@ -734,4 +736,220 @@ async fn an_http10_request_without_host_reaches_the_homeserver_named_by_its_addr
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].header("host"), Some(hs.addr.to_string().as_str()));
     assert_eq!(seen[0].header("x-forwarded-host"), None);
+}
+
+// === requests the gate does not forward ===
+
+/// A connection to the gate. With `full_stack`, a guarded request is sent
+/// and answered first, so the full stack serves what follows on it.
+async fn connection(gate: &Gate, full_stack: bool) -> TcpStream {
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    if full_stack {
+        let takeover = request(
+            "GET",
+            "/_matrix/client/v3/register/available?username=takeover",
+            &[],
+            b"",
+        );
+        stream.write_all(&takeover).await.unwrap();
+        let answer = read_response(&mut stream, Duration::from_secs(5)).await;
+        assert!(answer.status < 500, "takeover request: {answer:?}");
+    }
+    stream
+}
+
+#[tokio::test]
+async fn two_host_headers_are_refused_on_both_paths() {
+    let hs = NaiveHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), "").await;
+    for full_stack in [false, true] {
+        for path in [
+            PASS_THROUGH,
+            "/_matrix/client/v3/register/available?username=alice",
+        ] {
+            let mut stream = connection(&gate, full_stack).await;
+            let before = hs.requests().len();
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: gate\r\nHost: other.example\r\n\r\n");
+            stream.write_all(raw.as_bytes()).await.unwrap();
+            let answer = read_response(&mut stream, Duration::from_secs(5)).await;
+            answer.assert_error(400, "M_UNKNOWN");
+            assert_eq!(
+                hs.requests().len(),
+                before,
+                "{path} (full stack: {full_stack}) reached the homeserver: {:?}",
+                hs.requests()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn connect_is_refused_and_nothing_is_forwarded() {
+    let hs = NaiveHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), "").await;
+    for full_stack in [false, true] {
+        let mut stream = connection(&gate, full_stack).await;
+        let before = hs.requests().len();
+        stream
+            .write_all(b"CONNECT hs.example:443 HTTP/1.1\r\nHost: hs.example:443\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_response(&mut stream, Duration::from_secs(5)).await;
+        answer.assert_error(405, "M_UNRECOGNIZED");
+        assert!(answer.header("allow").is_some(), "{answer:?}");
+        // A client that starts its tunnel at once is not read as HTTP.
+        assert!(
+            wait_for_close(&mut stream, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "the connection stayed open after a refused CONNECT"
+        );
+        assert_eq!(hs.requests().len(), before, "{:?}", hs.requests());
+    }
+}
+
+// === request bodies the client does not finish ===
+
+/// The value of `gatekeeper_upstream_errors_total{kind}`.
+async fn upstream_errors(gate: &Gate, kind: &str) -> u64 {
+    let metrics = common::get(&gate.admin_url("/metrics")).await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let prefix = format!("gatekeeper_upstream_errors_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+}
+
+#[tokio::test]
+async fn an_upload_the_client_does_not_finish_is_its_own_400_not_a_homeserver_error() {
+    let hs = FakeHomeserver::start().await;
+    let config = matrix_gatekeeper::Config::from_toml(&format!(
+        "[upstream]\nurl = \"{}\"\nresponse_timeout = \"10s\"\n",
+        hs.url()
+    ))
+    .unwrap();
+    let gate = Gate::start_full(config, true, None).await;
+    let cut_length = request(
+        "PUT",
+        "/_matrix/media/v3/upload/x",
+        &["Content-Length: 100".into()],
+        b"0123456789",
+    );
+    let cut_chunked = request(
+        "PUT",
+        "/_matrix/media/v3/upload/x",
+        &["Transfer-Encoding: chunked".into()],
+        b"a\r\n0123456789\r\n",
+    );
+    let bad_chunked = request(
+        "PUT",
+        "/_matrix/media/v3/upload/x",
+        &["Transfer-Encoding: chunked".into()],
+        b"a\r\n0123456789\r\nzz\r\n",
+    );
+    // (what, request, full stack, half-close after sending)
+    let cases: [(&str, &[u8], bool, bool); 4] = [
+        (
+            "cut Content-Length body, fast path",
+            &cut_length,
+            false,
+            true,
+        ),
+        (
+            "cut Content-Length body, full stack",
+            &cut_length,
+            true,
+            true,
+        ),
+        ("cut chunked body", &cut_chunked, true, true),
+        ("malformed chunked body", &bad_chunked, true, false),
+    ];
+    for (what, raw, full_stack, half_close) in cases {
+        let mut stream = connection(&gate, full_stack).await;
+        stream.write_all(raw).await.unwrap();
+        if half_close {
+            stream.shutdown().await.unwrap();
+        }
+        let answer = read_response(&mut stream, Duration::from_secs(5)).await;
+        assert_eq!(answer.status, 400, "{what}: {answer:?}");
+        answer.assert_error(400, "M_UNKNOWN");
+        assert!(
+            wait_for_close(&mut stream, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "{what}: the connection stayed open"
+        );
+        assert_eq!(upstream_errors(&gate, "connect").await, 0, "{what}");
+    }
+}
+
+// === refusals while the client is still sending ===
+
+/// Large enough that the client is still writing when the gate answers.
+const STILL_SENDING: usize = 4 * 1024 * 1024;
+
+/// Sends the rest of a request, `body`, and reads everything the gate sends
+/// until it closes: neither may be cut off by a reset.
+async fn send_then_read(stream: &mut TcpStream, body: &[u8]) -> RawResponse {
+    let written = stream.write_all(body).await;
+    let mut got = Vec::new();
+    let read = stream.read_to_end(&mut got).await;
+    assert!(
+        written.is_ok() && read.is_ok(),
+        "write: {written:?}, read: {read:?}, got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let responses = parse_responses(&got);
+    assert_eq!(responses.len(), 1, "{:?}", String::from_utf8_lossy(&got));
+    responses.into_iter().next().unwrap()
+}
+
+#[tokio::test]
+async fn a_client_still_sending_a_body_over_the_limit_reads_the_whole_413() {
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), "[registration]\nmax_body_bytes = 1024\n").await;
+    let head = request(
+        "POST",
+        REGISTER,
+        &[
+            "Content-Type: application/json".into(),
+            format!("Content-Length: {STILL_SENDING}"),
+        ],
+        b"",
+    );
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream.write_all(&head).await.unwrap();
+    let answer = send_then_read(&mut stream, &vec![b' '; STILL_SENDING]).await;
+    answer.assert_error(413, "M_TOO_LARGE");
+    hs.assert_saw_nothing("body over the limit");
+}
+
+#[tokio::test]
+async fn a_client_that_sends_its_body_after_the_408_reads_the_whole_408() {
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        &format!(
+            "[server]\nbody_timeout = \"300ms\"\n[registration]\nmax_body_bytes = {}\n",
+            2 * STILL_SENDING
+        ),
+    )
+    .await;
+    let head = request(
+        "POST",
+        REGISTER,
+        &[
+            "Content-Type: application/json".into(),
+            format!("Content-Length: {}", 1 + STILL_SENDING),
+        ],
+        b"{",
+    );
+    let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+    stream.write_all(&head).await.unwrap();
+    // The 408 has arrived (and is left unread); the rest of the body follows.
+    stream.readable().await.unwrap();
+    let answer = send_then_read(&mut stream, &vec![b' '; STILL_SENDING]).await;
+    answer.assert_error(408, "M_UNKNOWN");
+    hs.assert_saw_nothing("body too slow");
 }
