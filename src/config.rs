@@ -214,6 +214,10 @@ impl Config {
                 self.server.header_read_timeout,
             ),
             ("server.body_timeout", self.server.body_timeout),
+            (
+                "server.upload_idle_timeout",
+                self.server.upload_idle_timeout,
+            ),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.response_timeout", self.upstream.response_timeout),
             (
@@ -228,7 +232,6 @@ impl Config {
         Ok(())
     }
 
-    /// The effective configuration, defaults filled in, as TOML.
     /// The configuration as TOML, every default filled in and every
     /// secret (a password in `rate_limit.redis_url`) redacted: what `check`
     /// prints, safe for a journal.
@@ -261,10 +264,11 @@ impl Config {
 /// The keys (or whole sections) read once, at start: a reload that changes
 /// them logs a warning and keeps the running value until a restart. The
 /// README and the example configuration list the same keys (a test checks).
-pub const RESTART_ONLY_KEYS: [&str; 8] = [
+pub const RESTART_ONLY_KEYS: [&str; 9] = [
     "server.listen",
     "server.admin_listen",
     "server.header_read_timeout",
+    "server.upload_idle_timeout",
     "server.shutdown_timeout",
     "server.watch_config",
     "server.workers",
@@ -362,6 +366,9 @@ pub struct ServerConfig {
     pub header_read_timeout: HumanDuration,
     /// How long a client may take to send a registration body.
     pub body_timeout: HumanDuration,
+    /// How long a request body streamed to the homeserver (a media upload)
+    /// may pause, no byte arriving, before the gate gives up with `408`.
+    pub upload_idle_timeout: HumanDuration,
     /// How long in-flight requests may take to finish on shutdown.
     pub shutdown_timeout: HumanDuration,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`); off when absent.
@@ -379,6 +386,7 @@ impl Default for ServerConfig {
             listen: ListenAddrs(vec![SocketAddr::from(([0, 0, 0, 0], 8009))]),
             header_read_timeout: HumanDuration::secs(10),
             body_timeout: HumanDuration::secs(10),
+            upload_idle_timeout: HumanDuration::secs(60),
             shutdown_timeout: HumanDuration::secs(30),
             admin_listen: None,
             watch_config: false,

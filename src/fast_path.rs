@@ -50,7 +50,7 @@ use crate::config::Config;
 use crate::error::MatrixError;
 use crate::gate::{routes, RegistrationGateLayer};
 use crate::upstream::pool::{bare_host, connect_tcp, lock, spawn_reaper, MAX_IDLE};
-use crate::upstream::{client_body_failure, failure_answer, write_ip};
+use crate::upstream::{client_body_failure, failure_answer, write_ip, UploadStalled};
 
 /// Size of a client connection's read buffer; a request head that does not
 /// fit goes to the full stack.
@@ -79,6 +79,7 @@ struct Inner {
     base_path: String,
     header_read_timeout: Duration,
     response_timeout: Duration,
+    upload_idle_timeout: Duration,
 }
 
 /// How a connection left the fast path.
@@ -110,6 +111,7 @@ impl FastPath {
                 base_path: url.path().trim_end_matches('/').to_owned(),
                 header_read_timeout: config.server.header_read_timeout.0,
                 response_timeout: config.upstream.response_timeout.0,
+                upload_idle_timeout: config.server.upload_idle_timeout.0,
             }),
         }
     }
@@ -215,7 +217,7 @@ impl<F: Future> Conn<'_, F> {
                 }
                 let timeout = self.fast.header_read_timeout;
                 let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-                match self.read_client(Some(deadline)).await {
+                match self.read_client(Some(deadline), true).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(Wait::Stopped)) => {
                         if self.end == self.start {
@@ -370,9 +372,13 @@ impl<F: Future> Conn<'_, F> {
     }
 
     /// Reads more client bytes into `buf[end..]`. `Ok(Ok(n))`: `n > 0`
-    /// bytes arrived. With a deadline (waiting for a head), the server's
-    /// stop also ends the wait.
-    async fn read_client(&mut self, deadline: Option<Instant>) -> io::Result<Result<usize, Wait>> {
+    /// bytes arrived. With `between_requests` (waiting for a head), the
+    /// server's stop also ends the wait.
+    async fn read_client(
+        &mut self,
+        deadline: Option<Instant>,
+        between_requests: bool,
+    ) -> io::Result<Result<usize, Wait>> {
         self.timer.deadline = deadline;
         let result = std::future::poll_fn(|cx| {
             let mut read = ReadBuf::new(&mut self.buf[self.end..]);
@@ -384,7 +390,7 @@ impl<F: Future> Conn<'_, F> {
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => {}
             }
-            if deadline.is_some() && !self.stopping && self.stop.as_mut().poll(cx).is_ready() {
+            if between_requests && !self.stopping && self.stop.as_mut().poll(cx).is_ready() {
                 self.stopping = true;
                 return Poll::Ready(Ok(Err(Wait::Stopped)));
             }
@@ -443,7 +449,8 @@ impl<F: Future> Conn<'_, F> {
                     // The homeserver connection, holding part of a request,
                     // is closed with `upstream`.
                     self.fast.gate.metrics().observe(false, started.elapsed());
-                    let answer = client_body_failure(&error);
+                    let stalled = error.kind() == io::ErrorKind::TimedOut;
+                    let answer = client_body_failure(&error, stalled);
                     return self.answer_error(answer, false).await;
                 }
                 Err(HeadError::Closed) => {
@@ -533,9 +540,17 @@ impl<F: Future> Conn<'_, F> {
             if left == 0 {
                 return Ok(());
             }
-            // The client's body failing is the client's doing.
-            match self.read_client(None).await {
+            // The client's body failing, or pausing too long, is the
+            // client's doing.
+            let idle = self.fast.upload_idle_timeout;
+            match self.read_client(Some(Instant::now() + idle), false).await {
                 Ok(Ok(_)) => {}
+                Ok(Err(Wait::TimedOut)) => {
+                    return Err(HeadError::ClientBody(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        UploadStalled(idle),
+                    )))
+                }
                 Ok(Err(_)) => {
                     return Err(HeadError::ClientBody(io::Error::new(
                         io::ErrorKind::UnexpectedEof,

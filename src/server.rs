@@ -64,7 +64,10 @@ pub fn build_stack(config: &Config) -> (GatekeeperService, RegistrationGateLayer
     let service = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new(SENSITIVE_HEADERS))
         .layer(gate.clone())
-        .service(Upstream::with_metrics(&config.upstream, metrics));
+        .service(
+            Upstream::with_metrics(&config.upstream, metrics)
+                .with_upload_idle_timeout(config.server.upload_idle_timeout.0),
+        );
     (service, gate)
 }
 

@@ -89,6 +89,8 @@ struct Inner<B> {
     default_host: HeaderValue,
     base_path: String,
     response_timeout: Duration,
+    /// How long the client's body may pause before the request is given up.
+    upload_idle_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -138,11 +140,25 @@ where
                 default_host,
                 base_path: url.path().trim_end_matches('/').to_owned(),
                 response_timeout: config.response_timeout.0,
+                upload_idle_timeout: DEFAULT_UPLOAD_IDLE_TIMEOUT,
                 metrics,
             }),
         }
     }
+
+    /// The same client, giving up on a request whose body pauses for longer
+    /// than `timeout` (`server.upload_idle_timeout`). Call it before the
+    /// client is cloned.
+    pub fn with_upload_idle_timeout(mut self, timeout: Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.upload_idle_timeout = timeout;
+        }
+        self
+    }
 }
+
+/// `server.upload_idle_timeout`'s default, for clients built without it.
+const DEFAULT_UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl<B> Service<Request<B>> for Upstream<B>
 where
@@ -171,7 +187,8 @@ where
         Box::pin(async move {
             let timeout = inner.response_timeout;
             let metrics = &inner.metrics;
-            let request = request.map(|body| ClientBody { body });
+            let idle = inner.upload_idle_timeout;
+            let request = request.map(|body| ClientBody::new(body, idle));
             let response = match tokio::time::timeout(timeout, inner.pool.send(request)).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) => return Ok(failure_response(&error, metrics)),
@@ -354,19 +371,43 @@ fn strip_headers(headers: &mut HeaderMap, client_address: bool) -> bool {
 }
 
 /// A failure of the client's request body: it ended before it was
-/// complete, or broke its framing. The client's doing, not the homeserver's.
+/// complete, broke its framing, or paused for longer than
+/// `server.upload_idle_timeout`. The client's doing, not the homeserver's.
 #[derive(Debug, thiserror::Error)]
 #[error("the client's request body failed")]
 pub struct ClientBodyError(#[source] BoxError);
 
+/// The client's body paused for longer than `server.upload_idle_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("no part of the request body arrived within {0:?}")]
+pub struct UploadStalled(pub Duration);
+
 pin_project! {
     /// The client's request body on its way to the homeserver: its failures
     /// are marked as [`ClientBodyError`]s, so that they can be told from the
-    /// homeserver's.
+    /// homeserver's, and a body that pauses for longer than its idle timeout
+    /// fails (the homeserver connection it holds is then freed).
     #[derive(Debug)]
     pub struct ClientBody<B> {
         #[pin]
         body: B,
+        idle: Duration,
+        // Armed when the body first waits; reset when it waits again after
+        // a frame, so a steady upload costs no timer work per frame.
+        stall: Option<Pin<Box<tokio::time::Sleep>>>,
+        progressed: bool,
+    }
+}
+
+impl<B> ClientBody<B> {
+    /// `body`, failing once it pauses for longer than `idle`.
+    pub fn new(body: B, idle: Duration) -> Self {
+        ClientBody {
+            body,
+            idle,
+            stall: None,
+            progressed: false,
+        }
     }
 }
 
@@ -382,10 +423,30 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project()
-            .body
-            .poll_frame(cx)
-            .map_err(|error| ClientBodyError(error.into()))
+        let this = self.project();
+        match this.body.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                *this.progressed = true;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(ClientBodyError(error.into())))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + *this.idle;
+                match this.stall {
+                    None => *this.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    Some(stall) if *this.progressed => stall.as_mut().reset(deadline),
+                    Some(_) => {}
+                }
+                *this.progressed = false;
+                match this.stall.as_mut().map(|stall| stall.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(Some(Err(ClientBodyError(Box::new(
+                        UploadStalled(*this.idle),
+                    ))))),
+                    _ => Poll::Pending,
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -448,7 +509,8 @@ fn format_ip(ip: std::net::IpAddr, buffer: &mut [u8; 48]) -> usize {
 
 fn failure_response<B>(error: &SendError, metrics: &Metrics) -> Response<UpstreamBody<B>> {
     if source_chain(error).any(|e| e.is::<ClientBodyError>()) {
-        return client_body_failure(&DisplayChain(error))
+        let stalled = source_chain(error).any(|e| e.is::<UploadStalled>());
+        return client_body_failure(&DisplayChain(error), stalled)
             .into_response()
             .map(Either::Right);
     }
@@ -479,10 +541,14 @@ pub(crate) fn failure_answer(
     }
 }
 
-/// The answer to a client whose request body failed: `400`, logged as the
-/// client's doing, and not counted as a homeserver error (any client could
-/// otherwise raise that count at will).
-pub(crate) fn client_body_failure(error: &dyn std::fmt::Display) -> MatrixError {
+/// The answer to a client whose request body failed: `400`, or `408` when
+/// it stalled; logged as the client's doing, and not counted as a
+/// homeserver error (any client could otherwise raise that count at will).
+pub(crate) fn client_body_failure(error: &dyn std::fmt::Display, stalled: bool) -> MatrixError {
+    if stalled {
+        tracing::info!(%error, "client request body stalled; request abandoned");
+        return MatrixError::request_timeout();
+    }
     tracing::info!(%error, "client request body incomplete or malformed; request abandoned");
     MatrixError::incomplete_body()
 }

@@ -884,6 +884,49 @@ async fn an_upload_the_client_does_not_finish_is_its_own_400_not_a_homeserver_er
     }
 }
 
+#[tokio::test]
+async fn an_upload_that_stalls_is_a_408_of_its_own_on_both_paths() {
+    let hs = FakeHomeserver::start().await;
+    let config = matrix_gatekeeper::Config::from_toml(&format!(
+        "[server]\nupload_idle_timeout = \"300ms\"\n[upstream]\nurl = \"{}\"\nresponse_timeout = \"30s\"\n",
+        hs.url()
+    ))
+    .unwrap();
+    let gate = Gate::start_full(config, true, None).await;
+    let stalled_length = request(
+        "PUT",
+        "/_matrix/media/v3/upload/x",
+        &["Content-Length: 100".into()],
+        b"0123456789",
+    );
+    let stalled_chunked = request(
+        "PUT",
+        "/_matrix/media/v3/upload/x",
+        &["Transfer-Encoding: chunked".into()],
+        b"a\r\n0123456789\r\n",
+    );
+    let cases: [(&str, &[u8], bool); 3] = [
+        ("Content-Length body, fast path", &stalled_length, false),
+        ("Content-Length body, full stack", &stalled_length, true),
+        ("chunked body", &stalled_chunked, true),
+    ];
+    for (what, raw, full_stack) in cases {
+        let mut stream = connection(&gate, full_stack).await;
+        stream.write_all(raw).await.unwrap();
+        // The client keeps its connection open and sends nothing more.
+        let answer = read_response(&mut stream, Duration::from_secs(10)).await;
+        answer.assert_error(408, "M_UNKNOWN");
+        assert!(
+            wait_for_close(&mut stream, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "{what}: the connection stayed open"
+        );
+        assert_eq!(upstream_errors(&gate, "connect").await, 0, "{what}");
+        assert_eq!(upstream_errors(&gate, "timeout").await, 0, "{what}");
+    }
+}
+
 // === refusals while the client is still sending ===
 
 /// Large enough that the client is still writing when the gate answers.
