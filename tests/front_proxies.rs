@@ -1,0 +1,302 @@
+//! The shipped nginx, Caddy and Traefik configurations, run for real in
+//! front of the real gate and stand-in homeservers (one for Synapse's client
+//! listener, one for its federation listener), on free loopback ports.
+//!
+//! Each layout must send every registration spelling to the gate (the
+//! gate's own refusal comes back, the homeservers see nothing) and ordinary
+//! traffic to the homeserver, and its federation port must serve nothing
+//! but federation and keys. The layouts in which a registration was seen to
+//! reach Synapse in practice are rebuilt here too, and the same check must
+//! report them: that is what shows the check can fail.
+
+mod common;
+mod proxy_harness;
+
+use std::path::{Path, PathBuf};
+
+use common::{FakeHomeserver, Gate};
+use proxy_harness::{check, Backends, Problems, Proxy, Rewrite, Seen};
+
+impl Seen for FakeHomeserver {
+    fn seen(&self) -> usize {
+        self.requests().len()
+    }
+}
+
+fn deploy(path: &str) -> String {
+    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A gate and the two stand-in homeservers.
+struct Stand {
+    client_hs: FakeHomeserver,
+    federation_hs: FakeHomeserver,
+    _gate: Gate,
+    rewrite: Rewrite,
+}
+
+impl Stand {
+    async fn start() -> Stand {
+        let client_hs = FakeHomeserver::start().await;
+        let federation_hs = FakeHomeserver::start().await;
+        let gate = Gate::start(
+            &client_hs.url(),
+            "[client_ip]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+        )
+        .await;
+        let rewrite = Rewrite::new(Backends {
+            gate: gate.addr,
+            client: client_hs.addr,
+            federation: federation_hs.addr,
+        });
+        Stand {
+            client_hs,
+            federation_hs,
+            _gate: gate,
+            rewrite,
+        }
+    }
+
+    /// Waits for the proxy, then runs the check on both ports (the
+    /// federation port only when `federation`).
+    async fn check(&self, proxy: &mut Proxy, federation: bool) -> Problems {
+        proxy.wait_routing(self.rewrite.client()).await;
+        self.client_hs.clear();
+        check(
+            self.rewrite.client(),
+            federation.then(|| self.rewrite.federation()),
+            &self.client_hs,
+            &self.federation_hs,
+        )
+        .await
+    }
+}
+
+fn assert_holds(name: &str, problems: &Problems, proxy: &Proxy) {
+    assert!(
+        problems.is_empty(),
+        "{name}: the deployment can be walked around:\n  {}\nproxy log:\n{}",
+        problems.join("\n  "),
+        proxy.log()
+    );
+}
+
+fn assert_caught(name: &str, problems: &Problems, expected: &str) {
+    assert!(
+        problems.iter().any(|p| p.contains(expected)),
+        "{name}: the check missed the bypass (wanted a finding with {expected:?}), found:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+// ---------------------------------------------------------------- nginx
+
+/// Synapse's documented reverse-proxy location, as many servers have it.
+const SYNAPSE_DOCUMENTED_LOCATION: &str = "\
+    location ~ ^(/_matrix|/_synapse/client) {
+        proxy_pass http://127.0.0.1:8008;
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_set_header Host $host;
+    }
+";
+
+/// The registration snippet as it was first shipped: a plain regex
+/// location, which loses to any regex placed before it.
+const ORDER_DEPENDENT_SNIPPET: &str = "\
+    location ~* ^/+(_matrix/+client|_synapse/+admin)/.*register {
+        proxy_pass http://127.0.0.1:8009;
+        proxy_set_header Host $host;
+    }
+    location /_matrix {
+        proxy_pass http://127.0.0.1:8008;
+    }
+";
+
+/// A federation server proxying everything to a listener that serves both
+/// `client` and `federation` (Synapse's generated default).
+const FEDERATION_PROXYING_EVERYTHING: &str = "
+server {
+    listen 8448 ssl http2;
+    location / {
+        proxy_pass http://127.0.0.1:8008;
+        proxy_set_header Host $host;
+    }
+}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_gate_in_front_holds_on_both_ports() {
+    let stand = Stand::start().await;
+    let mut proxy = Proxy::nginx(&stand.rewrite.nginx(&deploy("nginx/gate-in-front.conf")));
+    let problems = stand.check(&mut proxy, true).await;
+    assert_holds("nginx/gate-in-front.conf", &problems, &proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_registration_only_holds_on_both_ports() {
+    let stand = Stand::start().await;
+    let mut proxy = Proxy::nginx(&stand.rewrite.nginx(&deploy("nginx/registration-only.conf")));
+    let problems = stand.check(&mut proxy, true).await;
+    assert_holds("nginx/registration-only.conf", &problems, &proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_snippet_holds_after_synapses_documented_location() {
+    let stand = Stand::start().await;
+    let server = format!(
+        "server {{\n    listen 443;\n{}\n{}\n}}\n",
+        SYNAPSE_DOCUMENTED_LOCATION,
+        deploy("nginx/matrix-gatekeeper.conf")
+    );
+    let mut proxy = Proxy::nginx(&stand.rewrite.nginx(&server));
+    let problems = stand.check(&mut proxy, false).await;
+    assert_holds("nginx snippet after a regex location", &problems, &proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_bypass_regex_location_before_the_old_snippet_is_caught() {
+    let stand = Stand::start().await;
+    let server = format!(
+        "server {{\n    listen 443;\n{SYNAPSE_DOCUMENTED_LOCATION}\n{ORDER_DEPENDENT_SNIPPET}\n}}\n"
+    );
+    let mut proxy = Proxy::nginx(&stand.rewrite.nginx(&server));
+    let problems = stand.check(&mut proxy, false).await;
+    assert_caught(
+        "regex location before the old snippet",
+        &problems,
+        "client port: POST /_matrix/client/v3/register reached the homeserver",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_bypass_federation_port_serving_the_client_api_is_caught() {
+    let stand = Stand::start().await;
+    // The shipped client server, with a federation server that proxies `/`.
+    let shipped = deploy("nginx/gate-in-front.conf");
+    let client_server = &shipped[..shipped.rfind("server {").unwrap()];
+    let conf = format!("{client_server}{FEDERATION_PROXYING_EVERYTHING}");
+    let mut proxy = Proxy::nginx(&stand.rewrite.nginx(&conf));
+    let problems = stand.check(&mut proxy, true).await;
+    assert_caught(
+        "federation server proxying everything",
+        &problems,
+        "federation port: POST /_matrix/client/v3/register reached a homeserver",
+    );
+}
+
+// ---------------------------------------------------------------- Caddy
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_gate_in_front_holds_on_both_ports() {
+    let stand = Stand::start().await;
+    let mut proxy = Proxy::caddy(
+        &stand
+            .rewrite
+            .caddy(&deploy("caddy/gate-in-front.Caddyfile")),
+    );
+    let problems = stand.check(&mut proxy, true).await;
+    assert_holds("caddy/gate-in-front.Caddyfile", &problems, &proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_registration_only_holds_on_both_ports() {
+    let stand = Stand::start().await;
+    let mut proxy = Proxy::caddy(
+        &stand
+            .rewrite
+            .caddy(&deploy("caddy/registration-only.Caddyfile")),
+    );
+    let problems = stand.check(&mut proxy, true).await;
+    assert_holds("caddy/registration-only.Caddyfile", &problems, &proxy);
+}
+
+// -------------------------------------------------------------- Traefik
+
+/// An existing Synapse router with no priority: Traefik gives it the length
+/// of its rule, here over 100.
+const LONG_SYNAPSE_ROUTER: &str = r#"
+    existing-synapse:
+      entryPoints: [websecure]
+      rule: "Host(`matrix.example.org`) && (PathPrefix(`/_matrix`) || PathPrefix(`/_synapse/client`) || PathPrefix(`/_synapse/admin`))"
+      service: synapse-client
+"#;
+
+fn with_router(dynamic: &str, router: &str) -> String {
+    dynamic.replacen("  routers:\n", &format!("  routers:{router}"), 1)
+}
+
+/// The registration router as it was first shipped: priority 100, and a
+/// rule that takes only `/` as a separator.
+fn old_registration_router(dynamic: &str) -> String {
+    let rule_start = dynamic.find("      rule: \"PathRegexp(").unwrap();
+    let rule_end = rule_start + dynamic[rule_start..].find('\n').unwrap();
+    let dynamic = format!(
+        "{}      rule: \"PathRegexp(`(?i)^/+(_matrix/+client|_synapse/+admin)/.*register`)\"{}",
+        &dynamic[..rule_start],
+        &dynamic[rule_end..]
+    );
+    dynamic.replacen("priority: 2147482647", "priority: 100", 1)
+}
+
+async fn traefik_problems(dynamic: &str) -> (Problems, Proxy) {
+    let stand = Stand::start().await;
+    let dynamic = stand.rewrite.upstreams(dynamic);
+    let mut proxy = Proxy::traefik(&stand.rewrite, &deploy("traefik/traefik.yml"), &dynamic);
+    let problems = stand.check(&mut proxy, true).await;
+    (problems, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traefik_gate_in_front_holds_on_both_ports_beside_a_long_router() {
+    let dynamic = with_router(&deploy("traefik/gate-in-front.yml"), LONG_SYNAPSE_ROUTER)
+        .replace(
+            "  services:\n",
+            "  services:\n    synapse-client:\n      loadBalancer:\n        servers:\n          - url: \"http://127.0.0.1:8008\"\n",
+        );
+    let (problems, proxy) = traefik_problems(&dynamic).await;
+    assert_holds("traefik/gate-in-front.yml", &problems, &proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traefik_registration_only_holds_on_both_ports_beside_a_long_router() {
+    let dynamic = with_router(
+        &deploy("traefik/registration-only.yml"),
+        LONG_SYNAPSE_ROUTER,
+    );
+    let (problems, proxy) = traefik_problems(&dynamic).await;
+    assert_holds("traefik/registration-only.yml", &problems, &proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traefik_bypass_long_router_beats_priority_100_is_caught() {
+    let dynamic = with_router(
+        &old_registration_router(&deploy("traefik/registration-only.yml")),
+        LONG_SYNAPSE_ROUTER,
+    );
+    let (problems, _proxy) = traefik_problems(&dynamic).await;
+    assert_caught(
+        "long Synapse router against priority 100",
+        &problems,
+        "client port: POST /_matrix/client/v3/register reached the homeserver",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traefik_bypass_escaped_slash_past_a_slash_only_rule_is_caught() {
+    // The old rule at the highest priority, beside a Synapse router whose
+    // prefix (`/_matrix`, no slash) takes the escaped spelling.
+    let dynamic = with_router(
+        &old_registration_router(&deploy("traefik/registration-only.yml")),
+        LONG_SYNAPSE_ROUTER,
+    )
+    .replacen("priority: 100", "priority: 2147482647", 1);
+    let (problems, _proxy) = traefik_problems(&dynamic).await;
+    assert_caught(
+        "slash-only rule",
+        &problems,
+        "client port: POST /_matrix%2Fclient%2Fv3%2Fregister reached the homeserver",
+    );
+}
