@@ -559,14 +559,15 @@ impl fmt::Display for Report {
                     (who, _, _) => who.as_str().to_owned(),
                 };
                 let status = p.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
-                [p.label.clone(), p.url.clone(), by, status]
+                // The URL last: it is the longest cell, and needs no padding.
+                [p.label.clone(), by, status, p.url.clone()]
             })
             .collect();
         let header = [
             "SPELLING".to_owned(),
-            "URL".to_owned(),
             "ANSWERED BY".to_owned(),
             "STATUS".to_owned(),
+            "URL".to_owned(),
         ];
         let mut widths = [0usize; 4];
         for row in std::iter::once(&header).chain(&rows) {
