@@ -151,8 +151,8 @@ impl BaseUrl {
         if authority.as_str().contains('@') {
             return Err(bad("a user name or password in the URL is not supported"));
         }
-        if uri.query().is_some() {
-            return Err(bad("a base URL has no query"));
+        if uri.query().is_some() || text.contains('#') {
+            return Err(bad("a base URL has no query or fragment"));
         }
         let host = authority
             .host()
@@ -162,11 +162,20 @@ impl BaseUrl {
         if host.is_empty() {
             return Err(bad("the URL names no host"));
         }
+        // `Authority::port_u16` reads an out-of-range or empty port as no
+        // port at all, which would quietly probe port 80: check it here.
+        let port = match authority.as_str().rsplit_once(':') {
+            Some((_, after)) if !after.contains(']') => match after.parse::<u16>() {
+                Ok(port) if port > 0 => port,
+                _ => return Err(bad("the port must be a number from 1 to 65535")),
+            },
+            _ => 80,
+        };
         let prefix = uri.path().trim_end_matches('/').to_owned();
         Ok(BaseUrl {
             text: text.trim_end_matches('/').to_owned(),
             host,
-            port: authority.port_u16().unwrap_or(80),
+            port,
             authority: authority.as_str().to_owned(),
             prefix,
         })
@@ -924,12 +933,19 @@ mod tests {
         let url = BaseUrl::parse("http://[::1]/matrix/").expect("valid");
         assert_eq!((url.host.as_str(), url.port), ("::1", 80));
         assert_eq!(url.prefix, "/matrix");
+        let url = BaseUrl::parse("HTTP://[::1]:8008").expect("valid");
+        assert_eq!((url.host.as_str(), url.port), ("::1", 8008));
         for (bad, why) in [
             ("https://example.org", "https://"),
             ("ftp://example.org", "only http://"),
             ("example.org", "not a URL"),
             ("http://user:pw@example.org", "user name"),
             ("http://example.org/?x=1", "no query"),
+            ("http://example.org/#top", "no query or fragment"),
+            ("http://example.org:99999", "port"),
+            ("http://example.org:0", "port"),
+            ("http://example.org:", "port"),
+            ("http://[::1]:", "port"),
             ("", "not a URL"),
             ("http://exa mple.org", "not a URL"),
         ] {

@@ -276,6 +276,42 @@ async fn nothing_listening_is_a_probe_that_could_not_run() {
         "{text}"
     );
 
+    // A server that accepts and never answers, and one that answers
+    // something that is not HTTP: no hang, no answer counted.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let garbage = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let garbage_addr = garbage.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    tokio::spawn(async move {
+        // Held open after the greeting, so the probe reads it rather than a
+        // reset.
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = garbage.accept().await {
+            let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").await;
+            held.push(stream);
+        }
+    });
+    let urls = [
+        BaseUrl::parse(&format!("http://{silent_addr}")).unwrap(),
+        BaseUrl::parse(&format!("http://{garbage_addr}")).unwrap(),
+    ];
+    let options = Options {
+        timeout: Duration::from_millis(100),
+        host: None,
+    };
+    let report = probe::run(&urls, &options).await;
+    assert_eq!(report.exit_status(), EXIT_CANNOT_RUN);
+    assert_eq!(report.unreachable().len(), 2);
+    let text = report.to_string();
+    assert!(text.contains("no answer within 100ms"), "{text}");
+    assert!(text.contains("not an HTTP answer"), "{text}");
+
     // A second URL that answers does not hide the one that does not.
     let hs = FakeHomeserver::start().await;
     let gate = Gate::start(&hs.url(), "").await;
