@@ -305,33 +305,41 @@ fn route_label(route: GuardedRoute) -> String {
         .to_owned()
 }
 
-/// The harmless request for a route: method, query (the usual one, and the
-/// other one probed by [`Variant::OtherQuery`]) and body.
-fn request_for(
-    route: GuardedRoute,
-) -> (
-    &'static str,
-    &'static str,
-    &'static str,
-    Option<&'static str>,
-) {
+/// The harmless request probing a route.
+struct HarmlessRequest {
+    method: &'static str,
+    /// The query every spelling carries (with its `?`), or `""`.
+    query: &'static str,
+    /// The query of [`Variant::OtherQuery`].
+    other_query: &'static str,
+    body: Option<&'static str>,
+}
+
+/// The harmless request for a route.
+fn request_for(route: GuardedRoute) -> HarmlessRequest {
+    let request = |method, query, other_query, body| HarmlessRequest {
+        method,
+        query,
+        other_query,
+        body,
+    };
     // An exhaustive match: a route added to the gate cannot be probed
     // without someone choosing its harmless request here.
     match route {
         // `kind=user`, never `kind=guest`: a guest registration needs no
         // `auth` and would create an account on a homeserver reached
         // directly.
-        GuardedRoute::Register(_) => ("POST", "", "?kind=user", Some(REGISTER_BODY)),
+        GuardedRoute::Register(_) => request("POST", "", "?kind=user", Some(REGISTER_BODY)),
         // The name given twice: the gate refuses the ambiguity; a homeserver
         // only reads whether a name is taken.
-        GuardedRoute::Available(_) => ("GET", "?username=probe&username=probe", "", None),
-        GuardedRoute::RequestToken(..) => ("POST", "", "?probe=1", Some(REQUEST_TOKEN_BODY)),
+        GuardedRoute::Available(_) => request("GET", "?username=probe&username=probe", "", None),
+        GuardedRoute::RequestToken(..) => request("POST", "", "?probe=1", Some(REQUEST_TOKEN_BODY)),
         // A validity check never consumes a token; given twice, the gate
         // refuses it.
-        GuardedRoute::TokenValidity(_) => ("GET", "?token=probe&token=probe", "", None),
+        GuardedRoute::TokenValidity(_) => request("GET", "?token=probe&token=probe", "", None),
         // The nonce of shared-secret registration: a read.
-        GuardedRoute::AdminRegister => ("GET", "", "?probe=1", None),
-        GuardedRoute::Unknown => ("GET", "", "", None),
+        GuardedRoute::AdminRegister => request("GET", "", "?probe=1", None),
+        GuardedRoute::Unknown => request("GET", "", "", None),
     }
 }
 
@@ -339,20 +347,20 @@ fn request_for(
 pub fn spellings() -> Vec<Spelling> {
     let mut out = Vec::with_capacity(ROUTES.len() * VARIANTS.len());
     for route in ROUTES {
-        let (method, query, other_query, body) = request_for(route);
+        let request = request_for(route);
         let canonical = route.canonical_path();
         for variant in VARIANTS {
             let query = if variant == Variant::OtherQuery {
-                other_query
+                request.other_query
             } else {
-                query
+                request.query
             };
             out.push(Spelling {
                 route,
                 variant,
-                method,
+                method: request.method,
                 target: format!("{}{query}", variant.spell(&canonical)),
-                body,
+                body: request.body,
             });
         }
     }
