@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use matrix_gatekeeper::config::{Config, ConfigError, HumanDuration, UpstreamConfig};
+use matrix_gatekeeper::config::{Config, ConfigError, UpstreamConfig};
 use matrix_gatekeeper::explain::{explain, Question};
 use matrix_gatekeeper::probe;
 use matrix_gatekeeper::server::{shutdown_signal, Server};
@@ -271,21 +271,11 @@ async fn warn_if_homeserver_unreachable(upstream: UpstreamConfig) {
 
 /// `probe`: checks the arguments, runs the probes, prints the report.
 fn probe(urls: &[String], json: bool, timeout: &str, host: Option<String>) -> ExitCode {
-    let cannot_run = ExitCode::from(matrix_gatekeeper::probe::EXIT_CANNOT_RUN);
-    let timeout = match HumanDuration::parse(timeout) {
-        Ok(timeout) => timeout.0,
-        Err(message) => {
-            eprintln!("probe: --timeout: {message}");
-            return cannot_run;
-        }
-    };
-    let options = probe::Options { timeout, host };
-    let parsed: Result<Vec<_>, _> = urls.iter().map(|url| probe::BaseUrl::parse(url)).collect();
-    let urls = match options.validate().and(parsed) {
-        Ok(urls) => urls,
+    let (urls, options) = match probe::parse_arguments(urls, timeout, host) {
+        Ok(parsed) => parsed,
         Err(error) => {
             eprintln!("probe: {error}");
-            return cannot_run;
+            return ExitCode::from(probe::EXIT_CANNOT_RUN);
         }
     };
     let runtime = match runtime(1) {

@@ -36,6 +36,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::config::HumanDuration;
 use crate::gate::routes::{ApiVersion, GuardedRoute, Medium};
 use crate::gate::MARKER_HEADER;
 
@@ -105,6 +106,27 @@ pub enum ProbeError {
     /// A zero timeout.
     #[error("--timeout must be more than 0")]
     ZeroTimeout,
+    /// A timeout that is not a duration.
+    #[error("--timeout: {0}")]
+    BadTimeout(String),
+}
+
+/// The command's arguments checked: the base URLs and the options.
+pub fn parse_arguments(
+    urls: &[String],
+    timeout: &str,
+    host: Option<String>,
+) -> Result<(Vec<BaseUrl>, Options), ProbeError> {
+    let timeout = HumanDuration::parse(timeout)
+        .map_err(ProbeError::BadTimeout)?
+        .0;
+    let options = Options { timeout, host };
+    options.validate()?;
+    let urls = urls
+        .iter()
+        .map(|url| BaseUrl::parse(url))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((urls, options))
 }
 
 /// A public base URL of the deployment: plain HTTP, a host, a port and an
