@@ -10,6 +10,8 @@
 //! - [`gate`]: the tower layer, usable in any tower stack.
 //! - [`upstream`]: the pooled client to the homeserver.
 //! - [`server`]: the accept loop and graceful shutdown.
+//! - [`probe`]: the `probe` command, which checks that registration
+//!   requests reach the gate.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -21,6 +23,7 @@ pub mod error;
 pub mod explain;
 mod fast_path;
 pub mod gate;
+pub mod probe;
 pub mod ratelimit;
 pub mod server;
 pub mod telemetry;

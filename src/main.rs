@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use matrix_gatekeeper::config::{Config, ConfigError, UpstreamConfig};
 use matrix_gatekeeper::explain::{explain, Question};
+use matrix_gatekeeper::probe;
 use matrix_gatekeeper::server::{shutdown_signal, Server};
 use matrix_gatekeeper::telemetry::init_logging;
 
@@ -59,6 +60,26 @@ enum Command {
         #[arg(long)]
         user_agent: Option<String>,
     },
+    /// Check from outside that every spelling of every registration route
+    /// is answered by the gate.
+    #[command(after_long_help = PROBE_NOTES)]
+    Probe {
+        /// Public base URLs: the client URL and every other port the
+        /// homeserver answers on (e.g. `http://example.org:8448`). Plain
+        /// `http://` only.
+        #[arg(required = true, value_name = "URL")]
+        urls: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Longest wait for one probe (connect, send, answer).
+        #[arg(long, default_value = "5s", value_name = "DUR")]
+        timeout: String,
+        /// `Host` header to send instead of each URL's host and port (when
+        /// probing through a tunnel).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        host: Option<String>,
+    },
     /// Exit 0 if the admin listener answers `/healthz` (for container
     /// health checks, where no HTTP client is installed).
     Healthcheck {
@@ -67,6 +88,23 @@ enum Command {
         url: String,
     },
 }
+
+/// The part of `probe --help` that does not fit one option.
+const PROBE_NOTES: &str = "\
+Every probe is harmless even where it reaches the homeserver directly: no
+account, no e-mail or SMS, no registration token used. Answers that carry
+the X-Matrix-Gatekeeper header come from the gate; probes count against the
+gate's rate limits like any request.
+
+Exit status: 0 every probe was answered by the gate; 1 some spelling reached
+something else (named in the output) or got no answer; 2 the probe could not
+run (a bad argument, or nothing answered at a URL).
+
+HTTPS: only http:// URLs are probed. For an HTTPS deployment, probe the front
+proxy's plain-HTTP listener on the host (e.g. http://127.0.0.1:80 with
+--host example.org), or a tunnel to the HTTPS port:
+  socat TCP-LISTEN:18448,bind=127.0.0.1,fork,reuseaddr OPENSSL:example.org:8448
+  matrix-gatekeeper probe http://127.0.0.1:18448 --host example.org:8448";
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
     match path {
@@ -124,6 +162,12 @@ fn main() -> ExitCode {
             }
         }
         Command::Healthcheck { url } => healthcheck(&url),
+        Command::Probe {
+            urls,
+            json,
+            timeout,
+            host,
+        } => probe(&urls, json, &timeout, host),
         Command::Serve { config: path } => {
             let config = match load_or_exit(path.as_ref()) {
                 Ok(config) => config,
@@ -223,6 +267,28 @@ async fn warn_if_homeserver_unreachable(upstream: UpstreamConfig) {
         error = %problem,
         "the homeserver cannot be reached yet; requests get 502 until it can"
     );
+}
+
+/// `probe`: checks the arguments, runs the probes, prints the report.
+fn probe(urls: &[String], json: bool, timeout: &str, host: Option<String>) -> ExitCode {
+    let (urls, options) = match probe::parse_arguments(urls, timeout, host) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            eprintln!("probe: {error}");
+            return ExitCode::from(probe::EXIT_CANNOT_RUN);
+        }
+    };
+    let runtime = match runtime(1) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let report = runtime.block_on(probe::run(&urls, &options));
+    if json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{report}");
+    }
+    ExitCode::from(report.exit_status())
 }
 
 fn healthcheck(url: &str) -> ExitCode {

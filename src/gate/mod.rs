@@ -81,6 +81,24 @@ use crate::error::MatrixError;
 use crate::ratelimit::{LimitKind, Limited, RateLimiter};
 use crate::telemetry::{Metrics, Outcome};
 
+/// The response header the gate puts on every answer to a guarded route:
+/// its own refusals and 429s, and the homeserver answers it forwarded. Its
+/// value is the decision ([`Outcome::as_str`]: `allowed`, `refused`,
+/// `rate_limited`, `would_refuse`). Homeservers do not send it, so a client
+/// can tell whether a registration request passed the gate
+/// (`matrix-gatekeeper probe`). Pass-through answers do not carry it.
+pub const MARKER_HEADER: &str = "x-matrix-gatekeeper";
+
+/// Puts the [`MARKER_HEADER`] with the decision on an answer, replacing
+/// whatever the homeserver may have sent under that name.
+fn mark<B>(mut response: Response<B>, outcome: Outcome) -> Response<B> {
+    response.headers_mut().insert(
+        header::HeaderName::from_static(MARKER_HEADER),
+        HeaderValue::from_static(outcome.as_str()),
+    );
+    response
+}
+
 /// Boxed error type of bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -424,7 +442,8 @@ where
                 audit.outcome = Outcome::Refused;
                 audit.rule = refusal.rule;
                 audit.emit(&metrics);
-                return Ok(refusal.error.into_response().map(Either::Right));
+                let response = refusal.error.into_response().map(Either::Right);
+                return Ok(mark(response, Outcome::Refused));
             }
         },
         Err(stop) if shadow => {
@@ -444,7 +463,8 @@ where
             audit.rule = stop.rule();
             audit.username = audit.username.take().or_else(|| stop.username());
             audit.emit(&metrics);
-            return Ok(stop.into_response().map(Either::Right));
+            let outcome = stop.outcome();
+            return Ok(mark(stop.into_response().map(Either::Right), outcome));
         }
     };
     let result = inner.call(request).await;
@@ -454,7 +474,8 @@ where
     }
     audit.status = result.as_ref().ok().map(|r| r.status().as_u16());
     audit.emit(&metrics);
-    Ok(result?.map(Either::Left))
+    let outcome = audit.outcome;
+    Ok(mark(result?.map(Either::Left), outcome))
 }
 
 /// Runs every check of a guarded request, in order: bans, the route's

@@ -1,0 +1,1012 @@
+//! `matrix-gatekeeper probe`: checks from outside, through the public base
+//! URLs of a deployment, that every spelling of every registration route is
+//! answered by the gate.
+//!
+//! The gate's guarantee holds only if every registration request reaches it.
+//! A front proxy rule that wins over the gate's, or a second listener of the
+//! homeserver (the federation port serving the client API too), lets some
+//! spellings walk around it. The probe sends one harmless request per route
+//! and spelling to every base URL and looks for the gate's marker header
+//! ([`MARKER_HEADER`]), which the gate puts on every answer to a guarded
+//! route — its refusals, its 429s and the homeserver answers it forwarded —
+//! and which homeservers never send.
+//!
+//! Harmless means: nothing sent can create an account, send an e-mail or SMS,
+//! or consume a registration token, even on a homeserver reached directly.
+//! Every request is one the gate refuses whatever its policy (or, for the
+//! admin nonce, a read the homeserver answers harmlessly), and one a
+//! homeserver answers without side effects: a registration body with a
+//! duplicate key and no `auth`, an availability or token check with the
+//! parameter given twice, a `requestToken` body without any field, and a
+//! `GET` of the shared-secret nonce.
+//!
+//! The client is a minimal HTTP/1.1 client of its own, so that every
+//! spelling goes on the wire exactly as written (general-purpose clients
+//! normalize dot segments or refuse some escapes). Plain `http://` only:
+//! see the README for probing an HTTPS deployment through a tunnel.
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Uri;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::config::HumanDuration;
+use crate::gate::routes::{ApiVersion, GuardedRoute, Medium};
+use crate::gate::MARKER_HEADER;
+
+/// How long one probe may take (connect, send, answer head) by default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Probes in flight at once per run: enough to finish a few hundred probes
+/// quickly, few enough not to look like a flood to the front proxy.
+const CONCURRENCY: usize = 8;
+
+/// The largest answer head read; anything longer is not a Matrix answer.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Exit status: every probe was answered by the gate.
+pub const EXIT_GUARDED: u8 = 0;
+/// Exit status: some probe reached something other than the gate, or got
+/// no answer where others did.
+pub const EXIT_NOT_GUARDED: u8 = 1;
+/// Exit status: the probe could not run (a bad URL, or nothing answered at
+/// a URL).
+pub const EXIT_CANNOT_RUN: u8 = 2;
+
+/// Every route the gate knows, each probed under every [`Variant`].
+pub const ROUTES: [GuardedRoute; 15] = [
+    GuardedRoute::Register(ApiVersion::R0),
+    GuardedRoute::Register(ApiVersion::V3),
+    GuardedRoute::Register(ApiVersion::Unstable),
+    GuardedRoute::Available(ApiVersion::R0),
+    GuardedRoute::Available(ApiVersion::V3),
+    GuardedRoute::Available(ApiVersion::Unstable),
+    GuardedRoute::RequestToken(ApiVersion::R0, Medium::Email),
+    GuardedRoute::RequestToken(ApiVersion::V3, Medium::Email),
+    GuardedRoute::RequestToken(ApiVersion::Unstable, Medium::Email),
+    GuardedRoute::RequestToken(ApiVersion::R0, Medium::Msisdn),
+    GuardedRoute::RequestToken(ApiVersion::V3, Medium::Msisdn),
+    GuardedRoute::RequestToken(ApiVersion::Unstable, Medium::Msisdn),
+    GuardedRoute::TokenValidity(ApiVersion::V1),
+    GuardedRoute::TokenValidity(ApiVersion::Unstable),
+    GuardedRoute::AdminRegister,
+];
+
+/// A registration body with a duplicate key (the gate always refuses it
+/// with `400 M_BAD_JSON`) and no `auth` (a homeserver answers a UIA step or
+/// an error, never an account). The name is not a valid localpart anywhere,
+/// so a homeserver that checks names first refuses it outright.
+pub const REGISTER_BODY: &str = r#"{"username":"gatekeeper probe","username":"gatekeeper probe"}"#;
+
+/// A `requestToken` body without any field: the gate refuses it
+/// (`M_MISSING_PARAM`), and with no address in it, a homeserver has nowhere
+/// to send anything.
+pub const REQUEST_TOKEN_BODY: &str = "{}";
+
+/// A bad probe invocation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProbeError {
+    /// The URL cannot be probed.
+    #[error("{url}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// A `--host` value that cannot be a Host header.
+    #[error("--host {0:?} is not a host name (with an optional port)")]
+    BadHost(String),
+    /// A zero timeout.
+    #[error("--timeout must be more than 0")]
+    ZeroTimeout,
+    /// A timeout that is not a duration.
+    #[error("--timeout: {0}")]
+    BadTimeout(String),
+}
+
+/// The command's arguments checked: the base URLs and the options.
+pub fn parse_arguments(
+    urls: &[String],
+    timeout: &str,
+    host: Option<String>,
+) -> Result<(Vec<BaseUrl>, Options), ProbeError> {
+    let timeout = HumanDuration::parse(timeout)
+        .map_err(ProbeError::BadTimeout)?
+        .0;
+    let options = Options { timeout, host };
+    options.validate()?;
+    let urls = urls
+        .iter()
+        .map(|url| BaseUrl::parse(url))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((urls, options))
+}
+
+/// A public base URL of the deployment: plain HTTP, a host, a port and an
+/// optional path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// The URL as given, without a trailing `/`.
+    pub text: String,
+    /// The host to connect to (an IPv6 address without brackets).
+    host: String,
+    /// The port to connect to.
+    port: u16,
+    /// `host[:port]` as written, the default `Host` header.
+    authority: String,
+    /// A path prefix put before every probe path (empty, or `/x` without a
+    /// trailing `/`).
+    prefix: String,
+}
+
+impl BaseUrl {
+    /// Parses `http://host[:port][/prefix]`.
+    pub fn parse(text: &str) -> Result<BaseUrl, ProbeError> {
+        let bad = |reason: &str| ProbeError::BadUrl {
+            url: text.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let uri: Uri = text
+            .parse()
+            .map_err(|_| bad("not a URL (expected http://host[:port])"))?;
+        match uri.scheme_str() {
+            Some(scheme) if scheme.eq_ignore_ascii_case("http") => {}
+            Some(scheme) if scheme.eq_ignore_ascii_case("https") => {
+                return Err(bad(
+                    "https:// is not supported: probe the front proxy's plain-HTTP listener, \
+                     or a tunnel to the HTTPS one (see `matrix-gatekeeper probe --help`)",
+                ))
+            }
+            Some(_) => return Err(bad("only http:// URLs can be probed")),
+            None => return Err(bad("not a URL (expected http://host[:port])")),
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| bad("the URL names no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(bad("a user name or password in the URL is not supported"));
+        }
+        if uri.query().is_some() || text.contains('#') {
+            return Err(bad("a base URL has no query or fragment"));
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        if host.is_empty() {
+            return Err(bad("the URL names no host"));
+        }
+        // `Authority::port_u16` reads an out-of-range or empty port as no
+        // port at all, which would quietly probe port 80: check it here.
+        let port = match authority.as_str().rsplit_once(':') {
+            Some((_, after)) if !after.contains(']') => match after.parse::<u16>() {
+                Ok(port) if port > 0 => port,
+                _ => return Err(bad("the port must be a number from 1 to 65535")),
+            },
+            _ => 80,
+        };
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(BaseUrl {
+            text: text.trim_end_matches('/').to_owned(),
+            host,
+            port,
+            authority: authority.as_str().to_owned(),
+            prefix,
+        })
+    }
+}
+
+/// How a route's path is spelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Variant {
+    /// As the spec writes it.
+    Canonical,
+    /// A `/` at the end.
+    TrailingSlash,
+    /// Every `/` doubled.
+    DoubleSlashes,
+    /// The `/` before `register` escaped as `%2F`.
+    EscapedSlashUpper,
+    /// The `/` before `register` escaped as `%2f`.
+    EscapedSlashLower,
+    /// A letter of `register` escaped (`r%65gister`).
+    EscapedLetter,
+    /// A letter of `register` escaped twice (`r%2565gister`).
+    DoubleEscapedLetter,
+    /// The whole path in upper case.
+    UpperCase,
+    /// A `.` segment, and a `probe` segment undone by `..`, before `register`.
+    DotSegments,
+    /// An escaped `..` segment before `register` (`/x/%2e%2e/register`).
+    EscapedDotSegment,
+    /// `;params` after `register`.
+    Params,
+    /// The other query: none where the probe has one, a harmless one where
+    /// it has none.
+    OtherQuery,
+}
+
+/// Every variant, in the order they are probed.
+pub const VARIANTS: [Variant; 12] = [
+    Variant::Canonical,
+    Variant::TrailingSlash,
+    Variant::DoubleSlashes,
+    Variant::EscapedSlashUpper,
+    Variant::EscapedSlashLower,
+    Variant::EscapedLetter,
+    Variant::DoubleEscapedLetter,
+    Variant::UpperCase,
+    Variant::DotSegments,
+    Variant::EscapedDotSegment,
+    Variant::Params,
+    Variant::OtherQuery,
+];
+
+impl Variant {
+    /// The short name used in the table and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Canonical => "canonical",
+            Variant::TrailingSlash => "trailing slash",
+            Variant::DoubleSlashes => "double slashes",
+            Variant::EscapedSlashUpper => "%2F",
+            Variant::EscapedSlashLower => "%2f",
+            Variant::EscapedLetter => "%65 escape",
+            Variant::DoubleEscapedLetter => "%2565 escape",
+            Variant::UpperCase => "upper case",
+            Variant::DotSegments => "dot segments",
+            Variant::EscapedDotSegment => "%2e%2e segment",
+            Variant::Params => ";params",
+            Variant::OtherQuery => "other query",
+        }
+    }
+
+    /// The path of `canonical` spelled this way.
+    fn spell(self, canonical: &str) -> String {
+        // Every canonical route path has exactly one `/register` segment.
+        let around_register = |replacement: &str| canonical.replacen("/register", replacement, 1);
+        match self {
+            Variant::Canonical | Variant::OtherQuery => canonical.to_owned(),
+            Variant::TrailingSlash => format!("{canonical}/"),
+            Variant::DoubleSlashes => canonical.replace('/', "//"),
+            Variant::EscapedSlashUpper => around_register("%2Fregister"),
+            Variant::EscapedSlashLower => around_register("%2fregister"),
+            Variant::EscapedLetter => around_register("/r%65gister"),
+            Variant::DoubleEscapedLetter => around_register("/r%2565gister"),
+            Variant::UpperCase => canonical.to_ascii_uppercase(),
+            Variant::DotSegments => around_register("/./probe/../register"),
+            Variant::EscapedDotSegment => around_register("/probe/%2e%2e/register"),
+            Variant::Params => around_register("/register;probe"),
+        }
+    }
+}
+
+/// One probe request: a route spelled one way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spelling {
+    /// The route the gate classifies it as.
+    pub route: GuardedRoute,
+    /// How the path is spelled.
+    pub variant: Variant,
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// Path and query, exactly as sent (before a base URL's prefix).
+    pub target: String,
+    /// The JSON body of a `POST`.
+    pub body: Option<&'static str>,
+}
+
+impl Spelling {
+    /// `v3/register/available (%2F)`: the route without its common prefix,
+    /// and the variant.
+    pub fn label(&self) -> String {
+        format!("{} ({})", route_label(self.route), self.variant.name())
+    }
+
+    /// The path, without the query.
+    pub fn path(&self) -> &str {
+        self.target
+            .split_once('?')
+            .map_or(self.target.as_str(), |(path, _)| path)
+    }
+}
+
+/// A route's canonical path without `/_matrix/client/`.
+fn route_label(route: GuardedRoute) -> String {
+    let path = route.canonical_path();
+    path.strip_prefix("/_matrix/client/")
+        .unwrap_or_else(|| path.trim_start_matches('/'))
+        .to_owned()
+}
+
+/// The harmless request probing a route.
+struct HarmlessRequest {
+    method: &'static str,
+    /// The query every spelling carries (with its `?`), or `""`.
+    query: &'static str,
+    /// The query of [`Variant::OtherQuery`].
+    other_query: &'static str,
+    body: Option<&'static str>,
+}
+
+/// The harmless request for a route.
+fn request_for(route: GuardedRoute) -> HarmlessRequest {
+    let request = |method, query, other_query, body| HarmlessRequest {
+        method,
+        query,
+        other_query,
+        body,
+    };
+    // An exhaustive match: a route added to the gate cannot be probed
+    // without someone choosing its harmless request here.
+    match route {
+        // `kind=user`, never `kind=guest`: a guest registration needs no
+        // `auth` and would create an account on a homeserver reached
+        // directly.
+        GuardedRoute::Register(_) => request("POST", "", "?kind=user", Some(REGISTER_BODY)),
+        // The name given twice: the gate refuses the ambiguity; a homeserver
+        // only reads whether a name is taken.
+        GuardedRoute::Available(_) => request("GET", "?username=probe&username=probe", "", None),
+        GuardedRoute::RequestToken(..) => request("POST", "", "?probe=1", Some(REQUEST_TOKEN_BODY)),
+        // A validity check never consumes a token; given twice, the gate
+        // refuses it.
+        GuardedRoute::TokenValidity(_) => request("GET", "?token=probe&token=probe", "", None),
+        // The nonce of shared-secret registration: a read.
+        GuardedRoute::AdminRegister => request("GET", "", "?probe=1", None),
+        GuardedRoute::Unknown => request("GET", "", "", None),
+    }
+}
+
+/// Every probe: each route of [`ROUTES`] under each [`Variant`].
+pub fn spellings() -> Vec<Spelling> {
+    let mut out = Vec::with_capacity(ROUTES.len() * VARIANTS.len());
+    for route in ROUTES {
+        let request = request_for(route);
+        let canonical = route.canonical_path();
+        for variant in VARIANTS {
+            let query = if variant == Variant::OtherQuery {
+                request.other_query
+            } else {
+                request.query
+            };
+            out.push(Spelling {
+                route,
+                variant,
+                method: request.method,
+                target: format!("{}{query}", variant.spell(&canonical)),
+                body: request.body,
+            });
+        }
+    }
+    out
+}
+
+/// Who answered a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnsweredBy {
+    /// The gate: the answer carries its marker.
+    Gate,
+    /// Something else — normally the homeserver, or the front proxy
+    /// itself: the answer has no marker.
+    Homeserver,
+    /// No answer: no connection, a timeout, or not HTTP.
+    Nothing,
+}
+
+impl AnsweredBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            AnsweredBy::Gate => "gate",
+            AnsweredBy::Homeserver => "homeserver",
+            AnsweredBy::Nothing => "nothing",
+        }
+    }
+}
+
+/// The result of one probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProbeResult {
+    /// The canonical path of the route probed.
+    pub route: String,
+    /// The variant's name.
+    pub spelling: String,
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// The full URL requested.
+    pub url: String,
+    /// The base URL it was sent to.
+    pub base_url: String,
+    /// Who answered.
+    pub answered_by: AnsweredBy,
+    /// The answer's status, if any.
+    pub status: Option<u16>,
+    /// The value of the gate's marker header, if present.
+    pub marker: Option<String>,
+    /// The answer's `Server` header, which tells a homeserver from a proxy.
+    pub server: Option<String>,
+    /// Why there was no answer.
+    pub error: Option<String>,
+    /// The table label (`v3/register (%2F)`).
+    #[serde(skip)]
+    pub label: String,
+}
+
+/// Options of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The longest one probe may take.
+    pub timeout: Duration,
+    /// The `Host` header to send instead of each URL's authority.
+    pub host: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timeout: DEFAULT_TIMEOUT,
+            host: None,
+        }
+    }
+}
+
+impl Options {
+    /// Checks the options: a non-zero timeout, a plausible host.
+    pub fn validate(&self) -> Result<(), ProbeError> {
+        if self.timeout.is_zero() {
+            return Err(ProbeError::ZeroTimeout);
+        }
+        if let Some(host) = &self.host {
+            let plausible = !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
+            if !plausible {
+                return Err(ProbeError::BadHost(host.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every probe's result, in the order sent.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The base URLs probed.
+    pub urls: Vec<String>,
+    /// One result per URL and spelling.
+    pub probes: Vec<ProbeResult>,
+}
+
+/// Counts of a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Probes sent.
+    pub probes: usize,
+    /// Answered by the gate.
+    pub gate: usize,
+    /// Answered by something else.
+    pub homeserver: usize,
+    /// Not answered.
+    pub nothing: usize,
+}
+
+impl Report {
+    /// The counts.
+    pub fn summary(&self) -> Summary {
+        let count = |who| self.probes.iter().filter(|p| p.answered_by == who).count();
+        Summary {
+            probes: self.probes.len(),
+            gate: count(AnsweredBy::Gate),
+            homeserver: count(AnsweredBy::Homeserver),
+            nothing: count(AnsweredBy::Nothing),
+        }
+    }
+
+    /// The probes answered by something other than the gate.
+    pub fn not_guarded(&self) -> impl Iterator<Item = &ProbeResult> {
+        self.probes
+            .iter()
+            .filter(|p| p.answered_by == AnsweredBy::Homeserver)
+    }
+
+    /// The base URLs where no probe got an answer.
+    pub fn unreachable(&self) -> Vec<&str> {
+        self.urls
+            .iter()
+            .filter(|url| {
+                self.probes
+                    .iter()
+                    .filter(|p| &p.base_url == *url)
+                    .all(|p| p.answered_by == AnsweredBy::Nothing)
+            })
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// [`EXIT_NOT_GUARDED`] when any probe reached something other than the
+    /// gate; else [`EXIT_CANNOT_RUN`] when nothing answered at some URL;
+    /// else [`EXIT_NOT_GUARDED`] when some probe got no answer; else
+    /// [`EXIT_GUARDED`].
+    pub fn exit_status(&self) -> u8 {
+        let summary = self.summary();
+        if summary.homeserver > 0 {
+            EXIT_NOT_GUARDED
+        } else if !self.unreachable().is_empty() {
+            EXIT_CANNOT_RUN
+        } else if summary.nothing > 0 {
+            EXIT_NOT_GUARDED
+        } else {
+            EXIT_GUARDED
+        }
+    }
+
+    /// The report as JSON: the URLs, every probe, the counts, the labels of
+    /// the probes that were not guarded, and the exit status.
+    pub fn to_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            urls: &'a [String],
+            probes: &'a [ProbeResult],
+            summary: Summary,
+            not_guarded: Vec<String>,
+            unreachable: Vec<&'a str>,
+            exit_status: u8,
+        }
+        let json = Json {
+            urls: &self.urls,
+            probes: &self.probes,
+            summary: self.summary(),
+            not_guarded: self
+                .not_guarded()
+                .map(|p| format!("{} at {}", p.label, p.base_url))
+                .collect(),
+            unreachable: self.unreachable(),
+            exit_status: self.exit_status(),
+        };
+        // Plain strings and numbers: serializing cannot fail.
+        serde_json::to_string_pretty(&json).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+impl fmt::Display for Report {
+    /// The table, the summary line, and what was not guarded.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A URL where nothing answered is one line below, not a row per
+        // probe.
+        let unreachable = self.unreachable();
+        let rows: Vec<[String; 4]> = self
+            .probes
+            .iter()
+            .filter(|p| !unreachable.contains(&p.base_url.as_str()))
+            .map(|p| {
+                let by = match (&p.answered_by, &p.marker, &p.error) {
+                    (AnsweredBy::Gate, Some(marker), _) => format!("gate ({marker})"),
+                    (AnsweredBy::Homeserver, _, _) => match &p.server {
+                        Some(server) => format!("homeserver (Server: {server})"),
+                        None => "homeserver".to_owned(),
+                    },
+                    (AnsweredBy::Nothing, _, Some(error)) => format!("nothing ({error})"),
+                    (who, _, _) => who.as_str().to_owned(),
+                };
+                let status = p.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
+                // The URL last: it is the longest cell, and needs no padding.
+                [p.label.clone(), by, status, p.url.clone()]
+            })
+            .collect();
+        let header = [
+            "SPELLING".to_owned(),
+            "ANSWERED BY".to_owned(),
+            "STATUS".to_owned(),
+            "URL".to_owned(),
+        ];
+        let mut widths = [0usize; 4];
+        for row in std::iter::once(&header).chain(&rows) {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        for row in std::iter::once(&header).chain(&rows) {
+            let mut line = String::new();
+            for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+                if i + 1 == row.len() {
+                    line.push_str(cell);
+                } else {
+                    let _ = write!(line, "{cell:<width$}  ");
+                }
+            }
+            writeln!(f, "{}", line.trim_end())?;
+        }
+        let summary = self.summary();
+        writeln!(
+            f,
+            "\n{} probes at {} URL(s): {} answered by the gate, {} by something else, {} not answered",
+            summary.probes,
+            self.urls.len(),
+            summary.gate,
+            summary.homeserver,
+            summary.nothing
+        )?;
+        let not_guarded: Vec<&ProbeResult> = self.not_guarded().collect();
+        if !not_guarded.is_empty() {
+            writeln!(
+                f,
+                "NOT GUARDED: {} spelling(s) reached something other than the gate:",
+                not_guarded.len()
+            )?;
+            for p in not_guarded {
+                writeln!(f, "  {} at {}  ({})", p.label, p.base_url, p.url)?;
+            }
+        }
+        for url in unreachable {
+            let error = self
+                .probes
+                .iter()
+                .find(|p| p.base_url == url)
+                .and_then(|p| p.error.as_deref())
+                .unwrap_or("no answer");
+            writeln!(
+                f,
+                "NOTHING ANSWERED at {url} ({error}): the probe could not run there"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends every spelling to every URL and collects who answered.
+pub async fn run(urls: &[BaseUrl], options: &Options) -> Report {
+    let spellings = spellings();
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut tasks = JoinSet::new();
+    let mut index = 0usize;
+    for base in urls {
+        for spelling in &spellings {
+            let base = base.clone();
+            let spelling = spelling.clone();
+            let options = options.clone();
+            let permits = permits.clone();
+            let position = index;
+            index += 1;
+            tasks.spawn(async move {
+                // The semaphore is never closed, so a permit always comes.
+                let _permit = permits.acquire_owned().await.ok();
+                (position, probe_one(&base, &spelling, &options).await)
+            });
+        }
+    }
+    let mut results: Vec<Option<ProbeResult>> = vec![None; index];
+    while let Some(joined) = tasks.join_next().await {
+        // A probe task does not panic; should one, its row stays missing
+        // rather than taking the whole report down.
+        if let Ok((position, result)) = joined {
+            results[position] = Some(result);
+        }
+    }
+    Report {
+        urls: urls.iter().map(|u| u.text.clone()).collect(),
+        probes: results.into_iter().flatten().collect(),
+    }
+}
+
+/// The head of an answer.
+struct AnswerHead {
+    status: u16,
+    marker: Option<String>,
+    server: Option<String>,
+}
+
+async fn probe_one(base: &BaseUrl, spelling: &Spelling, options: &Options) -> ProbeResult {
+    let target = format!("{}{}", base.prefix, spelling.target);
+    let mut result = ProbeResult {
+        route: spelling.route.canonical_path().into_owned(),
+        spelling: spelling.variant.name().to_owned(),
+        method: spelling.method,
+        url: format!("http://{}{target}", base.authority),
+        base_url: base.text.clone(),
+        answered_by: AnsweredBy::Nothing,
+        status: None,
+        marker: None,
+        server: None,
+        error: None,
+        label: spelling.label(),
+    };
+    let host = options.host.as_deref().unwrap_or(&base.authority);
+    let request = request_bytes(spelling, &target, host);
+    match tokio::time::timeout(options.timeout, exchange(base, &request)).await {
+        Ok(Ok(head)) => {
+            result.answered_by = if head.marker.is_some() {
+                AnsweredBy::Gate
+            } else {
+                AnsweredBy::Homeserver
+            };
+            result.status = Some(head.status);
+            result.marker = head.marker;
+            result.server = head.server;
+        }
+        Ok(Err(error)) => result.error = Some(error),
+        Err(_) => {
+            result.error = Some(format!("no answer within {:?}", options.timeout));
+        }
+    }
+    result
+}
+
+/// The request on the wire: one request per connection, the target exactly
+/// as spelled.
+fn request_bytes(spelling: &Spelling, target: &str, host: &str) -> Vec<u8> {
+    let mut head = format!(
+        "{} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: matrix-gatekeeper-probe/{}\r\n\
+         Accept: application/json\r\nConnection: close\r\n",
+        spelling.method,
+        env!("CARGO_PKG_VERSION"),
+    );
+    if let Some(body) = spelling.body {
+        let _ = write!(
+            head,
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    } else {
+        head.push_str("\r\n");
+    }
+    head.into_bytes()
+}
+
+/// Connects, sends, and reads the answer's head (skipping `1xx` heads).
+async fn exchange(base: &BaseUrl, request: &[u8]) -> Result<AnswerHead, String> {
+    let mut stream = TcpStream::connect((base.host.as_str(), base.port))
+        .await
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(request)
+        .await
+        .map_err(|e| format!("sending: {e}"))?;
+    let mut buffer: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buffer) {
+            Ok(httparse::Status::Complete(length)) => {
+                let status = response.code.unwrap_or(0);
+                if (100..200).contains(&status) {
+                    buffer.drain(..length);
+                    continue;
+                }
+                let header = |name: &str| {
+                    response
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+                };
+                return Ok(AnswerHead {
+                    status,
+                    marker: header(MARKER_HEADER),
+                    server: header("server"),
+                });
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(error) => return Err(format!("not an HTTP answer ({error})")),
+        }
+        if buffer.len() > MAX_HEAD_BYTES {
+            return Err("answer head too large".to_owned());
+        }
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading: {e}"))?;
+        if n == 0 {
+            return Err(if buffer.is_empty() {
+                "connection closed without an answer".to_owned()
+            } else {
+                "connection closed in the answer head".to_owned()
+            });
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::gate::policy::{HeadDecision, Policy};
+    use crate::gate::routes::classify;
+    use http::Method;
+
+    #[test]
+    fn every_spelling_is_classified_as_the_route_it_probes() {
+        let all = spellings();
+        assert_eq!(all.len(), ROUTES.len() * VARIANTS.len());
+        for spelling in &all {
+            assert_eq!(
+                classify(spelling.path()),
+                Some(spelling.route),
+                "{}: {}",
+                spelling.label(),
+                spelling.target
+            );
+        }
+        // Each variant really changes the spelling (only the query variant
+        // keeps the canonical path).
+        for spelling in all
+            .iter()
+            .filter(|s| !matches!(s.variant, Variant::Canonical | Variant::OtherQuery))
+        {
+            assert_ne!(
+                spelling.path(),
+                spelling.route.canonical_path(),
+                "{}",
+                spelling.label()
+            );
+        }
+    }
+
+    #[test]
+    fn every_route_the_gate_knows_is_probed() {
+        // Every version segment and every tail the gate's routes use: any
+        // combination `classify` recognizes as a known route must be one of
+        // the probed routes, so a route added to the gate fails here until
+        // the probe covers it.
+        let versions = ["r0", "v1", "v2", "v3", "v4", "unstable"];
+        let tails = [
+            "",
+            "/available",
+            "/email/requestToken",
+            "/msisdn/requestToken",
+            "/m.login.registration_token/validity",
+            "/email/submitToken",
+            "/3pid/requestToken",
+        ];
+        for version in versions {
+            for tail in tails {
+                let path = format!("/_matrix/client/{version}/register{tail}");
+                match classify(&path) {
+                    Some(GuardedRoute::Unknown) | None => {}
+                    Some(route) => assert!(ROUTES.contains(&route), "{path}: {route:?}"),
+                }
+            }
+        }
+        for version in versions {
+            let path = format!("/_synapse/admin/{version}/register");
+            if let Some(route) = classify(&path) {
+                assert!(
+                    route == GuardedRoute::Unknown || ROUTES.contains(&route),
+                    "{path}"
+                );
+            }
+        }
+        for route in ROUTES {
+            assert_eq!(classify(&route.canonical_path()), Some(route));
+        }
+    }
+
+    /// What the gate's policy does with a probe (no rate limit involved).
+    fn forwarded(policy: &Policy, spelling: &Spelling) -> bool {
+        let method = Method::from_bytes(spelling.method.as_bytes()).expect("valid method");
+        let query = spelling.target.split_once('?').map(|(_, q)| q);
+        match policy.head(&method, spelling.route, query) {
+            HeadDecision::Refuse(_) => false,
+            HeadDecision::Forward(_) => true,
+            HeadDecision::ReadBody(plan) => policy
+                .body(plan, spelling.body.unwrap_or("").as_bytes())
+                .is_ok(),
+        }
+    }
+
+    #[test]
+    fn the_gate_refuses_every_probe_whatever_its_policy() {
+        let permissive = Config::from_toml(
+            "[registration]\nenabled = true\nallow_admin_register = true\n\
+             [guest]\naccess = \"allow\"\n\
+             [username]\nallow_leading_underscore = true\nallow_numeric = true\n\
+             reserved = []\nreserved_lookalikes = false\n",
+        )
+        .expect("valid configuration");
+        let strict = Config::from_toml("[registration]\nenabled = false\n").expect("valid");
+        for config in [Config::default(), permissive.clone(), strict] {
+            let policy = Policy::new(&config);
+            for spelling in spellings() {
+                let admin_allowed = spelling.route == GuardedRoute::AdminRegister
+                    && config.registration.allow_admin_register;
+                // With shared-secret registration allowed, the nonce read is
+                // forwarded (its answer still carries the marker).
+                assert_eq!(
+                    forwarded(&policy, &spelling),
+                    admin_allowed,
+                    "{}",
+                    spelling.label()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn probes_are_harmless_by_construction() {
+        for spelling in spellings() {
+            assert!(!spelling.target.contains("guest"), "{}", spelling.target);
+            if let Some(body) = spelling.body {
+                assert!(!body.contains("auth"), "{body}");
+                let parsed: serde_json::Value =
+                    serde_json::from_str(body).expect("bodies are JSON");
+                let object = parsed.as_object().expect("bodies are objects");
+                assert!(
+                    object.is_empty() || body.matches("\"username\"").count() == 2,
+                    "{body}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn base_urls_are_plain_http_with_an_optional_prefix() {
+        let url = BaseUrl::parse("http://example.org:8448/").expect("valid");
+        assert_eq!(
+            (
+                url.host.as_str(),
+                url.port,
+                url.authority.as_str(),
+                url.prefix.as_str()
+            ),
+            ("example.org", 8448, "example.org:8448", "")
+        );
+        let url = BaseUrl::parse("http://[::1]/matrix/").expect("valid");
+        assert_eq!((url.host.as_str(), url.port), ("::1", 80));
+        assert_eq!(url.prefix, "/matrix");
+        let url = BaseUrl::parse("HTTP://[::1]:8008").expect("valid");
+        assert_eq!((url.host.as_str(), url.port), ("::1", 8008));
+        for (bad, why) in [
+            ("https://example.org", "https://"),
+            ("ftp://example.org", "only http://"),
+            ("example.org", "not a URL"),
+            ("http://user:pw@example.org", "user name"),
+            ("http://example.org/?x=1", "no query"),
+            ("http://example.org/#top", "no query or fragment"),
+            ("http://example.org:99999", "port"),
+            ("http://example.org:0", "port"),
+            ("http://example.org:", "port"),
+            ("http://[::1]:", "port"),
+            ("", "not a URL"),
+            ("http://exa mple.org", "not a URL"),
+        ] {
+            match BaseUrl::parse(bad) {
+                Err(ProbeError::BadUrl { reason, .. }) => {
+                    assert!(reason.contains(why), "{bad}: {reason}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn requests_go_on_the_wire_as_spelled() {
+        let spelling = spellings()
+            .into_iter()
+            .find(|s| {
+                s.route == GuardedRoute::Register(ApiVersion::V3)
+                    && s.variant == Variant::DotSegments
+            })
+            .expect("the spelling exists");
+        let bytes = request_bytes(&spelling, &spelling.target, "example.org");
+        let text = String::from_utf8(bytes).expect("ASCII");
+        assert!(
+            text.starts_with("POST /_matrix/client/v3/./probe/../register HTTP/1.1\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("\r\nHost: example.org\r\n"));
+        assert!(text.ends_with(&format!(
+            "Content-Length: {}\r\n\r\n{REGISTER_BODY}",
+            REGISTER_BODY.len()
+        )));
+    }
+}
