@@ -217,6 +217,9 @@ pub enum Variant {
     EscapedSlashUpper,
     /// The `/` before `register` escaped as `%2f`.
     EscapedSlashLower,
+    /// Every `/` but the first escaped as `%2F`: a proxy that keeps `%2F`
+    /// as it is matches none of its path prefixes on it.
+    EverySlashEscaped,
     /// A letter of `register` escaped (`r%65gister`).
     EscapedLetter,
     /// A letter of `register` escaped twice (`r%2565gister`).
@@ -235,12 +238,13 @@ pub enum Variant {
 }
 
 /// Every variant, in the order they are probed.
-pub const VARIANTS: [Variant; 12] = [
+pub const VARIANTS: [Variant; 13] = [
     Variant::Canonical,
     Variant::TrailingSlash,
     Variant::DoubleSlashes,
     Variant::EscapedSlashUpper,
     Variant::EscapedSlashLower,
+    Variant::EverySlashEscaped,
     Variant::EscapedLetter,
     Variant::DoubleEscapedLetter,
     Variant::UpperCase,
@@ -259,6 +263,7 @@ impl Variant {
             Variant::DoubleSlashes => "double slashes",
             Variant::EscapedSlashUpper => "%2F",
             Variant::EscapedSlashLower => "%2f",
+            Variant::EverySlashEscaped => "every / as %2F",
             Variant::EscapedLetter => "%65 escape",
             Variant::DoubleEscapedLetter => "%2565 escape",
             Variant::UpperCase => "upper case",
@@ -279,6 +284,7 @@ impl Variant {
             Variant::DoubleSlashes => canonical.replace('/', "//"),
             Variant::EscapedSlashUpper => around_register("%2Fregister"),
             Variant::EscapedSlashLower => around_register("%2fregister"),
+            Variant::EverySlashEscaped => format!("/{}", canonical[1..].replace('/', "%2F")),
             Variant::EscapedLetter => around_register("/r%65gister"),
             Variant::DoubleEscapedLetter => around_register("/r%2565gister"),
             Variant::UpperCase => canonical.to_ascii_uppercase(),
@@ -395,9 +401,14 @@ pub fn spellings() -> Vec<Spelling> {
 pub enum AnsweredBy {
     /// The gate: the answer carries its marker.
     Gate,
-    /// Something else — normally the homeserver, or the front proxy
-    /// itself: the answer has no marker.
+    /// A Matrix answer without the marker (a JSON body): the homeserver,
+    /// reached around the gate.
     Homeserver,
+    /// An answer that is neither the gate's nor a Matrix homeserver's: no
+    /// marker and no JSON body, such as a front proxy's own `404` page on
+    /// a federation port that serves no client API. The request stopped in
+    /// front of the homeserver, so it counts as guarded.
+    Front,
     /// No answer: no connection, a timeout, or not HTTP.
     Nothing,
 }
@@ -407,6 +418,7 @@ impl AnsweredBy {
         match self {
             AnsweredBy::Gate => "gate",
             AnsweredBy::Homeserver => "homeserver",
+            AnsweredBy::Front => "front",
             AnsweredBy::Nothing => "nothing",
         }
     }
@@ -433,6 +445,9 @@ pub struct ProbeResult {
     pub marker: Option<String>,
     /// The answer's `Server` header, which tells a homeserver from a proxy.
     pub server: Option<String>,
+    /// The answer's `Content-Type`: every homeserver answers these routes
+    /// with JSON.
+    pub content_type: Option<String>,
     /// Why there was no answer.
     pub error: Option<String>,
     /// The table label (`v3/register (%2F)`).
@@ -493,8 +508,10 @@ pub struct Summary {
     pub probes: usize,
     /// Answered by the gate.
     pub gate: usize,
-    /// Answered by something else.
+    /// Answered by a homeserver, around the gate.
     pub homeserver: usize,
+    /// Refused in front of the homeserver (no marker, not JSON).
+    pub front: usize,
     /// Not answered.
     pub nothing: usize,
 }
@@ -507,6 +524,7 @@ impl Report {
             probes: self.probes.len(),
             gate: count(AnsweredBy::Gate),
             homeserver: count(AnsweredBy::Homeserver),
+            front: count(AnsweredBy::Front),
             nothing: count(AnsweredBy::Nothing),
         }
     }
@@ -594,6 +612,10 @@ impl fmt::Display for Report {
                         Some(server) => format!("homeserver (Server: {server})"),
                         None => "homeserver".to_owned(),
                     },
+                    (AnsweredBy::Front, _, _) => match &p.content_type {
+                        Some(kind) => format!("front (not JSON: {kind})"),
+                        None => "front (no body type)".to_owned(),
+                    },
                     (AnsweredBy::Nothing, _, Some(error)) => format!("nothing ({error})"),
                     (who, _, _) => who.as_str().to_owned(),
                 };
@@ -628,10 +650,12 @@ impl fmt::Display for Report {
         let summary = self.summary();
         writeln!(
             f,
-            "\n{} probes at {} URL(s): {} answered by the gate, {} by something else, {} not answered",
+            "\n{} probes at {} URL(s): {} answered by the gate, {} refused in front of the homeserver, \
+             {} reached a homeserver, {} not answered",
             summary.probes,
             self.urls.len(),
             summary.gate,
+            summary.front,
             summary.homeserver,
             summary.nothing
         )?;
@@ -702,6 +726,28 @@ struct AnswerHead {
     status: u16,
     marker: Option<String>,
     server: Option<String>,
+    content_type: Option<String>,
+}
+
+/// Who gave an answer: the gate marks its own; a homeserver answers these
+/// routes with JSON (Synapse, Conduit and Dendrite alike, errors included);
+/// anything else was made in front of the homeserver. Unsure cases count
+/// against the deployment: a JSON answer without the marker is taken for the
+/// homeserver's.
+fn classify_answer(head: &AnswerHead) -> AnsweredBy {
+    if head.marker.is_some() {
+        return AnsweredBy::Gate;
+    }
+    let json = head.content_type.as_deref().is_some_and(|value| {
+        let essence = value.split(';').next().unwrap_or("").trim();
+        essence.eq_ignore_ascii_case("application/json")
+            || essence.to_ascii_lowercase().ends_with("+json")
+    });
+    if json || head.content_type.is_none() && head.status == 200 {
+        AnsweredBy::Homeserver
+    } else {
+        AnsweredBy::Front
+    }
 }
 
 async fn probe_one(base: &BaseUrl, spelling: &Spelling, options: &Options) -> ProbeResult {
@@ -716,6 +762,7 @@ async fn probe_one(base: &BaseUrl, spelling: &Spelling, options: &Options) -> Pr
         status: None,
         marker: None,
         server: None,
+        content_type: None,
         error: None,
         label: spelling.label(),
     };
@@ -723,14 +770,11 @@ async fn probe_one(base: &BaseUrl, spelling: &Spelling, options: &Options) -> Pr
     let request = request_bytes(spelling, &target, host);
     match tokio::time::timeout(options.timeout, exchange(base, &request)).await {
         Ok(Ok(head)) => {
-            result.answered_by = if head.marker.is_some() {
-                AnsweredBy::Gate
-            } else {
-                AnsweredBy::Homeserver
-            };
+            result.answered_by = classify_answer(&head);
             result.status = Some(head.status);
             result.marker = head.marker;
             result.server = head.server;
+            result.content_type = head.content_type;
         }
         Ok(Err(error)) => result.error = Some(error),
         Err(_) => {
@@ -793,6 +837,7 @@ async fn exchange(base: &BaseUrl, request: &[u8]) -> Result<AnswerHead, String> 
                     status,
                     marker: header(MARKER_HEADER),
                     server: header("server"),
+                    content_type: header("content-type"),
                 });
             }
             Ok(httparse::Status::Partial) => {}
@@ -823,6 +868,52 @@ mod tests {
     use crate::gate::policy::{HeadDecision, Policy};
     use crate::gate::routes::classify;
     use http::Method;
+
+    #[test]
+    fn answers_without_the_marker_are_the_homeservers_only_when_json() {
+        let head = |marker: Option<&str>, content_type: Option<&str>, status| AnswerHead {
+            status,
+            marker: marker.map(str::to_owned),
+            server: None,
+            content_type: content_type.map(str::to_owned),
+        };
+        let cases = [
+            (
+                head(Some("refused"), Some("application/json"), 400),
+                AnsweredBy::Gate,
+            ),
+            (head(Some("allowed"), None, 502), AnsweredBy::Gate),
+            (
+                head(None, Some("application/json"), 401),
+                AnsweredBy::Homeserver,
+            ),
+            (
+                head(None, Some("Application/JSON; charset=utf-8"), 404),
+                AnsweredBy::Homeserver,
+            ),
+            (
+                head(None, Some("application/problem+json"), 400),
+                AnsweredBy::Homeserver,
+            ),
+            (head(None, None, 200), AnsweredBy::Homeserver),
+            (head(None, Some("text/html"), 404), AnsweredBy::Front),
+            (
+                head(None, Some("text/plain; charset=utf-8"), 400),
+                AnsweredBy::Front,
+            ),
+            (head(None, None, 404), AnsweredBy::Front),
+        ];
+        for (answer, expected) in cases {
+            assert_eq!(
+                classify_answer(&answer),
+                expected,
+                "{:?} {:?} {}",
+                answer.marker,
+                answer.content_type,
+                answer.status
+            );
+        }
+    }
 
     #[test]
     fn every_spelling_is_classified_as_the_route_it_probes() {

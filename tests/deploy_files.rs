@@ -424,6 +424,10 @@ const REGISTRATION_SPELLINGS: &[&str] = &[
     "/_matrix/client/v1/register/m.login.registration_token/validity",
     "//_matrix//client/V3/REGISTER/",
     "/_synapse/admin/v1/register",
+    // As nginx and Caddy leave `r%2565gister` after decoding it once, and
+    // as Traefik sees it.
+    "/_matrix/client/v3/r%65gister",
+    "/_matrix/client/v3/r%2565gister",
 ];
 const OTHER_PATHS: &[&str] = &[
     "/_matrix/client/v3/sync",

@@ -8,6 +8,13 @@
 //! but federation and keys. The layouts in which a registration was seen to
 //! reach Synapse in practice are rebuilt here too, and the same check must
 //! report them: that is what shows the check can fail.
+//!
+//! Every layout is also probed from outside with `matrix-gatekeeper probe`
+//! (the library's [`probe::run`], the same code as the command): on a
+//! shipped layout every spelling of every registration route, at the client
+//! and the federation port, is answered by the gate or refused in front of
+//! the homeserver (exit status 0); on a bypass layout the probe names the
+//! spellings that got through (exit status 1).
 
 mod common;
 mod proxy_harness;
@@ -15,7 +22,8 @@ mod proxy_harness;
 use std::path::{Path, PathBuf};
 
 use common::{FakeHomeserver, Gate};
-use proxy_harness::{check, Backends, Problems, Proxy, Rewrite, Seen};
+use matrix_gatekeeper::probe::{self, BaseUrl, Options, Report};
+use proxy_harness::{check, Backends, Problems, Proxy, Rewrite, Seen, HOST};
 
 impl Seen for FakeHomeserver {
     fn seen(&self) -> usize {
@@ -72,6 +80,51 @@ impl Stand {
             &self.federation_hs,
         )
         .await
+    }
+}
+
+impl Stand {
+    /// Probes the running proxy from outside, as an operator would, with
+    /// the site's host name.
+    async fn probe(&self, federation: bool) -> Report {
+        let mut urls = vec![format!("http://{}", self.rewrite.client())];
+        if federation {
+            urls.push(format!("http://{}", self.rewrite.federation()));
+        }
+        let urls: Vec<BaseUrl> = urls
+            .iter()
+            .map(|url| BaseUrl::parse(url).unwrap())
+            .collect();
+        let options = Options {
+            host: Some(HOST.to_owned()),
+            ..Options::default()
+        };
+        probe::run(&urls, &options).await
+    }
+}
+
+fn assert_probe_guarded(name: &str, report: &Report, proxy: &Proxy) {
+    assert_eq!(
+        report.exit_status(),
+        probe::EXIT_GUARDED,
+        "{name}: probe found spellings that are not guarded:\n{report}\nproxy log:\n{}",
+        proxy.log()
+    );
+    assert!(report.summary().gate > 0, "{name}: {report}");
+}
+
+fn assert_probe_names(name: &str, report: &Report, labels: &[&str]) {
+    assert_eq!(
+        report.exit_status(),
+        probe::EXIT_NOT_GUARDED,
+        "{name}: the probe missed the bypass:\n{report}"
+    );
+    let named: Vec<String> = report.not_guarded().map(|p| p.label.clone()).collect();
+    for label in labels {
+        assert!(
+            named.iter().any(|n| n == label),
+            "{name}: the probe did not name {label:?}; it named {named:?}"
+        );
     }
 }
 
@@ -133,6 +186,8 @@ async fn nginx_gate_in_front_holds_on_both_ports() {
     let mut proxy = Proxy::nginx(&stand.rewrite.nginx(&deploy("nginx/gate-in-front.conf")));
     let problems = stand.check(&mut proxy, true).await;
     assert_holds("nginx/gate-in-front.conf", &problems, &proxy);
+    let report = stand.probe(true).await;
+    assert_probe_guarded("nginx/gate-in-front.conf", &report, &proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,6 +196,8 @@ async fn nginx_registration_only_holds_on_both_ports() {
     let mut proxy = Proxy::nginx(&stand.rewrite.nginx(&deploy("nginx/registration-only.conf")));
     let problems = stand.check(&mut proxy, true).await;
     assert_holds("nginx/registration-only.conf", &problems, &proxy);
+    let report = stand.probe(true).await;
+    assert_probe_guarded("nginx/registration-only.conf", &report, &proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,6 +211,8 @@ async fn nginx_snippet_holds_after_synapses_documented_location() {
     let mut proxy = Proxy::nginx(&stand.rewrite.nginx(&server));
     let problems = stand.check(&mut proxy, false).await;
     assert_holds("nginx snippet after a regex location", &problems, &proxy);
+    let report = stand.probe(false).await;
+    assert_probe_guarded("nginx snippet after a regex location", &report, &proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,6 +227,15 @@ async fn nginx_bypass_regex_location_before_the_old_snippet_is_caught() {
         "regex location before the old snippet",
         &problems,
         "client port: POST /_matrix/client/v3/register reached the homeserver",
+    );
+    let report = stand.probe(false).await;
+    assert_probe_names(
+        "regex location before the old snippet",
+        &report,
+        &[
+            "v3/register (canonical)",
+            "r0/register/available (canonical)",
+        ],
     );
 }
 
@@ -185,6 +253,18 @@ async fn nginx_bypass_federation_port_serving_the_client_api_is_caught() {
         &problems,
         "federation port: POST /_matrix/client/v3/register reached a homeserver",
     );
+    let report = stand.probe(true).await;
+    assert_probe_names(
+        "federation server proxying everything",
+        &report,
+        &["v3/register (canonical)"],
+    );
+    assert!(
+        report.not_guarded().all(|p| p
+            .base_url
+            .ends_with(&stand.rewrite.federation().port().to_string())),
+        "only the federation port is walked around:\n{report}"
+    );
 }
 
 // ---------------------------------------------------------------- Caddy
@@ -199,6 +279,8 @@ async fn caddy_gate_in_front_holds_on_both_ports() {
     );
     let problems = stand.check(&mut proxy, true).await;
     assert_holds("caddy/gate-in-front.Caddyfile", &problems, &proxy);
+    let report = stand.probe(true).await;
+    assert_probe_guarded("caddy/gate-in-front.Caddyfile", &report, &proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +293,8 @@ async fn caddy_registration_only_holds_on_both_ports() {
     );
     let problems = stand.check(&mut proxy, true).await;
     assert_holds("caddy/registration-only.Caddyfile", &problems, &proxy);
+    let report = stand.probe(true).await;
+    assert_probe_guarded("caddy/registration-only.Caddyfile", &report, &proxy);
 }
 
 // -------------------------------------------------------------- Traefik
@@ -241,12 +325,13 @@ fn old_registration_router(dynamic: &str) -> String {
     dynamic.replacen("priority: 2147482647", "priority: 100", 1)
 }
 
-async fn traefik_problems(dynamic: &str) -> (Problems, Proxy) {
+async fn traefik_problems(dynamic: &str) -> (Problems, Report, Proxy) {
     let stand = Stand::start().await;
     let dynamic = stand.rewrite.upstreams(dynamic);
     let mut proxy = Proxy::traefik(&stand.rewrite, &deploy("traefik/traefik.yml"), &dynamic);
     let problems = stand.check(&mut proxy, true).await;
-    (problems, proxy)
+    let report = stand.probe(true).await;
+    (problems, report, proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,8 +341,9 @@ async fn traefik_gate_in_front_holds_on_both_ports_beside_a_long_router() {
             "  services:\n",
             "  services:\n    synapse-client:\n      loadBalancer:\n        servers:\n          - url: \"http://127.0.0.1:8008\"\n",
         );
-    let (problems, proxy) = traefik_problems(&dynamic).await;
+    let (problems, report, proxy) = traefik_problems(&dynamic).await;
     assert_holds("traefik/gate-in-front.yml", &problems, &proxy);
+    assert_probe_guarded("traefik/gate-in-front.yml", &report, &proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,8 +352,9 @@ async fn traefik_registration_only_holds_on_both_ports_beside_a_long_router() {
         &deploy("traefik/registration-only.yml"),
         LONG_SYNAPSE_ROUTER,
     );
-    let (problems, proxy) = traefik_problems(&dynamic).await;
+    let (problems, report, proxy) = traefik_problems(&dynamic).await;
     assert_holds("traefik/registration-only.yml", &problems, &proxy);
+    assert_probe_guarded("traefik/registration-only.yml", &report, &proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,11 +363,19 @@ async fn traefik_bypass_long_router_beats_priority_100_is_caught() {
         &old_registration_router(&deploy("traefik/registration-only.yml")),
         LONG_SYNAPSE_ROUTER,
     );
-    let (problems, _proxy) = traefik_problems(&dynamic).await;
+    let (problems, report, _proxy) = traefik_problems(&dynamic).await;
     assert_caught(
         "long Synapse router against priority 100",
         &problems,
         "client port: POST /_matrix/client/v3/register reached the homeserver",
+    );
+    assert_probe_names(
+        "long Synapse router against priority 100",
+        &report,
+        &[
+            "v3/register (canonical)",
+            "v3/register/email/requestToken (canonical)",
+        ],
     );
 }
 
@@ -293,10 +388,15 @@ async fn traefik_bypass_escaped_slash_past_a_slash_only_rule_is_caught() {
         LONG_SYNAPSE_ROUTER,
     )
     .replacen("priority: 100", "priority: 2147482647", 1);
-    let (problems, _proxy) = traefik_problems(&dynamic).await;
+    let (problems, report, _proxy) = traefik_problems(&dynamic).await;
     assert_caught(
         "slash-only rule",
         &problems,
         "client port: POST /_matrix%2Fclient%2Fv3%2Fregister reached the homeserver",
+    );
+    assert_probe_names(
+        "slash-only rule",
+        &report,
+        &["v3/register (every / as %2F)"],
     );
 }
