@@ -20,7 +20,7 @@
 //! parameter given twice, a `requestToken` body without any field, and a
 //! `GET` of the shared-secret nonce.
 //!
-//! The client is a minimal HTTP/1.1 client of its own ([`wire`]), so that
+//! The client is a minimal HTTP/1.1 client of its own (`wire`), so that
 //! every spelling goes on the wire exactly as written (general-purpose
 //! clients normalize dot segments or refuse some escapes), over plain TCP
 //! for `http://` and over TLS, verified against the public roots and any
