@@ -65,20 +65,25 @@ enum Command {
     #[command(after_long_help = PROBE_NOTES)]
     Probe {
         /// Public base URLs: the client URL and every other port the
-        /// homeserver answers on (e.g. `http://example.org:8448`). Plain
-        /// `http://` only.
+        /// homeserver answers on (e.g. `https://example.org:8448`);
+        /// `https://` or `http://`.
         #[arg(required = true, value_name = "URL")]
         urls: Vec<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Longest wait for one probe (connect, send, answer).
+        /// Longest wait for one probe (connect, TLS handshake, send, answer).
         #[arg(long, default_value = "5s", value_name = "DUR")]
         timeout: String,
         /// `Host` header to send instead of each URL's host and port (when
-        /// probing through a tunnel).
+        /// probing through a tunnel or an address); for `https://` URLs its
+        /// host is also the name the certificate is checked for, and the SNI.
         #[arg(long, value_name = "HOST[:PORT]")]
         host: Option<String>,
+        /// PEM file of CA certificates to trust for `https://` URLs besides
+        /// the public roots (a private CA).
+        #[arg(long, value_name = "PATH")]
+        ca_file: Option<PathBuf>,
     },
     /// Exit 0 if the admin listener answers `/healthz` (for container
     /// health checks, where no HTTP client is installed).
@@ -100,11 +105,12 @@ Exit status: 0 every probe was answered by the gate; 1 some spelling reached
 something else (named in the output) or got no answer; 2 the probe could not
 run (a bad argument, or nothing answered at a URL).
 
-HTTPS: only http:// URLs are probed. For an HTTPS deployment, probe the front
-proxy's plain-HTTP listener on the host (e.g. http://127.0.0.1:80 with
---host example.org), or a tunnel to the HTTPS port:
-  socat TCP-LISTEN:18448,bind=127.0.0.1,fork,reuseaddr OPENSSL:example.org:8448
-  matrix-gatekeeper probe http://127.0.0.1:18448 --host example.org:8448";
+HTTPS: certificates are checked against the public roots built in (and
+--ca-file), for the URL's host or --host's. A failed handshake counts as no
+answer; a URL where none succeeds is named with the reason (exit status 2).
+To probe a server by address, keep its public name for the certificate and
+the Host header:
+  matrix-gatekeeper probe https://203.0.113.7:8448 --host example.org:8448";
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
     match path {
@@ -167,7 +173,8 @@ fn main() -> ExitCode {
             json,
             timeout,
             host,
-        } => probe(&urls, json, &timeout, host),
+            ca_file,
+        } => probe(&urls, json, &timeout, host, ca_file.as_deref()),
         Command::Serve { config: path } => {
             let config = match load_or_exit(path.as_ref()) {
                 Ok(config) => config,
@@ -270,8 +277,14 @@ async fn warn_if_homeserver_unreachable(upstream: UpstreamConfig) {
 }
 
 /// `probe`: checks the arguments, runs the probes, prints the report.
-fn probe(urls: &[String], json: bool, timeout: &str, host: Option<String>) -> ExitCode {
-    let (urls, options) = match probe::parse_arguments(urls, timeout, host) {
+fn probe(
+    urls: &[String],
+    json: bool,
+    timeout: &str,
+    host: Option<String>,
+    ca_file: Option<&std::path::Path>,
+) -> ExitCode {
+    let (urls, options) = match probe::parse_arguments(urls, timeout, host, ca_file) {
         Ok(parsed) => parsed,
         Err(error) => {
             eprintln!("probe: {error}");

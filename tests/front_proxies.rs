@@ -15,15 +15,21 @@
 //! and the federation port, is answered by the gate or refused in front of
 //! the homeserver (exit status 0); on a bypass layout the probe names the
 //! spellings that got through (exit status 1).
+//!
+//! nginx also runs with TLS, as deployed, with a certificate for the site's
+//! name from a CA made for the test: the `probe` command, given the CA,
+//! probes the `https://` ports like the plain ones, and refuses to probe
+//! (exit status 2, naming the certificate error) without it.
 
 mod common;
 mod proxy_harness;
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use common::{FakeHomeserver, Gate};
 use matrix_gatekeeper::probe::{self, BaseUrl, Options, Report};
-use proxy_harness::{check, Backends, Problems, Proxy, Rewrite, Seen, HOST};
+use proxy_harness::{check, free_port, Backends, Problems, Proxy, Rewrite, Seen, HOST};
 
 impl Seen for FakeHomeserver {
     fn seen(&self) -> usize {
@@ -399,4 +405,251 @@ async fn traefik_bypass_escaped_slash_past_a_slash_only_rule_is_caught() {
         &report,
         &["v3/register (every / as %2F)"],
     );
+}
+
+// ------------------------------------------------------------ over TLS
+
+/// A CA and a certificate it signed for [`HOST`], made with the `openssl`
+/// command in a directory of their own, removed when dropped.
+struct Certificates {
+    dir: PathBuf,
+    ca: PathBuf,
+    certificate: PathBuf,
+    key: PathBuf,
+}
+
+impl Certificates {
+    fn make() -> Certificates {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "probe-tls-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let output = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl is installed (scripts/test installs it)");
+            assert!(
+                output.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+        openssl(
+            &[
+                &["req", "-x509", "-nodes", "-days", "1"][..],
+                &p256,
+                &["-subj", "/CN=matrix-gatekeeper test CA"],
+                &["-addext", "basicConstraints=critical,CA:TRUE"],
+                &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                &["-keyout", "ca.key", "-out", "ca.pem"],
+            ]
+            .concat(),
+        );
+        let subject = format!("/CN={HOST}");
+        openssl(
+            &[
+                &["req", "-new", "-nodes"][..],
+                &p256,
+                &[
+                    "-subj",
+                    &subject,
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                ],
+            ]
+            .concat(),
+        );
+        // Certificate verifiers read the name from subjectAltName only.
+        std::fs::write(
+            dir.join("server.ext"),
+            format!(
+                "subjectAltName=DNS:{HOST}\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "2",
+            "-days",
+            "1",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        Certificates {
+            ca: dir.join("ca.pem"),
+            certificate: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            dir,
+        }
+    }
+}
+
+impl Drop for Certificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `matrix-gatekeeper probe` with these arguments.
+async fn probe_command(args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_matrix-gatekeeper"))
+        .arg("probe")
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("the binary runs")
+}
+
+fn stdout_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The Stand's two ports as `https://` URLs by address (the certificate is
+/// for [`HOST`], given with `--host`).
+fn https_urls(stand: &Stand) -> (String, String) {
+    (
+        format!("https://{}", stand.rewrite.client()),
+        format!("https://{}", stand.rewrite.federation()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_over_tls_the_probe_checks_certificates_and_finds_both_ports_guarded() {
+    let stand = Stand::start().await;
+    let certificates = Certificates::make();
+    let conf = stand.rewrite.nginx_tls(
+        &deploy("nginx/gate-in-front.conf"),
+        &certificates.certificate,
+        &certificates.key,
+    );
+    let mut proxy = Proxy::nginx(&conf);
+    proxy.wait_listening(stand.rewrite.client()).await;
+    proxy.wait_listening(stand.rewrite.federation()).await;
+    let (client, federation) = https_urls(&stand);
+    let ca = certificates.ca.display().to_string();
+
+    let guarded = probe_command(&[
+        &client,
+        &federation,
+        "--host",
+        HOST,
+        "--ca-file",
+        &ca,
+        "--json",
+    ])
+    .await;
+    let json: serde_json::Value = serde_json::from_slice(&guarded.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout_of(&guarded)));
+    assert_eq!(
+        guarded.status.code(),
+        Some(i32::from(probe::EXIT_GUARDED)),
+        "{json:#}\nproxy log:\n{}",
+        proxy.log()
+    );
+    let probes_per_url = probe::ROUTES.len() * probe::VARIANTS.len();
+    assert_eq!(json["summary"]["probes"], 2 * probes_per_url);
+    assert_eq!(json["summary"]["nothing"], 0, "{json:#}");
+    assert_eq!(json["summary"]["homeserver"], 0, "{json:#}");
+    // The client port's answers are the gate's, through nginx over TLS; the
+    // federation port refuses in front.
+    assert!(json["summary"]["gate"].as_u64().unwrap() >= probes_per_url as u64);
+    for row in json["probes"].as_array().unwrap() {
+        let url = row["url"].as_str().unwrap();
+        assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+        if row["base_url"] == client.as_str() {
+            assert_eq!(row["answered_by"], "gate", "{row}");
+        } else {
+            assert_eq!(row["answered_by"], "front", "{row}");
+        }
+    }
+    assert!(stand.client_hs.requests().is_empty());
+    assert!(stand.federation_hs.requests().is_empty());
+
+    // The test CA is not a public root: without it no handshake succeeds,
+    // and the probe says why instead of counting a verdict.
+    let untrusted = probe_command(&[&client, &federation, "--host", HOST]).await;
+    let text = stdout_of(&untrusted);
+    assert_eq!(
+        untrusted.status.code(),
+        Some(i32::from(probe::EXIT_CANNOT_RUN)),
+        "{text}"
+    );
+    for url in [&client, &federation] {
+        assert!(
+            text.contains(&format!(
+                "NOTHING ANSWERED at {url} (TLS handshake: invalid peer certificate: UnknownIssuer)"
+            )),
+            "{text}"
+        );
+    }
+
+    // Trusted, but for another name than the one checked.
+    let wrong_name =
+        probe_command(&[&client, "--host", "elsewhere.example.org", "--ca-file", &ca]).await;
+    let text = stdout_of(&wrong_name);
+    assert_eq!(
+        wrong_name.status.code(),
+        Some(i32::from(probe::EXIT_CANNOT_RUN)),
+        "{text}"
+    );
+    assert!(text.contains("certificate not valid for name"), "{text}");
+    assert!(stand.client_hs.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_over_tls_a_bypass_is_named() {
+    let stand = Stand::start().await;
+    let certificates = Certificates::make();
+    // The regex location before the old snippet, served over TLS.
+    let server = format!(
+        "server {{\n    listen 443 ssl;\n    ssl_certificate cert.pem;\n    \
+         ssl_certificate_key key.pem;\n{SYNAPSE_DOCUMENTED_LOCATION}\n{ORDER_DEPENDENT_SNIPPET}\n}}\n"
+    );
+    let conf = stand
+        .rewrite
+        .nginx_tls(&server, &certificates.certificate, &certificates.key);
+    let mut proxy = Proxy::nginx(&conf);
+    proxy.wait_listening(stand.rewrite.client()).await;
+    let (client, _) = https_urls(&stand);
+    let ca = certificates.ca.display().to_string();
+
+    let bypassed = probe_command(&[&client, "--host", HOST, "--ca-file", &ca]).await;
+    let text = stdout_of(&bypassed);
+    assert_eq!(
+        bypassed.status.code(),
+        Some(i32::from(probe::EXIT_NOT_GUARDED)),
+        "{text}\nproxy log:\n{}",
+        proxy.log()
+    );
+    assert!(text.contains("NOT GUARDED: "), "{text}");
+    for label in [
+        "v3/register (canonical)",
+        "r0/register/available (canonical)",
+    ] {
+        assert!(
+            text.contains(&format!("  {label} at {client}  ({client}/")),
+            "{label}: {text}"
+        );
+    }
+    assert!(!stand.client_hs.requests().is_empty());
 }

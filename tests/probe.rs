@@ -304,7 +304,7 @@ async fn nothing_listening_is_a_probe_that_could_not_run() {
     ];
     let options = Options {
         timeout: Duration::from_millis(100),
-        host: None,
+        ..Options::default()
     };
     let report = probe::run(&urls, &options).await;
     assert_eq!(report.exit_status(), EXIT_CANNOT_RUN);
@@ -454,10 +454,18 @@ async fn the_command_exits_with_the_verdict_and_speaks_json() {
 
     for (args, message) in [
         (
-            vec!["probe", "https://example.org"],
-            "https:// is not supported",
+            vec!["probe", "ftp://example.org"],
+            "only http:// and https://",
         ),
         (vec!["probe", "example.org"], "not a URL"),
+        (
+            vec!["probe", &front_url, "--ca-file", "no-such-ca.pem"],
+            "--ca-file no-such-ca.pem",
+        ),
+        (
+            vec!["probe", &front_url, "--ca-file", "Cargo.toml"],
+            "no CERTIFICATE in it",
+        ),
         (vec!["probe", &front_url, "--timeout", "soon"], "--timeout"),
         (vec!["probe", &front_url, "--timeout", "0s"], "more than 0"),
         (vec!["probe", &front_url, "--host", "a b"], "--host"),
@@ -475,5 +483,38 @@ async fn the_command_exits_with_the_verdict_and_speaks_json() {
     // Every probe of the guarded run was refused by the gate; only the
     // bypassing ones reached the homeserver.
     assert_harmless(&hs.requests());
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_https_url_whose_handshake_fails_is_a_probe_that_could_not_run() {
+    // The gate speaks plain HTTP: a TLS client gets no handshake there, and
+    // the probe says so for that URL, promptly, rather than a verdict.
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), "").await;
+    let https_url = format!("https://{}", gate.addr);
+    let report = probe_urls(&[https_url.clone(), gate.url("")]).await;
+    assert_eq!(report.exit_status(), EXIT_CANNOT_RUN, "{report}");
+    assert_eq!(report.unreachable(), [https_url.as_str()]);
+    for result in report.probes.iter().filter(|p| p.base_url == https_url) {
+        assert!(result.url.starts_with("https://"), "{result:?}");
+        let error = result.error.as_deref().unwrap_or("");
+        assert!(error.starts_with("TLS handshake: "), "{result:?}");
+    }
+    let text = report.to_string();
+    assert!(
+        text.contains(&format!("NOTHING ANSWERED at {https_url} (TLS handshake: ")),
+        "{text}"
+    );
+
+    // The command: exit status 2 and the reason, at the URL as given.
+    let output = run_binary(&["probe", &https_url, "--timeout", "5s"]).await;
+    assert_eq!(output.status.code(), Some(i32::from(EXIT_CANNOT_RUN)));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&format!("NOTHING ANSWERED at {https_url} (TLS handshake: ")),
+        "{stdout}"
+    );
+    hs.assert_saw_nothing("probes that never got past TLS");
     gate.shutdown().await;
 }

@@ -93,10 +93,28 @@ impl Rewrite {
     /// An nginx file: `listen` lines on loopback without TLS (IPv6 ones
     /// dropped), `ssl_*` lines dropped, upstreams replaced.
     pub fn nginx(&self, text: &str) -> String {
+        self.nginx_rewritten(text, None)
+    }
+
+    /// An nginx file as [`Rewrite::nginx`] makes it, but the `listen` lines
+    /// keep their `ssl` (and what else follows the port) and the
+    /// certificate and key are the given files.
+    pub fn nginx_tls(&self, text: &str, certificate: &Path, key: &Path) -> String {
+        self.nginx_rewritten(text, Some((certificate, key)))
+    }
+
+    fn nginx_rewritten(&self, text: &str, tls: Option<(&Path, &Path)>) -> String {
         let mut out = String::new();
         for line in self.upstreams(text).lines() {
             let trimmed = line.trim_start();
             if trimmed.starts_with("ssl_") {
+                if let Some((certificate, key)) = tls {
+                    if trimmed.starts_with("ssl_certificate ") {
+                        out.push_str(&format!("    ssl_certificate {};\n", certificate.display()));
+                    } else if trimmed.starts_with("ssl_certificate_key ") {
+                        out.push_str(&format!("    ssl_certificate_key {};\n", key.display()));
+                    }
+                }
                 continue;
             }
             if let Some(rest) = trimmed.strip_prefix("listen ") {
@@ -108,7 +126,14 @@ impl Rewrite {
                 } else {
                     self.client_port
                 };
-                out.push_str(&format!("    listen 127.0.0.1:{port};\n"));
+                let parameters = match tls {
+                    Some(_) => rest
+                        .trim_end_matches(';')
+                        .split_once(' ')
+                        .map_or("", |(_, after)| after),
+                    None => "",
+                };
+                out.push_str(&format!("    listen 127.0.0.1:{port} {parameters};\n"));
                 continue;
             }
             out.push_str(line);
@@ -323,6 +348,27 @@ impl Proxy {
             out.push_str(&std::fs::read_to_string(self.dir.join(name)).unwrap_or_default());
         }
         out
+    }
+
+    /// Waits until `addr` accepts connections, for at most 20 s (for a TLS
+    /// listener, which [`Proxy::wait_routing`]'s plain request cannot use).
+    pub async fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("{} exited ({status}):\n{}", self.name, self.log());
+            }
+            if TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} does not listen on {addr}:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until `addr` routes `GET /_matrix/client/versions` to an

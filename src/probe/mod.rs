@@ -7,7 +7,7 @@
 //! homeserver (the federation port serving the client API too), lets some
 //! spellings walk around it. The probe sends one harmless request per route
 //! and spelling to every base URL and looks for the gate's marker header
-//! ([`MARKER_HEADER`]), which the gate puts on every answer to a guarded
+//! ([`MARKER_HEADER`](crate::gate::MARKER_HEADER)), which the gate puts on every answer to a guarded
 //! route — its refusals, its 429s and the homeserver answers it forwarded —
 //! and which homeservers never send.
 //!
@@ -20,25 +20,28 @@
 //! parameter given twice, a `requestToken` body without any field, and a
 //! `GET` of the shared-secret nonce.
 //!
-//! The client is a minimal HTTP/1.1 client of its own, so that every
-//! spelling goes on the wire exactly as written (general-purpose clients
-//! normalize dot segments or refuse some escapes). Plain `http://` only:
-//! see the README for probing an HTTPS deployment through a tunnel.
+//! The client is a minimal HTTP/1.1 client of its own (`wire`), so that
+//! every spelling goes on the wire exactly as written (general-purpose
+//! clients normalize dot segments or refuse some escapes), over plain TCP
+//! for `http://` and over TLS, verified against the public roots and any
+//! `--ca-file`, for `https://`.
+
+mod wire;
 
 use std::fmt::{self, Write as _};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
+pub use rustls::pki_types::CertificateDer;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::HumanDuration;
 use crate::gate::routes::{ApiVersion, GuardedRoute, Medium};
-use crate::gate::MARKER_HEADER;
+use wire::{AnswerHead, Transport};
 
 /// How long one probe may take (connect, send, answer head) by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,9 +49,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Probes in flight at once per run: enough to finish a few hundred probes
 /// quickly, few enough not to look like a flood to the front proxy.
 const CONCURRENCY: usize = 8;
-
-/// The largest answer head read; anything longer is not a Matrix answer.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Exit status: every probe was answered by the gate.
 pub const EXIT_GUARDED: u8 = 0;
@@ -103,6 +103,22 @@ pub enum ProbeError {
     /// A `--host` value that cannot be a Host header.
     #[error("--host {0:?} is not a host name (with an optional port)")]
     BadHost(String),
+    /// A host that cannot name a TLS server.
+    #[error("{url}: cannot check a certificate for {reason}")]
+    BadServerName {
+        /// The `https://` URL.
+        url: String,
+        /// The host, and why it is no server name.
+        reason: String,
+    },
+    /// A `--ca-file` that cannot be used.
+    #[error("--ca-file {path}: {reason}")]
+    BadCaFile {
+        /// The path as given.
+        path: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// A zero timeout.
     #[error("--timeout must be more than 0")]
     ZeroTimeout,
@@ -111,30 +127,83 @@ pub enum ProbeError {
     BadTimeout(String),
 }
 
-/// The command's arguments checked: the base URLs and the options.
+/// The command's arguments checked: the base URLs and the options, the
+/// certificates of `ca_file` read.
 pub fn parse_arguments(
     urls: &[String],
     timeout: &str,
     host: Option<String>,
+    ca_file: Option<&Path>,
 ) -> Result<(Vec<BaseUrl>, Options), ProbeError> {
     let timeout = HumanDuration::parse(timeout)
         .map_err(ProbeError::BadTimeout)?
         .0;
-    let options = Options { timeout, host };
+    let extra_roots = match ca_file {
+        Some(path) => load_ca_file(path)?,
+        None => Vec::new(),
+    };
+    let options = Options {
+        timeout,
+        host,
+        extra_roots,
+    };
     options.validate()?;
     let urls = urls
         .iter()
         .map(|url| BaseUrl::parse(url))
         .collect::<Result<Vec<_>, _>>()?;
+    for url in &urls {
+        if url.scheme == Scheme::Https {
+            url.server_name(options.host.as_deref())?;
+        }
+    }
     Ok((urls, options))
 }
 
-/// A public base URL of the deployment: plain HTTP, a host, a port and an
+/// The certificates of a PEM file, to be trusted besides the public roots
+/// (`--ca-file`).
+pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, ProbeError> {
+    wire::load_ca_file(path).map_err(|reason| ProbeError::BadCaFile {
+        path: path.display().to_string(),
+        reason,
+    })
+}
+
+/// How a base URL is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP over TCP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// `http` or `https`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    /// The port of a URL that names none.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+/// A public base URL of the deployment: a scheme, a host, a port and an
 /// optional path prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {
     /// The URL as given, without a trailing `/`.
     pub text: String,
+    /// `http://` or `https://`.
+    pub scheme: Scheme,
     /// The host to connect to (an IPv6 address without brackets).
     host: String,
     /// The port to connect to.
@@ -147,7 +216,7 @@ pub struct BaseUrl {
 }
 
 impl BaseUrl {
-    /// Parses `http://host[:port][/prefix]`.
+    /// Parses `http[s]://host[:port][/prefix]`.
     pub fn parse(text: &str) -> Result<BaseUrl, ProbeError> {
         let bad = |reason: &str| ProbeError::BadUrl {
             url: text.to_owned(),
@@ -155,18 +224,13 @@ impl BaseUrl {
         };
         let uri: Uri = text
             .parse()
-            .map_err(|_| bad("not a URL (expected http://host[:port])"))?;
-        match uri.scheme_str() {
-            Some(scheme) if scheme.eq_ignore_ascii_case("http") => {}
-            Some(scheme) if scheme.eq_ignore_ascii_case("https") => {
-                return Err(bad(
-                    "https:// is not supported: probe the front proxy's plain-HTTP listener, \
-                     or a tunnel to the HTTPS one (see `matrix-gatekeeper probe --help`)",
-                ))
-            }
-            Some(_) => return Err(bad("only http:// URLs can be probed")),
-            None => return Err(bad("not a URL (expected http://host[:port])")),
-        }
+            .map_err(|_| bad("not a URL (expected https://host[:port])"))?;
+        let scheme = match uri.scheme_str() {
+            Some(scheme) if scheme.eq_ignore_ascii_case("http") => Scheme::Http,
+            Some(scheme) if scheme.eq_ignore_ascii_case("https") => Scheme::Https,
+            Some(_) => return Err(bad("only http:// and https:// URLs can be probed")),
+            None => return Err(bad("not a URL (expected https://host[:port])")),
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| bad("the URL names no host"))?;
@@ -185,21 +249,38 @@ impl BaseUrl {
             return Err(bad("the URL names no host"));
         }
         // `Authority::port_u16` reads an out-of-range or empty port as no
-        // port at all, which would quietly probe port 80: check it here.
+        // port at all, which would quietly probe the default port: check it
+        // here.
         let port = match authority.as_str().rsplit_once(':') {
             Some((_, after)) if !after.contains(']') => match after.parse::<u16>() {
                 Ok(port) if port > 0 => port,
                 _ => return Err(bad("the port must be a number from 1 to 65535")),
             },
-            _ => 80,
+            _ => scheme.default_port(),
         };
         let prefix = uri.path().trim_end_matches('/').to_owned();
         Ok(BaseUrl {
             text: text.trim_end_matches('/').to_owned(),
+            scheme,
             host,
             port,
             authority: authority.as_str().to_owned(),
             prefix,
+        })
+    }
+
+    /// The name the server's certificate must be valid for, also sent as
+    /// SNI: the host part of `host_header` (`--host`) when given, since a
+    /// tunnel's or an address's certificate is the public name's; else the
+    /// URL's host.
+    pub fn server_name(
+        &self,
+        host_header: Option<&str>,
+    ) -> Result<rustls::pki_types::ServerName<'static>, ProbeError> {
+        let host = host_header.map_or(self.host.as_str(), wire::host_part);
+        wire::server_name(host).map_err(|reason| ProbeError::BadServerName {
+            url: self.text.clone(),
+            reason,
         })
     }
 }
@@ -460,8 +541,12 @@ pub struct ProbeResult {
 pub struct Options {
     /// The longest one probe may take.
     pub timeout: Duration,
-    /// The `Host` header to send instead of each URL's authority.
+    /// The `Host` header to send instead of each URL's authority; its host
+    /// part is also the TLS server name.
     pub host: Option<String>,
+    /// Roots trusted for `https://` URLs besides the public ones
+    /// (`--ca-file`).
+    pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
 impl Default for Options {
@@ -469,6 +554,7 @@ impl Default for Options {
         Options {
             timeout: DEFAULT_TIMEOUT,
             host: None,
+            extra_roots: Vec::new(),
         }
     }
 }
@@ -690,20 +776,29 @@ impl fmt::Display for Report {
 pub async fn run(urls: &[BaseUrl], options: &Options) -> Report {
     let spellings = spellings();
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    // One TLS configuration for the run: its session cache lets later
+    // connections to the same server resume rather than redo the handshake.
+    let tls = urls
+        .iter()
+        .any(|url| url.scheme == Scheme::Https)
+        .then(|| wire::tls_connector(&options.extra_roots));
     let mut tasks = JoinSet::new();
     let mut index = 0usize;
     for base in urls {
+        let transport = Arc::new(transport_for(base, options, tls.as_ref()));
         for spelling in &spellings {
             let base = base.clone();
             let spelling = spelling.clone();
             let options = options.clone();
             let permits = permits.clone();
+            let transport = transport.clone();
             let position = index;
             index += 1;
             tasks.spawn(async move {
                 // The semaphore is never closed, so a permit always comes.
                 let _permit = permits.acquire_owned().await.ok();
-                (position, probe_one(&base, &spelling, &options).await)
+                let result = probe_one(&base, &spelling, &options, &transport).await;
+                (position, result)
             });
         }
     }
@@ -721,12 +816,30 @@ pub async fn run(urls: &[BaseUrl], options: &Options) -> Report {
     }
 }
 
-/// The head of an answer.
-struct AnswerHead {
-    status: u16,
-    marker: Option<String>,
-    server: Option<String>,
-    content_type: Option<String>,
+/// How `base` is reached, or why it cannot be (then every probe there is
+/// unanswered with that reason).
+fn transport_for(
+    base: &BaseUrl,
+    options: &Options,
+    tls: Option<&Result<tokio_rustls::TlsConnector, String>>,
+) -> Result<Transport, String> {
+    match base.scheme {
+        Scheme::Http => Ok(Transport::Plain),
+        Scheme::Https => {
+            let connector = match tls {
+                Some(Ok(connector)) => connector.clone(),
+                Some(Err(error)) => return Err(error.clone()),
+                None => return Err("TLS setup: no configuration".to_owned()),
+            };
+            let server_name = base
+                .server_name(options.host.as_deref())
+                .map_err(|error| error.to_string())?;
+            Ok(Transport::Tls {
+                connector,
+                server_name,
+            })
+        }
+    }
 }
 
 /// Who gave an answer: the gate marks its own; a homeserver answers these
@@ -750,13 +863,18 @@ fn classify_answer(head: &AnswerHead) -> AnsweredBy {
     }
 }
 
-async fn probe_one(base: &BaseUrl, spelling: &Spelling, options: &Options) -> ProbeResult {
+async fn probe_one(
+    base: &BaseUrl,
+    spelling: &Spelling,
+    options: &Options,
+    transport: &Result<Transport, String>,
+) -> ProbeResult {
     let target = format!("{}{}", base.prefix, spelling.target);
     let mut result = ProbeResult {
         route: spelling.route.canonical_path().into_owned(),
         spelling: spelling.variant.name().to_owned(),
         method: spelling.method,
-        url: format!("http://{}{target}", base.authority),
+        url: format!("{}://{}{target}", base.scheme.as_str(), base.authority),
         base_url: base.text.clone(),
         answered_by: AnsweredBy::Nothing,
         status: None,
@@ -766,9 +884,17 @@ async fn probe_one(base: &BaseUrl, spelling: &Spelling, options: &Options) -> Pr
         error: None,
         label: spelling.label(),
     };
+    let transport = match transport {
+        Ok(transport) => transport,
+        Err(error) => {
+            result.error = Some(error.clone());
+            return result;
+        }
+    };
     let host = options.host.as_deref().unwrap_or(&base.authority);
-    let request = request_bytes(spelling, &target, host);
-    match tokio::time::timeout(options.timeout, exchange(base, &request)).await {
+    let request = wire::request_bytes(spelling.method, &target, host, spelling.body);
+    let exchange = wire::send(&base.host, base.port, transport, &request);
+    match tokio::time::timeout(options.timeout, exchange).await {
         Ok(Ok(head)) => {
             result.answered_by = classify_answer(&head);
             result.status = Some(head.status);
@@ -782,83 +908,6 @@ async fn probe_one(base: &BaseUrl, spelling: &Spelling, options: &Options) -> Pr
         }
     }
     result
-}
-
-/// The request on the wire: one request per connection, the target exactly
-/// as spelled.
-fn request_bytes(spelling: &Spelling, target: &str, host: &str) -> Vec<u8> {
-    let mut head = format!(
-        "{} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: matrix-gatekeeper-probe/{}\r\n\
-         Accept: application/json\r\nConnection: close\r\n",
-        spelling.method,
-        env!("CARGO_PKG_VERSION"),
-    );
-    if let Some(body) = spelling.body {
-        let _ = write!(
-            head,
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-    } else {
-        head.push_str("\r\n");
-    }
-    head.into_bytes()
-}
-
-/// Connects, sends, and reads the answer's head (skipping `1xx` heads).
-async fn exchange(base: &BaseUrl, request: &[u8]) -> Result<AnswerHead, String> {
-    let mut stream = TcpStream::connect((base.host.as_str(), base.port))
-        .await
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(request)
-        .await
-        .map_err(|e| format!("sending: {e}"))?;
-    let mut buffer: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(&buffer) {
-            Ok(httparse::Status::Complete(length)) => {
-                let status = response.code.unwrap_or(0);
-                if (100..200).contains(&status) {
-                    buffer.drain(..length);
-                    continue;
-                }
-                let header = |name: &str| {
-                    response
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case(name))
-                        .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
-                };
-                return Ok(AnswerHead {
-                    status,
-                    marker: header(MARKER_HEADER),
-                    server: header("server"),
-                    content_type: header("content-type"),
-                });
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(error) => return Err(format!("not an HTTP answer ({error})")),
-        }
-        if buffer.len() > MAX_HEAD_BYTES {
-            return Err("answer head too large".to_owned());
-        }
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading: {e}"))?;
-        if n == 0 {
-            return Err(if buffer.is_empty() {
-                "connection closed without an answer".to_owned()
-            } else {
-                "connection closed in the answer head".to_owned()
-            });
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-    }
 }
 
 #[cfg(test)]
@@ -1040,8 +1089,9 @@ mod tests {
     }
 
     #[test]
-    fn base_urls_are_plain_http_with_an_optional_prefix() {
+    fn base_urls_are_http_or_https_with_an_optional_prefix() {
         let url = BaseUrl::parse("http://example.org:8448/").expect("valid");
+        assert_eq!(url.scheme, Scheme::Http);
         assert_eq!(
             (
                 url.host.as_str(),
@@ -1056,9 +1106,18 @@ mod tests {
         assert_eq!(url.prefix, "/matrix");
         let url = BaseUrl::parse("HTTP://[::1]:8008").expect("valid");
         assert_eq!((url.host.as_str(), url.port), ("::1", 8008));
+        for bad in ["ftp://example.org", "ws://example.org"] {
+            match BaseUrl::parse(bad) {
+                Err(ProbeError::BadUrl { reason, .. }) => {
+                    assert!(reason.contains("only http:// and https://"), "{reason}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
         for (bad, why) in [
-            ("https://example.org", "https://"),
             ("ftp://example.org", "only http://"),
+            ("https://example.org:0", "port"),
+            ("https://example.org:", "port"),
             ("example.org", "not a URL"),
             ("http://user:pw@example.org", "user name"),
             ("http://example.org/?x=1", "no query"),
@@ -1080,6 +1139,86 @@ mod tests {
     }
 
     #[test]
+    fn https_urls_default_to_port_443() {
+        let url = BaseUrl::parse("https://matrix.example.org").expect("valid");
+        assert_eq!(
+            (
+                url.scheme,
+                url.host.as_str(),
+                url.port,
+                url.authority.as_str(),
+                url.prefix.as_str()
+            ),
+            (
+                Scheme::Https,
+                "matrix.example.org",
+                443,
+                "matrix.example.org",
+                ""
+            )
+        );
+        let url = BaseUrl::parse("HTTPS://matrix.example.org:8448/matrix/").expect("valid");
+        assert_eq!(
+            (
+                url.scheme,
+                url.port,
+                url.authority.as_str(),
+                url.prefix.as_str()
+            ),
+            (Scheme::Https, 8448, "matrix.example.org:8448", "/matrix")
+        );
+        let url = BaseUrl::parse("https://[::1]").expect("valid");
+        assert_eq!((url.host.as_str(), url.port), ("::1", 443));
+        // Plain HTTP keeps its own default.
+        let url = BaseUrl::parse("http://matrix.example.org").expect("valid");
+        assert_eq!(url.port, 80);
+    }
+
+    #[test]
+    fn the_tls_server_name_is_the_host_header_s_host_when_given() {
+        use rustls::pki_types::ServerName;
+        let dns = |name: &str| ServerName::try_from(name.to_owned()).expect("a DNS name");
+        let url = BaseUrl::parse("https://127.0.0.1:8443").expect("valid");
+        assert!(matches!(
+            url.server_name(None),
+            Ok(ServerName::IpAddress(_))
+        ));
+        for host in [
+            "matrix.example.org",
+            "matrix.example.org:8448",
+            "matrix.example.org:443",
+        ] {
+            assert_eq!(
+                url.server_name(Some(host)),
+                Ok(dns("matrix.example.org")),
+                "{host}"
+            );
+        }
+        assert!(matches!(
+            url.server_name(Some("[::1]:8448")),
+            Ok(ServerName::IpAddress(_))
+        ));
+        let url = BaseUrl::parse("https://matrix.example.org:8448").expect("valid");
+        assert_eq!(url.server_name(None), Ok(dns("matrix.example.org")));
+        assert_eq!(
+            url.server_name(Some("other.example.org")),
+            Ok(dns("other.example.org"))
+        );
+        // A --host that is a valid Host header but no server name stops the
+        // run before anything is sent.
+        let urls = ["https://127.0.0.1:8443".to_owned()];
+        let error = parse_arguments(&urls, "5s", Some("matrix..example.org".to_owned()), None)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("cannot check a certificate")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
     fn requests_go_on_the_wire_as_spelled() {
         let spelling = spellings()
             .into_iter()
@@ -1088,7 +1227,12 @@ mod tests {
                     && s.variant == Variant::DotSegments
             })
             .expect("the spelling exists");
-        let bytes = request_bytes(&spelling, &spelling.target, "example.org");
+        let bytes = wire::request_bytes(
+            spelling.method,
+            &spelling.target,
+            "example.org",
+            spelling.body,
+        );
         let text = String::from_utf8(bytes).expect("ASCII");
         assert!(
             text.starts_with("POST /_matrix/client/v3/./probe/../register HTTP/1.1\r\n"),

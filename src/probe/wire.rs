@@ -1,0 +1,258 @@
+//! The probe's own HTTP/1.1 client: one request per connection, written
+//! byte for byte as spelled, over plain TCP or TLS, and the head of the
+//! answer read back.
+//!
+//! General-purpose clients normalize dot segments or refuse some escapes,
+//! which would hide exactly the spellings the probe is about; this one puts
+//! the request target on the wire untouched. TLS only wraps the stream: the
+//! exchange is the same code over any `AsyncRead + AsyncWrite`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::gate::MARKER_HEADER;
+
+/// The largest answer head read; anything longer is not a Matrix answer.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The only application protocol offered: the exchange is HTTP/1.1, so a
+/// server that would pick HTTP/2 must not be allowed to.
+const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
+
+/// The head of an answer.
+pub(super) struct AnswerHead {
+    pub(super) status: u16,
+    pub(super) marker: Option<String>,
+    pub(super) server: Option<String>,
+    pub(super) content_type: Option<String>,
+}
+
+/// How the bytes reach a base URL.
+#[derive(Clone)]
+pub(super) enum Transport {
+    /// Plain TCP (`http://`).
+    Plain,
+    /// TLS over TCP (`https://`), verified for `server_name`, which is also
+    /// the SNI sent.
+    Tls {
+        connector: TlsConnector,
+        server_name: ServerName<'static>,
+    },
+}
+
+/// The TLS client configuration: the public roots (Mozilla's, built in,
+/// so the result does not depend on the machine's certificate store) and
+/// `extra_roots`, HTTP/1.1 as the only ALPN protocol.
+pub(super) fn tls_connector(
+    extra_roots: &[CertificateDer<'static>],
+) -> Result<TlsConnector, String> {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    // Each extra root was checked when the CA file was read
+    // ([`load_ca_file`]), so none is dropped here.
+    roots.add_parsable_certificates(extra_roots.iter().cloned());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| format!("TLS setup: {error}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_HTTP_1_1.to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The certificates of a PEM file, each one checked to be usable as a
+/// trust anchor.
+pub(super) fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|error| error.to_string())?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("not PEM: {error}"))?;
+    if certificates.is_empty() {
+        return Err("no CERTIFICATE in it".to_owned());
+    }
+    let mut check = RootCertStore::empty();
+    for (index, certificate) in certificates.iter().enumerate() {
+        check
+            .add(certificate.clone())
+            .map_err(|error| format!("certificate {}: {error}", index + 1))?;
+    }
+    Ok(certificates)
+}
+
+/// The host part of `host[:port]`: a name, an IPv4 address, or an IPv6
+/// address with or without brackets.
+pub(super) fn host_part(host_and_port: &str) -> &str {
+    if let Some(bracketed) = host_and_port.strip_prefix('[') {
+        return bracketed.split(']').next().unwrap_or(bracketed);
+    }
+    match host_and_port.rsplit_once(':') {
+        // More than one `:` without brackets: a bare IPv6 address.
+        Some((host, _)) if !host.contains(':') => host,
+        _ => host_and_port,
+    }
+}
+
+/// The name a certificate must be valid for, sent as SNI (an IP address is
+/// verified but not sent, as TLS has no SNI for addresses).
+pub(super) fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(host)
+        .map(|name| name.to_owned())
+        .map_err(|_| format!("{host:?} is neither a DNS name nor an IP address"))
+}
+
+/// The request on the wire: one request per connection, the target exactly
+/// as spelled.
+pub(super) fn request_bytes(method: &str, target: &str, host: &str, body: Option<&str>) -> Vec<u8> {
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: matrix-gatekeeper-probe/{}\r\n\
+         Accept: application/json\r\nConnection: close\r\n",
+        env!("CARGO_PKG_VERSION"),
+    );
+    if let Some(body) = body {
+        let _ = write!(
+            head,
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    } else {
+        head.push_str("\r\n");
+    }
+    head.into_bytes()
+}
+
+/// Connects (with a TLS handshake for `https://`), sends `request`, and
+/// reads the answer's head.
+pub(super) async fn send(
+    host: &str,
+    port: u16,
+    transport: &Transport,
+    request: &[u8],
+) -> Result<AnswerHead, String> {
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(|error| error.to_string())?;
+    match transport {
+        Transport::Plain => exchange(tcp, request).await,
+        Transport::Tls {
+            connector,
+            server_name,
+        } => {
+            let tls = connector
+                .connect(server_name.clone(), tcp)
+                .await
+                .map_err(|error| format!("TLS handshake: {error}"))?;
+            exchange(tls, request).await
+        }
+    }
+}
+
+/// Sends `request` and reads the answer's head (skipping `1xx` heads).
+async fn exchange<S>(mut stream: S, request: &[u8]) -> Result<AnswerHead, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stream
+        .write_all(request)
+        .await
+        .map_err(|e| format!("sending: {e}"))?;
+    // A TLS stream holds written bytes until flushed.
+    stream.flush().await.map_err(|e| format!("sending: {e}"))?;
+    let mut buffer: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buffer) {
+            Ok(httparse::Status::Complete(length)) => {
+                let status = response.code.unwrap_or(0);
+                if (100..200).contains(&status) {
+                    buffer.drain(..length);
+                    continue;
+                }
+                let header = |name: &str| {
+                    response
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+                };
+                return Ok(AnswerHead {
+                    status,
+                    marker: header(MARKER_HEADER),
+                    server: header("server"),
+                    content_type: header("content-type"),
+                });
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(error) => return Err(format!("not an HTTP answer ({error})")),
+        }
+        if buffer.len() > MAX_HEAD_BYTES {
+            return Err("answer head too large".to_owned());
+        }
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading: {e}"))?;
+        if n == 0 {
+            return Err(if buffer.is_empty() {
+                "connection closed without an answer".to_owned()
+            } else {
+                "connection closed in the answer head".to_owned()
+            });
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_part_drops_the_port_and_brackets() {
+        for (given, host) in [
+            ("matrix.example.org", "matrix.example.org"),
+            ("matrix.example.org:8448", "matrix.example.org"),
+            ("127.0.0.1:443", "127.0.0.1"),
+            ("[::1]:8448", "::1"),
+            ("[::1]", "::1"),
+            ("::1", "::1"),
+        ] {
+            assert_eq!(host_part(given), host, "{given}");
+        }
+    }
+
+    #[test]
+    fn server_names_are_dns_names_or_addresses() {
+        assert!(matches!(
+            server_name("matrix.example.org"),
+            Ok(ServerName::DnsName(name)) if name.as_ref() == "matrix.example.org"
+        ));
+        assert!(matches!(
+            server_name("127.0.0.1"),
+            Ok(ServerName::IpAddress(_))
+        ));
+        assert!(matches!(server_name("::1"), Ok(ServerName::IpAddress(_))));
+        assert!(server_name("not a name").is_err());
+    }
+
+    #[test]
+    fn a_ca_file_needs_a_usable_certificate() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        // A file of the repository that is not PEM at all.
+        let error = load_ca_file(&dir.join("Cargo.toml")).expect_err("not a certificate");
+        assert!(error.contains("no CERTIFICATE"), "{error}");
+        let error = load_ca_file(&dir.join("no-such-file.pem")).expect_err("missing");
+        assert!(error.contains("No such file"), "{error}");
+    }
+}
