@@ -29,19 +29,15 @@ use std::process::Output;
 
 use common::{FakeHomeserver, Gate};
 use matrix_gatekeeper::probe::{self, BaseUrl, Options, Report};
-use proxy_harness::{check, free_port, Backends, Problems, Proxy, Rewrite, Seen, HOST};
+use proxy_harness::{
+    check, deploy, free_port, Backends, Problems, Proxy, Rewrite, Seen, HOST,
+    ORDER_DEPENDENT_SNIPPET, SYNAPSE_DOCUMENTED_LOCATION,
+};
 
 impl Seen for FakeHomeserver {
     fn seen(&self) -> usize {
         self.requests().len()
     }
-}
-
-fn deploy(path: &str) -> String {
-    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy")
-        .join(path);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// A gate and the two stand-in homeservers.
@@ -152,27 +148,6 @@ fn assert_caught(name: &str, problems: &Problems, expected: &str) {
 }
 
 // ---------------------------------------------------------------- nginx
-
-/// Synapse's documented reverse-proxy location, as many servers have it.
-const SYNAPSE_DOCUMENTED_LOCATION: &str = "\
-    location ~ ^(/_matrix|/_synapse/client) {
-        proxy_pass http://127.0.0.1:8008;
-        proxy_set_header X-Forwarded-For $remote_addr;
-        proxy_set_header Host $host;
-    }
-";
-
-/// The registration snippet as it was first shipped: a plain regex
-/// location, which loses to any regex placed before it.
-const ORDER_DEPENDENT_SNIPPET: &str = "\
-    location ~* ^/+(_matrix/+client|_synapse/+admin)/.*register {
-        proxy_pass http://127.0.0.1:8009;
-        proxy_set_header Host $host;
-    }
-    location /_matrix {
-        proxy_pass http://127.0.0.1:8008;
-    }
-";
 
 /// A federation server proxying everything to a listener that serves both
 /// `client` and `federation` (Synapse's generated default).

@@ -8,6 +8,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod corpus;
+mod placement;
+#[path = "../proxy_harness/mod.rs"]
+mod proxy_harness;
 mod spec_fuzz;
 mod synapse;
 

@@ -50,6 +50,35 @@ pub const REGISTRATION_SPELLINGS: &[&str] = &[
     "/_matrix/client/v3/register;x=1",
 ];
 
+/// Synapse's documented reverse-proxy location, as many servers have it.
+pub const SYNAPSE_DOCUMENTED_LOCATION: &str = "\
+    location ~ ^(/_matrix|/_synapse/client) {
+        proxy_pass http://127.0.0.1:8008;
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_set_header Host $host;
+    }
+";
+
+/// The registration snippet as it was first shipped: a plain regex
+/// location, which loses to any regex placed before it.
+pub const ORDER_DEPENDENT_SNIPPET: &str = "\
+    location ~* ^/+(_matrix/+client|_synapse/+admin)/.*register {
+        proxy_pass http://127.0.0.1:8009;
+        proxy_set_header Host $host;
+    }
+    location /_matrix {
+        proxy_pass http://127.0.0.1:8008;
+    }
+";
+
+/// A shipped file under `deploy/`.
+pub fn deploy(path: &str) -> String {
+    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// Addresses of the test's gate and stand-in homeservers.
 #[derive(Clone, Copy, Debug)]
 pub struct Backends {
