@@ -28,9 +28,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{FakeHomeserver, Gate};
-use matrix_gatekeeper::probe::{self, BaseUrl, Options, Report};
+use matrix_gatekeeper::probe::{self, Report};
 use proxy_harness::{
-    check, deploy, free_port, Backends, Problems, Proxy, Rewrite, Seen, HOST,
+    check, deploy, free_port, probe_proxy, Backends, Problems, Proxy, Rewrite, Seen, HOST,
     ORDER_DEPENDENT_SNIPPET, SYNAPSE_DOCUMENTED_LOCATION,
 };
 
@@ -86,22 +86,9 @@ impl Stand {
 }
 
 impl Stand {
-    /// Probes the running proxy from outside, as an operator would, with
-    /// the site's host name.
+    /// Probes the running proxy from outside, as an operator would.
     async fn probe(&self, federation: bool) -> Report {
-        let mut urls = vec![format!("http://{}", self.rewrite.client())];
-        if federation {
-            urls.push(format!("http://{}", self.rewrite.federation()));
-        }
-        let urls: Vec<BaseUrl> = urls
-            .iter()
-            .map(|url| BaseUrl::parse(url).unwrap())
-            .collect();
-        let options = Options {
-            host: Some(HOST.to_owned()),
-            ..Options::default()
-        };
-        probe::run(&urls, &options).await
+        probe_proxy(&self.rewrite, federation).await
     }
 }
 

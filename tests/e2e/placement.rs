@@ -7,27 +7,14 @@
 
 use std::net::SocketAddr;
 
-use matrix_gatekeeper::probe::{self, BaseUrl, Options, Report};
+use matrix_gatekeeper::probe;
 
 use crate::proxy_harness::{
-    deploy, Backends, Proxy, Rewrite, HOST, ORDER_DEPENDENT_SNIPPET, SYNAPSE_DOCUMENTED_LOCATION,
+    deploy, probe_proxy, Backends, Proxy, Rewrite, ORDER_DEPENDENT_SNIPPET,
+    SYNAPSE_DOCUMENTED_LOCATION,
 };
 use crate::synapse::Synapse;
 use crate::{account_exists, gate_for, register_dummy};
-
-/// Probes the proxy's client port (and its federation port when
-/// `federation`), as an operator would.
-async fn probe_proxy(rewrite: &Rewrite, federation: bool) -> Report {
-    let mut urls = vec![BaseUrl::parse(&format!("http://{}", rewrite.client())).unwrap()];
-    if federation {
-        urls.push(BaseUrl::parse(&format!("http://{}", rewrite.federation())).unwrap());
-    }
-    let options = Options {
-        host: Some(HOST.to_owned()),
-        ..Options::default()
-    };
-    probe::run(&urls, &options).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_nginx_layout_holds_and_the_known_bypass_registers_a_refused_name() {

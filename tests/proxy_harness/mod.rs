@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use matrix_gatekeeper::probe::{self, BaseUrl, Options, Report};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -618,4 +619,19 @@ pub async fn check(
         }
     }
     problems
+}
+
+/// `matrix-gatekeeper probe` (the library's [`probe::run`], the command's
+/// own code) against the proxy's client port, and its federation port when
+/// `federation`, with the site's host name, as an operator would run it.
+pub async fn probe_proxy(rewrite: &Rewrite, federation: bool) -> Report {
+    let mut urls = vec![BaseUrl::parse(&format!("http://{}", rewrite.client())).unwrap()];
+    if federation {
+        urls.push(BaseUrl::parse(&format!("http://{}", rewrite.federation())).unwrap());
+    }
+    let options = Options {
+        host: Some(HOST.to_owned()),
+        ..Options::default()
+    };
+    probe::run(&urls, &options).await
 }
