@@ -36,7 +36,8 @@ impl AdminState {
         }
         Ok(match request.uri().path() {
             "/metrics" => {
-                let body = self.gate.metrics().render(&self.gate.limiter());
+                let mut body = self.gate.metrics().render(&self.gate.limiter());
+                crate::telemetry::render_lockdown(&mut body, &self.gate.lockdown());
                 let mut response = text(StatusCode::OK, body);
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,

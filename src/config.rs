@@ -75,6 +75,8 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// Rules for third-party identifiers (`requestToken`).
     pub email: EmailConfig,
+    /// Webhook notifications of operational events.
+    pub notify: NotifyConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -180,6 +182,10 @@ impl Config {
                 }
             }
         }
+        if let Some(lockdown) = &self.registration.lockdown {
+            lockdown.validate()?;
+        }
+        self.notify.validate()?;
         if limits.max_tracked_clients == 0 {
             return Err(ConfigError::invalid(
                 "rate_limit.max_tracked_clients",
@@ -238,6 +244,9 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.rate_limit.redis_url = shown.rate_limit.redis_url.as_deref().map(redact_url);
+        if shown.notify.webhook_secret.is_some() {
+            shown.notify.webhook_secret = Some("***".to_owned());
+        }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
 
@@ -264,7 +273,7 @@ impl Config {
 /// The keys (or whole sections) read once, at start: a reload that changes
 /// them logs a warning and keeps the running value until a restart. The
 /// README and the example configuration list the same keys (a test checks).
-pub const RESTART_ONLY_KEYS: [&str; 9] = [
+pub const RESTART_ONLY_KEYS: [&str; 10] = [
     "server.listen",
     "server.admin_listen",
     "server.header_read_timeout",
@@ -274,6 +283,7 @@ pub const RESTART_ONLY_KEYS: [&str; 9] = [
     "server.workers",
     "upstream",
     "log",
+    "notify",
 ];
 
 /// A URL (or a comma-separated list of them, as `redis_url` takes for a
@@ -456,6 +466,10 @@ pub struct RegistrationConfig {
     /// `enforce`, or `shadow`: forward everything and only log and count
     /// what would have been refused.
     pub mode: GateMode,
+    /// Closes registration for a while when completed registrations come
+    /// too fast, server-wide (absent: off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lockdown: Option<LockdownSpec>,
 }
 
 impl Default for RegistrationConfig {
@@ -465,6 +479,7 @@ impl Default for RegistrationConfig {
             max_body_bytes: 65536,
             allow_admin_register: false,
             mode: GateMode::Enforce,
+            lockdown: None,
         }
     }
 }
@@ -785,6 +800,134 @@ impl LimitSpec {
     /// Time to refill one unit (`period / count`).
     pub fn emission_interval(&self) -> Duration {
         self.period.0 / self.count.max(1)
+    }
+}
+
+/// `[registration] lockdown = { count = N, period = P, close_for = D }`:
+/// when N registrations complete within P (a sliding window), registration
+/// closes for D.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockdownSpec {
+    /// Completed registrations that close registration.
+    pub count: u32,
+    /// The window they are counted in.
+    pub period: HumanDuration,
+    /// How long registration stays closed.
+    pub close_for: HumanDuration,
+}
+
+impl LockdownSpec {
+    /// Largest `count`: the window keeps one timestamp per registration.
+    pub const MAX_COUNT: u32 = 100_000;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.count == 0 || self.count > Self::MAX_COUNT {
+            return Err(ConfigError::invalid(
+                "registration.lockdown.count",
+                format!(
+                    "expected 1 to {} (remove lockdown to turn it off), got {}",
+                    Self::MAX_COUNT,
+                    self.count
+                ),
+            ));
+        }
+        for (key, d) in [("period", self.period), ("close_for", self.close_for)] {
+            if d.0.is_zero() {
+                return Err(ConfigError::invalid(
+                    format!("registration.lockdown.{key}"),
+                    "must be longer than zero",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[notify]`
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// Where events are POSTed as JSON (`http://` only; absent: off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Key of the HMAC-SHA256 signature header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
+    /// A file holding the key instead (trailing line breaks ignored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret_file: Option<std::path::PathBuf>,
+}
+
+impl NotifyConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.webhook_url {
+            let parsed: http::Uri = url.parse().map_err(|_| {
+                ConfigError::invalid("notify.webhook_url", format!("not a URL: \"{url}\""))
+            })?;
+            if parsed.scheme_str() != Some("http") {
+                return Err(ConfigError::invalid(
+                    "notify.webhook_url",
+                    format!(
+                        "only http:// is supported (the gate has no TLS client; use a local relay), got \"{url}\""
+                    ),
+                ));
+            }
+            if parsed.host().is_none_or(str::is_empty) {
+                return Err(ConfigError::invalid(
+                    "notify.webhook_url",
+                    "a host is needed",
+                ));
+            }
+        } else if self.webhook_secret.is_some() || self.webhook_secret_file.is_some() {
+            return Err(ConfigError::invalid(
+                "notify.webhook_url",
+                "needed when a webhook secret is set",
+            ));
+        }
+        if self.webhook_secret.is_some() && self.webhook_secret_file.is_some() {
+            return Err(ConfigError::invalid(
+                "notify.webhook_secret_file",
+                "set webhook_secret or webhook_secret_file, not both",
+            ));
+        }
+        if self.webhook_secret.as_deref() == Some("") {
+            return Err(ConfigError::invalid(
+                "notify.webhook_secret",
+                "must not be empty",
+            ));
+        }
+        if self.webhook_secret_file.is_some() {
+            self.secret()?;
+        }
+        Ok(())
+    }
+
+    /// The signing key: `webhook_secret`, or the contents of
+    /// `webhook_secret_file` without trailing line breaks.
+    pub fn secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        if let Some(secret) = &self.webhook_secret {
+            return Ok(Some(secret.as_bytes().to_vec()));
+        }
+        let Some(path) = &self.webhook_secret_file else {
+            return Ok(None);
+        };
+        let mut bytes = std::fs::read(path).map_err(|e| {
+            ConfigError::invalid(
+                "notify.webhook_secret_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            bytes.pop();
+        }
+        if bytes.is_empty() {
+            return Err(ConfigError::invalid(
+                "notify.webhook_secret_file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        Ok(Some(bytes))
     }
 }
 

@@ -41,6 +41,9 @@ pub struct Explanation {
     pub limits: Vec<AppliedLimit>,
     /// Whether the gate runs in shadow mode (then it only logs a refusal).
     pub shadow: bool,
+    /// The configured registration lockdown, if any (whether it is closed
+    /// now is live state of the running gate).
+    pub lockdown: Option<crate::config::LockdownSpec>,
 }
 
 /// The policy's decision.
@@ -121,6 +124,7 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
         username: None,
         limits: Vec::new(),
         shadow,
+        lockdown: config.registration.lockdown,
     };
     let refused = |refusal: crate::gate::Refusal| Explained::Refused {
         rule: refusal.rule,
@@ -222,6 +226,15 @@ impl fmt::Display for Explanation {
                 "mode: shadow (a refused request is forwarded as sent, and only logged)"
             )?;
         }
+        if let Some(lockdown) = &self.lockdown {
+            writeln!(
+                f,
+                "lockdown: configured: {} registrations within {} close registration for {} \
+                 (whether it is closed now is state of the running gate: \
+                 gatekeeper_registration_lockdown)",
+                lockdown.count, lockdown.period, lockdown.close_for
+            )?;
+        }
         if self.limits.is_empty() {
             return writeln!(f, "limits: none (refused before any limit counts)");
         }
@@ -249,6 +262,24 @@ mod tests {
 
     fn ask(toml: &str, q: Question) -> Explanation {
         explain(&Config::from_toml(toml).unwrap(), &q)
+    }
+
+    #[test]
+    fn a_configured_lockdown_is_mentioned() {
+        let text = ask(
+            "[registration]\nlockdown = { count = 50, period = \"10m\", close_for = \"1h\" }\n",
+            Question::default(),
+        )
+        .to_string();
+        assert!(
+            text.contains(
+                "lockdown: configured: 50 registrations within 10m close registration for 1h"
+            ),
+            "{text}"
+        );
+        assert!(!ask("", Question::default())
+            .to_string()
+            .contains("lockdown"));
     }
 
     #[test]

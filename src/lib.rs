@@ -23,6 +23,8 @@ pub mod error;
 pub mod explain;
 mod fast_path;
 pub mod gate;
+pub mod lockdown;
+pub mod notify;
 pub mod probe;
 pub mod ratelimit;
 pub mod server;

@@ -35,6 +35,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::MatrixError;
 use crate::fast_path::{linger, Ending, FastPath, Rewind};
 use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
+use crate::notify::{Event, Notifier};
 use crate::telemetry::Metrics;
 use crate::upstream::{unforwardable, Upstream};
 
@@ -60,7 +61,11 @@ pub fn build_service(config: &Config) -> GatekeeperService {
 /// reloads and metrics).
 pub fn build_stack(config: &Config) -> (GatekeeperService, RegistrationGateLayer) {
     let metrics = Arc::new(Metrics::default());
-    let gate = RegistrationGateLayer::with_metrics(config, metrics.clone());
+    let notifier = Notifier::start(&config.notify).unwrap_or_else(|error| {
+        tracing::error!(%error, "webhook notifications off");
+        Notifier::disabled()
+    });
+    let gate = RegistrationGateLayer::with_notifier(config, metrics.clone(), notifier);
     let service = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new(SENSITIVE_HEADERS))
         .layer(gate.clone())
@@ -95,6 +100,9 @@ impl Reloader {
             Ok(config) => config,
             Err(error) => {
                 tracing::error!(%error, "configuration reload refused; the previous configuration stays");
+                self.gate.notifier().send(Event::ReloadFailed {
+                    error: error.to_string(),
+                });
                 return Err(error);
             }
         };

@@ -246,6 +246,32 @@ impl Metrics {
     }
 }
 
+/// Appends the registration lockdown's metrics: the gauge
+/// `gatekeeper_registration_lockdown` (1 while this replica knows
+/// registration is closed) and the counter
+/// `gatekeeper_registration_lockdowns_total` (lockdowns this replica
+/// started: summed over replicas, every lockdown once).
+pub fn render_lockdown(out: &mut String, lockdown: &crate::lockdown::Lockdown) {
+    out.push_str(
+        "# HELP gatekeeper_registration_lockdown 1 while registration is closed by the lockdown.\n",
+    );
+    out.push_str("# TYPE gatekeeper_registration_lockdown gauge\n");
+    let _ = writeln!(
+        out,
+        "gatekeeper_registration_lockdown {}",
+        u8::from(lockdown.is_known_closed())
+    );
+    out.push_str(
+        "# HELP gatekeeper_registration_lockdowns_total Lockdowns started by this replica.\n",
+    );
+    out.push_str("# TYPE gatekeeper_registration_lockdowns_total counter\n");
+    let _ = writeln!(
+        out,
+        "gatekeeper_registration_lockdowns_total {}",
+        lockdown.lockdowns_started()
+    );
+}
+
 /// The log filter in force: `RUST_LOG` when it is set (and not empty),
 /// else `log.level`. An unusable filter is an error naming where it came
 /// from, never a silent fallback: a typo must not turn logging off.

@@ -683,7 +683,7 @@ async fn prometheus_alert_rules_check_pass_their_tests_and_use_exported_metrics(
         .args(["test", "rules", "matrix-gatekeeper-alerts.test.yml"])
         .current_dir(&dir));
     assert!(ok, "promtool test rules: {out}");
-    let exported = Metrics::default().render(&RateLimiter::new(&Default::default()));
+    let exported = exported_metrics();
     let rules = yaml_documents(&dir.join("matrix-gatekeeper-alerts.yml"));
     let names = Regex::new(r"gatekeeper_[a-z_]+").unwrap();
     let mut alerts = Vec::new();
@@ -703,6 +703,7 @@ async fn prometheus_alert_rules_check_pass_their_tests_and_use_exported_metrics(
         "RefusalSurge",
         "LimiterStoreErrors",
         "HomeserverErrors",
+        "RegistrationLockdown",
     ] {
         assert!(
             alerts.iter().any(|a| a.ends_with(wanted)),
@@ -711,11 +712,24 @@ async fn prometheus_alert_rules_check_pass_their_tests_and_use_exported_metrics(
     }
 }
 
+/// Every metric the admin listener renders, the lockdown's included.
+fn exported_metrics() -> String {
+    let limiter = RateLimiter::new(&Default::default());
+    let mut out = Metrics::default().render(&limiter);
+    let lockdown = matrix_gatekeeper::lockdown::Lockdown::new(
+        None,
+        &limiter,
+        matrix_gatekeeper::notify::Notifier::disabled(),
+    );
+    matrix_gatekeeper::telemetry::render_lockdown(&mut out, &lockdown);
+    out
+}
+
 #[tokio::test]
 async fn the_dashboard_uses_only_metrics_the_gate_exports() {
     let dashboard: serde_json::Value =
         serde_json::from_str(&read(&deploy_dir().join("grafana/matrix-gatekeeper.json"))).unwrap();
-    let exported = Metrics::default().render(&RateLimiter::new(&Default::default()));
+    let exported = exported_metrics();
     let names = Regex::new(r"gatekeeper_[a-z_]+").unwrap();
     let mut used = 0;
     for panel in dashboard["panels"].as_array().unwrap() {

@@ -78,6 +78,8 @@ pub use routes::GuardedRoute;
 use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
 use crate::config::{Config, GateMode};
 use crate::error::MatrixError;
+use crate::lockdown::{Lockdown, CLOSED_MESSAGE};
+use crate::notify::Notifier;
 use crate::ratelimit::{LimitKind, Limited, RateLimiter};
 use crate::telemetry::{Metrics, Outcome};
 
@@ -122,16 +124,18 @@ struct GateState {
     body_timeout: Duration,
     resolver: ClientResolver,
     limiter: RateLimiter,
+    lockdown: Lockdown,
     mode: GateMode,
 }
 
 impl GateState {
-    fn new(config: &Config, limiter: RateLimiter) -> Self {
+    fn new(config: &Config, limiter: RateLimiter, lockdown: Lockdown) -> Self {
         GateState {
             policy: Policy::new(config),
             body_timeout: config.server.body_timeout.0,
             resolver: config.client_ip.resolver(),
             limiter,
+            lockdown,
             mode: config.registration.mode,
         }
     }
@@ -144,6 +148,7 @@ impl GateState {
 pub struct RegistrationGateLayer {
     state: Arc<ArcSwap<GateState>>,
     metrics: Arc<Metrics>,
+    notifier: Notifier,
 }
 
 impl RegistrationGateLayer {
@@ -160,18 +165,44 @@ impl RegistrationGateLayer {
 
     /// A gate that counts into `metrics`.
     pub fn with_metrics(config: &Config, metrics: Arc<Metrics>) -> Self {
-        let limiter = RateLimiter::new(&config.rate_limit);
+        Self::with_notifier(config, metrics, Notifier::disabled())
+    }
+
+    /// A gate that counts into `metrics` and reports operational events
+    /// (lockdowns, the Redis store's health) to `notifier`.
+    pub fn with_notifier(config: &Config, metrics: Arc<Metrics>, notifier: Notifier) -> Self {
+        let limiter = RateLimiter::with_notifier(&config.rate_limit, notifier.clone());
+        let lockdown = Lockdown::new(config.registration.lockdown, &limiter, notifier.clone());
         RegistrationGateLayer {
-            state: Arc::new(ArcSwap::from_pointee(GateState::new(config, limiter))),
+            state: Arc::new(ArcSwap::from_pointee(GateState::new(
+                config, limiter, lockdown,
+            ))),
             metrics,
+            notifier,
         }
     }
 
     /// Swaps in the policy of a new (validated) configuration. Requests in
-    /// flight finish under the old policy; the rate limiter keeps its state.
+    /// flight finish under the old policy; the rate limiter and the
+    /// lockdown keep their state.
     pub fn reload(&self, config: &Config) {
-        let limiter = self.state.load().limiter.reconfigure(&config.rate_limit);
-        self.state.store(Arc::new(GateState::new(config, limiter)));
+        let old = self.state.load();
+        let limiter = old.limiter.reconfigure(&config.rate_limit);
+        let lockdown = old
+            .lockdown
+            .reconfigure(config.registration.lockdown, &limiter);
+        self.state
+            .store(Arc::new(GateState::new(config, limiter, lockdown)));
+    }
+
+    /// The registration lockdown the gate uses now.
+    pub fn lockdown(&self) -> Lockdown {
+        self.state.load().lockdown.clone()
+    }
+
+    /// Where the gate reports operational events.
+    pub fn notifier(&self) -> &Notifier {
+        &self.notifier
     }
 
     /// The rate limiter the gate uses now.
@@ -471,6 +502,11 @@ where
     let success = matches!(&result, Ok(response) if response.status().is_success());
     if let Some(permit) = permit {
         permit.settle(success);
+        // A permit is taken exactly for `POST …/register`: a success is a
+        // completed registration.
+        if success {
+            state.lockdown.record().await;
+        }
     }
     audit.status = result.as_ref().ok().map(|r| r.status().as_u16());
     audit.emit(&metrics);
@@ -499,6 +535,12 @@ where
     policy
         .client(audit.client, audit.user_agent.as_deref())
         .map_err(Stop::Refuse)?;
+    if is_registration(route, &parts.method) && state.lockdown.is_closed().await {
+        return Err(Stop::Refuse(Refusal::new(
+            "lockdown",
+            MatrixError::forbidden(CLOSED_MESSAGE),
+        )));
+    }
     if let Some(kind) = counted_limit(route, &parts.method) {
         limiter
             .acquire(&[kind], key)
@@ -546,7 +588,7 @@ where
     audit.username = forward.username.clone();
     // Completed registrations: reserve now, keep the units only if the
     // homeserver answers with a success.
-    let permit = if matches!(route, GuardedRoute::Register(_)) && parts.method == Method::POST {
+    let permit = if is_registration(route, &parts.method) {
         Some(
             limiter
                 .acquire(
@@ -563,6 +605,11 @@ where
         None
     };
     Ok((forward, permit))
+}
+
+/// Whether the request is a `POST …/register` (user or guest).
+fn is_registration(route: GuardedRoute, method: &Method) -> bool {
+    matches!(route, GuardedRoute::Register(_)) && method == Method::POST
 }
 
 /// The per-client limit a guarded request counts against before anything

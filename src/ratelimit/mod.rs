@@ -32,6 +32,7 @@ use http_body_util::Full;
 use crate::client_ip::ClientKey;
 use crate::config::{LimitSpec, OnStoreError, RateLimitConfig, StoreKind};
 use crate::error::json_response;
+use crate::notify::{Event, Notifier};
 use memory::MemoryStore;
 use redis::{RedisStore, Reservation};
 
@@ -206,6 +207,7 @@ struct Inner {
     degraded: AtomicBool,
     store_errors: AtomicU64,
     fallbacks: [AtomicU64; 3],
+    notifier: Notifier,
 }
 
 /// Counters of the Redis store's health.
@@ -227,7 +229,14 @@ impl RateLimiter {
     /// Must be called inside a Tokio runtime when Redis is configured or
     /// any limit is set (a housekeeping task is started).
     pub fn new(config: &RateLimitConfig) -> Self {
-        Self::build(config, None)
+        Self::with_notifier(config, Notifier::disabled())
+    }
+
+    /// A limiter that reports the Redis store failing and recovering
+    /// (`store_down`, `store_up`) to `notifier`; reconfigured limiters keep
+    /// reporting there.
+    pub fn with_notifier(config: &RateLimitConfig, notifier: Notifier) -> Self {
+        Self::build(config, None, notifier)
     }
 
     /// The limiter for a reloaded configuration: `self` again when the
@@ -238,10 +247,10 @@ impl RateLimiter {
         if same_section(&self.inner.config, config) {
             return self.clone();
         }
-        Self::build(config, Some(self))
+        Self::build(config, Some(self), self.inner.notifier.clone())
     }
 
-    fn build(config: &RateLimitConfig, previous: Option<&RateLimiter>) -> Self {
+    fn build(config: &RateLimitConfig, previous: Option<&RateLimiter>, notifier: Notifier) -> Self {
         let specs = LimitSpecs::from_config(config);
         let reuse_redis = previous.and_then(|p| {
             let old = &p.inner.config;
@@ -285,6 +294,7 @@ impl RateLimiter {
                 degraded: AtomicBool::new(false),
                 store_errors: AtomicU64::new(0),
                 fallbacks: Default::default(),
+                notifier,
             }),
         };
         if specs.0.iter().any(Option::is_some) {
@@ -338,6 +348,7 @@ impl RateLimiter {
                 Ok(result) => {
                     if inner.degraded.swap(false, Ordering::Relaxed) {
                         tracing::info!("redis rate-limit store is back; shared limits restored");
+                        inner.notifier.send(Event::StoreUp);
                     }
                     return result
                         .map(|reservation| permit(Taken::Redis(reservation)))
@@ -352,6 +363,9 @@ impl RateLimiter {
                             fallback = inner.on_store_error.as_str(),
                             "redis rate-limit store failed"
                         );
+                        inner.notifier.send(Event::StoreDown {
+                            error: error.to_string(),
+                        });
                     }
                     match inner.on_store_error {
                         OnStoreError::Allow => return Ok(permit(Taken::Nothing)),
@@ -376,6 +390,11 @@ impl RateLimiter {
     /// Whether the Redis store is currently failing (decisions fall back).
     pub fn is_degraded(&self) -> bool {
         self.inner.degraded.load(Ordering::Relaxed)
+    }
+
+    /// The Redis store, when limits are kept in Redis.
+    pub(crate) fn redis_store(&self) -> Option<&RedisStore> {
+        self.inner.redis.as_ref()
     }
 
     /// Whether limits are kept in Redis.

@@ -438,6 +438,37 @@ impl RedisStore {
         self.shared.refunds.dropped.load(Ordering::Relaxed)
     }
 
+    /// Runs another of the gate's scripts on this store's connection within
+    /// `redis_timeout` (a dead connection is retried once), for state that
+    /// is not a limit (the registration lockdown). The script reads
+    /// Redis' `TIME` itself; its answer is a list of integers.
+    pub(crate) async fn run_other_script(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[u64],
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let shared = &self.shared;
+        tokio::time::timeout(
+            shared.timeout,
+            shared.send::<Vec<i64>>(&Request::Script(&invocation)),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(shared.timeout))?
+    }
+
+    /// `name` under the store's hash tag (`{mgk}:name`).
+    pub(crate) fn tagged_key(&self, name: &str) -> String {
+        format!("{{{}}}:{name}", self.shared.prefix)
+    }
+
     /// Whether Redis answers a `PING` within `redis_timeout`.
     pub async fn ping(&self) -> bool {
         let shared = &self.shared;

@@ -1,0 +1,328 @@
+//! Registration lockdown and webhook notifications: a wave of completed
+//! registrations closes registration (in memory on Tokio's paused clock;
+//! through a real Redis for two gates at once), a real HTTP receiver gets
+//! signed events, a receiver that is down delays nothing, and the
+//! configuration keys are checked.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::redis_server::RedisServer;
+use common::{get, post_json, FakeHomeserver, Gate};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use matrix_gatekeeper::gate::{GateRequestBody, RegistrationGateLayer};
+use matrix_gatekeeper::notify::{signature, SIGNATURE_HEADER};
+use matrix_gatekeeper::Config;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tower::{service_fn, Layer, ServiceExt};
+
+const REGISTER: &str = "/_matrix/client/v3/register";
+const AVAILABLE: &str = "/_matrix/client/v3/register/available?username=alice";
+const LOCKDOWN: &str =
+    "[registration]\nlockdown = { count = 3, period = \"1h\", close_for = \"10m\" }\n";
+
+/// Sends one request through a gate layer; returns status and body.
+async fn call<S>(service: &S, method: &str, uri: &str, body: &'static str) -> (StatusCode, String)
+where
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = Response<http_body_util::Either<Full<Bytes>, Full<Bytes>>>,
+            Error = Infallible,
+        > + Clone,
+{
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let response = service.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_lockdown_closes_after_n_registrations_and_reopens() {
+    let config = Config::from_toml(LOCKDOWN).unwrap();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let seen = reached.clone();
+    // A stand-in homeserver completing every registration.
+    let homeserver = service_fn(move |_req: Request<GateRequestBody<Full<Bytes>>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}")))) }
+    });
+    let layer = RegistrationGateLayer::new(&config);
+    let gate = layer.layer(homeserver);
+
+    for name in ["one", "two", "three"] {
+        let body: &'static str = match name {
+            "one" => r#"{"username":"one"}"#,
+            "two" => r#"{"username":"two"}"#,
+            _ => r#"{"username":"three"}"#,
+        };
+        let (status, _) = call(&gate, "POST", REGISTER, body).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(reached.load(Ordering::SeqCst), 3);
+
+    for (uri, body) in [
+        (REGISTER, r#"{"username":"four"}"#),
+        ("/_matrix/client/v3/register?kind=guest", "{}"),
+    ] {
+        let (status, text) = call(&gate, "POST", uri, body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["errcode"], "M_FORBIDDEN");
+        assert_eq!(json["error"], "Registration is temporarily closed");
+    }
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        3,
+        "refusals reached the homeserver"
+    );
+    // Availability checks still pass.
+    let (status, _) = call(&gate, "GET", AVAILABLE, "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reached.load(Ordering::SeqCst), 4);
+    assert!(layer.lockdown().is_known_closed());
+
+    tokio::time::advance(Duration::from_secs(9 * 60)).await;
+    let (status, _) = call(&gate, "POST", REGISTER, r#"{"username":"five"}"#).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "still closed before close_for"
+    );
+
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let (status, _) = call(&gate, "POST", REGISTER, r#"{"username":"six"}"#).await;
+    assert_eq!(status, StatusCode::OK, "reopened after close_for");
+    assert_eq!(reached.load(Ordering::SeqCst), 5);
+    assert!(!layer.lockdown().is_known_closed());
+}
+
+#[tokio::test]
+async fn two_gates_sharing_redis_close_together() {
+    let redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let extra = format!(
+        "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"500ms\"\n{LOCKDOWN}",
+        redis.url()
+    );
+    let a = Gate::start(&hs.url(), &extra).await;
+    let b = Gate::start(&hs.url(), &extra).await;
+    // Three completions split across both gates reach the shared count.
+    for (gate, name) in [(&a, "one"), (&b, "two"), (&a, "three")] {
+        let answer = post_json(&gate.url(REGISTER), &format!(r#"{{"username":"{name}"}}"#)).await;
+        assert_eq!(answer.status, 200, "{name}");
+    }
+    hs.clear();
+    for gate in [&a, &b] {
+        let answer = post_json(&gate.url(REGISTER), r#"{"username":"four"}"#).await;
+        answer.assert_error(403, "M_FORBIDDEN");
+        assert_eq!(answer.json()["error"], "Registration is temporarily closed");
+        assert_eq!(get(&gate.url(AVAILABLE)).await.status, 200);
+    }
+    assert_eq!(
+        hs.requests().len(),
+        2,
+        "only the availability checks passed"
+    );
+    assert!(!redis.keys("{mgk}:lockdown:until").await.is_empty());
+}
+
+/// What a webhook receiver got: the signature header and the body.
+type Delivery = (Option<String>, Bytes);
+
+/// A webhook receiver on loopback answering 200 to everything.
+async fn receiver() -> (SocketAddr, mpsc::UnboundedReceiver<Delivery>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let signature = req
+                            .headers()
+                            .get(SIGNATURE_HEADER)
+                            .map(|v| v.to_str().unwrap().to_owned());
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let _ = tx.send((signature, body));
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn next_event(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> (Option<String>, Bytes) {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a webhook event within 10 s")
+        .expect("receiver running")
+}
+
+#[tokio::test]
+async fn lockdown_started_is_posted_signed_to_the_webhook() {
+    let (addr, mut rx) = receiver().await;
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        &format!(
+            "{LOCKDOWN}[notify]\nwebhook_url = \"http://{addr}/hook\"\nwebhook_secret = \"s3cret\"\n"
+        ),
+    )
+    .await;
+    for name in ["one", "two", "three"] {
+        let answer = post_json(&gate.url(REGISTER), &format!(r#"{{"username":"{name}"}}"#)).await;
+        assert_eq!(answer.status, 200);
+    }
+    let (sig, body) = next_event(&mut rx).await;
+    assert_eq!(sig.as_deref(), Some(signature(b"s3cret", &body).as_str()));
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["event"], "lockdown_started", "{json}");
+    assert_eq!(json["count"], 3);
+    assert_eq!(json["period"], "1h");
+    assert_eq!(json["close_for"], "10m");
+    let stamp = json["timestamp"].as_str().unwrap();
+    assert!(stamp.ends_with('Z') && stamp.len() == 20, "{stamp}");
+    assert!(json["until"].as_str().unwrap() > stamp);
+}
+
+#[tokio::test]
+async fn reload_failed_is_posted() {
+    let (addr, mut rx) = receiver().await;
+    let hs = FakeHomeserver::start().await;
+    let path = std::env::temp_dir().join(format!("mgk-lockdown-{}.toml", std::process::id()));
+    let good = format!(
+        "[upstream]\nurl = \"{}\"\n[notify]\nwebhook_url = \"http://{addr}/\"\n",
+        hs.url()
+    );
+    std::fs::write(&path, &good).unwrap();
+    let gate = Gate::start_full(Config::from_toml(&good).unwrap(), false, Some(path.clone())).await;
+    std::fs::write(&path, format!("{good}[guest]\naccess = \"sometimes\"\n")).unwrap();
+    assert!(gate.reloader.reload().is_err());
+    let (sig, body) = next_event(&mut rx).await;
+    assert_eq!(sig, None, "no secret, no signature");
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["event"], "reload_failed");
+    assert!(
+        json["error"].as_str().unwrap().contains("guest.access"),
+        "{json}"
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn a_dead_receiver_delays_and_fails_nothing() {
+    // A port that was bound and released: nothing listens there.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        &format!(
+            "[registration]\nlockdown = {{ count = 1, period = \"1h\", close_for = \"10m\" }}\n\
+             [notify]\nwebhook_url = \"http://{closed}/\"\nwebhook_secret = \"k\"\n"
+        ),
+    )
+    .await;
+    // Every request is answered while delivery to the dead receiver keeps
+    // retrying in the background; none waits for it.
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        post_json(&gate.url(REGISTER), r#"{"username":"one"}"#),
+    )
+    .await
+    .expect("answered");
+    assert_eq!(answer.status, 200);
+    for _ in 0..5 {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            post_json(&gate.url(REGISTER), r#"{"username":"two"}"#),
+        )
+        .await
+        .expect("answered");
+        answer.assert_error(403, "M_FORBIDDEN");
+        assert_eq!(get(&gate.url(AVAILABLE)).await.status, 200);
+        assert_eq!(get(&gate.url("/_matrix/client/versions")).await.status, 200);
+    }
+}
+
+#[test]
+fn lockdown_and_notify_keys_are_validated() {
+    let err = |toml: &str| Config::from_toml(toml).unwrap_err().to_string();
+    let lockdown = |spec: &str| format!("[registration]\nlockdown = {spec}\n");
+    assert!(err(&lockdown(
+        "{ count = 0, period = \"1h\", close_for = \"1m\" }"
+    ))
+    .starts_with("registration.lockdown.count:"));
+    assert!(err(&lockdown(
+        "{ count = 3, period = \"0s\", close_for = \"1m\" }"
+    ))
+    .starts_with("registration.lockdown.period:"));
+    assert!(err(&lockdown(
+        "{ count = 3, period = \"1h\", close_for = \"0ms\" }"
+    ))
+    .starts_with("registration.lockdown.close_for:"));
+    assert!(err(&lockdown("{ count = 3, period = \"1h\" }")).contains("close_for"));
+    assert!(err(&lockdown(
+        "{ count = 3, period = \"1h\", close_for = \"1m\", x = 1 }"
+    ))
+    .contains("unknown field"));
+    let notify = |body: &str| format!("[notify]\n{body}\n");
+    for (body, key) in [
+        (
+            "webhook_url = \"https://relay.example/\"",
+            "notify.webhook_url:",
+        ),
+        ("webhook_url = \"http:///path\"", "notify.webhook_url:"),
+        ("webhook_url = \"relay.example\"", "notify.webhook_url:"),
+        ("webhook_secret = \"k\"", "notify.webhook_url:"),
+        (
+            "webhook_url = \"http://127.0.0.1:1/\"\nwebhook_secret = \"\"",
+            "notify.webhook_secret:",
+        ),
+        (
+            "webhook_url = \"http://127.0.0.1:1/\"\nwebhook_secret_file = \"/nonexistent/secret\"",
+            "notify.webhook_secret_file:",
+        ),
+        ("hook = 1", "notify.hook"),
+    ] {
+        let message = err(&notify(body));
+        assert!(message.starts_with(key), "{body}: {message}");
+    }
+    let config = Config::from_toml(&format!(
+        "{}{}",
+        lockdown("{ count = 3, period = \"1h\", close_for = \"1m\" }"),
+        notify("webhook_url = \"http://127.0.0.1:8088/hook\"\nwebhook_secret = \"k\"")
+    ))
+    .unwrap();
+    assert!(config.to_toml().contains("webhook_secret = \"***\""));
+}
