@@ -63,6 +63,9 @@ pub enum Explained {
         errcode: &'static str,
         /// Error text.
         error: String,
+        /// The list file whose entry refused it (`deny_list`), as
+        /// configured.
+        list: Option<String>,
     },
 }
 
@@ -127,6 +130,7 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
         status: refusal.error.status.as_u16(),
         errcode: refusal.error.errcode,
         error: refusal.error.error,
+        list: refusal.list.as_deref().map(str::to_owned),
     };
     // The gate's order: bans, then every attempt is counted, then the
     // policy on the query, the guest limit, the body, and the reservation
@@ -192,9 +196,12 @@ impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.decision {
             Explained::Allowed { .. } => writeln!(f, "decision: allowed")?,
-            Explained::Refused { rule, .. } => {
+            Explained::Refused { rule, list, .. } => {
                 writeln!(f, "decision: refused")?;
                 writeln!(f, "rule: {rule}")?;
+                if let Some(list) = list {
+                    writeln!(f, "list: {list}")?;
+                }
             }
         }
         if let Some(name) = &self.username {
@@ -374,5 +381,42 @@ mod tests {
         );
         assert!(banned.limits.is_empty());
         assert!(banned.to_string().contains("limits: none"), "{banned}");
+    }
+
+    #[test]
+    fn names_the_deny_list_that_refuses_an_address() {
+        let path = std::env::temp_dir().join(format!("mgk-explain-{}.txt", std::process::id()));
+        std::fs::write(&path, "# exits\n198.51.100.0/24\n").unwrap();
+        let toml = format!(
+            "[client_ip]\ndeny_lists = [{:?}]\n",
+            path.display().to_string()
+        );
+        let question = |ip: &str| Question {
+            username: Some("alice".to_owned()),
+            ip: Some(ip.parse().unwrap()),
+            ..Default::default()
+        };
+        let listed = ask(&toml, question("198.51.100.20"));
+        let unlisted = ask(&toml, question("198.51.101.20"));
+        let _ = std::fs::remove_file(&path);
+        match &listed.decision {
+            Explained::Refused {
+                rule,
+                errcode,
+                list,
+                ..
+            } => {
+                assert_eq!((*rule, *errcode), ("deny_list", "M_FORBIDDEN"));
+                assert_eq!(list.as_deref(), Some(path.display().to_string().as_str()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = listed.to_string();
+        assert!(text.contains("rule: deny_list\n"), "{text}");
+        assert!(
+            text.contains(&format!("list: {}\n", path.display())),
+            "{text}"
+        );
+        assert!(unlisted.allowed(), "{unlisted}");
     }
 }

@@ -23,6 +23,7 @@ pub mod error;
 pub mod explain;
 mod fast_path;
 pub mod gate;
+pub mod lists;
 pub mod probe;
 pub mod ratelimit;
 pub mod server;
