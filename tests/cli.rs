@@ -420,3 +420,49 @@ fn a_bind_failure_names_the_listener_and_the_address() {
         assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
     }
 }
+
+#[test]
+fn serve_with_a_broken_list_file_exits_64_naming_the_file_and_the_line() {
+    let list = TempConfig::new("# exits\n203.0.113.9\n\n203.0.113.0/33\n");
+    let port = free_port();
+    let config = TempConfig::new(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[client_ip]\ndeny_lists = [{:?}]\n",
+        list.path().display().to_string()
+    ));
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", config.path().to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve with a broken list did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(EXIT_CONFIG), "{}", stderr(&output));
+    assert_eq!(
+        stderr(&output).trim_end(),
+        format!(
+            "matrix-gatekeeper: invalid configuration: client_ip.deny_lists: {}:4: not an address or network: \"203.0.113.0/33\"",
+            list.path().display()
+        )
+    );
+    // `check` refuses it the same way.
+    let checked = check(config.path());
+    assert_eq!(checked.status.code(), Some(EXIT_CONFIG));
+    assert!(
+        stderr(&checked).contains(":4: not an address or network"),
+        "{}",
+        stderr(&checked)
+    );
+}
