@@ -466,3 +466,41 @@ fn serve_with_a_broken_list_file_exits_64_naming_the_file_and_the_line() {
         stderr(&checked)
     );
 }
+
+#[test]
+fn explain_names_the_list_that_refuses_an_address_or_an_email_domain() {
+    let exits = TempConfig::new("198.51.100.0/24\n");
+    let disposable = TempConfig::new("mailinator.com\n");
+    let config = TempConfig::new(&format!(
+        "[client_ip]\ndeny_lists = [{:?}]\n[email]\ndenied_domain_lists = [{:?}]\n",
+        exits.path().display().to_string(),
+        disposable.path().display().to_string()
+    ));
+    let path = config.path().to_str().unwrap();
+    let listed = run(&["explain", "--config", path, "--ip", "198.51.100.9"]);
+    assert_eq!(listed.status.code(), Some(1), "{}", stderr(&listed));
+    let text = stdout(&listed);
+    assert!(text.contains("rule: deny_list\n"), "{text}");
+    assert!(
+        text.contains(&format!("list: {}\n", exits.path().display())),
+        "{text}"
+    );
+    let email = run(&[
+        "explain",
+        "--config",
+        path,
+        "--email",
+        "bot@x.Mailinator.com",
+    ]);
+    assert_eq!(email.status.code(), Some(1), "{}", stderr(&email));
+    let text = stdout(&email);
+    assert!(text.contains("rule: email_domain_list\n"), "{text}");
+    assert!(text.contains("answer: 403 M_THREEPID_DENIED"), "{text}");
+    let free = run(&["explain", "--config", path, "--email", "alice@example.org"]);
+    assert_eq!(free.status.code(), Some(0), "{}", stdout(&free));
+    assert!(
+        stdout(&free).contains("forwarded: POST /_matrix/client/v3/register/email/requestToken"),
+        "{}",
+        stdout(&free)
+    );
+}
