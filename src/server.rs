@@ -624,12 +624,22 @@ async fn reload_on_signal(reloader: Reloader) {
     };
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the configuration");
-        let _ = reloader.reload();
+        reload_off_the_runtime(&reloader).await;
     }
 }
 
 #[cfg(not(unix))]
 async fn reload_on_signal(_reloader: Reloader) {}
+
+/// Reloads on a blocking thread: reading and compiling large deny lists
+/// takes a while, and a worker of the runtime (the only one, with
+/// `workers = 1`) must keep serving meanwhile.
+async fn reload_off_the_runtime(reloader: &Reloader) {
+    let reloader = reloader.clone();
+    if let Err(error) = tokio::task::spawn_blocking(move || reloader.reload()).await {
+        tracing::error!(%error, "configuration reload did not finish");
+    }
+}
 
 async fn reload_on_change(reloader: Reloader) {
     let mut seen = reloader.watched();
@@ -641,7 +651,7 @@ async fn reload_on_change(reloader: Reloader) {
         let present = now.first().is_some_and(|(_, stamp)| stamp.is_some());
         if present && now != seen {
             tracing::info!("configuration or list file changed: reloading");
-            let _ = reloader.reload();
+            reload_off_the_runtime(&reloader).await;
             // A reload that names other list files watches those from now
             // on; otherwise the stamps taken before it stand, so a change
             // made during the reload is still seen.
