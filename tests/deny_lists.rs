@@ -87,7 +87,7 @@ async fn listed_clients_are_refused_on_registration_only_and_the_audit_names_the
 
     let exits = TempFile::new(
         ".txt",
-        "# Tor exit addresses\n\n203.0.113.9\n198.51.100.0/24 # a range\n\
+        "# Tor exit addresses\n\n203.0.113.99\n198.51.100.0/24 # a range\n\
          2001:db8:bad::/48\n::ffff:192.0.2.0/120\n",
     );
     let hs = FakeHomeserver::start().await;
@@ -100,7 +100,7 @@ async fn listed_clients_are_refused_on_registration_only_and_the_audit_names_the
     .unwrap();
     let gate = Gate::start_full(config, true, None).await;
     for client in [
-        "203.0.113.9",
+        "203.0.113.99",
         "198.51.100.200",
         "2001:db8:bad:1::5",
         "192.0.2.1",
@@ -126,7 +126,7 @@ async fn listed_clients_are_refused_on_registration_only_and_the_audit_names_the
     hs.assert_saw_nothing("listed clients");
     // Pass-through traffic from a listed client is not the lists' business.
     let versions = from(
-        "203.0.113.9",
+        "203.0.113.99",
         Method::GET,
         &gate.url("/_matrix/client/versions"),
         "",
@@ -134,7 +134,7 @@ async fn listed_clients_are_refused_on_registration_only_and_the_audit_names_the
     .await;
     assert_eq!(versions.status, 200);
     assert_eq!(hs.requests().len(), 1);
-    for client in ["203.0.113.10", "2001:db8:bad0::1", "192.0.3.1"] {
+    for client in ["203.0.113.100", "2001:db8:bad0::1", "192.0.3.1"] {
         let answer = from(
             client,
             Method::POST,
@@ -150,10 +150,12 @@ async fn listed_clients_are_refused_on_registration_only_and_the_audit_names_the
         metrics.contains("rule=\"deny_list\""),
         "no deny_list decisions in\n{metrics}"
     );
+    // The subscriber is global: other tests' lines are there too, and
+    // the addresses of this test are its own.
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     let line = text
         .lines()
-        .find(|l| l.contains("client=\"203.0.113.9\""))
+        .find(|l| l.contains("client=\"203.0.113.99\""))
         .unwrap_or_else(|| panic!("no audit line for the listed client in\n{text}"));
     assert!(
         line.ends_with(&format!(
@@ -164,7 +166,7 @@ async fn listed_clients_are_refused_on_registration_only_and_the_audit_names_the
     );
     let allowed = text
         .lines()
-        .find(|l| l.contains("client=\"203.0.113.10\""))
+        .find(|l| l.contains("client=\"203.0.113.100\""))
         .unwrap();
     assert!(!allowed.contains("list="), "{allowed}");
 }
