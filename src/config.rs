@@ -13,6 +13,7 @@ use std::time::Duration;
 use regex::Regex;
 
 use crate::client_ip::{ClientResolver, IpNet};
+use crate::lists::{AddressLists, DomainLists};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -564,6 +565,9 @@ pub struct ClientIpConfig {
     pub deny: Vec<Network>,
     /// User agents (regexes) refused on every guarded route.
     pub deny_user_agents: Vec<DenyPattern>,
+    /// Files of addresses and networks refused on every guarded route,
+    /// read when the configuration is loaded.
+    pub deny_lists: AddressLists,
 }
 
 impl Default for ClientIpConfig {
@@ -573,6 +577,7 @@ impl Default for ClientIpConfig {
             ipv6_prefix_len: 64,
             deny: Vec::new(),
             deny_user_agents: Vec::new(),
+            deny_lists: AddressLists::default(),
         }
     }
 }
@@ -596,6 +601,9 @@ pub struct EmailConfig {
     pub allowed_domains: Vec<DomainGlob>,
     /// `email/requestToken` refused for these domains (globs).
     pub denied_domains: Vec<DomainGlob>,
+    /// Files of domains refused for `email/requestToken`, with their
+    /// subdomains; read when the configuration is loaded.
+    pub denied_domain_lists: DomainLists,
 }
 
 /// A domain glob: `*` matches any run of characters; case-insensitive.

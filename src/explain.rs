@@ -3,8 +3,9 @@
 //! counts against, for support tickets.
 //!
 //! It runs the same pure policy the gate runs on `POST
-//! /_matrix/client/v3/register`, and names the limits in the order the gate
-//! takes them. It does not read their state: that lives in the running gate
+//! /_matrix/client/v3/register` (or, given an e-mail address, on `POST
+//! /_matrix/client/v3/register/email/requestToken`), and names the limits
+//! in the order the gate takes them. It does not read their state: that lives in the running gate
 //! (or in Redis), and depends on traffic.
 
 use std::fmt;
@@ -15,7 +16,7 @@ use http::Method;
 use crate::client_ip::ClientAddress;
 use crate::config::{Config, GateMode, LimitSpec};
 use crate::gate::policy::{HeadDecision, Policy, RequestedName};
-use crate::gate::routes::{ApiVersion, GuardedRoute};
+use crate::gate::routes::{ApiVersion, GuardedRoute, Medium};
 
 /// What to explain.
 #[derive(Debug, Clone, Default)]
@@ -28,6 +29,9 @@ pub struct Question {
     pub ip: Option<IpAddr>,
     /// The client's user agent.
     pub user_agent: Option<String>,
+    /// An e-mail address: explain `POST …/register/email/requestToken` for
+    /// it instead of a registration.
+    pub email: Option<String>,
 }
 
 /// The answer.
@@ -66,6 +70,9 @@ pub enum Explained {
         errcode: &'static str,
         /// Error text.
         error: String,
+        /// The list file whose entry refused it (`deny_list`), as
+        /// configured.
+        list: Option<String>,
     },
 }
 
@@ -131,12 +138,43 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
         status: refusal.error.status.as_u16(),
         errcode: refusal.error.errcode,
         error: refusal.error.error,
+        list: refusal.list.as_deref().map(str::to_owned),
     };
     // The gate's order: bans, then every attempt is counted, then the
     // policy on the query, the guest limit, the body, and the reservation
     // of a completed registration.
     if let Err(refusal) = policy.client(question.ip, question.user_agent.as_deref()) {
         explanation.decision = refused(refusal);
+        return explanation;
+    }
+    if let Some(email) = &question.email {
+        // The gate's order for a token request: the attempt is counted,
+        // then the body is judged; nothing is reserved.
+        explanation
+            .limits
+            .push(limit("token_requests_per_ip", "never"));
+        let route = GuardedRoute::RequestToken(ApiVersion::V3, Medium::Email);
+        let body = serde_json::json!({
+            "client_secret": "explain",
+            "email": email,
+            "send_attempt": 1,
+        });
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let decided = match policy.head(&Method::POST, route, None) {
+            HeadDecision::Refuse(refusal) => Err(refusal),
+            HeadDecision::Forward(forward) => Ok(forward),
+            HeadDecision::ReadBody(plan) => policy.body(plan, &bytes),
+        };
+        explanation.decision = match decided {
+            Ok(forward) => Explained::Allowed {
+                target: format!("POST {}", forward.path_and_query),
+                body: forward
+                    .body
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default(),
+            },
+            Err(refusal) => refused(refusal),
+        };
         return explanation;
     }
     explanation.limits.push(limit("attempts_per_ip", "never"));
@@ -196,9 +234,12 @@ impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.decision {
             Explained::Allowed { .. } => writeln!(f, "decision: allowed")?,
-            Explained::Refused { rule, .. } => {
+            Explained::Refused { rule, list, .. } => {
                 writeln!(f, "decision: refused")?;
                 writeln!(f, "rule: {rule}")?;
+                if let Some(list) = list {
+                    writeln!(f, "list: {list}")?;
+                }
             }
         }
         if let Some(name) = &self.username {
@@ -405,5 +446,94 @@ mod tests {
         );
         assert!(banned.limits.is_empty());
         assert!(banned.to_string().contains("limits: none"), "{banned}");
+    }
+
+    #[test]
+    fn names_the_deny_list_that_refuses_an_address() {
+        let path = std::env::temp_dir().join(format!("mgk-explain-{}.txt", std::process::id()));
+        std::fs::write(&path, "# exits\n198.51.100.0/24\n").unwrap();
+        let toml = format!(
+            "[client_ip]\ndeny_lists = [{:?}]\n",
+            path.display().to_string()
+        );
+        let question = |ip: &str| Question {
+            username: Some("alice".to_owned()),
+            ip: Some(ip.parse().unwrap()),
+            ..Default::default()
+        };
+        let listed = ask(&toml, question("198.51.100.20"));
+        let unlisted = ask(&toml, question("198.51.101.20"));
+        let _ = std::fs::remove_file(&path);
+        match &listed.decision {
+            Explained::Refused {
+                rule,
+                errcode,
+                list,
+                ..
+            } => {
+                assert_eq!((*rule, *errcode), ("deny_list", "M_FORBIDDEN"));
+                assert_eq!(list.as_deref(), Some(path.display().to_string().as_str()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = listed.to_string();
+        assert!(text.contains("rule: deny_list\n"), "{text}");
+        assert!(
+            text.contains(&format!("list: {}\n", path.display())),
+            "{text}"
+        );
+        assert!(unlisted.allowed(), "{unlisted}");
+    }
+
+    #[test]
+    fn explains_an_email_token_request_and_names_the_domain_list() {
+        let path =
+            std::env::temp_dir().join(format!("mgk-explain-email-{}.txt", std::process::id()));
+        std::fs::write(&path, "mailinator.com\n").unwrap();
+        let toml = format!(
+            "[email]\ndenied_domain_lists = [{:?}]\n\
+             [rate_limit]\ntoken_requests_per_ip = {{ count = 5, period = \"1h\" }}\n",
+            path.display().to_string()
+        );
+        let question = |email: &str| Question {
+            email: Some(email.to_owned()),
+            ip: Some("192.0.2.7".parse().unwrap()),
+            ..Default::default()
+        };
+        let listed = ask(&toml, question("bot@x.mailinator.com"));
+        let free = ask(&toml, question("alice@notmailinator.com"));
+        let _ = std::fs::remove_file(&path);
+        match &listed.decision {
+            Explained::Refused {
+                rule,
+                errcode,
+                list,
+                ..
+            } => {
+                assert_eq!(
+                    (*rule, *errcode),
+                    ("email_domain_list", "M_THREEPID_DENIED")
+                );
+                assert_eq!(list.as_deref(), Some(path.display().to_string().as_str()));
+            }
+            other => panic!("{other:?}"),
+        }
+        let names: Vec<_> = listed.limits.iter().map(|l| l.name).collect();
+        assert_eq!(names, ["token_requests_per_ip"]);
+        match &free.decision {
+            Explained::Allowed { target, body } => {
+                assert_eq!(
+                    target,
+                    "POST /_matrix/client/v3/register/email/requestToken"
+                );
+                assert!(body.contains("alice@notmailinator.com"), "{body}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = free.to_string();
+        assert!(
+            text.contains("  token_requests_per_ip: 5 per 1h, key 192.0.2.7"),
+            "{text}"
+        );
     }
 }

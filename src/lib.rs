@@ -23,6 +23,7 @@ pub mod error;
 pub mod explain;
 mod fast_path;
 pub mod gate;
+pub mod lists;
 pub mod lockdown;
 pub mod notify;
 pub mod probe;

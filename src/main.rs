@@ -59,6 +59,10 @@ enum Command {
         /// The client's user agent (checked against `deny_user_agents`).
         #[arg(long)]
         user_agent: Option<String>,
+        /// Explain `POST …/register/email/requestToken` for this address
+        /// (`[email]` domain rules and lists) instead of a registration.
+        #[arg(long, conflicts_with_all = ["username", "guest"])]
+        email: Option<String>,
     },
     /// Check from outside that every spelling of every registration route
     /// is answered by the gate.
@@ -142,6 +146,7 @@ fn main() -> ExitCode {
             guest,
             ip,
             user_agent,
+            email,
         } => {
             let config = match load_or_exit(config_path.as_ref()) {
                 Ok(config) => config,
@@ -154,6 +159,7 @@ fn main() -> ExitCode {
                     guest,
                     ip,
                     user_agent,
+                    email,
                 },
             );
             let source = config_path

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -84,6 +84,24 @@ pub struct Reloader {
     /// The configuration the process started with: the values of the
     /// restart-only keys in force.
     running: Arc<Config>,
+    /// The list files the configuration in force reads (`deny_lists`,
+    /// `denied_domain_lists`), watched with the file.
+    lists: Arc<Mutex<Vec<PathBuf>>>,
+}
+
+/// A watched file: its path, and its modification time and length (`None`
+/// while it cannot be read).
+type FileStamp = (PathBuf, Option<(SystemTime, u64)>);
+
+/// The list files a configuration reads.
+fn list_files(config: &Config) -> Vec<PathBuf> {
+    config
+        .client_ip
+        .deny_lists
+        .paths()
+        .chain(config.email.denied_domain_lists.paths())
+        .map(PathBuf::from)
+        .collect()
 }
 
 impl Reloader {
@@ -112,13 +130,28 @@ impl Reloader {
             tracing::warn!(key, "changed, but takes effect only after a restart");
         }
         self.gate.reload(&config);
+        *self.lists.lock().unwrap_or_else(PoisonError::into_inner) = list_files(&config);
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }
 
-    fn modified(&self) -> Option<SystemTime> {
-        let path = self.path.as_ref()?;
-        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    /// The configuration file and the list files in force, stamped; empty
+    /// without a configuration file.
+    fn watched(&self) -> Vec<FileStamp> {
+        let Some(path) = &self.path else {
+            return Vec::new();
+        };
+        let stamp = |path: &PathBuf| {
+            let stamp = std::fs::metadata(path)
+                .and_then(|m| Ok((m.modified()?, m.len())))
+                .ok();
+            (path.clone(), stamp)
+        };
+        let lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
+        std::iter::once(path)
+            .chain(lists.iter())
+            .map(stamp)
+            .collect()
     }
 }
 
@@ -167,6 +200,7 @@ impl Server {
                 gate: gate.clone(),
                 path: None,
                 running: Arc::new(config.clone()),
+                lists: Arc::new(Mutex::new(list_files(config))),
             },
             upstream_authority,
             fast_path: FastPath::new(config, gate.clone()),
@@ -598,23 +632,40 @@ async fn reload_on_signal(reloader: Reloader) {
     };
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the configuration");
-        let _ = reloader.reload();
+        reload_off_the_runtime(&reloader).await;
     }
 }
 
 #[cfg(not(unix))]
 async fn reload_on_signal(_reloader: Reloader) {}
 
+/// Reloads on a blocking thread: reading and compiling large deny lists
+/// takes a while, and a worker of the runtime (the only one, with
+/// `workers = 1`) must keep serving meanwhile.
+async fn reload_off_the_runtime(reloader: &Reloader) {
+    let reloader = reloader.clone();
+    if let Err(error) = tokio::task::spawn_blocking(move || reloader.reload()).await {
+        tracing::error!(%error, "configuration reload did not finish");
+    }
+}
+
 async fn reload_on_change(reloader: Reloader) {
-    let mut seen = reloader.modified();
+    let mut seen = reloader.watched();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
-        let now = reloader.modified();
-        if now.is_some() && now != seen {
-            seen = now;
-            tracing::info!("configuration file changed: reloading");
-            let _ = reloader.reload();
+        let now = reloader.watched();
+        // A configuration file that is gone (being replaced) is waited for.
+        let present = now.first().is_some_and(|(_, stamp)| stamp.is_some());
+        if present && now != seen {
+            tracing::info!("configuration or list file changed: reloading");
+            reload_off_the_runtime(&reloader).await;
+            // A reload that names other list files watches those from now
+            // on; otherwise the stamps taken before it stand, so a change
+            // made during the reload is still seen.
+            let after = reloader.watched();
+            let same_files = after.iter().map(|(p, _)| p).eq(now.iter().map(|(p, _)| p));
+            seen = if same_files { now } else { after };
         }
     }
 }

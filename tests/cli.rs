@@ -420,3 +420,87 @@ fn a_bind_failure_names_the_listener_and_the_address() {
         assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
     }
 }
+
+#[test]
+fn serve_with_a_broken_list_file_exits_64_naming_the_file_and_the_line() {
+    let list = TempConfig::new("# exits\n203.0.113.9\n\n203.0.113.0/33\n");
+    let port = free_port();
+    let config = TempConfig::new(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[client_ip]\ndeny_lists = [{:?}]\n",
+        list.path().display().to_string()
+    ));
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", config.path().to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve with a broken list did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(EXIT_CONFIG), "{}", stderr(&output));
+    assert_eq!(
+        stderr(&output).trim_end(),
+        format!(
+            "matrix-gatekeeper: invalid configuration: client_ip.deny_lists: {}:4: not an address or network: \"203.0.113.0/33\"",
+            list.path().display()
+        )
+    );
+    // `check` refuses it the same way.
+    let checked = check(config.path());
+    assert_eq!(checked.status.code(), Some(EXIT_CONFIG));
+    assert!(
+        stderr(&checked).contains(":4: not an address or network"),
+        "{}",
+        stderr(&checked)
+    );
+}
+
+#[test]
+fn explain_names_the_list_that_refuses_an_address_or_an_email_domain() {
+    let exits = TempConfig::new("198.51.100.0/24\n");
+    let disposable = TempConfig::new("mailinator.com\n");
+    let config = TempConfig::new(&format!(
+        "[client_ip]\ndeny_lists = [{:?}]\n[email]\ndenied_domain_lists = [{:?}]\n",
+        exits.path().display().to_string(),
+        disposable.path().display().to_string()
+    ));
+    let path = config.path().to_str().unwrap();
+    let listed = run(&["explain", "--config", path, "--ip", "198.51.100.9"]);
+    assert_eq!(listed.status.code(), Some(1), "{}", stderr(&listed));
+    let text = stdout(&listed);
+    assert!(text.contains("rule: deny_list\n"), "{text}");
+    assert!(
+        text.contains(&format!("list: {}\n", exits.path().display())),
+        "{text}"
+    );
+    let email = run(&[
+        "explain",
+        "--config",
+        path,
+        "--email",
+        "bot@x.Mailinator.com",
+    ]);
+    assert_eq!(email.status.code(), Some(1), "{}", stderr(&email));
+    let text = stdout(&email);
+    assert!(text.contains("rule: email_domain_list\n"), "{text}");
+    assert!(text.contains("answer: 403 M_THREEPID_DENIED"), "{text}");
+    let free = run(&["explain", "--config", path, "--email", "alice@example.org"]);
+    assert_eq!(free.status.code(), Some(0), "{}", stdout(&free));
+    assert!(
+        stdout(&free).contains("forwarded: POST /_matrix/client/v3/register/email/requestToken"),
+        "{}",
+        stdout(&free)
+    );
+}

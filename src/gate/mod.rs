@@ -321,6 +321,8 @@ struct Audit {
     outcome: Outcome,
     rule: &'static str,
     status: Option<u16>,
+    /// The list file that refused the request, if a list did.
+    list: Option<Arc<str>>,
 }
 
 /// Longest client-chosen text (a username, a user agent) an audit line
@@ -373,6 +375,7 @@ impl Audit {
             decision = self.outcome.as_str(),
             rule = self.rule,
             upstream_status = self.status.unwrap_or(0),
+            list = self.list.as_deref(),
             "registration decision"
         );
     }
@@ -396,6 +399,14 @@ impl Stop {
         match self {
             Stop::Refuse(refusal) => refusal.rule,
             Stop::Limit(limited) => limited.limit.name(),
+        }
+    }
+
+    /// The list file a refusal came from, for the audit line.
+    fn list(&self) -> Option<Arc<str>> {
+        match self {
+            Stop::Refuse(refusal) => refusal.list.clone(),
+            Stop::Limit(_) => None,
         }
     }
 
@@ -459,6 +470,7 @@ where
         outcome: Outcome::Allowed,
         rule: "",
         status: None,
+        list: None,
     };
     let mut body = Some(body);
     let mut read: Option<Bytes> = None;
@@ -481,6 +493,7 @@ where
             audit.outcome = Outcome::WouldRefuse;
             audit.rule = stop.rule();
             audit.username = audit.username.take().or_else(|| stop.username());
+            audit.list = stop.list();
             let original = match (read, body) {
                 (Some(bytes), Some(rest)) => GateBody::replay(bytes, rest),
                 (None, Some(body)) => GateBody::client(body),
@@ -493,6 +506,7 @@ where
             audit.outcome = stop.outcome();
             audit.rule = stop.rule();
             audit.username = audit.username.take().or_else(|| stop.username());
+            audit.list = stop.list();
             audit.emit(&metrics);
             let outcome = stop.outcome();
             return Ok(mark(stop.into_response().map(Either::Right), outcome));

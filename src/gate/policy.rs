@@ -15,12 +15,14 @@ use super::query::{encode_component, Query};
 use super::routes::{GuardedRoute, Medium};
 use super::username::{UsernamePolicy, UsernameRule};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use regex::Regex;
 
 use crate::client_ip::IpNet;
 use crate::config::{Config, DomainGlob, GuestAccess};
 use crate::error::MatrixError;
+use crate::lists::{AddressLists, DomainLists};
 
 /// The kind of account a `POST …/register` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +60,9 @@ pub struct Refusal {
     /// the gate read one (boxed: refusals travel in `Result`s, and most
     /// carry none).
     pub username: Option<Box<RequestedName>>,
+    /// The list file whose entry refused the request (`deny_list`,
+    /// `email_domain_list`), as configured.
+    pub list: Option<Arc<str>>,
 }
 
 impl Refusal {
@@ -67,6 +72,15 @@ impl Refusal {
             rule,
             error,
             username: None,
+            list: None,
+        }
+    }
+
+    /// A refusal by an entry of the list file `list`.
+    fn listed(rule: &'static str, error: MatrixError, list: &Arc<str>) -> Self {
+        Refusal {
+            list: Some(list.clone()),
+            ..Refusal::new(rule, error)
         }
     }
 }
@@ -122,6 +136,8 @@ pub struct Policy {
     deny_user_agents: Vec<Regex>,
     email_allowed: Vec<DomainGlob>,
     email_denied: Vec<DomainGlob>,
+    deny_lists: AddressLists,
+    email_denied_lists: DomainLists,
 }
 
 impl Policy {
@@ -142,17 +158,22 @@ impl Policy {
                 .collect(),
             email_allowed: config.email.allowed_domains.clone(),
             email_denied: config.email.denied_domains.clone(),
+            deny_lists: config.client_ip.deny_lists.clone(),
+            email_denied_lists: config.email.denied_domain_lists.clone(),
         }
     }
 
-    /// Refuses banned clients: a denied network, or a denied user agent.
+    /// Refuses banned clients: a denied network, an address in a deny
+    /// list, or a denied user agent.
     pub fn client(&self, client: Option<IpAddr>, user_agent: Option<&str>) -> Result<(), Refusal> {
         if let Some(ip) = client {
+            let forbidden =
+                || MatrixError::forbidden("Registration is not available from your network.");
             if self.deny_networks.iter().any(|net| net.contains(ip)) {
-                return Err(Refusal::new(
-                    "denied_client",
-                    MatrixError::forbidden("Registration is not available from your network."),
-                ));
+                return Err(Refusal::new("denied_client", forbidden()));
+            }
+            if let Some(list) = self.deny_lists.find(ip) {
+                return Err(Refusal::listed("deny_list", forbidden(), list));
             }
         }
         if !self.deny_user_agents.is_empty() {
@@ -169,7 +190,10 @@ impl Policy {
 
     /// Applies `[email]` domain rules to an email `requestToken` body.
     fn email(&self, object: &Map<String, Value>) -> Result<(), Refusal> {
-        if self.email_allowed.is_empty() && self.email_denied.is_empty() {
+        if self.email_allowed.is_empty()
+            && self.email_denied.is_empty()
+            && self.email_denied_lists.is_empty()
+        {
             return Ok(());
         }
         let Some(Value::String(address)) = object.get("email") else {
@@ -182,16 +206,19 @@ impl Policy {
             .rsplit_once('@')
             .map(|(_, domain)| domain.trim().trim_end_matches('.'))
             .unwrap_or("");
-        let denied = || {
-            Err(Refusal::new(
-                "email_domain",
-                MatrixError::threepid_denied(
-                    "Third party identifier is not allowed on this server.",
-                ),
-            ))
+        let threepid_denied = || {
+            MatrixError::threepid_denied("Third party identifier is not allowed on this server.")
         };
+        let denied = || Err(Refusal::new("email_domain", threepid_denied()));
         if domain.is_empty() || self.email_denied.iter().any(|g| g.matches(domain)) {
             return denied();
+        }
+        if let Some(list) = self.email_denied_lists.find(domain) {
+            return Err(Refusal::listed(
+                "email_domain_list",
+                threepid_denied(),
+                list,
+            ));
         }
         if !self.email_allowed.is_empty() && !self.email_allowed.iter().any(|g| g.matches(domain)) {
             return denied();
