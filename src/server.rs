@@ -31,6 +31,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequestHeadersLayer};
 
 use crate::admin::AdminState;
+use crate::admin_api::{AdminApi, AdminToken};
 use crate::config::{Config, ConfigError};
 use crate::error::MatrixError;
 use crate::fast_path::{linger, Ending, FastPath, Rewind};
@@ -84,6 +85,8 @@ pub struct Reloader {
     /// The configuration the process started with: the values of the
     /// restart-only keys in force.
     running: Arc<Config>,
+    /// The admin API's token, read again at every reload.
+    admin_token: AdminToken,
 }
 
 impl Reloader {
@@ -112,6 +115,14 @@ impl Reloader {
             tracing::warn!(key, "changed, but takes effect only after a restart");
         }
         self.gate.reload(&config);
+        // Validation read the file a moment ago; should it fail now, the
+        // token in force stays rather than switching the API off.
+        match config.admin.token() {
+            Ok(token) => self.admin_token.set(token),
+            Err(error) => {
+                tracing::error!(%error, "admin token not re-read; the previous one stays")
+            }
+        }
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }
@@ -167,6 +178,10 @@ impl Server {
                 gate: gate.clone(),
                 path: None,
                 running: Arc::new(config.clone()),
+                admin_token: AdminToken::new(config.admin.token().unwrap_or_else(|error| {
+                    tracing::error!(%error, "admin API off");
+                    None
+                })),
             },
             upstream_authority,
             fast_path: FastPath::new(config, gate.clone()),
@@ -219,6 +234,10 @@ impl Server {
         drop(accepted_tx);
         if let Some(admin) = self.admin {
             let state = AdminState {
+                api: AdminApi {
+                    gate: self.reloader.gate.clone(),
+                    token: self.reloader.admin_token.clone(),
+                },
                 gate: self.reloader.gate.clone(),
                 upstream: self.upstream_authority.clone(),
             };
