@@ -28,10 +28,10 @@ use crate::ratelimit::redis::{RedisStore, StoreError};
 /// KEYS: the hash. ARGV: mode (`add`, `remove` or `list`), then for `add`
 /// the network, the duration and the reason, for `remove` the network.
 ///
-/// Every mode first drops expired entries. `list` answers a flat list
-/// `network, remaining, reason, …`; `add` and `remove` answer as `list`
-/// after their change, so the caller's copy is exact at once. The hash
-/// expires with its longest ban.
+/// Every mode answers how many bans it removed (`remove` only, else 0),
+/// then the bans in force after its change as a flat list `network,
+/// remaining, reason, …`, so the caller's copy is exact at once. Expired
+/// entries are dropped on the way; the hash expires with its longest ban.
 const BANS_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -39,11 +39,11 @@ local mode = ARGV[1]
 if mode == 'add' then
   local expires = now + tonumber(ARGV[3])
   redis.call('HSET', KEYS[1], ARGV[2], string.format('%.0f', expires) .. ' ' .. ARGV[4])
-elseif mode == 'remove' then
-  redis.call('HDEL', KEYS[1], ARGV[2])
 end
+local removed = 0
+if mode == 'remove' then removed = redis.call('HDEL', KEYS[1], ARGV[2]) end
 local entries = redis.call('HGETALL', KEYS[1])
-local out = {}
+local out = {tostring(removed)}
 local longest = 0
 for i = 1, #entries, 2 do
   local value = entries[i + 1]
@@ -187,11 +187,11 @@ impl Bans {
 
     /// Lifts the ban of `network`; `false` when there was none.
     pub async fn remove(&self, network: IpNet) -> Result<bool, BanError> {
-        let known = self.list().iter().any(|ban| ban.network == network);
         if let Some(redis) = &self.redis {
             let args = ["remove".to_owned(), network.to_string()];
-            self.run(redis, &args).await?;
-            return Ok(known);
+            // Redis says whether it held the ban: this replica's copy may
+            // be up to a second behind.
+            return Ok(self.run(redis, &args).await? > 0);
         }
         let mut bans = self.shared.write();
         let before = bans.len();
@@ -209,12 +209,17 @@ impl Bans {
         }
     }
 
-    /// Runs the script and takes its answer as the new copy.
-    async fn run(&self, redis: &RedisStore, args: &[String]) -> Result<(), StoreError> {
+    /// Runs the script and takes its answer as the new copy; returns how
+    /// many bans it removed.
+    async fn run(&self, redis: &RedisStore, args: &[String]) -> Result<u64, StoreError> {
         let keys = [redis.tagged_key("bans")];
         let answer: Vec<String> = redis.run_script(&self.shared.script, &keys, args).await?;
+        let Some((removed, entries)) = answer.split_first() else {
+            return Err(StoreError::BadAnswer);
+        };
+        let removed = removed.parse().map_err(|_| StoreError::BadAnswer)?;
         let now = Instant::now();
-        let bans = answer
+        let bans = entries
             .chunks(3)
             .filter_map(|entry| {
                 let [network, remaining, reason] = entry else {
@@ -228,7 +233,7 @@ impl Bans {
             })
             .collect();
         *self.shared.write() = bans;
-        Ok(())
+        Ok(removed)
     }
 }
 

@@ -91,6 +91,10 @@ if known and known > now then remaining = known - now end
 return {remaining, tonumber(redis.call('GET', KEYS[3])) or 0}
 ";
 
+/// How much later than the closing a replica knows a closing read from
+/// Redis must end to be taken as a new one (a longer closing by hand).
+const FOLLOW_SLACK: Duration = Duration::from_secs(1);
+
 /// The lockdown of the current configuration; [`Lockdown::reconfigure`]
 /// keeps the state across reloads.
 #[derive(Clone)]
@@ -406,7 +410,12 @@ impl Lockdown {
         }
         if remaining > 0 {
             let remaining = Duration::from_micros(u64::try_from(remaining).unwrap_or(0));
-            self.close(self.spec, remaining, false);
+            // Read every second, the same closing differs only by the round
+            // trip: taking it again would start one more end timer each time.
+            let known = self.closed_for();
+            if known.is_none_or(|known| remaining > known + FOLLOW_SLACK) {
+                self.close(self.spec, remaining, false);
+            }
         }
     }
 
