@@ -41,7 +41,8 @@ async fn gate(hs: &FakeHomeserver, extra: &str, token: Option<&std::path::Path>)
 }
 
 const LIMITS: &str = "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
-    [rate_limit]\nregistrations_per_ip = { count = 2, period = \"1h\" }\n";
+    [rate_limit]\nregistrations_per_ip = { count = 2, period = \"1h\" }\n\
+    registrations_global = { count = 1000, period = \"1h\" }\n";
 
 /// An admin request with the right token.
 async fn admin(gate: &Gate, method: Method, path: &str, body: &str) -> Answer {
@@ -157,12 +158,11 @@ async fn a_locked_out_client_is_inspected_and_reset() {
     assert_eq!(limit["remaining"], 0, "{json}");
     let wait = limit["next_unit_in_ms"].as_u64().unwrap();
     assert!(wait > 0 && wait <= 30 * 60 * 1000, "{json}");
-    // Another client is untouched.
+    // Another client is untouched; the server-wide budget is shared.
     let other = admin(&gate, Method::GET, "/v1/clients/198.51.100.24", "").await;
-    assert_eq!(
-        other.json()["limits"]["registrations_per_ip"]["remaining"],
-        2
-    );
+    let limits = &other.json()["limits"];
+    assert_eq!(limits["registrations_per_ip"]["remaining"], 2);
+    assert_eq!(limits["registrations_global"]["remaining"], 998);
 
     let reset = admin(
         &gate,
@@ -175,10 +175,10 @@ async fn a_locked_out_client_is_inspected_and_reset() {
     assert_eq!(reset.json()["reset"], true);
     assert_eq!(register(&gate, client).await.status, 200);
     let after = admin(&gate, Method::GET, &format!("/v1/clients/{client}"), "").await;
-    assert_eq!(
-        after.json()["limits"]["registrations_per_ip"]["remaining"],
-        1
-    );
+    let limits = &after.json()["limits"];
+    assert_eq!(limits["registrations_per_ip"]["remaining"], 1);
+    // A reset leaves the server-wide budget alone.
+    assert_eq!(limits["registrations_global"]["remaining"], 997);
 
     // IPv6 clients are shown and reset by their prefix (escaped or not).
     let v6 = admin(&gate, Method::GET, "/v1/clients/2001%3Adb8%3A%3A1", "").await;

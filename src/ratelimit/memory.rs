@@ -298,20 +298,19 @@ impl<C: Clock + Clone> MemoryStore<C> {
         }
     }
 
-    /// The budget `key` has now under every configured per-client limit;
-    /// changes nothing.
+    /// The budget `key` has now under every configured limit (the
+    /// server-wide one shared by all); changes nothing.
     pub fn inspect(&self, key: ClientKey) -> Vec<Budget> {
         let now = self.clock.now();
         LimitKind::ALL
             .iter()
-            .filter(|kind| !kind.is_global())
             .filter_map(|&kind| {
                 let limit = self.limits[kind as usize].as_ref()?;
                 let elapsed = now.duration_since(limit.start).as_u64();
                 let ahead = limit
                     .table
                     .0
-                    .peek(key)
+                    .peek(kind.key_for(key))
                     .map_or(0, |tat| tat.saturating_sub(elapsed));
                 Some(Budget::from_ahead(
                     kind,

@@ -475,8 +475,8 @@ impl RateLimiter {
         }
     }
 
-    /// The budget `key` has now under every configured per-client limit,
-    /// from the store decisions use (Redis, or memory); changes nothing.
+    /// The budget `key` has now under every configured limit (the
+    /// server-wide one shared by all), from the store decisions use (Redis, or memory); changes nothing.
     pub async fn inspect(&self, key: ClientKey) -> Result<Vec<Budget>, redis::StoreError> {
         match &self.inner.redis {
             Some(redis) => redis.inspect(key).await,

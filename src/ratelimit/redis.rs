@@ -453,12 +453,12 @@ impl RedisStore {
         self.shared.refunds.dropped.load(Ordering::Relaxed)
     }
 
-    /// The budget `key` has now under every configured per-client limit,
-    /// read in one round trip within `redis_timeout`; changes nothing.
+    /// The budget `key` has now under every configured limit (the
+    /// server-wide one shared by all), read in one round trip within
+    /// `redis_timeout`; changes nothing.
     pub async fn inspect(&self, key: ClientKey) -> Result<Vec<Budget>, StoreError> {
         let limits: Vec<(LimitKind, LimitSpec)> = LimitKind::ALL
             .iter()
-            .filter(|kind| !kind.is_global())
             .filter_map(|&kind| Some((kind, self.specs.get(kind)?)))
             .collect();
         if limits.is_empty() {
