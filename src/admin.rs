@@ -2,6 +2,9 @@
 //! process is alive) and `/readyz` (the homeserver is reachable; the
 //! limiter store's state is reported: Redis is asked for a `PING`).
 //!
+//! With `[admin] token_file`, it also serves the admin API under `/v1/`
+//! ([`crate::admin_api`]).
+//!
 //! It is a separate listener, meant for loopback or a private network, and
 //! is off unless `[server] admin_listen` is set.
 
@@ -14,6 +17,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
+use crate::admin_api::AdminApi;
 use crate::gate::RegistrationGateLayer;
 
 /// What the admin endpoints look at.
@@ -23,6 +27,8 @@ pub struct AdminState {
     pub gate: RegistrationGateLayer,
     /// `host:port` of the homeserver, for readiness.
     pub upstream: String,
+    /// The admin API (on with a token).
+    pub api: AdminApi,
 }
 
 impl AdminState {
@@ -31,6 +37,12 @@ impl AdminState {
         &self,
         request: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        if request.uri().path().starts_with(crate::admin_api::PREFIX) {
+            if let Some(response) = self.api.answer(request).await {
+                return Ok(response);
+            }
+            return Ok(text(StatusCode::NOT_FOUND, "not found\n"));
+        }
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
         }

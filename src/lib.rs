@@ -17,6 +17,8 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admin_api;
+pub mod bans;
 pub mod client_ip;
 pub mod config;
 pub mod error;

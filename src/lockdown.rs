@@ -15,7 +15,7 @@
 //! `lockdown_started` and, at the end, `lockdown_ended`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -61,6 +61,40 @@ end
 return {0, 0, 0}
 ";
 
+/// Closing and reopening by hand (the admin API), and what every replica
+/// reads each second to follow them, in Redis on Redis' clock
+/// (microseconds).
+///
+/// KEYS: the closing time, the window, the reopen sequence. ARGV: mode
+/// (`close`, `reopen` or `sync`), the closing's length.
+///
+/// Answers `{remaining, sequence}`: the time registration stays closed (0:
+/// open) and how many times it was reopened by hand.
+const MANUAL_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local mode = ARGV[1]
+if mode == 'close' then
+  local closed_until = now + tonumber(ARGV[2])
+  local known = tonumber(redis.call('GET', KEYS[1]))
+  if known and known > closed_until then closed_until = known end
+  redis.call('SET', KEYS[1], string.format('%.0f', closed_until), 'PX', math.ceil((closed_until - now) / 1000))
+  return {closed_until - now, 0}
+end
+if mode == 'reopen' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return {0, redis.call('INCR', KEYS[3])}
+end
+local known = tonumber(redis.call('GET', KEYS[1]))
+local remaining = 0
+if known and known > now then remaining = known - now end
+return {remaining, tonumber(redis.call('GET', KEYS[3])) or 0}
+";
+
+/// How much later than the closing a replica knows a closing read from
+/// Redis must end to be taken as a new one (a longer closing by hand).
+const FOLLOW_SLACK: Duration = Duration::from_secs(1);
+
 /// The lockdown of the current configuration; [`Lockdown::reconfigure`]
 /// keeps the state across reloads.
 #[derive(Clone)]
@@ -83,6 +117,9 @@ impl std::fmt::Debug for Lockdown {
 struct Shared {
     state: Mutex<LocalState>,
     script: Script,
+    manual_script: Script,
+    /// The last reopen sequence read from Redis (-1: none read yet).
+    reopened_seen: AtomicI64,
     notifier: Notifier,
     /// Lockdowns this replica started.
     started: AtomicU64,
@@ -122,6 +159,8 @@ impl Lockdown {
             shared: Arc::new(Shared {
                 state: Mutex::new(LocalState::default()),
                 script: Script::new(LOCKDOWN_SCRIPT),
+                manual_script: Script::new(MANUAL_SCRIPT),
+                reopened_seen: AtomicI64::new(-1),
                 notifier,
                 started: AtomicU64::new(0),
             }),
@@ -129,9 +168,10 @@ impl Lockdown {
     }
 
     /// The lockdown for a reloaded configuration, keeping the window and
-    /// any closing in force. Removing `lockdown` reopens registration.
+    /// any closing in force. Removing `lockdown` reopens registration (a
+    /// closing by hand without any `lockdown` configured stays).
     pub fn reconfigure(&self, spec: Option<LockdownSpec>, limiter: &RateLimiter) -> Self {
-        if spec.is_none() {
+        if spec.is_none() && self.spec.is_some() {
             let mut state = self.shared.lock();
             state.window.clear();
             state.closed_until = None;
@@ -153,8 +193,12 @@ impl Lockdown {
     /// within `redis_timeout`) only while this replica knows of no closing;
     /// when Redis fails, the local state decides.
     pub async fn is_closed(&self) -> bool {
-        let Some(spec) = self.spec else { return false };
         let now = Instant::now();
+        // Without a configured lockdown only a closing by hand closes; it is
+        // known locally (each replica reads Redis every second).
+        let Some(spec) = self.spec else {
+            return self.shared.closed_at(now);
+        };
         if self.shared.closed_at(now) {
             return true;
         }
@@ -211,7 +255,7 @@ impl Lockdown {
         }
         state.window.clear();
         drop(state);
-        self.close(spec, spec.close_for.0, true);
+        self.close(Some(spec), spec.close_for.0, true);
         Recorded::Closed { started: true }
     }
 
@@ -245,14 +289,15 @@ impl Lockdown {
         }
         let remaining = Duration::from_micros(u64::try_from(*remaining).unwrap_or(0));
         let started = *started == 1;
-        self.close(spec, remaining, started);
+        self.close(Some(spec), remaining, started);
         Ok(Recorded::Closed { started })
     }
 
     /// Closes registration for `remaining` from now (unless a later
     /// closing is known), sets the gauge and, for the replica that
     /// `started` it, announces it and its end.
-    fn close(&self, spec: LockdownSpec, remaining: Duration, started: bool) {
+    fn close(&self, spec: Option<LockdownSpec>, remaining: Duration, started: bool) {
+        let started = started && spec.is_some();
         let now = Instant::now();
         let until = now + remaining;
         let generation = {
@@ -264,7 +309,7 @@ impl Lockdown {
             state.generation += 1;
             state.generation
         };
-        if started {
+        if let Some(spec) = spec.filter(|_| started) {
             self.shared.started.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 count = spec.count,
@@ -304,7 +349,102 @@ impl Lockdown {
 
     /// Whether this replica knows registration is closed (the gauge).
     pub fn is_known_closed(&self) -> bool {
-        self.spec.is_some() && self.shared.closed_at(Instant::now())
+        self.shared.closed_at(Instant::now())
+    }
+
+    /// How long registration stays closed, as this replica knows it.
+    pub fn closed_for(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.shared
+            .lock()
+            .closed_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
+    }
+
+    /// Closes registration by hand for `duration` (a longer closing in
+    /// force stays), on every replica when the state is in Redis. Fails
+    /// only when Redis does not take it; then nothing changed.
+    pub async fn close_by_hand(
+        &self,
+        duration: Duration,
+    ) -> Result<Duration, crate::ratelimit::redis::StoreError> {
+        let remaining = match &self.redis {
+            Some(redis) => {
+                let [remaining, _] = self.run_manual(redis, "close", duration).await?;
+                Duration::from_micros(u64::try_from(remaining).unwrap_or(0))
+            }
+            None => duration,
+        };
+        self.close(None, remaining, false);
+        Ok(self.closed_for().unwrap_or(remaining))
+    }
+
+    /// Reopens registration by hand now, on every replica when the state
+    /// is in Redis (the others follow within a second); the window starts
+    /// afresh.
+    pub async fn reopen_by_hand(&self) -> Result<(), crate::ratelimit::redis::StoreError> {
+        if let Some(redis) = &self.redis {
+            let [_, sequence] = self.run_manual(redis, "reopen", Duration::ZERO).await?;
+            self.shared.reopened_seen.store(sequence, Ordering::Relaxed);
+        }
+        self.reopen_locally();
+        Ok(())
+    }
+
+    /// Follows Redis: a closing by hand on another replica closes here, a
+    /// reopening by hand reopens here. Called every second by each replica
+    /// using Redis; does nothing without it.
+    pub async fn follow_store(&self) {
+        let Some(redis) = &self.redis else { return };
+        let [remaining, sequence] = match self.run_manual(redis, "sync", Duration::ZERO).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::debug!(%error, "lockdown sync could not reach redis");
+                return;
+            }
+        };
+        let seen = self.shared.reopened_seen.swap(sequence, Ordering::Relaxed);
+        if seen >= 0 && seen != sequence {
+            self.reopen_locally();
+        }
+        if remaining > 0 {
+            let remaining = Duration::from_micros(u64::try_from(remaining).unwrap_or(0));
+            // Read every second, the same closing differs only by the round
+            // trip: taking it again would start one more end timer each time.
+            let known = self.closed_for();
+            if known.is_none_or(|known| remaining > known + FOLLOW_SLACK) {
+                self.close(self.spec, remaining, false);
+            }
+        }
+    }
+
+    fn reopen_locally(&self) {
+        let mut state = self.shared.lock();
+        state.window.clear();
+        state.closed_until = None;
+        state.generation += 1;
+    }
+
+    async fn run_manual(
+        &self,
+        redis: &RedisStore,
+        mode: &str,
+        duration: Duration,
+    ) -> Result<[i64; 2], crate::ratelimit::redis::StoreError> {
+        let keys = [
+            redis.tagged_key("lockdown:until"),
+            redis.tagged_key("lockdown:window"),
+            redis.tagged_key("lockdown:reopened"),
+        ];
+        let args = [mode.to_owned(), micros(duration).to_string()];
+        let answer: Vec<i64> = redis
+            .run_script(&self.shared.manual_script, &keys, &args)
+            .await?;
+        match answer.as_slice() {
+            [remaining, sequence] => Ok([*remaining, *sequence]),
+            _ => Err(crate::ratelimit::redis::StoreError::BadAnswer),
+        }
     }
 
     /// Lockdowns this replica started.

@@ -31,6 +31,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequestHeadersLayer};
 
 use crate::admin::AdminState;
+use crate::admin_api::{AdminApi, AdminToken};
 use crate::config::{Config, ConfigError};
 use crate::error::MatrixError;
 use crate::fast_path::{linger, Ending, FastPath, Rewind};
@@ -87,6 +88,8 @@ pub struct Reloader {
     /// The list files the configuration in force reads (`deny_lists`,
     /// `denied_domain_lists`), watched with the file.
     lists: Arc<Mutex<Vec<PathBuf>>>,
+    /// The admin API's token, read again at every reload.
+    admin_token: AdminToken,
 }
 
 /// A watched file: its path, and its modification time and length (`None`
@@ -131,6 +134,14 @@ impl Reloader {
         }
         self.gate.reload(&config);
         *self.lists.lock().unwrap_or_else(PoisonError::into_inner) = list_files(&config);
+        // Validation read the file a moment ago; should it fail now, the
+        // token in force stays rather than switching the API off.
+        match config.admin.token() {
+            Ok(token) => self.admin_token.set(token),
+            Err(error) => {
+                tracing::error!(%error, "admin token not re-read; the previous one stays")
+            }
+        }
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }
@@ -201,6 +212,10 @@ impl Server {
                 path: None,
                 running: Arc::new(config.clone()),
                 lists: Arc::new(Mutex::new(list_files(config))),
+                admin_token: AdminToken::new(config.admin.token().unwrap_or_else(|error| {
+                    tracing::error!(%error, "admin API off");
+                    None
+                })),
             },
             upstream_authority,
             fast_path: FastPath::new(config, gate.clone()),
@@ -253,6 +268,10 @@ impl Server {
         drop(accepted_tx);
         if let Some(admin) = self.admin {
             let state = AdminState {
+                api: AdminApi {
+                    gate: self.reloader.gate.clone(),
+                    token: self.reloader.admin_token.clone(),
+                },
                 gate: self.reloader.gate.clone(),
                 upstream: self.upstream_authority.clone(),
             };

@@ -75,6 +75,7 @@ use policy::{AccountKind, BodyPlan};
 pub use policy::{Forward, HeadDecision, Policy, Refusal, RequestedName};
 pub use routes::GuardedRoute;
 
+use crate::bans::Bans;
 use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
 use crate::config::{Config, GateMode};
 use crate::error::MatrixError;
@@ -125,12 +126,14 @@ struct GateState {
     resolver: ClientResolver,
     limiter: RateLimiter,
     lockdown: Lockdown,
+    bans: Bans,
     mode: GateMode,
 }
 
 impl GateState {
-    fn new(config: &Config, limiter: RateLimiter, lockdown: Lockdown) -> Self {
+    fn new(config: &Config, limiter: RateLimiter, lockdown: Lockdown, bans: Bans) -> Self {
         GateState {
+            bans,
             policy: Policy::new(config),
             body_timeout: config.server.body_timeout.0,
             resolver: config.client_ip.resolver(),
@@ -173,10 +176,13 @@ impl RegistrationGateLayer {
     pub fn with_notifier(config: &Config, metrics: Arc<Metrics>, notifier: Notifier) -> Self {
         let limiter = RateLimiter::with_notifier(&config.rate_limit, notifier.clone());
         let lockdown = Lockdown::new(config.registration.lockdown, &limiter, notifier.clone());
+        let bans = Bans::default().with_store(limiter.redis_store().cloned());
+        let state = Arc::new(ArcSwap::from_pointee(GateState::new(
+            config, limiter, lockdown, bans,
+        )));
+        follow_store(Arc::downgrade(&state));
         RegistrationGateLayer {
-            state: Arc::new(ArcSwap::from_pointee(GateState::new(
-                config, limiter, lockdown,
-            ))),
+            state,
             metrics,
             notifier,
         }
@@ -191,8 +197,20 @@ impl RegistrationGateLayer {
         let lockdown = old
             .lockdown
             .reconfigure(config.registration.lockdown, &limiter);
+        let bans = old.bans.with_store(limiter.redis_store().cloned());
         self.state
-            .store(Arc::new(GateState::new(config, limiter, lockdown)));
+            .store(Arc::new(GateState::new(config, limiter, lockdown, bans)));
+    }
+
+    /// The temporary bans (kept across reloads).
+    pub fn bans(&self) -> Bans {
+        self.state.load().bans.clone()
+    }
+
+    /// The key `client`'s limits are counted under, per the current
+    /// `client_ip` configuration.
+    pub fn client_key(&self, client: IpAddr) -> ClientKey {
+        self.with_resolver(|resolver| resolver.key(ClientAddress(client)))
     }
 
     /// The registration lockdown the gate uses now.
@@ -291,6 +309,32 @@ where
             }
         }
     }
+}
+
+/// How often a replica using Redis reads the bans and a lockdown set or
+/// lifted by hand on another replica.
+const FOLLOW_STORE_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps this replica's copy of the shared admin state (temporary bans,
+/// lockdown by hand) in step with Redis, off the request path, while the
+/// gate lives. Does nothing without a Tokio runtime.
+fn follow_store(state: std::sync::Weak<ArcSwap<GateState>>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(FOLLOW_STORE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(current) = state.upgrade().map(|s| s.load_full()) else {
+                return;
+            };
+            if current.limiter.uses_redis() {
+                tokio::join!(current.bans.follow_store(), current.lockdown.follow_store());
+            }
+        }
+    });
 }
 
 /// Puts the [`ClientAddress`] (and a trusted proxy's scheme) into the
@@ -549,6 +593,14 @@ where
     policy
         .client(audit.client, audit.user_agent.as_deref())
         .map_err(Stop::Refuse)?;
+    // Temporary bans (admin API) refuse like `[client_ip] deny`; they are
+    // live state, read from this replica's copy, so outside the policy.
+    if audit.client.and_then(|ip| state.bans.find(ip)).is_some() {
+        return Err(Stop::Refuse(Refusal::new(
+            "temporary_ban",
+            MatrixError::forbidden("Registration is not available from your network."),
+        )));
+    }
     if is_registration(route, &parts.method) && state.lockdown.is_closed().await {
         return Err(Stop::Refuse(Refusal::new(
             "lockdown",

@@ -23,14 +23,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use governor::clock::Clock;
+use governor::clock::{Clock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 
-use super::{LimitKind, LimitSpecs};
+use super::{Budget, LimitKind, LimitSpecs};
 use crate::client_ip::ClientKey;
 use crate::config::LimitSpec;
 
@@ -94,6 +94,21 @@ impl ClientTable {
     /// Number of tracked keys.
     pub fn tracked(&self) -> usize {
         self.len.load(Ordering::Relaxed)
+    }
+
+    /// The stored TAT of `key` itself (not its coarse or overflow key),
+    /// without creating an entry.
+    pub fn peek(&self, key: ClientKey) -> Option<u64> {
+        self.shard(&key).get(&key).copied()
+    }
+
+    /// Forgets `key`'s state: it starts again with a full burst.
+    pub fn remove(&self, key: ClientKey) -> bool {
+        let removed = self.shard(&key).remove(&key).is_some();
+        if removed {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
     }
 }
 
@@ -178,6 +193,9 @@ type Limiter<C> = RateLimiter<ClientKey, SharedTable, C, NoOpMiddleware<<C as Cl
 
 struct MemoryLimit<C: Clock> {
     limiter: Limiter<C>,
+    /// Taken just before governor's own start: the TAT's origin, to within
+    /// the microseconds between the two reads (inspection only).
+    start: C::Instant,
     table: SharedTable,
     interval: Nanos,
     spec: LimitSpec,
@@ -226,8 +244,10 @@ impl<C: Clock + Clone> MemoryStore<C> {
                 }
             }
             let table = SharedTable(Arc::new(ClientTable::new(cap)));
+            let start = clock.now();
             Some(Arc::new(MemoryLimit {
                 limiter: RateLimiter::new(quota, table.clone(), clock.clone()),
+                start,
                 table,
                 interval: interval.into(),
                 spec,
@@ -274,6 +294,38 @@ impl<C: Clock + Clone> MemoryStore<C> {
         for &kind in kinds {
             if let Some(limit) = &self.limits[kind as usize] {
                 limit.table.0.refund(kind.key_for(key), limit.interval);
+            }
+        }
+    }
+
+    /// The budget `key` has now under every configured limit (the
+    /// server-wide one shared by all); changes nothing.
+    pub fn inspect(&self, key: ClientKey) -> Vec<Budget> {
+        let now = self.clock.now();
+        LimitKind::ALL
+            .iter()
+            .filter_map(|&kind| {
+                let limit = self.limits[kind as usize].as_ref()?;
+                let elapsed = now.duration_since(limit.start).as_u64();
+                let ahead = limit
+                    .table
+                    .0
+                    .peek(kind.key_for(key))
+                    .map_or(0, |tat| tat.saturating_sub(elapsed));
+                Some(Budget::from_ahead(
+                    kind,
+                    limit.spec,
+                    Duration::from_nanos(ahead),
+                ))
+            })
+            .collect()
+    }
+
+    /// Forgets `key`'s state under every per-client limit.
+    pub fn reset(&self, key: ClientKey) {
+        for (kind, limit) in LimitKind::ALL.iter().zip(&self.limits) {
+            if let Some(limit) = limit.as_ref().filter(|_| !kind.is_global()) {
+                limit.table.0.remove(key);
             }
         }
     }
@@ -400,6 +452,35 @@ mod tests {
             next.acquire(&[LimitKind::GuestsPerIp], KEY).is_ok(),
             "changed limit starts fresh"
         );
+    }
+
+    #[test]
+    fn inspect_reads_the_budget_and_reset_restores_it() {
+        let kind = LimitKind::RegistrationsPerIp;
+        let (s, clock) = store(specs_with(kind, spec(2, 60)), 100);
+        let fresh = s.inspect(KEY);
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(
+            (fresh[0].remaining, fresh[0].next_unit_in),
+            (2, Duration::ZERO)
+        );
+        s.acquire(&[kind], KEY).unwrap();
+        s.acquire(&[kind], KEY).unwrap();
+        let spent = s.inspect(KEY)[0];
+        assert_eq!(spent.remaining, 0);
+        assert_eq!(spent.next_unit_in, Duration::from_secs(30));
+        assert_eq!(spent.full_in, Duration::from_secs(60));
+        clock.advance(Duration::from_secs(40));
+        let partly = s.inspect(KEY)[0];
+        assert_eq!(partly.remaining, 1);
+        assert_eq!(partly.next_unit_in, Duration::from_secs(20));
+        assert_eq!(s.inspect(KEY)[0], partly, "inspection takes nothing");
+        assert_eq!(s.tracked(), 1);
+        s.reset(KEY);
+        assert_eq!(s.tracked(), 0);
+        assert_eq!(s.inspect(KEY)[0].remaining, 2);
+        s.acquire(&[kind], KEY).unwrap();
+        s.acquire(&[kind], KEY).unwrap();
     }
 
     #[test]

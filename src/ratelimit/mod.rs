@@ -114,6 +114,49 @@ impl LimitSpecs {
     }
 }
 
+/// What one client has left under one limit: the admin API's view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// The limit.
+    pub limit: LimitKind,
+    /// Its burst (`count`).
+    pub burst: u32,
+    /// Units a request could take now.
+    pub remaining: u32,
+    /// Time until one more unit is available (zero when the burst is full).
+    pub next_unit_in: Duration,
+    /// Time until the whole burst is available again.
+    pub full_in: Duration,
+}
+
+impl Budget {
+    /// The budget of a key whose GCRA state (its TAT after the last take)
+    /// lies `ahead` in the future; both stores keep the same state, so one
+    /// formula reads both. A request conforms while `TAT - now <= (burst -
+    /// 1) * interval`, hence `remaining = burst - ceil(ahead / interval)`.
+    pub fn from_ahead(limit: LimitKind, spec: LimitSpec, ahead: Duration) -> Self {
+        let interval = spec
+            .emission_interval()
+            .max(Duration::from_nanos(1))
+            .as_nanos();
+        let ahead_ns = ahead.as_nanos();
+        let spent = ahead_ns.div_ceil(interval);
+        let remaining = u128::from(spec.count).saturating_sub(spent);
+        let next_unit_in = if spent == 0 {
+            0
+        } else {
+            ahead_ns - (spent - 1) * interval
+        };
+        Budget {
+            limit,
+            burst: spec.count,
+            remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+            next_unit_in: Duration::from_nanos(u64::try_from(next_unit_in).unwrap_or(u64::MAX)),
+            full_in: ahead,
+        }
+    }
+}
+
 /// A refusal: which limit, and how long until a retry can pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limited {
@@ -429,6 +472,25 @@ impl RateLimiter {
             fallback_local: f[OnStoreError::Local as usize].load(Ordering::Relaxed),
             fallback_allow: f[OnStoreError::Allow as usize].load(Ordering::Relaxed),
             fallback_deny: f[OnStoreError::Deny as usize].load(Ordering::Relaxed),
+        }
+    }
+
+    /// The budget `key` has now under every configured limit (the
+    /// server-wide one shared by all), from the store decisions use (Redis, or memory); changes nothing.
+    pub async fn inspect(&self, key: ClientKey) -> Result<Vec<Budget>, redis::StoreError> {
+        match &self.inner.redis {
+            Some(redis) => redis.inspect(key).await,
+            None => Ok(self.inner.local.inspect(key)),
+        }
+    }
+
+    /// Forgets `key`'s per-client state in every store: the in-memory
+    /// limits (used alone, or as the fallback) and Redis.
+    pub async fn reset(&self, key: ClientKey) -> Result<(), redis::StoreError> {
+        self.inner.local.reset(key);
+        match &self.inner.redis {
+            Some(redis) => redis.reset(key).await,
+            None => Ok(()),
         }
     }
 

@@ -36,8 +36,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, RedisError, Script, ScriptInvocation};
 use tokio::sync::{Notify, RwLock};
 
-use super::{LimitKind, LimitSpecs};
+use super::{Budget, LimitKind, LimitSpecs};
 use crate::client_ip::ClientKey;
+use crate::config::LimitSpec;
 
 /// GCRA over several keys, all or nothing, on Redis' own clock
 /// (microseconds).
@@ -98,6 +99,18 @@ for i = 2, #KEYS do
   redis.call('SET', KEYS[i], string.format('%.0f', next_tats[i]), 'PX', math.ceil((next_tats[i] - now) / 1000))
 end
 return {1, 0, 0, now, epoch}
+";
+
+/// Reads GCRA state without changing it: Redis' `TIME`, then the stored
+/// TAT of every key (0 where there is none). Answers `{now, tat...}` in
+/// microseconds.
+const INSPECT_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local out = {tonumber(t[1]) * 1000000 + tonumber(t[2])}
+for i = 1, #KEYS do
+  out[i + 1] = tonumber(redis.call('GET', KEYS[i])) or 0
+end
+return out
 ";
 
 /// Refunds kept while Redis cannot take them; past this, new ones are
@@ -163,6 +176,7 @@ pub struct RedisStore {
 struct Shared {
     connection: RwLock<Option<Connection>>,
     script: Script,
+    inspect_script: Script,
     timeout: Duration,
     prefix: String,
     clock: RedisClock,
@@ -267,6 +281,7 @@ impl RedisStore {
         let shared = Arc::new(Shared {
             connection: RwLock::new(None),
             script: Script::new(GCRA_SCRIPT),
+            inspect_script: Script::new(INSPECT_SCRIPT),
             timeout,
             prefix: "mgk".to_owned(),
             clock: RedisClock {
@@ -436,6 +451,79 @@ impl RedisStore {
     /// Refunds dropped because the queue was full.
     pub fn dropped_refunds(&self) -> u64 {
         self.shared.refunds.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The budget `key` has now under every configured limit (the
+    /// server-wide one shared by all), read in one round trip within
+    /// `redis_timeout`; changes nothing.
+    pub async fn inspect(&self, key: ClientKey) -> Result<Vec<Budget>, StoreError> {
+        let limits: Vec<(LimitKind, LimitSpec)> = LimitKind::ALL
+            .iter()
+            .filter_map(|&kind| Some((kind, self.specs.get(kind)?)))
+            .collect();
+        if limits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = limits
+            .iter()
+            .map(|(kind, _)| self.shared.key(*kind, key))
+            .collect();
+        let answer: Vec<i64> = self
+            .run_script(&self.shared.inspect_script, &keys, &[] as &[u64])
+            .await?;
+        let Some((now, tats)) = answer.split_first() else {
+            return Err(StoreError::BadAnswer);
+        };
+        if tats.len() != limits.len() {
+            return Err(StoreError::BadAnswer);
+        }
+        Ok(limits
+            .iter()
+            .zip(tats)
+            .map(|((kind, spec), tat)| {
+                let ahead = u64::try_from(tat.saturating_sub(*now)).unwrap_or(0);
+                Budget::from_ahead(*kind, *spec, Duration::from_micros(ahead))
+            })
+            .collect())
+    }
+
+    /// Deletes `key`'s state under every per-client limit (configured or
+    /// not), within `redis_timeout`.
+    pub async fn reset(&self, key: ClientKey) -> Result<(), StoreError> {
+        let mut del = redis::cmd("DEL");
+        for kind in LimitKind::ALL.iter().filter(|kind| !kind.is_global()) {
+            del.arg(self.shared.key(*kind, key));
+        }
+        let shared = &self.shared;
+        tokio::time::timeout(shared.timeout, shared.send::<i64>(&Request::Command(&del)))
+            .await
+            .map_err(|_| StoreError::Timeout(shared.timeout))?
+            .map(drop)
+    }
+
+    /// Runs one of the gate's other scripts (bans, the lockdown) within
+    /// `redis_timeout` on this store's connection; a dead connection is
+    /// retried once.
+    pub(crate) async fn run_script<T: FromRedisValue, A: redis::ToRedisArgs>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[A],
+    ) -> Result<T, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let shared = &self.shared;
+        tokio::time::timeout(
+            shared.timeout,
+            shared.send::<T>(&Request::Script(&invocation)),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(shared.timeout))?
     }
 
     /// Runs another of the gate's scripts on this store's connection within

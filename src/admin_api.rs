@@ -1,0 +1,643 @@
+//! The admin API (`/v1/…` on the admin listener): what a client has left
+//! of its limits and resetting them, temporary bans, and closing or
+//! reopening registration by hand.
+//!
+//! It is on only with `[admin] token_file`; otherwise its paths answer 404
+//! like any unknown path. Every request needs `Authorization: Bearer
+//! <token>`, compared in constant time. Every change (each `POST` and
+//! `DELETE`) and every refused token is one audit line (target
+//! `matrix_gatekeeper::audit`, message "admin action"); the token is never
+//! logged.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::client_ip::IpNet;
+use crate::config::HumanDuration;
+use crate::error::{json_response, MatrixError};
+use crate::gate::RegistrationGateLayer;
+use crate::ratelimit::Budget;
+
+/// The path prefix of the API.
+pub const PREFIX: &str = "/v1/";
+
+/// Largest request body, in bytes.
+const MAX_BODY: usize = 16 * 1024;
+
+/// Time allowed to send a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A manual lockdown without a duration, when no `lockdown` is configured.
+const DEFAULT_LOCKDOWN: Duration = Duration::from_secs(3600);
+
+/// Longest ban or manual lockdown accepted.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// The bearer token in force, swapped on reload; `None`: the API is off.
+#[derive(Debug, Clone, Default)]
+pub struct AdminToken(Arc<ArcSwapOption<Vec<u8>>>);
+
+impl AdminToken {
+    /// A holder for `token`.
+    pub fn new(token: Option<Vec<u8>>) -> Self {
+        AdminToken(Arc::new(ArcSwapOption::from(token.map(Arc::new))))
+    }
+
+    /// Replaces the token (a reload).
+    pub fn set(&self, token: Option<Vec<u8>>) {
+        self.0.store(token.map(Arc::new));
+    }
+
+    /// Whether the API is on.
+    pub fn is_set(&self) -> bool {
+        self.0.load().is_some()
+    }
+
+    /// Whether `presented` is the token, in time that does not depend on
+    /// where the two differ.
+    fn matches(&self, presented: &[u8]) -> bool {
+        let current = self.0.load();
+        let Some(expected) = current.as_deref() else {
+            return false;
+        };
+        constant_time_eq(expected, presented)
+    }
+}
+
+/// Compares every byte of the longer input, whatever differs first.
+fn constant_time_eq(expected: &[u8], presented: &[u8]) -> bool {
+    let mut difference = u8::from(expected.len() != presented.len());
+    for i in 0..expected.len().max(presented.len()) {
+        let a = expected.get(i).copied().unwrap_or(0);
+        let b = presented.get(i).copied().unwrap_or(0xff);
+        difference |= a ^ b;
+    }
+    difference == 0
+}
+
+/// What the API works on.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    /// The gate (limits, bans, lockdown, client keys).
+    pub gate: RegistrationGateLayer,
+    /// The bearer token.
+    pub token: AdminToken,
+}
+
+/// The outcome of one admin request: the answer and, for a change or a
+/// refused token, what the audit line says.
+struct Handled {
+    response: Response<Full<Bytes>>,
+    action: Option<&'static str>,
+    subject: String,
+    outcome: &'static str,
+}
+
+impl Handled {
+    fn read(response: Response<Full<Bytes>>) -> Self {
+        Handled {
+            response,
+            action: None,
+            subject: String::new(),
+            outcome: "",
+        }
+    }
+
+    fn change(
+        action: &'static str,
+        subject: impl Into<String>,
+        outcome: &'static str,
+        response: Response<Full<Bytes>>,
+    ) -> Self {
+        Handled {
+            response,
+            action: Some(action),
+            subject: subject.into(),
+            outcome,
+        }
+    }
+}
+
+impl AdminApi {
+    /// Answers a request under [`PREFIX`]; `None` when the API is off (the
+    /// caller answers 404 as for any unknown path).
+    pub async fn answer<B>(&self, request: Request<B>) -> Option<Response<Full<Bytes>>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<crate::gate::BoxError>,
+    {
+        if !self.token.is_set() {
+            return None;
+        }
+        let path = request.uri().path().to_owned();
+        let handled = match bearer(request.headers()) {
+            None => Handled::change(
+                "authenticate",
+                safe_text(&path),
+                "missing_token",
+                unauthorized("M_MISSING_TOKEN", "An admin token is needed."),
+            ),
+            Some(token) if !self.token.matches(token) => Handled::change(
+                "authenticate",
+                safe_text(&path),
+                "wrong_token",
+                unauthorized("M_UNKNOWN_TOKEN", "The admin token is not valid."),
+            ),
+            Some(_) => self.route(request).await,
+        };
+        if let Some(action) = handled.action {
+            tracing::info!(
+                target: "matrix_gatekeeper::audit",
+                action,
+                subject = handled.subject.as_str(),
+                outcome = handled.outcome,
+                status = handled.response.status().as_u16(),
+                "admin action"
+            );
+        }
+        Some(handled.response)
+    }
+
+    async fn route<B>(&self, request: Request<B>) -> Handled
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<crate::gate::BoxError>,
+    {
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let segments: Vec<&str> = path.trim_start_matches(PREFIX).split('/').collect();
+        match segments.as_slice() {
+            ["clients", address] => match method {
+                Method::GET | Method::HEAD => Handled::read(self.inspect(address).await),
+                _ => Handled::read(wrong_method("GET")),
+            },
+            ["clients", address, "limits"] => match method {
+                Method::DELETE => self.reset(address).await,
+                _ => Handled::read(wrong_method("DELETE")),
+            },
+            ["bans"] => match method {
+                Method::GET | Method::HEAD => Handled::read(self.list_bans()),
+                Method::POST => self.add_ban(request.into_body()).await,
+                _ => Handled::read(wrong_method("GET, POST")),
+            },
+            ["bans", cidr] => match method {
+                Method::DELETE => self.lift_ban(cidr).await,
+                _ => Handled::read(wrong_method("DELETE")),
+            },
+            ["lockdown"] => match method {
+                Method::GET | Method::HEAD => Handled::read(self.lockdown_state()),
+                Method::POST => self.close(request.into_body()).await,
+                Method::DELETE => self.reopen().await,
+                _ => Handled::read(wrong_method("GET, POST, DELETE")),
+            },
+            _ => Handled::read(MatrixError::not_found().into_response()),
+        }
+    }
+
+    async fn inspect(&self, address: &str) -> Response<Full<Bytes>> {
+        let ip = match parse_address(address) {
+            Ok(ip) => ip,
+            Err(error) => return error.into_response(),
+        };
+        let key = self.gate.client_key(ip);
+        let limiter = self.gate.limiter();
+        let budgets = match limiter.inspect(key).await {
+            Ok(budgets) => budgets,
+            Err(error) => return store_failed(&error.to_string()),
+        };
+        let limits: serde_json::Map<String, Value> = budgets
+            .iter()
+            .map(|budget| (budget.limit.name().to_owned(), budget_json(budget)))
+            .collect();
+        let ban = self.gate.bans().find(ip).map(|ban| {
+            json!({
+                "cidr": ban.network.to_string(),
+                "remaining_ms": millis(ban.remaining()),
+                "reason": ban.reason,
+            })
+        });
+        ok(json!({
+            "address": ip.to_string(),
+            "key": key.to_string(),
+            "store": if limiter.uses_redis() { "redis" } else { "memory" },
+            "limits": limits,
+            "temporary_ban": ban,
+        }))
+    }
+
+    async fn reset(&self, address: &str) -> Handled {
+        let subject = safe_text(address);
+        let ip = match parse_address(address) {
+            Ok(ip) => ip,
+            Err(error) => {
+                return Handled::change("reset_limits", subject, "invalid", error.into_response())
+            }
+        };
+        let key = self.gate.client_key(ip);
+        match self.gate.limiter().reset(key).await {
+            Ok(()) => Handled::change(
+                "reset_limits",
+                key.to_string(),
+                "done",
+                ok(json!({ "address": ip.to_string(), "key": key.to_string(), "reset": true })),
+            ),
+            Err(error) => Handled::change(
+                "reset_limits",
+                key.to_string(),
+                "store_error",
+                store_failed(&error.to_string()),
+            ),
+        }
+    }
+
+    fn list_bans(&self) -> Response<Full<Bytes>> {
+        let bans: Vec<Value> = self
+            .gate
+            .bans()
+            .list()
+            .iter()
+            .map(|ban| {
+                json!({
+                    "cidr": ban.network.to_string(),
+                    "remaining_ms": millis(ban.remaining()),
+                    "reason": ban.reason,
+                })
+            })
+            .collect();
+        ok(json!({ "bans": bans }))
+    }
+
+    async fn add_ban<B>(&self, body: B) -> Handled
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<crate::gate::BoxError>,
+    {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct NewBan {
+            cidr: String,
+            duration: String,
+            #[serde(default)]
+            reason: String,
+        }
+        let new: NewBan = match read_json(body).await {
+            Ok(Some(new)) => new,
+            Ok(None) => {
+                return Handled::change(
+                    "ban",
+                    "-",
+                    "invalid",
+                    MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", "A body is needed.")
+                        .into_response(),
+                )
+            }
+            Err(error) => return Handled::change("ban", "-", "invalid", error.into_response()),
+        };
+        let subject = safe_text(&new.cidr);
+        let network = match parse_network(&new.cidr) {
+            Ok(network) => network,
+            Err(error) => return Handled::change("ban", subject, "invalid", error.into_response()),
+        };
+        let duration = match parse_duration(&new.duration) {
+            Ok(duration) => duration,
+            Err(error) => return Handled::change("ban", subject, "invalid", error.into_response()),
+        };
+        let subject = network.to_string();
+        match self.gate.bans().add(network, duration, &new.reason).await {
+            Ok(()) => Handled::change(
+                "ban",
+                subject.clone(),
+                "done",
+                ok(json!({
+                    "cidr": subject,
+                    "duration": HumanDuration(duration).to_string(),
+                    "reason": safe_text(&new.reason),
+                })),
+            ),
+            Err(error) => Handled::change(
+                "ban",
+                subject,
+                "store_error",
+                store_failed(&error.to_string()),
+            ),
+        }
+    }
+
+    async fn lift_ban(&self, cidr: &str) -> Handled {
+        let Some(decoded) = percent_decode(cidr) else {
+            return Handled::change(
+                "lift_ban",
+                safe_text(cidr),
+                "invalid",
+                invalid_param("The network is not validly escaped.").into_response(),
+            );
+        };
+        let network = match parse_network(&decoded) {
+            Ok(network) => network,
+            Err(error) => {
+                return Handled::change(
+                    "lift_ban",
+                    safe_text(&decoded),
+                    "invalid",
+                    error.into_response(),
+                )
+            }
+        };
+        let subject = network.to_string();
+        match self.gate.bans().remove(network).await {
+            Ok(true) => Handled::change(
+                "lift_ban",
+                subject.clone(),
+                "done",
+                ok(json!({ "cidr": subject, "lifted": true })),
+            ),
+            Ok(false) => Handled::change(
+                "lift_ban",
+                subject,
+                "not_found",
+                MatrixError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "No such ban.")
+                    .into_response(),
+            ),
+            Err(error) => Handled::change(
+                "lift_ban",
+                subject,
+                "store_error",
+                store_failed(&error.to_string()),
+            ),
+        }
+    }
+
+    fn lockdown_state(&self) -> Response<Full<Bytes>> {
+        let remaining = self.gate.lockdown().closed_for();
+        ok(json!({
+            "closed": remaining.is_some(),
+            "remaining_ms": remaining.map(millis),
+        }))
+    }
+
+    async fn close<B>(&self, body: B) -> Handled
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<crate::gate::BoxError>,
+    {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Close {
+            duration: Option<String>,
+        }
+        let lockdown = self.gate.lockdown();
+        let close: Option<Close> = match read_json(body).await {
+            Ok(close) => close,
+            Err(error) => {
+                return Handled::change("close_registration", "-", "invalid", error.into_response())
+            }
+        };
+        let duration = match close.and_then(|c| c.duration) {
+            Some(text) => match parse_duration(&text) {
+                Ok(duration) => duration,
+                Err(error) => {
+                    return Handled::change(
+                        "close_registration",
+                        "-",
+                        "invalid",
+                        error.into_response(),
+                    )
+                }
+            },
+            None => lockdown
+                .spec()
+                .map_or(DEFAULT_LOCKDOWN, |spec| spec.close_for.0),
+        };
+        let subject = HumanDuration(duration).to_string();
+        match lockdown.close_by_hand(duration).await {
+            Ok(remaining) => Handled::change(
+                "close_registration",
+                subject,
+                "done",
+                ok(json!({ "closed": true, "remaining_ms": millis(remaining) })),
+            ),
+            Err(error) => Handled::change(
+                "close_registration",
+                subject,
+                "store_error",
+                store_failed(&error.to_string()),
+            ),
+        }
+    }
+
+    async fn reopen(&self) -> Handled {
+        match self.gate.lockdown().reopen_by_hand().await {
+            Ok(()) => Handled::change(
+                "reopen_registration",
+                "-",
+                "done",
+                ok(json!({ "closed": false })),
+            ),
+            Err(error) => Handled::change(
+                "reopen_registration",
+                "-",
+                "store_error",
+                store_failed(&error.to_string()),
+            ),
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer …` header.
+fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let (scheme, token) = value.split_at(value.iter().position(|b| *b == b' ')?);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| token.trim_ascii())
+}
+
+/// Reads a JSON body, at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`].
+/// An empty body is `None`.
+async fn read_json<T, B>(body: B) -> Result<Option<T>, MatrixError>
+where
+    T: serde::de::DeserializeOwned,
+    B: Body<Data = Bytes>,
+    B::Error: Into<crate::gate::BoxError>,
+{
+    let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect())
+        .await
+        .map_err(|_| MatrixError::request_timeout())?
+        .map_err(|error| {
+            MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_BAD_JSON",
+                format!("The body could not be read (at most {MAX_BODY} bytes): {error}"),
+            )
+        })?
+        .to_bytes();
+    if collected.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_slice(&collected).map_err(|_| {
+        MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+            "The body is not JSON.",
+        )
+    })?;
+    serde_json::from_value(value).map(Some).map_err(|error| {
+        MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            format!("The body is not as expected: {error}"),
+        )
+    })
+}
+
+fn parse_address(text: &str) -> Result<IpAddr, MatrixError> {
+    let decoded =
+        percent_decode(text).ok_or_else(|| invalid_param("The address is not validly escaped."))?;
+    decoded
+        .trim()
+        .parse::<IpAddr>()
+        .map(|ip| ip.to_canonical())
+        .map_err(|_| {
+            invalid_param(format!(
+                "Expected an IP address such as 203.0.113.7, got \"{}\".",
+                safe_text(&decoded)
+            ))
+        })
+}
+
+fn parse_network(text: &str) -> Result<IpNet, MatrixError> {
+    text.parse::<IpNet>()
+        .map_err(|error| invalid_param(format!("cidr: {}", safe_text(&error))))
+}
+
+fn parse_duration(text: &str) -> Result<Duration, MatrixError> {
+    let duration = HumanDuration::parse(text)
+        .map_err(|error| invalid_param(format!("duration: {}", safe_text(&error))))?
+        .0;
+    if duration.is_zero() || duration > MAX_DURATION {
+        return Err(invalid_param(
+            "duration: must be more than zero and at most 365d",
+        ));
+    }
+    Ok(duration)
+}
+
+/// `%XX` escapes decoded; `None` for a bad escape or non-UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Operator- or client-chosen text made safe for an answer or a log line:
+/// control characters escaped, at most 200 characters.
+fn safe_text(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(200)
+        .flat_map(char::escape_debug)
+        .collect();
+    if text.chars().nth(200).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+fn budget_json(budget: &Budget) -> Value {
+    json!({
+        "burst": budget.burst,
+        "remaining": budget.remaining,
+        "next_unit_in_ms": millis(budget.next_unit_in),
+        "full_in_ms": millis(budget.full_in),
+    })
+}
+
+/// Whole milliseconds, rounded up, so a wait is never shown as 0 early.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
+}
+
+fn ok(value: Value) -> Response<Full<Bytes>> {
+    json_response(StatusCode::OK, Bytes::from(value.to_string()))
+}
+
+fn invalid_param(error: impl Into<String>) -> MatrixError {
+    MatrixError::invalid_param(error)
+}
+
+fn unauthorized(errcode: &'static str, error: &str) -> Response<Full<Bytes>> {
+    let mut response = MatrixError::new(StatusCode::UNAUTHORIZED, errcode, error).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+fn wrong_method(allow: &'static str) -> Response<Full<Bytes>> {
+    MatrixError::method_not_allowed(allow).into_response()
+}
+
+fn store_failed(error: &str) -> Response<Full<Bytes>> {
+    MatrixError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "M_UNKNOWN",
+        format!("The shared store did not answer: {error}"),
+    )
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        assert!(constant_time_eq(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcdeg"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcdef0"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b""));
+    }
+
+    #[test]
+    fn escapes_decode_and_bad_ones_are_refused() {
+        assert_eq!(
+            percent_decode("203.0.113.0%2F24").unwrap(),
+            "203.0.113.0/24"
+        );
+        assert_eq!(percent_decode("2001%3adb8%3A%3A1").unwrap(), "2001:db8::1");
+        assert!(percent_decode("%2").is_none());
+        assert!(percent_decode("%zz").is_none());
+        assert!(percent_decode("%ff").is_none());
+    }
+
+    #[test]
+    fn bearer_takes_the_scheme_in_any_case() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "bearer abc".parse().unwrap());
+        assert_eq!(bearer(&headers), Some(&b"abc"[..]));
+        headers.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&headers), None);
+    }
+}
