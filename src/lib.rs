@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod client_ip;
 pub mod config;
+pub mod dnsbl;
 pub mod error;
 pub mod explain;
 mod fast_path;

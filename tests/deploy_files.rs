@@ -645,6 +645,7 @@ const AUDIT_SAMPLE: &str = r#"2026-12-01T00:43:19.707584Z  INFO matrix_gatekeepe
 2026-12-01T00:43:20.100001Z  INFO matrix_gatekeeper::audit: registration decision route="register" client="198.51.100.5" key=198.51.100.5 user_agent="x\" client=\"192.0.2.66\" decision=\"refused\" rule=\"reserved\" upstream_status=0" kind="user" username="bob" decision="allowed" rule="-" upstream_status=200
 2026-12-01T00:43:20.200001Z  INFO matrix_gatekeeper::audit: registration decision route="register" client="198.51.100.6" key=198.51.100.6 user_agent="curl/8.5.0" kind="user" username="admin" decision="would_refuse" rule="reserved" upstream_status=200
 2026-12-01T00:43:20.300001Z  INFO matrix_gatekeeper::audit: registration decision route="available" client="192.0.2.8" key=192.0.2.8 user_agent="curl/8.5.0" username="root" decision="refused" rule="reserved" upstream_status=0
+2026-12-01T00:43:20.400001Z  INFO matrix_gatekeeper::audit: registration decision route="register" client="192.0.2.77" key=192.0.2.77 user_agent="curl/8.5.0" kind="user" username="-" decision="refused" rule="dnsbl" upstream_status=0 dnsbl_zone="dnsbl.example.net"
 "#;
 
 /// The filter bans exactly the clients of refused and rate-limited
@@ -667,7 +668,11 @@ fn fail2ban_filter_matches_refusals_and_limits_by_client_address() {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    assert_eq!(banned, ["203.0.113.9", "2001:db8::7", "192.0.2.8"], "{out}");
+    assert_eq!(
+        banned,
+        ["203.0.113.9", "2001:db8::7", "192.0.2.8", "192.0.2.77"],
+        "{out}"
+    );
     let jail = read(&deploy_dir().join("fail2ban/matrix-gatekeeper.jail.local"));
     assert!(jail.contains("[matrix-gatekeeper]") && jail.contains("filter    = matrix-gatekeeper"));
 }

@@ -76,7 +76,8 @@ pub use policy::{Forward, HeadDecision, Policy, Refusal, RequestedName};
 pub use routes::GuardedRoute;
 
 use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
-use crate::config::{Config, GateMode};
+use crate::config::{Config, GateMode, OnDnsblError};
+use crate::dnsbl::{Dnsbl, DnsblCache, Verdict};
 use crate::error::MatrixError;
 use crate::lockdown::{Lockdown, CLOSED_MESSAGE};
 use crate::notify::Notifier;
@@ -126,11 +127,23 @@ struct GateState {
     limiter: RateLimiter,
     lockdown: Lockdown,
     mode: GateMode,
+    /// DNSBL lookups (`None`: no zone configured).
+    dnsbl: Option<Dnsbl>,
+    /// Their answers, kept across reloads (keyed by zone, so a changed zone
+    /// list reuses nothing it should not).
+    dnsbl_cache: Arc<DnsblCache>,
 }
 
 impl GateState {
-    fn new(config: &Config, limiter: RateLimiter, lockdown: Lockdown) -> Self {
+    fn new(
+        config: &Config,
+        limiter: RateLimiter,
+        lockdown: Lockdown,
+        dnsbl_cache: Arc<DnsblCache>,
+    ) -> Self {
         GateState {
+            dnsbl: Dnsbl::new(&config.reputation, dnsbl_cache.clone()),
+            dnsbl_cache,
             policy: Policy::new(config),
             body_timeout: config.server.body_timeout.0,
             resolver: config.client_ip.resolver(),
@@ -175,7 +188,10 @@ impl RegistrationGateLayer {
         let lockdown = Lockdown::new(config.registration.lockdown, &limiter, notifier.clone());
         RegistrationGateLayer {
             state: Arc::new(ArcSwap::from_pointee(GateState::new(
-                config, limiter, lockdown,
+                config,
+                limiter,
+                lockdown,
+                Arc::default(),
             ))),
             metrics,
             notifier,
@@ -191,8 +207,13 @@ impl RegistrationGateLayer {
         let lockdown = old
             .lockdown
             .reconfigure(config.registration.lockdown, &limiter);
-        self.state
-            .store(Arc::new(GateState::new(config, limiter, lockdown)));
+        let dnsbl_cache = old.dnsbl_cache.clone();
+        self.state.store(Arc::new(GateState::new(
+            config,
+            limiter,
+            lockdown,
+            dnsbl_cache,
+        )));
     }
 
     /// The registration lockdown the gate uses now.
@@ -321,6 +342,8 @@ struct Audit {
     outcome: Outcome,
     rule: &'static str,
     status: Option<u16>,
+    /// The DNSBL zone that listed the client, or could not be asked.
+    dnsbl_zone: Option<Arc<str>>,
 }
 
 /// Longest client-chosen text (a username, a user agent) an audit line
@@ -373,6 +396,7 @@ impl Audit {
             decision = self.outcome.as_str(),
             rule = self.rule,
             upstream_status = self.status.unwrap_or(0),
+            dnsbl_zone = self.dnsbl_zone.as_deref(),
             "registration decision"
         );
     }
@@ -459,6 +483,7 @@ where
         outcome: Outcome::Allowed,
         rule: "",
         status: None,
+        dnsbl_zone: None,
     };
     let mut body = Some(body);
     let mut read: Option<Bytes> = None;
@@ -514,7 +539,7 @@ where
     Ok(mark(result?.map(Either::Left), outcome))
 }
 
-/// Runs every check of a guarded request, in order: bans, the route's
+/// Runs every check of a guarded request, in order: bans, DNSBL listings, the route's
 /// per-client limit, the policy on method/path/query, the guest limit, the
 /// body, and the registration reservation.
 async fn decide<B>(
@@ -535,6 +560,9 @@ where
     policy
         .client(audit.client, audit.user_agent.as_deref())
         .map_err(Stop::Refuse)?;
+    if let (Some(dnsbl), Some(client)) = (&state.dnsbl, audit.client) {
+        check_dnsbl(dnsbl, client, audit).await?;
+    }
     if is_registration(route, &parts.method) && state.lockdown.is_closed().await {
         return Err(Stop::Refuse(Refusal::new(
             "lockdown",
@@ -605,6 +633,37 @@ where
         None
     };
     Ok((forward, permit))
+}
+
+/// Refuses a client a DNSBL lists (`dnsbl`), or one whose lookup failed
+/// when `on_dnsbl_error = "deny"` (`dnsbl_error`), naming the zone in the
+/// audit line.
+async fn check_dnsbl(dnsbl: &Dnsbl, client: IpAddr, audit: &mut Audit) -> Result<(), Stop> {
+    match dnsbl.check(client).await {
+        Verdict::Clean => Ok(()),
+        Verdict::Listed(zone) => {
+            audit.dnsbl_zone = Some(zone);
+            Err(Stop::Refuse(Refusal::new(
+                "dnsbl",
+                MatrixError::forbidden("Registration is not available from your network."),
+            )))
+        }
+        Verdict::Failed(zone, error) => {
+            tracing::debug!(%client, %zone, %error, "DNSBL lookup failed");
+            match dnsbl.on_error() {
+                OnDnsblError::Allow => Ok(()),
+                OnDnsblError::Deny => {
+                    audit.dnsbl_zone = Some(zone);
+                    Err(Stop::Refuse(Refusal::new(
+                        "dnsbl_error",
+                        MatrixError::forbidden(
+                            "Registration is not available right now: the address check failed.",
+                        ),
+                    )))
+                }
+            }
+        }
+    }
 }
 
 /// Whether the request is a `POST …/register` (user or guest).

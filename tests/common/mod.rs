@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns_responder;
 pub mod redis_server;
 
 use std::convert::Infallible;
