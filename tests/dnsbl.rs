@@ -246,5 +246,49 @@ async fn pass_through_from_a_listed_address_asks_nothing() {
     }
     assert_eq!(hs.requests().len(), 2);
     assert!(dns.queries().is_empty(), "{:?}", dns.queries());
+    // The same address on a guarded route is checked (and refused at once:
+    // the first zone lists it, so the silent one is not waited for).
+    register_from(&gate, "192.0.2.66")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    assert_eq!(dns.count("66.2.0.192.listed.test"), 1);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_applies_new_zones_and_keeps_the_cache() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
+    let dir = std::env::temp_dir().join(format!("mgk-dnsbl-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gatekeeper.toml");
+    let file = |zones: &str| {
+        format!(
+            "[upstream]\nurl = \"{}\"\n[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+             [reputation]\ndnsbl = [{zones}]\ndns_server = \"{}\"\n",
+            hs.url(),
+            dns.addr
+        )
+    };
+    std::fs::write(&path, file("\"clean.test\"")).unwrap();
+    audit_log();
+    let config = matrix_gatekeeper::Config::from_file(&path).unwrap();
+    let gate = Gate::start_full(config, false, Some(path.clone())).await;
+    assert_eq!(register_from(&gate, "192.0.2.66").await.status, 200);
+
+    std::fs::write(&path, file("\"clean.test\", \"listed.test\"")).unwrap();
+    gate.reloader.reload().unwrap();
+    register_from(&gate, "192.0.2.66")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    // clean.test's answer came from the cache kept across the reload.
+    assert_eq!(dns.count("66.2.0.192.clean.test"), 1);
+    assert_eq!(dns.count("66.2.0.192.listed.test"), 1);
+
+    std::fs::write(&path, file("")).unwrap();
+    gate.reloader.reload().unwrap();
+    assert_eq!(register_from(&gate, "192.0.2.66").await.status, 200);
+    assert_eq!(dns.queries().len(), 2, "no zone, no query");
+    let _ = std::fs::remove_dir_all(&dir);
     gate.shutdown().await;
 }
