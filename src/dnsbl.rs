@@ -762,6 +762,49 @@ mod tests {
         ));
     }
 
+    /// A responder on loopback answering every question NXDOMAIN (no SOA);
+    /// returns its address and its query count.
+    async fn nxdomain_responder() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            let mut buffer = [0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buffer).await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let reply = answer(&buffer[..n], RCODE_NXDOMAIN, &[], None);
+                let _ = socket.send_to(&reply, from).await;
+            }
+        });
+        (addr, count)
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_of_one_address_share_one_query() {
+        let (server, count) = nxdomain_responder().await;
+        let config = Config::from_toml(&format!(
+            "[reputation]\ndnsbl = [\"z.test\"]\ndns_server = \"{server}\"\ndnsbl_timeout = \"10s\"\n"
+        ))
+        .unwrap();
+        let dnsbl = Dnsbl::new(&config.reputation, Arc::default()).unwrap();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        // The first check starts the query before it first waits; the
+        // others find it in flight.
+        let verdicts = tokio::join!(dnsbl.check(ip), dnsbl.check(ip), dnsbl.check(ip));
+        assert_eq!(verdicts, (Verdict::Clean, Verdict::Clean, Verdict::Clean));
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Then the cached answer (60 s without an SOA) serves.
+        assert_eq!(dnsbl.check(ip).await, Verdict::Clean);
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(dnsbl.cache.lock().in_flight.is_empty());
+    }
+
+    #[test]
+    fn no_zone_means_no_checker() {
+        assert!(Dnsbl::new(&ReputationConfig::default(), Arc::default()).is_none());
+    }
+
     #[test]
     fn the_cache_is_bounded_and_evicts_the_oldest() {
         let cache = DnsblCache::with_capacity(3);
