@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::dns_responder::DnsResponder;
-use common::{send, Answer, FakeHomeserver, Gate};
+use common::{get, send, Answer, FakeHomeserver, Gate};
 use http::Method;
+use matrix_gatekeeper::Config;
 
 const REGISTER: &str = "/_matrix/client/v3/register";
 const BODY: &str = r#"{"username":"alice","password":"a long password"}"#;
@@ -56,18 +57,20 @@ fn audit_lines(client: &str) -> Vec<String> {
 /// A gate trusting loopback's `X-Forwarded-For`, asking `zones` at the
 /// responder.
 async fn gate(hs: &FakeHomeserver, dns: &DnsResponder, zones: &[&str], extra: &str) -> Gate {
+    Gate::start_with(config(hs, dns, zones, extra)).await
+}
+
+fn config(hs: &FakeHomeserver, dns: &DnsResponder, zones: &[&str], extra: &str) -> Config {
     audit_log();
     let zones: Vec<String> = zones.iter().map(|z| format!("\"{z}\"")).collect();
-    Gate::start(
-        &hs.url(),
-        &format!(
-            "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
-             [reputation]\ndnsbl = [{}]\ndns_server = \"{}\"\n{extra}",
-            zones.join(", "),
-            dns.addr
-        ),
-    )
-    .await
+    Config::from_toml(&format!(
+        "[upstream]\nurl = \"{}\"\n[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+         [reputation]\ndnsbl = [{}]\ndns_server = \"{}\"\n{extra}",
+        hs.url(),
+        zones.join(", "),
+        dns.addr
+    ))
+    .expect("test config is valid")
 }
 
 /// A registration from `client`, bounded so that a hang fails the test
@@ -200,6 +203,29 @@ async fn servfail_follows_on_dnsbl_error() {
 }
 
 #[tokio::test]
+async fn failed_checks_are_counted_even_when_allowed() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
+    let config = config(&hs, &dns, &["listed.test", "servfail.test"], "");
+    let gate = Gate::start_full(config, true, None).await;
+    let errors = || async {
+        let text = String::from_utf8(get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("gatekeeper_dnsbl_errors_total "))
+            .map(str::to_owned)
+    };
+    assert_eq!(errors().await.as_deref(), Some("0"));
+    assert_eq!(register_from(&gate, "192.0.2.50").await.status, 200);
+    assert_eq!(errors().await.as_deref(), Some("1"));
+    // A listing decides even when another zone fails: not an error.
+    register_from(&gate, "192.0.2.66")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    assert_eq!(errors().await.as_deref(), Some("1"));
+    gate.shutdown().await;
+}
+
+#[tokio::test]
 async fn answers_are_cached_per_address_for_their_ttl() {
     let hs = FakeHomeserver::start().await;
     let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
@@ -272,7 +298,7 @@ async fn a_reload_applies_new_zones_and_keeps_the_cache() {
     };
     std::fs::write(&path, file("\"clean.test\"")).unwrap();
     audit_log();
-    let config = matrix_gatekeeper::Config::from_file(&path).unwrap();
+    let config = Config::from_file(&path).unwrap();
     let gate = Gate::start_full(config, false, Some(path.clone())).await;
     assert_eq!(register_from(&gate, "192.0.2.66").await.status, 200);
 

@@ -342,8 +342,10 @@ struct Audit {
     outcome: Outcome,
     rule: &'static str,
     status: Option<u16>,
-    /// The DNSBL zone that listed the client, or could not be asked.
+    /// The DNSBL zone behind a `dnsbl` or `dnsbl_error` refusal.
     dnsbl_zone: Option<Arc<str>>,
+    /// Whether a DNSBL check failed (counted even when allowed).
+    dnsbl_failed: bool,
 }
 
 /// Longest client-chosen text (a username, a user agent) an audit line
@@ -374,6 +376,9 @@ fn audit_text(text: &str) -> String {
 impl Audit {
     fn emit(&self, metrics: &Metrics) {
         metrics.decision(self.route.name(), self.outcome, self.rule);
+        if self.dnsbl_failed {
+            metrics.dnsbl_error();
+        }
         let mapped = self
             .username
             .as_ref()
@@ -484,6 +489,7 @@ where
         rule: "",
         status: None,
         dnsbl_zone: None,
+        dnsbl_failed: false,
     };
     let mut body = Some(body);
     let mut read: Option<Bytes> = None;
@@ -539,9 +545,9 @@ where
     Ok(mark(result?.map(Either::Left), outcome))
 }
 
-/// Runs every check of a guarded request, in order: bans, DNSBL listings, the route's
-/// per-client limit, the policy on method/path/query, the guest limit, the
-/// body, and the registration reservation.
+/// Runs every check of a guarded request, in order: bans, DNSBL listings,
+/// the route's per-client limit, the policy on method/path/query, the guest
+/// limit, the body, and the registration reservation.
 async fn decide<B>(
     state: &GateState,
     route: GuardedRoute,
@@ -650,6 +656,7 @@ async fn check_dnsbl(dnsbl: &Dnsbl, client: IpAddr, audit: &mut Audit) -> Result
         }
         Verdict::Failed(zone, error) => {
             tracing::debug!(%client, %zone, %error, "DNSBL lookup failed");
+            audit.dnsbl_failed = true;
             match dnsbl.on_error() {
                 OnDnsblError::Allow => Ok(()),
                 OnDnsblError::Deny => {
