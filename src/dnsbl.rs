@@ -19,8 +19,9 @@
 //! address share one query. Errors are not cached.
 //!
 //! The client is a minimal one written for this single question: one UDP
-//! packet out, one in (a DNSBL answer always fits). It sends a random query
-//! ID from a fresh socket (a random source port) and accepts only an
+//! packet out, one in (a DNSBL answer always fits), the packet sent once
+//! more halfway through the timeout if no answer came. It sends a random
+//! query ID from a fresh socket (a random source port) and accepts only an
 //! answer with the same ID and question.
 
 use std::collections::{HashMap, VecDeque};
@@ -228,7 +229,10 @@ impl Dnsbl {
         // A task of its own, bounded by the deadline: the answer is shared
         // and cached even if the request that asked first goes away.
         tokio::spawn(async move {
-            let result = match tokio::time::timeout_at(deadline, query(server, &name)).await {
+            // Resent once halfway: UDP may lose the query or its answer.
+            let resend_at = Instant::now() + deadline.saturating_duration_since(Instant::now()) / 2;
+            let asked = query(server, &name, resend_at);
+            let result = match tokio::time::timeout_at(deadline, asked).await {
                 Ok(result) => result,
                 Err(_) => Err(LookupError::Timeout),
             };
@@ -356,8 +360,14 @@ const CLASS_IN: u16 = 1;
 const RCODE_NXDOMAIN: u8 = 3;
 
 /// Sends one `A` question for `name` to `server` and reads the answer:
-/// the listing and how long it may be cached.
-pub async fn query(server: SocketAddr, name: &str) -> Result<(Listing, Duration), LookupError> {
+/// the listing and how long it may be cached. Without an answer by
+/// `resend_at` the same packet is sent once more; the caller bounds the
+/// whole wait.
+pub async fn query(
+    server: SocketAddr,
+    name: &str,
+    resend_at: Instant,
+) -> Result<(Listing, Duration), LookupError> {
     let id = random_id()?;
     let packet = encode_query(id, name)?;
     let local: SocketAddr = match server {
@@ -370,8 +380,17 @@ pub async fn query(server: SocketAddr, name: &str) -> Result<(Listing, Duration)
     socket.connect(server).await.map_err(io)?;
     socket.send(&packet).await.map_err(io)?;
     let mut buffer = [0u8; 1232];
+    let mut resent = false;
     loop {
-        let n = socket.recv(&mut buffer).await.map_err(io)?;
+        let received = tokio::select! {
+            received = socket.recv(&mut buffer) => received,
+            _ = tokio::time::sleep_until(resend_at), if !resent => {
+                resent = true;
+                socket.send(&packet).await.map_err(io)?;
+                continue;
+            }
+        };
+        let n = received.map_err(io)?;
         // Stray or spoofed datagrams (another ID, another question) are
         // ignored; the caller's deadline bounds the wait.
         if let Some(answer) = decode_answer(id, name, &buffer[..n]) {

@@ -152,7 +152,13 @@ async fn a_silent_zone_with_allow_lets_the_request_pass_after_the_timeout() {
     let answer = register_from(&gate, "192.0.2.20").await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     assert_eq!(hs.requests().len(), 1);
-    assert_eq!(dns.queries(), ["20.2.0.192.slow.test"]);
+    // Asked (and asked again halfway through the timeout), never answered.
+    let asked = dns.queries();
+    assert!(!asked.is_empty(), "the zone was asked");
+    assert!(
+        asked.iter().all(|q| q == "20.2.0.192.slow.test"),
+        "{asked:?}"
+    );
     gate.shutdown().await;
 }
 
@@ -178,6 +184,27 @@ async fn a_silent_zone_with_deny_refuses_and_names_the_zone() {
             && l.contains(r#"dnsbl_zone="slow.test""#)),
         "{lines:?}"
     );
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_query_is_sent_again_within_the_timeout() {
+    let name = "67.2.0.192.lossy.test";
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[name]).await;
+    let gate = gate(
+        &hs,
+        &dns,
+        &["lossy.test"],
+        "dnsbl_timeout = \"2s\"\non_dnsbl_error = \"allow\"\n",
+    )
+    .await;
+
+    register_from(&gate, "192.0.2.67")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    hs.assert_saw_nothing("listed, on the second try");
+    assert_eq!(dns.count(name), 2);
     gate.shutdown().await;
 }
 

@@ -4,6 +4,8 @@
 //! - a name in the `listed` set: `A 127.0.0.2`, TTL 300;
 //! - a name under `servfail.test`: SERVFAIL;
 //! - a name under `slow.test`: no answer at all;
+//! - a name under `lossy.test`: the first query is dropped (a lost
+//!   datagram), later ones are answered as under any other zone;
 //! - anything else: NXDOMAIN with an SOA record (minimum 300).
 
 use std::collections::HashSet;
@@ -42,7 +44,11 @@ impl DnsResponder {
                 let Some((name, question_end)) = question(&buffer[..n]) else {
                     continue;
                 };
+                let first = !seen.lock().unwrap().contains(&name);
                 seen.lock().unwrap().push(name.clone());
+                if first && name.ends_with(".lossy.test") {
+                    continue;
+                }
                 let reply = if name.ends_with(".slow.test") {
                     continue;
                 } else if name.ends_with(".servfail.test") {
