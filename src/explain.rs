@@ -48,6 +48,9 @@ pub struct Explanation {
     /// The configured registration lockdown, if any (whether it is closed
     /// now is live state of the running gate).
     pub lockdown: Option<crate::config::LockdownSpec>,
+    /// The DNSBL names the gate would ask about the client (the zones
+    /// alone without `--ip`); `explain` makes no lookup itself.
+    pub dnsbl: Vec<String>,
 }
 
 /// The policy's decision.
@@ -132,6 +135,7 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
         limits: Vec::new(),
         shadow,
         lockdown: config.registration.lockdown,
+        dnsbl: Vec::new(),
     };
     let refused = |refusal: crate::gate::Refusal| Explained::Refused {
         rule: refusal.rule,
@@ -147,6 +151,15 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
         explanation.decision = refused(refusal);
         return explanation;
     }
+    explanation.dnsbl = config
+        .reputation
+        .dnsbl
+        .iter()
+        .map(|zone| match question.ip {
+            Some(ip) => crate::dnsbl::query_name(ip, &zone.0),
+            None => zone.0.clone(),
+        })
+        .collect();
     if let Some(email) = &question.email {
         // The gate's order for a token request: the attempt is counted,
         // then the body is judged; nothing is reserved.
@@ -276,6 +289,14 @@ impl fmt::Display for Explanation {
                 lockdown.count, lockdown.period, lockdown.close_for
             )?;
         }
+        if !self.dnsbl.is_empty() {
+            writeln!(
+                f,
+                "dnsbl: would ask {} (a listing refuses with rule dnsbl; \
+                 no lookup is made here)",
+                self.dnsbl.join(", ")
+            )?;
+        }
         if self.limits.is_empty() {
             return writeln!(f, "limits: none (refused before any limit counts)");
         }
@@ -321,6 +342,23 @@ mod tests {
         assert!(!ask("", Question::default())
             .to_string()
             .contains("lockdown"));
+    }
+
+    #[test]
+    fn configured_dnsbl_zones_are_named_with_the_query_names() {
+        let toml = "[reputation]\ndnsbl = [\"a.test\", \"b.test\"]\n";
+        let q = Question {
+            ip: Some("::ffff:192.0.2.7".parse().unwrap()),
+            ..Default::default()
+        };
+        let text = ask(toml, q).to_string();
+        assert!(
+            text.contains("dnsbl: would ask 7.2.0.192.a.test, 7.2.0.192.b.test"),
+            "{text}"
+        );
+        let text = ask(toml, Question::default()).to_string();
+        assert!(text.contains("dnsbl: would ask a.test, b.test"), "{text}");
+        assert!(!ask("", Question::default()).to_string().contains("dnsbl"));
     }
 
     #[test]

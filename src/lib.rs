@@ -21,6 +21,7 @@ pub mod admin_api;
 pub mod bans;
 pub mod client_ip;
 pub mod config;
+pub mod dnsbl;
 pub mod error;
 pub mod explain;
 mod fast_path;

@@ -98,6 +98,7 @@ pub struct Metrics {
     pass_through: Histogram,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
+    dnsbl_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -147,6 +148,12 @@ impl Metrics {
             .filter(|((r, o, l), _)| *r == route && *o == outcome.as_str() && *l == rule)
             .map(|(_, n)| *n)
             .sum()
+    }
+
+    /// Counts one DNSBL check that failed (timeout, SERVFAIL, unusable
+    /// answer), whatever `on_dnsbl_error` made of it.
+    pub fn dnsbl_error(&self) {
+        self.dnsbl_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Everything, in the Prometheus text format.
@@ -241,6 +248,15 @@ impl Metrics {
             out,
             "gatekeeper_config_reloads_total{{result=\"error\"}} {}",
             self.reloads_failed.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP gatekeeper_dnsbl_errors_total DNSBL checks that got no usable answer.\n",
+        );
+        out.push_str("# TYPE gatekeeper_dnsbl_errors_total counter\n");
+        let _ = writeln!(
+            out,
+            "gatekeeper_dnsbl_errors_total {}",
+            self.dnsbl_errors.load(Ordering::Relaxed)
         );
         out
     }

@@ -646,6 +646,7 @@ const AUDIT_SAMPLE: &str = r#"2026-12-01T00:43:19.707584Z  INFO matrix_gatekeepe
 2026-12-01T00:43:20.200001Z  INFO matrix_gatekeeper::audit: registration decision route="register" client="198.51.100.6" key=198.51.100.6 user_agent="curl/8.5.0" kind="user" username="admin" decision="would_refuse" rule="reserved" upstream_status=200
 2026-12-01T00:43:20.300001Z  INFO matrix_gatekeeper::audit: registration decision route="available" client="192.0.2.8" key=192.0.2.8 user_agent="curl/8.5.0" username="root" decision="refused" rule="reserved" upstream_status=0
 2026-12-01T00:43:20.400001Z  INFO matrix_gatekeeper::audit: registration decision route="register" client="198.51.100.77" key=198.51.100.77 user_agent="curl/8.5.0" kind="user" username="-" decision="refused" rule="deny_list" upstream_status=0 list="/etc/matrix-gatekeeper/tor-exits.txt"
+2026-12-01T00:43:20.400001Z  INFO matrix_gatekeeper::audit: registration decision route="register" client="192.0.2.77" key=192.0.2.77 user_agent="curl/8.5.0" kind="user" username="-" decision="refused" rule="dnsbl" upstream_status=0 dnsbl_zone="dnsbl.example.net"
 "#;
 
 /// The filter bans exactly the clients of refused and rate-limited
@@ -670,7 +671,13 @@ fn fail2ban_filter_matches_refusals_and_limits_by_client_address() {
         .collect();
     assert_eq!(
         banned,
-        ["203.0.113.9", "2001:db8::7", "192.0.2.8", "198.51.100.77"],
+        [
+            "203.0.113.9",
+            "2001:db8::7",
+            "192.0.2.8",
+            "198.51.100.77",
+            "192.0.2.77"
+        ],
         "{out}"
     );
     let jail = read(&deploy_dir().join("fail2ban/matrix-gatekeeper.jail.local"));

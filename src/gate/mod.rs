@@ -77,7 +77,8 @@ pub use routes::GuardedRoute;
 
 use crate::bans::Bans;
 use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
-use crate::config::{Config, GateMode};
+use crate::config::{Config, GateMode, OnDnsblError};
+use crate::dnsbl::{Dnsbl, DnsblCache, Verdict};
 use crate::error::MatrixError;
 use crate::lockdown::{Lockdown, CLOSED_MESSAGE};
 use crate::notify::Notifier;
@@ -128,12 +129,25 @@ struct GateState {
     lockdown: Lockdown,
     bans: Bans,
     mode: GateMode,
+    /// DNSBL lookups (`None`: no zone configured).
+    dnsbl: Option<Dnsbl>,
+    /// Their answers, kept across reloads (keyed by zone, so a changed zone
+    /// list reuses nothing it should not).
+    dnsbl_cache: Arc<DnsblCache>,
 }
 
 impl GateState {
-    fn new(config: &Config, limiter: RateLimiter, lockdown: Lockdown, bans: Bans) -> Self {
+    fn new(
+        config: &Config,
+        limiter: RateLimiter,
+        lockdown: Lockdown,
+        bans: Bans,
+        dnsbl_cache: Arc<DnsblCache>,
+    ) -> Self {
         GateState {
             bans,
+            dnsbl: Dnsbl::new(&config.reputation, dnsbl_cache.clone()),
+            dnsbl_cache,
             policy: Policy::new(config),
             body_timeout: config.server.body_timeout.0,
             resolver: config.client_ip.resolver(),
@@ -178,7 +192,11 @@ impl RegistrationGateLayer {
         let lockdown = Lockdown::new(config.registration.lockdown, &limiter, notifier.clone());
         let bans = Bans::default().with_store(limiter.redis_store().cloned());
         let state = Arc::new(ArcSwap::from_pointee(GateState::new(
-            config, limiter, lockdown, bans,
+            config,
+            limiter,
+            lockdown,
+            bans,
+            Arc::default(),
         )));
         follow_store(Arc::downgrade(&state));
         RegistrationGateLayer {
@@ -198,8 +216,14 @@ impl RegistrationGateLayer {
             .lockdown
             .reconfigure(config.registration.lockdown, &limiter);
         let bans = old.bans.with_store(limiter.redis_store().cloned());
-        self.state
-            .store(Arc::new(GateState::new(config, limiter, lockdown, bans)));
+        let dnsbl_cache = old.dnsbl_cache.clone();
+        self.state.store(Arc::new(GateState::new(
+            config,
+            limiter,
+            lockdown,
+            bans,
+            dnsbl_cache,
+        )));
     }
 
     /// The temporary bans (kept across reloads).
@@ -367,6 +391,10 @@ struct Audit {
     status: Option<u16>,
     /// The list file that refused the request, if a list did.
     list: Option<Arc<str>>,
+    /// The DNSBL zone behind a `dnsbl` or `dnsbl_error` refusal.
+    dnsbl_zone: Option<Arc<str>>,
+    /// Whether a DNSBL check failed (counted even when allowed).
+    dnsbl_failed: bool,
 }
 
 /// Longest client-chosen text (a username, a user agent) an audit line
@@ -397,6 +425,9 @@ fn audit_text(text: &str) -> String {
 impl Audit {
     fn emit(&self, metrics: &Metrics) {
         metrics.decision(self.route.name(), self.outcome, self.rule);
+        if self.dnsbl_failed {
+            metrics.dnsbl_error();
+        }
         let mapped = self
             .username
             .as_ref()
@@ -420,6 +451,7 @@ impl Audit {
             rule = self.rule,
             upstream_status = self.status.unwrap_or(0),
             list = self.list.as_deref(),
+            dnsbl_zone = self.dnsbl_zone.as_deref(),
             "registration decision"
         );
     }
@@ -515,6 +547,8 @@ where
         rule: "",
         status: None,
         list: None,
+        dnsbl_zone: None,
+        dnsbl_failed: false,
     };
     let mut body = Some(body);
     let mut read: Option<Bytes> = None;
@@ -572,9 +606,9 @@ where
     Ok(mark(result?.map(Either::Left), outcome))
 }
 
-/// Runs every check of a guarded request, in order: bans, the route's
-/// per-client limit, the policy on method/path/query, the guest limit, the
-/// body, and the registration reservation.
+/// Runs every check of a guarded request, in order: bans, DNSBL listings,
+/// the route's per-client limit, the policy on method/path/query, the guest
+/// limit, the body, and the registration reservation.
 async fn decide<B>(
     state: &GateState,
     route: GuardedRoute,
@@ -593,13 +627,14 @@ where
     policy
         .client(audit.client, audit.user_agent.as_deref())
         .map_err(Stop::Refuse)?;
-    // Temporary bans (admin API) refuse like `[client_ip] deny`; they are
-    // live state, read from this replica's copy, so outside the policy.
     if audit.client.and_then(|ip| state.bans.find(ip)).is_some() {
         return Err(Stop::Refuse(Refusal::new(
             "temporary_ban",
             MatrixError::forbidden("Registration is not available from your network."),
         )));
+    }
+    if let (Some(dnsbl), Some(client)) = (&state.dnsbl, audit.client) {
+        check_dnsbl(dnsbl, client, audit).await?;
     }
     if is_registration(route, &parts.method) && state.lockdown.is_closed().await {
         return Err(Stop::Refuse(Refusal::new(
@@ -671,6 +706,38 @@ where
         None
     };
     Ok((forward, permit))
+}
+
+/// Refuses a client a DNSBL lists (`dnsbl`), or one whose lookup failed
+/// when `on_dnsbl_error = "deny"` (`dnsbl_error`), naming the zone in the
+/// audit line.
+async fn check_dnsbl(dnsbl: &Dnsbl, client: IpAddr, audit: &mut Audit) -> Result<(), Stop> {
+    match dnsbl.check(client).await {
+        Verdict::Clean => Ok(()),
+        Verdict::Listed(zone) => {
+            audit.dnsbl_zone = Some(zone);
+            Err(Stop::Refuse(Refusal::new(
+                "dnsbl",
+                MatrixError::forbidden("Registration is not available from your network."),
+            )))
+        }
+        Verdict::Failed(zone, error) => {
+            tracing::debug!(%client, %zone, %error, "DNSBL lookup failed");
+            audit.dnsbl_failed = true;
+            match dnsbl.on_error() {
+                OnDnsblError::Allow => Ok(()),
+                OnDnsblError::Deny => {
+                    audit.dnsbl_zone = Some(zone);
+                    Err(Stop::Refuse(Refusal::new(
+                        "dnsbl_error",
+                        MatrixError::forbidden(
+                            "Registration is not available right now: the address check failed.",
+                        ),
+                    )))
+                }
+            }
+        }
+    }
 }
 
 /// Whether the request is a `POST …/register` (user or guest).

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod dns_responder;
 pub mod redis_server;
 
 use std::convert::Infallible;

@@ -1,0 +1,347 @@
+//! `[reputation] dnsbl`: DNS blocklist lookups of the client address on the
+//! guarded routes, against a real DNS responder on loopback.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use common::dns_responder::DnsResponder;
+use common::{get, send, Answer, FakeHomeserver, Gate};
+use http::Method;
+use matrix_gatekeeper::Config;
+
+const REGISTER: &str = "/_matrix/client/v3/register";
+const BODY: &str = r#"{"username":"alice","password":"a long password"}"#;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The audit lines of every test in this binary, in text format (the one
+/// the fail2ban filter reads).
+fn audit_log() -> &'static Captured {
+    static LOG: OnceLock<Captured> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .with_env_filter("matrix_gatekeeper::audit=info")
+            .init();
+        captured
+    })
+}
+
+/// The audit lines about `client`.
+fn audit_lines(client: &str) -> Vec<String> {
+    let text = String::from_utf8(audit_log().0.lock().unwrap().clone()).unwrap();
+    let field = format!("client=\"{client}\"");
+    text.lines()
+        .filter(|line| line.contains(&field))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A gate trusting loopback's `X-Forwarded-For`, asking `zones` at the
+/// responder.
+async fn gate(hs: &FakeHomeserver, dns: &DnsResponder, zones: &[&str], extra: &str) -> Gate {
+    Gate::start_with(config(hs, dns, zones, extra)).await
+}
+
+fn config(hs: &FakeHomeserver, dns: &DnsResponder, zones: &[&str], extra: &str) -> Config {
+    audit_log();
+    let zones: Vec<String> = zones.iter().map(|z| format!("\"{z}\"")).collect();
+    Config::from_toml(&format!(
+        "[upstream]\nurl = \"{}\"\n[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+         [reputation]\ndnsbl = [{}]\ndns_server = \"{}\"\n{extra}",
+        hs.url(),
+        zones.join(", "),
+        dns.addr
+    ))
+    .expect("test config is valid")
+}
+
+/// A registration from `client`, bounded so that a hang fails the test
+/// instead of stalling it.
+async fn register_from(gate: &Gate, client: &str) -> Answer {
+    let url = gate.url(REGISTER);
+    let headers = [
+        ("content-type", "application/json"),
+        ("x-forwarded-for", client),
+    ];
+    let request = send(Method::POST, &url, &headers, BODY);
+    tokio::time::timeout(Duration::from_secs(20), request)
+        .await
+        .expect("the gate answered")
+}
+
+#[tokio::test]
+async fn a_listed_client_is_refused_and_the_audit_line_names_the_zone() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
+    let gate = gate(&hs, &dns, &["clean.test", "listed.test"], "").await;
+
+    let answer = register_from(&gate, "192.0.2.66").await;
+    answer.assert_error(403, "M_FORBIDDEN");
+    hs.assert_saw_nothing("a listed client");
+    let mut asked = dns.queries();
+    asked.sort();
+    assert_eq!(asked, ["66.2.0.192.clean.test", "66.2.0.192.listed.test"]);
+    let lines = audit_lines("192.0.2.66");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains(
+            r#"decision="refused" rule="dnsbl" upstream_status=0 dnsbl_zone="listed.test""#
+        ),
+        "{}",
+        lines[0]
+    );
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_no_zone_lists_passes_and_its_line_names_no_zone() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
+    let gate = gate(&hs, &dns, &["listed.test"], "").await;
+
+    let answer = register_from(&gate, "192.0.2.10").await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(hs.requests().len(), 1);
+    assert_eq!(dns.queries(), ["10.2.0.192.listed.test"]);
+    let lines = audit_lines("192.0.2.10");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains(r#"decision="allowed""#), "{}", lines[0]);
+    assert!(!lines[0].contains("dnsbl_zone"), "{}", lines[0]);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_ipv6_client_is_asked_by_its_reversed_nibbles() {
+    let name = "6.6.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.listed.test";
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[name]).await;
+    let gate = gate(&hs, &dns, &["listed.test"], "").await;
+
+    register_from(&gate, "2001:db8::66")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    hs.assert_saw_nothing("a listed IPv6 client");
+    assert_eq!(dns.queries(), [name]);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_zone_with_allow_lets_the_request_pass_after_the_timeout() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[]).await;
+    let gate = gate(&hs, &dns, &["slow.test"], "dnsbl_timeout = \"200ms\"\n").await;
+
+    let answer = register_from(&gate, "192.0.2.20").await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(hs.requests().len(), 1);
+    // Asked (and asked again halfway through the timeout), never answered.
+    let asked = dns.queries();
+    assert!(!asked.is_empty(), "the zone was asked");
+    assert!(
+        asked.iter().all(|q| q == "20.2.0.192.slow.test"),
+        "{asked:?}"
+    );
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_zone_with_deny_refuses_and_names_the_zone() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[]).await;
+    let gate = gate(
+        &hs,
+        &dns,
+        &["slow.test"],
+        "dnsbl_timeout = \"200ms\"\non_dnsbl_error = \"deny\"\n",
+    )
+    .await;
+
+    register_from(&gate, "192.0.2.21")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    hs.assert_saw_nothing("a lookup that timed out, with deny");
+    let lines = audit_lines("192.0.2.21");
+    assert!(
+        lines.iter().any(|l| l.contains(r#"rule="dnsbl_error""#)
+            && l.contains(r#"dnsbl_zone="slow.test""#)),
+        "{lines:?}"
+    );
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_query_is_sent_again_within_the_timeout() {
+    let name = "67.2.0.192.lossy.test";
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[name]).await;
+    let gate = gate(
+        &hs,
+        &dns,
+        &["lossy.test"],
+        "dnsbl_timeout = \"2s\"\non_dnsbl_error = \"allow\"\n",
+    )
+    .await;
+
+    register_from(&gate, "192.0.2.67")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    hs.assert_saw_nothing("listed, on the second try");
+    assert_eq!(dns.count(name), 2);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn servfail_follows_on_dnsbl_error() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[]).await;
+    let allow = gate(&hs, &dns, &["servfail.test"], "").await;
+    let answer = register_from(&allow, "192.0.2.30").await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(hs.requests().len(), 1);
+    allow.shutdown().await;
+
+    hs.clear();
+    let deny = gate(&hs, &dns, &["servfail.test"], "on_dnsbl_error = \"deny\"\n").await;
+    register_from(&deny, "192.0.2.30")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    hs.assert_saw_nothing("SERVFAIL with deny");
+    // Errors are not cached: each gate asked.
+    assert_eq!(dns.count("30.2.0.192.servfail.test"), 2);
+    deny.shutdown().await;
+}
+
+#[tokio::test]
+async fn failed_checks_are_counted_even_when_allowed() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
+    let config = config(&hs, &dns, &["listed.test", "servfail.test"], "");
+    let gate = Gate::start_full(config, true, None).await;
+    let errors = || async {
+        let text = String::from_utf8(get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("gatekeeper_dnsbl_errors_total "))
+            .map(str::to_owned)
+    };
+    assert_eq!(errors().await.as_deref(), Some("0"));
+    assert_eq!(register_from(&gate, "192.0.2.50").await.status, 200);
+    assert_eq!(errors().await.as_deref(), Some("1"));
+    // A listing decides even when another zone fails: not an error.
+    register_from(&gate, "192.0.2.66")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    assert_eq!(errors().await.as_deref(), Some("1"));
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn answers_are_cached_per_address_for_their_ttl() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
+    let gate = gate(&hs, &dns, &["listed.test"], "").await;
+
+    for _ in 0..3 {
+        register_from(&gate, "192.0.2.66")
+            .await
+            .assert_error(403, "M_FORBIDDEN");
+        let answer = register_from(&gate, "192.0.2.40").await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    // One query per address: the listing and the NXDOMAIN (SOA minimum
+    // 300 s) are both cached.
+    assert_eq!(dns.count("66.2.0.192.listed.test"), 1);
+    assert_eq!(dns.count("40.2.0.192.listed.test"), 1);
+    // Another address is another query.
+    register_from(&gate, "192.0.2.41").await;
+    assert_eq!(dns.count("41.2.0.192.listed.test"), 1);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn pass_through_from_a_listed_address_asks_nothing() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
+    // A zone that never answers, with a long timeout: pass-through that
+    // waited for it would not answer within the bound below.
+    let gate = gate(
+        &hs,
+        &dns,
+        &["listed.test", "slow.test"],
+        "dnsbl_timeout = \"60s\"\n",
+    )
+    .await;
+
+    for path in ["/_matrix/client/versions", "/_matrix/client/v3/sync"] {
+        let url = gate.url(path);
+        let request = send(Method::GET, &url, &[("x-forwarded-for", "192.0.2.66")], "");
+        let answer = tokio::time::timeout(Duration::from_secs(20), request)
+            .await
+            .expect("pass-through answered");
+        assert_eq!(answer.status, 200, "{path}: {:?}", answer.body);
+    }
+    assert_eq!(hs.requests().len(), 2);
+    assert!(dns.queries().is_empty(), "{:?}", dns.queries());
+    // The same address on a guarded route is checked (and refused at once:
+    // the first zone lists it, so the silent one is not waited for).
+    register_from(&gate, "192.0.2.66")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    assert_eq!(dns.count("66.2.0.192.listed.test"), 1);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_applies_new_zones_and_keeps_the_cache() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
+    let dir = std::env::temp_dir().join(format!("mgk-dnsbl-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gatekeeper.toml");
+    let file = |zones: &str| {
+        format!(
+            "[upstream]\nurl = \"{}\"\n[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+             [reputation]\ndnsbl = [{zones}]\ndns_server = \"{}\"\n",
+            hs.url(),
+            dns.addr
+        )
+    };
+    std::fs::write(&path, file("\"clean.test\"")).unwrap();
+    audit_log();
+    let config = Config::from_file(&path).unwrap();
+    let gate = Gate::start_full(config, false, Some(path.clone())).await;
+    assert_eq!(register_from(&gate, "192.0.2.66").await.status, 200);
+
+    std::fs::write(&path, file("\"clean.test\", \"listed.test\"")).unwrap();
+    gate.reloader.reload().unwrap();
+    register_from(&gate, "192.0.2.66")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    // clean.test's answer came from the cache kept across the reload.
+    assert_eq!(dns.count("66.2.0.192.clean.test"), 1);
+    assert_eq!(dns.count("66.2.0.192.listed.test"), 1);
+
+    std::fs::write(&path, file("")).unwrap();
+    gate.reloader.reload().unwrap();
+    assert_eq!(register_from(&gate, "192.0.2.66").await.status, 200);
+    assert_eq!(dns.queries().len(), 2, "no zone, no query");
+    let _ = std::fs::remove_dir_all(&dir);
+    gate.shutdown().await;
+}
