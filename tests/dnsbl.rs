@@ -3,30 +3,16 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::dns_responder::DnsResponder;
-use common::{get, send, Answer, FakeHomeserver, Gate};
+use common::{get, send, Answer, Captured, FakeHomeserver, Gate};
 use http::Method;
 use matrix_gatekeeper::Config;
 
 const REGISTER: &str = "/_matrix/client/v3/register";
 const BODY: &str = r#"{"username":"alice","password":"a long password"}"#;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The audit lines of every test in this binary, in text format (the one
 /// the fail2ban filter reads).

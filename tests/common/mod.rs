@@ -432,3 +432,18 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> S
     .await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Log output kept in memory: a `tracing_subscriber` writer (`with_writer(move
+/// || captured.clone())`) whose text the test reads back.
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
