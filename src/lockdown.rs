@@ -377,7 +377,11 @@ impl Lockdown {
             None => duration,
         };
         self.close(None, remaining, false);
-        Ok(self.closed_for().unwrap_or(remaining))
+        let closed_for = self.closed_for().unwrap_or(remaining);
+        self.shared.notifier.send(Event::ManualLockdownStarted {
+            until: SystemTime::now() + closed_for,
+        });
+        Ok(closed_for)
     }
 
     /// Reopens registration by hand now, on every replica when the state
@@ -389,6 +393,7 @@ impl Lockdown {
             self.shared.reopened_seen.store(sequence, Ordering::Relaxed);
         }
         self.reopen_locally();
+        self.shared.notifier.send(Event::ManualLockdownEnded);
         Ok(())
     }
 

@@ -56,6 +56,13 @@ pub enum Event {
     },
     /// Registration reopened by itself.
     LockdownEnded,
+    /// Registration closed by hand (admin API) until `until`.
+    ManualLockdownStarted {
+        /// When registration reopens, unless reopened by hand before.
+        until: SystemTime,
+    },
+    /// Registration reopened by hand (admin API).
+    ManualLockdownEnded,
     /// The Redis store failed; decisions fall back per `on_store_error`.
     StoreDown {
         /// What failed.
@@ -76,6 +83,8 @@ impl Event {
         match self {
             Event::LockdownStarted { .. } => "lockdown_started",
             Event::LockdownEnded => "lockdown_ended",
+            Event::ManualLockdownStarted { .. } => "manual_lockdown_started",
+            Event::ManualLockdownEnded => "manual_lockdown_ended",
             Event::StoreDown { .. } => "store_down",
             Event::StoreUp => "store_up",
             Event::ReloadFailed { .. } => "reload_failed",
@@ -102,7 +111,10 @@ impl Event {
             Event::StoreDown { error } | Event::ReloadFailed { error } => {
                 body.insert("error".into(), error.as_str().into());
             }
-            Event::LockdownEnded | Event::StoreUp => {}
+            Event::ManualLockdownStarted { until } => {
+                body.insert("until".into(), rfc3339(*until).into());
+            }
+            Event::LockdownEnded | Event::ManualLockdownEnded | Event::StoreUp => {}
         }
         serde_json::Value::Object(body).to_string()
     }

@@ -326,3 +326,104 @@ fn lockdown_and_notify_keys_are_validated() {
     .unwrap();
     assert!(config.to_toml().contains("webhook_secret = \"***\""));
 }
+
+/// The `event` field of the next delivery.
+async fn next_event_name(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> serde_json::Value {
+    let (_, body) = next_event(rx).await;
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test]
+async fn lockdown_ended_is_posted_when_registration_reopens_by_itself() {
+    let (addr, mut rx) = receiver().await;
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        &format!(
+            "[registration]\nlockdown = {{ count = 1, period = \"1h\", close_for = \"1s\" }}\n\
+             [notify]\nwebhook_url = \"http://{addr}/hook\"\n"
+        ),
+    )
+    .await;
+    let answer = post_json(&gate.url(REGISTER), r#"{"username":"one"}"#).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(next_event_name(&mut rx).await["event"], "lockdown_started");
+    assert_eq!(next_event_name(&mut rx).await["event"], "lockdown_ended");
+    // Open again: the next registration reaches the homeserver.
+    let answer = post_json(&gate.url(REGISTER), r#"{"username":"two"}"#).await;
+    assert_eq!(answer.status, 200);
+}
+
+#[tokio::test]
+async fn store_down_and_store_up_are_posted_as_redis_fails_and_returns() {
+    let (addr, mut rx) = receiver().await;
+    let mut redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        &format!(
+            "[rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"200ms\"\n\
+             attempts_per_ip = {{ count = 1000, period = \"1h\" }}\n\
+             [notify]\nwebhook_url = \"http://{addr}/hook\"\n",
+            redis.url()
+        ),
+    )
+    .await;
+    let url = gate.url(REGISTER);
+    let attempt = || post_json(&url, "{}");
+    assert_eq!(attempt().await.status, 200, "Redis answers");
+    redis.kill();
+    // Decisions fall back while Redis is gone; the first failure is posted.
+    attempt().await;
+    let down = next_event_name(&mut rx).await;
+    assert_eq!(down["event"], "store_down", "{down}");
+    assert!(
+        down["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{down}"
+    );
+    redis.restart().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let up = loop {
+        attempt().await;
+        if let Ok(Some((_, body))) =
+            tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+        {
+            break serde_json::from_slice::<serde_json::Value>(&body).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no store_up within 10 s"
+        );
+    };
+    assert_eq!(up["event"], "store_up", "{up}");
+}
+
+#[tokio::test]
+async fn closing_and_reopening_by_hand_are_posted() {
+    let (addr, mut rx) = receiver().await;
+    let hs = FakeHomeserver::start().await;
+    let token = common::admin::token_file("manual-lockdown", common::admin::TOKEN);
+    let gate = common::admin::gate(
+        &hs,
+        &format!("[notify]\nwebhook_url = \"http://{addr}/hook\"\n"),
+        Some(&token),
+    )
+    .await;
+    let closed = common::admin::admin(
+        &gate,
+        http::Method::POST,
+        "/v1/lockdown",
+        r#"{"duration":"30m"}"#,
+    )
+    .await;
+    assert_eq!(closed.status, 200, "{:?}", closed.body);
+    let started = next_event_name(&mut rx).await;
+    assert_eq!(started["event"], "manual_lockdown_started", "{started}");
+    assert!(started["until"].as_str().unwrap() > started["timestamp"].as_str().unwrap());
+    let reopened = common::admin::admin(&gate, http::Method::DELETE, "/v1/lockdown", "").await;
+    assert_eq!(reopened.status, 200, "{:?}", reopened.body);
+    assert_eq!(
+        next_event_name(&mut rx).await["event"],
+        "manual_lockdown_ended"
+    );
+}
