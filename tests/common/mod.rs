@@ -447,3 +447,39 @@ impl std::io::Write for Captured {
         Ok(())
     }
 }
+
+/// The cargo target directory: venvs and reports of the tests live under
+/// it, next to the build.
+pub fn target_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// A Python venv `target/<name>` holding `packages` (pinned requirement
+/// strings), created with `python3 -m venv` and `pip` the first time, and
+/// again whenever the pins change.
+pub fn python_venv(name: &str, packages: &[&str]) -> std::path::PathBuf {
+    let venv = target_dir().join(name);
+    let marker = venv.join(".installed");
+    let wanted = packages.join(" ");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
+        return venv;
+    }
+    eprintln!("creating {} with {wanted} (once)", venv.display());
+    let status = std::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .expect("python3 must be installed");
+    assert!(status.success(), "python3 -m venv failed");
+    let status = std::process::Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(packages)
+        .status()
+        .expect("pip runs");
+    assert!(status.success(), "pip install {wanted} failed");
+    std::fs::write(&marker, &wanted).unwrap();
+    venv
+}

@@ -24,40 +24,12 @@ pub const PACKAGES: &[&str] = &[
 pub const SERVER_NAME: &str = "e2e.test";
 
 /// The target directory of this build.
-pub fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf()
-}
+pub use crate::common::target_dir;
 
 /// The venv with Synapse and matrix-nio, created on first use.
 pub fn venv() -> &'static Path {
     static VENV: OnceLock<PathBuf> = OnceLock::new();
-    VENV.get_or_init(|| {
-        let venv = target_dir().join("e2e-venv");
-        let marker = venv.join(".installed");
-        let wanted = PACKAGES.join(" ");
-        if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
-            return venv;
-        }
-        eprintln!("e2e: creating {} with {wanted} (once)", venv.display());
-        let status = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .expect("python3 must be installed");
-        assert!(status.success(), "python3 -m venv failed");
-        let status = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check"])
-            .args(PACKAGES)
-            .status()
-            .expect("pip runs");
-        assert!(status.success(), "pip install {wanted} failed");
-        std::fs::write(&marker, &wanted).unwrap();
-        venv
-    })
+    VENV.get_or_init(|| crate::common::python_venv("e2e-venv", PACKAGES))
 }
 
 /// The venv's Python.

@@ -231,14 +231,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The build's target directory.
-pub fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf()
-}
-
+/// A fresh folder for one proxy's configuration and logs.
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "mgk-proxy-{name}-{}-{}",
@@ -269,28 +262,7 @@ pub fn caddy_binary() -> &'static str {
 pub fn traefik_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let venv = target_dir().join("deploy-venv");
-        let marker = venv.join(".installed");
-        let bin = venv.join("bin/traefik");
-        if std::fs::read_to_string(&marker).ok().as_deref() == Some(TRAEFIK_PACKAGE) && bin.exists()
-        {
-            return bin;
-        }
-        eprintln!("creating {} with {TRAEFIK_PACKAGE} (once)", venv.display());
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 must be installed");
-        assert!(status.success(), "python3 -m venv failed");
-        let status = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check"])
-            .arg(TRAEFIK_PACKAGE)
-            .status()
-            .expect("pip runs");
-        assert!(status.success(), "pip install {TRAEFIK_PACKAGE} failed");
-        std::fs::write(&marker, TRAEFIK_PACKAGE).unwrap();
-        bin
+        crate::common::python_venv("deploy-venv", &[TRAEFIK_PACKAGE]).join("bin/traefik")
     })
 }
 
