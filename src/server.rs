@@ -70,10 +70,11 @@ pub fn build_stack(config: &Config) -> (GatekeeperService, RegistrationGateLayer
     let service = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new(SENSITIVE_HEADERS))
         .layer(gate.clone())
-        .service(
-            Upstream::with_metrics(&config.upstream, metrics)
-                .with_upload_idle_timeout(config.server.upload_idle_timeout.0),
-        );
+        .service(Upstream::with_upload_idle_timeout(
+            &config.upstream,
+            config.server.upload_idle_timeout.0,
+            metrics,
+        ));
     (service, gate)
 }
 

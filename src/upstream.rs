@@ -32,7 +32,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::client_ip::{ClientAddress, ForwardedProto};
-use crate::config::UpstreamConfig;
+use crate::config::{ServerConfig, UpstreamConfig};
 use crate::error::MatrixError;
 use crate::gate::BoxError;
 use crate::telemetry::{Metrics, UpstreamError};
@@ -113,8 +113,20 @@ where
         Self::with_metrics(config, Arc::default())
     }
 
-    /// A client that counts its failures into `metrics`.
+    /// A client that counts its failures into `metrics`, with the default
+    /// `server.upload_idle_timeout`.
     pub fn with_metrics(config: &UpstreamConfig, metrics: Arc<Metrics>) -> Self {
+        let idle = ServerConfig::default().upload_idle_timeout.0;
+        Self::with_upload_idle_timeout(config, idle, metrics)
+    }
+
+    /// A client that counts its failures into `metrics` and gives up on a
+    /// request whose body pauses for longer than `upload_idle_timeout`.
+    pub fn with_upload_idle_timeout(
+        config: &UpstreamConfig,
+        upload_idle_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let url = &config.url;
         let authority = url
             .authority()
@@ -140,25 +152,12 @@ where
                 default_host,
                 base_path: url.path().trim_end_matches('/').to_owned(),
                 response_timeout: config.response_timeout.0,
-                upload_idle_timeout: DEFAULT_UPLOAD_IDLE_TIMEOUT,
+                upload_idle_timeout,
                 metrics,
             }),
         }
     }
-
-    /// The same client, giving up on a request whose body pauses for longer
-    /// than `timeout` (`server.upload_idle_timeout`). Call it before the
-    /// client is cloned.
-    pub fn with_upload_idle_timeout(mut self, timeout: Duration) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.upload_idle_timeout = timeout;
-        }
-        self
-    }
 }
-
-/// `server.upload_idle_timeout`'s default, for clients built without it.
-const DEFAULT_UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl<B> Service<Request<B>> for Upstream<B>
 where
