@@ -1,0 +1,278 @@
+//! Typed configuration, read from TOML.
+//!
+//! Configuration is strict: unknown keys are refused by name, and every value
+//! that fails validation produces a [`ConfigError`] whose message starts with
+//! the dotted key it concerns (`guest.access: expected "allow" or "deny", got
+//! "sometimes"`). Everything is parsed and validated before anything binds.
+//!
+//! Each section of the file (`[server]`, `[rate_limit]`, …) has its own
+//! module holding its types, defaults and the checks serde cannot make
+//! alone; [`Config::validate`] runs them in turn. Value types shared by
+//! several sections (durations, regexes) are in `values`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+mod admin;
+mod client_ip;
+mod email;
+mod error;
+mod guest;
+mod homeserver;
+mod log;
+mod notify;
+mod rate_limit;
+mod registration;
+mod reputation;
+mod server;
+mod upstream;
+mod username;
+mod values;
+
+pub use admin::AdminConfig;
+pub use client_ip::{ClientIpConfig, Network};
+pub use email::{DomainGlob, EmailConfig};
+pub use error::ConfigError;
+pub use guest::{GuestAccess, GuestConfig};
+pub use homeserver::HomeserverConfig;
+pub use log::{check_log_filter, LogConfig, LogFormat};
+pub use notify::NotifyConfig;
+pub use rate_limit::{LimitSpec, OnStoreError, RateLimitConfig, StoreKind};
+pub use registration::{GateMode, LockdownSpec, RegistrationConfig};
+pub use reputation::{DnsServer, DnsblZone, OnDnsblError, ReputationConfig};
+pub use server::{AdminAddr, ListenAddrs, ServerConfig};
+pub use upstream::UpstreamConfig;
+pub use username::{CaseMode, UsernameConfig, DEFAULT_RESERVED};
+pub use values::{DenyPattern, HumanDuration};
+
+/// The example configuration shipped in `config/`, embedded so the binary can
+/// run without any file.
+pub const EMBEDDED_EXAMPLE: &str = include_str!("../../config/gatekeeper.example.toml");
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the gate listens.
+    pub server: ServerConfig,
+    /// The homeserver behind the gate.
+    pub upstream: UpstreamConfig,
+    /// Facts about the homeserver needed by the policy.
+    pub homeserver: HomeserverConfig,
+    /// Registration routes as a whole.
+    pub registration: RegistrationConfig,
+    /// The username policy.
+    pub username: UsernameConfig,
+    /// The guest policy.
+    pub guest: GuestConfig,
+    /// How the client address is found.
+    pub client_ip: ClientIpConfig,
+    /// Rate limits on the guarded routes.
+    pub rate_limit: RateLimitConfig,
+    /// Rules for third-party identifiers (`requestToken`).
+    pub email: EmailConfig,
+    /// Webhook notifications of operational events.
+    pub notify: NotifyConfig,
+    /// The admin API on the admin listener.
+    pub admin: AdminConfig,
+    /// DNS blocklist lookups of the client address.
+    pub reputation: ReputationConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Config {
+    /// Parses and validates a configuration from TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string().trim().to_owned()))?;
+        let config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let message = inner.message().trim().to_owned();
+            if key == "." {
+                ConfigError::invalid("(top level)", message)
+            } else {
+                ConfigError::invalid(key, message)
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Checks the values serde cannot check alone, section by section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.validate()?;
+        self.upstream.validate()?;
+        self.homeserver.validate()?;
+        self.registration.validate()?;
+        self.username.validate()?;
+        self.log.validate()?;
+        self.client_ip.validate()?;
+        self.rate_limit.validate()?;
+        self.notify.validate()?;
+        self.admin.token()?;
+        self.reputation.validate()?;
+        Ok(())
+    }
+
+    /// The configuration as TOML, every default filled in and every
+    /// secret (a password in `rate_limit.redis_url`) redacted: what `check`
+    /// prints, safe for a journal.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.rate_limit.redis_url = shown.rate_limit.redis_url.as_deref().map(redact_url);
+        if shown.notify.webhook_secret.is_some() {
+            shown.notify.webhook_secret = Some("***".to_owned());
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+
+    /// The [restart-only keys](RESTART_ONLY_KEYS) whose value in `new`
+    /// differs from this (running) configuration's.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let (Ok(running), Ok(new)) = (toml::Value::try_from(self), toml::Value::try_from(new))
+        else {
+            return RESTART_ONLY_KEYS.to_vec();
+        };
+        let lookup = |root: &toml::Value, key: &str| {
+            key.split('.')
+                .try_fold(root, |value, part| value.get(part))
+                .cloned()
+        };
+        RESTART_ONLY_KEYS
+            .iter()
+            .copied()
+            .filter(|key| lookup(&running, key) != lookup(&new, key))
+            .collect()
+    }
+}
+
+/// The keys (or whole sections) read once, at start: a reload that changes
+/// them logs a warning and keeps the running value until a restart. The
+/// README and the example configuration list the same keys (a test checks).
+pub const RESTART_ONLY_KEYS: [&str; 10] = [
+    "server.listen",
+    "server.admin_listen",
+    "server.header_read_timeout",
+    "server.upload_idle_timeout",
+    "server.shutdown_timeout",
+    "server.watch_config",
+    "server.workers",
+    "upstream",
+    "log",
+    "notify",
+];
+
+/// A URL (or a comma-separated list of them, as `redis_url` takes for a
+/// cluster) with its password replaced by `***`: the password of the
+/// userinfo (`redis://user:secret@host`, `redis://:secret@host`, a bare
+/// `redis://secret@host`), and `password`/`pass` query parameters.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let Some((scheme, rest)) = url.split_once("://") else {
+                return url.to_owned();
+            };
+            let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:***@{host}"),
+                    None => format!("***@{host}"),
+                },
+                None => authority.to_owned(),
+            };
+            let tail = match tail.split_once('?') {
+                Some((path, query)) => {
+                    let query: Vec<String> = query
+                        .split('&')
+                        .map(|pair| match pair.split_once('=') {
+                            Some((name, _))
+                                if name.eq_ignore_ascii_case("password")
+                                    || name.eq_ignore_ascii_case("pass") =>
+                            {
+                                format!("{name}=***")
+                            }
+                            _ => pair.to_owned(),
+                        })
+                        .collect();
+                    format!("{path}?{}", query.join("&"))
+                }
+                None => tail.to_owned(),
+            };
+            format!("{scheme}://{authority}{tail}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_passwords_are_redacted() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:hunter2@redis:6379/0", "redis://:***@redis:6379/0"),
+            ("redis://gate:hunter2@redis", "redis://gate:***@redis"),
+            ("rediss://hunter2@redis/", "rediss://***@redis/"),
+            (
+                "redis://a:hunter2@n1:7000,redis://a:hunter2@n2:7000",
+                "redis://a:***@n1:7000,redis://a:***@n2:7000",
+            ),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=hunter2",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        let config = Config::from_toml(
+            "[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://:hunter2@redis:6379\"\n",
+        )
+        .unwrap();
+        let printed = config.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("redis://:***@redis:6379"), "{printed}");
+        // The running configuration keeps the secret.
+        assert_eq!(
+            config.rate_limit.redis_url.as_deref(),
+            Some("redis://:hunter2@redis:6379")
+        );
+    }
+
+    /// The message of the error loading `text` gives.
+    pub(super) fn err(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let e = err("[username]\nreservd = []\n");
+        assert!(e.starts_with("username.reservd: unknown field"), "{e}");
+        assert!(e.contains("reservd"), "{e}");
+        let e = err("[nonsense]\n");
+        assert!(e.contains("nonsense"), "{e}");
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = Config::from_toml("").unwrap();
+        let printed = c.to_toml();
+        let again = Config::from_toml(&printed).unwrap();
+        assert_eq!(again.to_toml(), printed);
+        assert!(printed.contains("access = \"deny\""));
+    }
+}

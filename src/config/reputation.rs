@@ -1,0 +1,116 @@
+//! `[reputation]`: DNS blocklists asked about the client address.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+
+use super::error::ConfigError;
+use super::values::{parse_str, string_enum, HumanDuration};
+
+/// `[reputation]`: DNS blocklists (DNSBL) asked about the client address
+/// on the guarded routes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReputationConfig {
+    /// DNSBL zones (`"dnsbl.example.net"`); empty: no lookups.
+    pub dnsbl: Vec<DnsblZone>,
+    /// The DNS server asked (`"ip:port"`); absent: the first `nameserver`
+    /// of `/etc/resolv.conf`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_server: Option<DnsServer>,
+    /// Longest wait for all zones together.
+    pub dnsbl_timeout: HumanDuration,
+    /// What a timeout or a failed lookup does.
+    pub on_dnsbl_error: OnDnsblError,
+}
+
+impl Default for ReputationConfig {
+    fn default() -> Self {
+        ReputationConfig {
+            dnsbl: Vec::new(),
+            dns_server: None,
+            dnsbl_timeout: HumanDuration(Duration::from_millis(250)),
+            on_dnsbl_error: OnDnsblError::Allow,
+        }
+    }
+}
+
+impl ReputationConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.dnsbl_timeout
+            .check_positive("reputation.dnsbl_timeout")?;
+        for (i, zone) in self.dnsbl.iter().enumerate() {
+            if self.dnsbl[..i].contains(zone) {
+                return Err(ConfigError::invalid(
+                    format!("reputation.dnsbl[{i}]"),
+                    format!("\"{}\" is listed twice", zone.0),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A DNSBL zone: a lowercase domain name, no trailing dot, short enough that
+/// an IPv6 query name (64 more characters) stays within DNS's 253.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsblZone(pub String);
+
+impl DnsblZone {
+    /// Longest zone: 253 minus the 32 nibbles of an IPv6 query and their dots.
+    pub const MAX_LEN: usize = 253 - 64;
+}
+
+impl<'de> Deserialize<'de> for DnsblZone {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let zone = text.strip_suffix('.').unwrap_or(&text).to_ascii_lowercase();
+        let label_ok = |label: &str| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if zone.len() <= Self::MAX_LEN && zone.contains('.') && zone.split('.').all(label_ok) {
+            Ok(DnsblZone(zone))
+        } else {
+            Err(de::Error::custom(format!(
+                "expected a DNSBL zone such as \"dnsbl.example.net\", got \"{text}\""
+            )))
+        }
+    }
+}
+
+impl Serialize for DnsblZone {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// The DNS server DNSBL queries go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsServer(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for DnsServer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(d, "an address such as \"127.0.0.1:53\" or \"[::1]:53\"").map(DnsServer)
+    }
+}
+
+impl Serialize for DnsServer {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+string_enum!(
+    /// What a DNSBL lookup that times out or fails does.
+    OnDnsblError {
+        /// Let the request pass, as if no zone listed the client.
+        Allow => "allow",
+        /// Refuse the request with 403.
+        Deny => "deny",
+    } default Allow
+);
