@@ -25,7 +25,7 @@ use crate::client_ip::IpNet;
 use crate::config::HumanDuration;
 use crate::error::{json_response, MatrixError};
 use crate::gate::RegistrationGateLayer;
-use crate::ratelimit::Budget;
+use crate::ratelimit::{Budget, CountedAs};
 
 /// The path prefix of the API.
 pub const PREFIX: &str = "/v1/";
@@ -218,6 +218,7 @@ impl AdminApi {
             .iter()
             .map(|budget| (budget.limit.name().to_owned(), budget_json(budget)))
             .collect();
+        let counted_as = CountedAs::widest(budgets.iter().map(|b| b.counted_as), key);
         let ban = self.gate.bans().find(ip).map(|ban| {
             json!({
                 "cidr": ban.network.to_string(),
@@ -228,6 +229,8 @@ impl AdminApi {
         ok(json!({
             "address": ip.to_string(),
             "key": key.to_string(),
+            "counted_as": counted_as.to_string(),
+            "shared": counted_as.is_shared(),
             "store": if limiter.uses_redis() { "redis" } else { "memory" },
             "limits": limits,
             "temporary_ban": ban,
@@ -244,12 +247,29 @@ impl AdminApi {
         };
         let key = self.gate.client_key(ip);
         match self.gate.limiter().reset(key).await {
-            Ok(()) => Handled::change(
-                "reset_limits",
-                key.to_string(),
-                "done",
-                ok(json!({ "address": ip.to_string(), "key": key.to_string(), "reset": true })),
-            ),
+            Ok(reset) => {
+                let counted_as = CountedAs::widest(reset.iter().map(|(_, k)| *k), key);
+                let limits: serde_json::Map<String, Value> = reset
+                    .iter()
+                    .map(|(kind, k)| (kind.name().to_owned(), Value::from(k.to_string())))
+                    .collect();
+                let mut answer = json!({
+                    "address": ip.to_string(),
+                    "key": key.to_string(),
+                    "reset": true,
+                    "counted_as": counted_as.to_string(),
+                    "shared": counted_as.is_shared(),
+                    "limits": limits,
+                });
+                if counted_as.is_shared() {
+                    answer["note"] = Value::from(format!(
+                        "{ip} is counted under the shared key {counted_as} (more clients are \
+                         tracked than rate_limit.max_tracked_clients): the reset gave every \
+                         client counted under it a full budget again."
+                    ));
+                }
+                Handled::change("reset_limits", counted_as.to_string(), "done", ok(answer))
+            }
             Err(error) => Handled::change(
                 "reset_limits",
                 key.to_string(),
@@ -565,6 +585,7 @@ fn safe_text(text: &str) -> String {
 
 fn budget_json(budget: &Budget) -> Value {
     json!({
+        "counted_as": budget.counted_as.to_string(),
         "burst": budget.burst,
         "remaining": budget.remaining,
         "next_unit_in_ms": millis(budget.next_unit_in),

@@ -131,6 +131,9 @@ async fn a_locked_out_client_is_inspected_and_reset() {
     .await;
     assert_eq!(reset.status, 200, "{:?}", reset.body);
     assert_eq!(reset.json()["reset"], true);
+    assert_eq!(reset.json()["counted_as"], client);
+    assert_eq!(reset.json()["shared"], false);
+    assert!(reset.json().get("note").is_none());
     assert_eq!(register(&gate, client).await.status, 200);
     let after = admin(&gate, Method::GET, &format!("/v1/clients/{client}"), "").await;
     let limits = &after.json()["limits"];
@@ -141,6 +144,71 @@ async fn a_locked_out_client_is_inspected_and_reset() {
     // IPv6 clients are shown and reset by their prefix (escaped or not).
     let v6 = admin(&gate, Method::GET, "/v1/clients/2001%3Adb8%3A%3A1", "").await;
     assert_eq!(v6.json()["key"], "2001:db8::", "{}", v6.json());
+}
+
+#[tokio::test]
+async fn a_client_counted_under_a_shared_key_is_shown_and_reset_under_it() {
+    let hs = FakeHomeserver::start().await;
+    let path = token_file("shared-key", TOKEN);
+    // An eighth of the cap is the room for coarse keys: one here.
+    let limits = format!("{LIMITS}max_tracked_clients = 8\n");
+    let gate = gate(&hs, &limits, Some(&path)).await;
+    for i in 1..=8 {
+        assert_eq!(register(&gate, &format!("10.0.0.{i}")).await.status, 200);
+    }
+    // Over the cap: two new clients of 192.0.0.0/16 share one budget.
+    let (client, neighbour) = ("192.0.2.1", "192.0.7.7");
+    assert_eq!(register(&gate, neighbour).await.status, 200);
+    assert_eq!(register(&gate, neighbour).await.status, 200);
+    register(&gate, client)
+        .await
+        .assert_error(429, "M_LIMIT_EXCEEDED");
+
+    let seen = admin(&gate, Method::GET, &format!("/v1/clients/{client}"), "").await;
+    let json = seen.json();
+    assert_eq!(json["key"], client, "{json}");
+    assert_eq!(json["counted_as"], "192.0.0.0/16", "{json}");
+    assert_eq!(json["shared"], true, "{json}");
+    let limit = &json["limits"]["registrations_per_ip"];
+    assert_eq!(limit["counted_as"], "192.0.0.0/16", "{json}");
+    assert_eq!(limit["remaining"], 0, "the shared budget: {json}");
+    assert_eq!(json["limits"]["registrations_global"]["counted_as"], "*");
+    // A client tracked on its own is shown under its own key.
+    let own = admin(&gate, Method::GET, "/v1/clients/10.0.0.2", "")
+        .await
+        .json();
+    assert_eq!(
+        (&own["counted_as"], &own["shared"]),
+        (&"10.0.0.2".into(), &false.into()),
+        "{own}"
+    );
+
+    let reset = admin(
+        &gate,
+        Method::DELETE,
+        &format!("/v1/clients/{client}/limits"),
+        "",
+    )
+    .await;
+    assert_eq!(reset.status, 200, "{:?}", reset.body);
+    let json = reset.json();
+    assert_eq!(json["counted_as"], "192.0.0.0/16", "{json}");
+    assert_eq!(json["shared"], true);
+    assert_eq!(json["limits"]["registrations_per_ip"], "192.0.0.0/16");
+    let note = json["note"].as_str().unwrap();
+    assert!(note.contains("every client counted under it"), "{note}");
+    // The shared key was reset: the client and its neighbour pass again.
+    assert_eq!(register(&gate, client).await.status, 200);
+    assert_eq!(register(&gate, neighbour).await.status, 200);
+    register(&gate, neighbour)
+        .await
+        .assert_error(429, "M_LIMIT_EXCEEDED");
+    // With the coarse keys' room taken, a client of another network is
+    // counted under the one overflow key.
+    let far = admin(&gate, Method::GET, "/v1/clients/172.16.0.1", "")
+        .await
+        .json();
+    assert_eq!(far["counted_as"], "overflow", "{far}");
 }
 
 #[tokio::test]
