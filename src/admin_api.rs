@@ -25,6 +25,7 @@ use crate::client_ip::IpNet;
 use crate::config::HumanDuration;
 use crate::error::{json_response, MatrixError};
 use crate::gate::RegistrationGateLayer;
+use crate::lockdown;
 use crate::ratelimit::{Budget, CountedAs};
 
 /// The path prefix of the API.
@@ -438,38 +439,45 @@ impl AdminApi {
                 .map_or(DEFAULT_LOCKDOWN, |spec| spec.close_for.0),
         };
         let subject = HumanDuration(duration).to_string();
-        match lockdown.close_by_hand(duration).await {
-            Ok(remaining) => Handled::change(
-                "close_registration",
-                subject,
-                "done",
-                ok(json!({ "closed": true, "remaining_ms": millis(remaining) })),
-            ),
-            Err(error) => Handled::change(
-                "close_registration",
-                subject,
-                "store_error",
-                store_failed(&error.to_string()),
-            ),
-        }
+        let (remaining, reach) = lockdown.close_by_hand(duration).await;
+        let answer = json!({ "closed": true, "remaining_ms": millis(remaining) });
+        let what = "closing (if still in force by then)";
+        by_hand("close_registration", subject, answer, &reach, what)
     }
 
     async fn reopen(&self) -> Handled {
-        match self.gate.lockdown().reopen_by_hand().await {
-            Ok(()) => Handled::change(
-                "reopen_registration",
-                "-",
-                "done",
-                ok(json!({ "closed": false })),
-            ),
-            Err(error) => Handled::change(
-                "reopen_registration",
-                "-",
-                "store_error",
-                store_failed(&error.to_string()),
-            ),
-        }
+        let reach = self.gate.lockdown().reopen_by_hand().await;
+        let answer = json!({ "closed": false });
+        by_hand("reopen_registration", "-", answer, &reach, "reopening")
     }
+}
+
+/// The answer to a closing or reopening by hand, saying where it took
+/// effect (`scope`): `200` when Redis took it or there is no Redis; `202`
+/// when Redis did not answer and only this replica applied it, with the
+/// error and what happens next.
+fn by_hand(
+    action: &'static str,
+    subject: impl Into<String>,
+    mut answer: Value,
+    reach: &lockdown::Reach,
+    what: &str,
+) -> Handled {
+    let (status, outcome, scope) = match reach {
+        lockdown::Reach::EveryReplica => (StatusCode::OK, "done", "every_replica"),
+        lockdown::Reach::ThisReplica => (StatusCode::OK, "done", "this_replica"),
+        lockdown::Reach::ThisReplicaUntilRedisAnswers(error) => {
+            answer["redis_error"] = Value::from(error.as_str());
+            answer["note"] = Value::from(format!(
+                "Redis did not answer: the {what} applies to this replica only until Redis \
+                 answers again; then it is written to Redis and the other replicas follow."
+            ));
+            (StatusCode::ACCEPTED, "this_replica_only", "this_replica")
+        }
+    };
+    answer["scope"] = Value::from(scope);
+    let response = json_response(status, Bytes::from(answer.to_string()));
+    Handled::change(action, subject, outcome, response)
 }
 
 /// The token of an `Authorization: Bearer …` header.

@@ -549,3 +549,141 @@ async fn redis_replicas_share_bans_resets_and_lockdowns() {
     })
     .await;
 }
+
+/// Every registration through `gate` for `within` is answered `status`.
+async fn always(gate: &Gate, status: u16, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let answer = register(gate, "192.0.2.20").await;
+        assert_eq!(answer.status, status, "{what}: {:?}", answer.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn registration_is_closed_and_reopened_by_hand_while_redis_is_down() {
+    let mut redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let path = token_file("redis-down", TOKEN);
+    let shared = format!(
+        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+         [rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"300ms\"\n\
+         registrations_per_ip = {{ count = 1000, period = \"1h\" }}\n",
+        redis.url()
+    );
+    let a = gate(&hs, &shared, Some(&path)).await;
+    let b = gate(&hs, &shared, Some(&path)).await;
+    // A closing and a reopening through Redis first: the replicas have
+    // seen a reopening, which a Redis restarted empty forgets.
+    let closed = admin(&a, Method::POST, "/v1/lockdown", r#"{"duration":"1h"}"#).await;
+    assert_eq!(closed.json()["scope"], "every_replica", "{:?}", closed.body);
+    let reopened = admin(&a, Method::DELETE, "/v1/lockdown", "").await;
+    assert_eq!(reopened.status, 200, "{:?}", reopened.body);
+    assert_eq!(reopened.json()["scope"], "every_replica");
+    eventually(Duration::from_secs(10), "both open", || async {
+        register(&a, "192.0.2.20").await.status == 200
+            && register(&b, "192.0.2.20").await.status == 200
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Redis down: the closing takes effect on A alone, and says so.
+    redis.kill();
+    let closed = admin(&a, Method::POST, "/v1/lockdown", r#"{"duration":"1h"}"#).await;
+    assert_eq!(closed.status, 202, "{:?}", closed.body);
+    let json = closed.json();
+    assert_eq!(json["closed"], true, "{json}");
+    assert_eq!(json["scope"], "this_replica", "{json}");
+    assert!(json["redis_error"].as_str().is_some_and(|e| !e.is_empty()));
+    assert!(
+        json["note"].as_str().unwrap().contains("this replica only"),
+        "{json}"
+    );
+    assert!(json["remaining_ms"].as_u64().unwrap() > 3_500_000, "{json}");
+    let refused = register(&a, "192.0.2.20").await;
+    refused.assert_error(403, "M_FORBIDDEN");
+    assert_eq!(
+        refused.json()["error"],
+        "Registration is temporarily closed"
+    );
+    assert_eq!(register(&b, "192.0.2.20").await.status, 200);
+
+    // Redis back, empty: A stays closed and writes the closing to Redis,
+    // and B follows it.
+    redis.restart().await;
+    eventually(Duration::from_secs(15), "B follows A's closing", || async {
+        let a_refused = register(&a, "192.0.2.20").await;
+        assert_eq!(a_refused.status, 403, "A reopened: {:?}", a_refused.body);
+        register(&b, "192.0.2.20").await.status == 403
+    })
+    .await;
+    // Every replica reads Redis once a second: a few more reads on A.
+    always(
+        &a,
+        403,
+        Duration::from_millis(2500),
+        "A after Redis came back",
+    )
+    .await;
+    assert_eq!(redis.keys("{mgk}:lockdown:until").await.len(), 1);
+    let state = admin(&b, Method::GET, "/v1/lockdown", "").await.json();
+    assert!(
+        state["remaining_ms"].as_u64().unwrap() > 3_400_000,
+        "{state}"
+    );
+
+    // Redis down again: B reopens itself alone; once Redis is back, the
+    // reopening reaches A.
+    redis.kill();
+    let reopened = admin(&b, Method::DELETE, "/v1/lockdown", "").await;
+    assert_eq!(reopened.status, 202, "{:?}", reopened.body);
+    assert_eq!(reopened.json()["closed"], false);
+    assert_eq!(reopened.json()["scope"], "this_replica");
+    assert_eq!(register(&b, "192.0.2.20").await.status, 200);
+    register(&a, "192.0.2.20")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(15),
+        "A follows B's reopening",
+        || async { register(&a, "192.0.2.20").await.status == 200 },
+    )
+    .await;
+    always(&b, 200, Duration::from_secs(2), "B after Redis came back").await;
+
+    // A Redis restarted empty has forgotten the reopenings it counted:
+    // that is no reopening, and a closing the replicas know of stays.
+    let closed = admin(&a, Method::POST, "/v1/lockdown", r#"{"duration":"1h"}"#).await;
+    assert_eq!(closed.status, 200, "{:?}", closed.body);
+    eventually(Duration::from_secs(10), "B follows A's closing", || async {
+        register(&b, "192.0.2.20").await.status == 403
+    })
+    .await;
+    redis.restart().await;
+    for gate in [&a, &b] {
+        eventually(
+            Duration::from_secs(15),
+            "the replica reaches Redis",
+            || async {
+                let ban = r#"{"cidr":"198.18.0.0/15","duration":"1h"}"#;
+                admin(gate, Method::POST, "/v1/bans", ban).await.status == 200
+            },
+        )
+        .await;
+    }
+    always(
+        &a,
+        403,
+        Duration::from_millis(2500),
+        "A after a Redis restart",
+    )
+    .await;
+    always(
+        &b,
+        403,
+        Duration::from_millis(500),
+        "B after a Redis restart",
+    )
+    .await;
+}
