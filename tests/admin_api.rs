@@ -7,28 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::admin::{admin, gate, token_file, toml, LIMITS, TOKEN};
+use common::admin::{admin, gate, register, token_file, toml, LIMITS, TOKEN};
 use common::redis_server::RedisServer;
-use common::{send, Answer, FakeHomeserver, Gate};
+use common::{send, FakeHomeserver, Gate};
 use http::Method;
 use matrix_gatekeeper::Config;
-
-const REGISTER: &str = "/_matrix/client/v3/register";
-/// A registration from `client` (through the trusted proxy) that the
-/// homeserver completes.
-async fn register(gate: &Gate, client: &str) -> Answer {
-    send(
-        Method::POST,
-        &gate.url(REGISTER),
-        &[
-            ("content-type", "application/json"),
-            ("x-forwarded-for", client),
-            ("x-test-status", "200"),
-        ],
-        r#"{"username":"someone"}"#,
-    )
-    .await
-}
 
 /// Retries `check` until it holds; fails after `within`.
 async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
