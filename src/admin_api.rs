@@ -25,7 +25,8 @@ use crate::client_ip::IpNet;
 use crate::config::HumanDuration;
 use crate::error::{json_response, MatrixError};
 use crate::gate::RegistrationGateLayer;
-use crate::ratelimit::Budget;
+use crate::lockdown;
+use crate::ratelimit::{Budget, CountedAs};
 
 /// The path prefix of the API.
 pub const PREFIX: &str = "/v1/";
@@ -218,6 +219,7 @@ impl AdminApi {
             .iter()
             .map(|budget| (budget.limit.name().to_owned(), budget_json(budget)))
             .collect();
+        let counted_as = CountedAs::widest(budgets.iter().map(|b| b.counted_as), key);
         let ban = self.gate.bans().find(ip).map(|ban| {
             json!({
                 "cidr": ban.network.to_string(),
@@ -228,6 +230,8 @@ impl AdminApi {
         ok(json!({
             "address": ip.to_string(),
             "key": key.to_string(),
+            "counted_as": counted_as.to_string(),
+            "shared": counted_as.is_shared(),
             "store": if limiter.uses_redis() { "redis" } else { "memory" },
             "limits": limits,
             "temporary_ban": ban,
@@ -244,12 +248,29 @@ impl AdminApi {
         };
         let key = self.gate.client_key(ip);
         match self.gate.limiter().reset(key).await {
-            Ok(()) => Handled::change(
-                "reset_limits",
-                key.to_string(),
-                "done",
-                ok(json!({ "address": ip.to_string(), "key": key.to_string(), "reset": true })),
-            ),
+            Ok(reset) => {
+                let counted_as = CountedAs::widest(reset.iter().map(|(_, k)| *k), key);
+                let limits: serde_json::Map<String, Value> = reset
+                    .iter()
+                    .map(|(kind, k)| (kind.name().to_owned(), Value::from(k.to_string())))
+                    .collect();
+                let mut answer = json!({
+                    "address": ip.to_string(),
+                    "key": key.to_string(),
+                    "reset": true,
+                    "counted_as": counted_as.to_string(),
+                    "shared": counted_as.is_shared(),
+                    "limits": limits,
+                });
+                if counted_as.is_shared() {
+                    answer["note"] = Value::from(format!(
+                        "{ip} is counted under the shared key {counted_as} (more clients are \
+                         tracked than rate_limit.max_tracked_clients): the reset gave every \
+                         client counted under it a full budget again."
+                    ));
+                }
+                Handled::change("reset_limits", counted_as.to_string(), "done", ok(answer))
+            }
             Err(error) => Handled::change(
                 "reset_limits",
                 key.to_string(),
@@ -418,38 +439,45 @@ impl AdminApi {
                 .map_or(DEFAULT_LOCKDOWN, |spec| spec.close_for.0),
         };
         let subject = HumanDuration(duration).to_string();
-        match lockdown.close_by_hand(duration).await {
-            Ok(remaining) => Handled::change(
-                "close_registration",
-                subject,
-                "done",
-                ok(json!({ "closed": true, "remaining_ms": millis(remaining) })),
-            ),
-            Err(error) => Handled::change(
-                "close_registration",
-                subject,
-                "store_error",
-                store_failed(&error.to_string()),
-            ),
-        }
+        let (remaining, reach) = lockdown.close_by_hand(duration).await;
+        let answer = json!({ "closed": true, "remaining_ms": millis(remaining) });
+        let what = "closing (if still in force by then)";
+        by_hand("close_registration", subject, answer, &reach, what)
     }
 
     async fn reopen(&self) -> Handled {
-        match self.gate.lockdown().reopen_by_hand().await {
-            Ok(()) => Handled::change(
-                "reopen_registration",
-                "-",
-                "done",
-                ok(json!({ "closed": false })),
-            ),
-            Err(error) => Handled::change(
-                "reopen_registration",
-                "-",
-                "store_error",
-                store_failed(&error.to_string()),
-            ),
-        }
+        let reach = self.gate.lockdown().reopen_by_hand().await;
+        let answer = json!({ "closed": false });
+        by_hand("reopen_registration", "-", answer, &reach, "reopening")
     }
+}
+
+/// The answer to a closing or reopening by hand, saying where it took
+/// effect (`scope`): `200` when Redis took it or there is no Redis; `202`
+/// when Redis did not answer and only this replica applied it, with the
+/// error and what happens next.
+fn by_hand(
+    action: &'static str,
+    subject: impl Into<String>,
+    mut answer: Value,
+    reach: &lockdown::Reach,
+    what: &str,
+) -> Handled {
+    let (status, outcome, scope) = match reach {
+        lockdown::Reach::EveryReplica => (StatusCode::OK, "done", "every_replica"),
+        lockdown::Reach::ThisReplica => (StatusCode::OK, "done", "this_replica"),
+        lockdown::Reach::ThisReplicaUntilRedisAnswers(error) => {
+            answer["redis_error"] = Value::from(error.as_str());
+            answer["note"] = Value::from(format!(
+                "Redis did not answer: the {what} applies to this replica only until Redis \
+                 answers again; then it is written to Redis and the other replicas follow."
+            ));
+            (StatusCode::ACCEPTED, "this_replica_only", "this_replica")
+        }
+    };
+    answer["scope"] = Value::from(scope);
+    let response = json_response(status, Bytes::from(answer.to_string()));
+    Handled::change(action, subject, outcome, response)
 }
 
 /// The token of an `Authorization: Bearer …` header.
@@ -565,6 +593,7 @@ fn safe_text(text: &str) -> String {
 
 fn budget_json(budget: &Budget) -> Value {
     json!({
+        "counted_as": budget.counted_as.to_string(),
         "burst": budget.burst,
         "remaining": budget.remaining,
         "next_unit_in_ms": millis(budget.next_unit_in),

@@ -49,11 +49,16 @@ impl ClientKey {
         ClientKey(u128::from(ip) & prefix_mask(prefix_len))
     }
 
+    /// Whether this is the key of an IPv4 client (an IPv4-mapped address).
+    pub fn is_ipv4(self) -> bool {
+        let v4_mapped_prefix = u128::from(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+        self.0 & prefix_mask(96) == v4_mapped_prefix
+    }
+
     /// A coarser key shared by many clients (used when too many distinct
     /// clients are tracked): the IPv4 /16 or the IPv6 /32.
     pub fn coarse(self) -> Self {
-        let v4_mapped_prefix = u128::from(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
-        if self.0 & prefix_mask(96) == v4_mapped_prefix {
+        if self.is_ipv4() {
             ClientKey(self.0 & prefix_mask(112))
         } else {
             ClientKey(self.0 & prefix_mask(32))

@@ -1,20 +1,31 @@
-//! `matrix-gatekeeper explain`: the decision the policy takes on one
+//! `matrix-gatekeeper explain`: the decision the gate takes on one
 //! registration, the rule that made it, and the rate limits the request
 //! counts against, for support tickets.
 //!
 //! It runs the same pure policy the gate runs on `POST
 //! /_matrix/client/v3/register` (or, given an e-mail address, on `POST
 //! /_matrix/client/v3/register/email/requestToken`), and names the limits
-//! in the order the gate takes them. It does not read their state: that lives in the running gate
-//! (or in Redis), and depends on traffic.
+//! in the order the gate takes them. What the configuration alone does not
+//! decide comes from [`Live`]: the DNSBL answers about the client (the
+//! lookups the gate would make), and the running gate's own state read
+//! through its admin API — temporary bans, whether registration is closed,
+//! what the client has left of each limit. Without it, `explain` says that
+//! this state was not read.
+
+mod live;
 
 use std::fmt;
 use std::net::IpAddr;
 
 use http::Method;
 
+pub use live::{
+    look_up_dnsbl, read_gate, AdminTarget, ClientState, DnsblAnswer, GateRead, GateState, Live,
+    LiveBan, LiveBudget, LockdownState,
+};
+
 use crate::client_ip::ClientAddress;
-use crate::config::{Config, GateMode, LimitSpec};
+use crate::config::{Config, GateMode, LimitSpec, OnDnsblError};
 use crate::gate::policy::{HeadDecision, Policy, RequestedName};
 use crate::gate::routes::{ApiVersion, GuardedRoute, Medium};
 
@@ -37,7 +48,7 @@ pub struct Question {
 /// The answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Explanation {
-    /// What the policy decided.
+    /// What the gate would decide.
     pub decision: Explained,
     /// The username as sent and as mapped, if one was given.
     pub username: Option<RequestedName>,
@@ -45,15 +56,26 @@ pub struct Explanation {
     pub limits: Vec<AppliedLimit>,
     /// Whether the gate runs in shadow mode (then it only logs a refusal).
     pub shadow: bool,
-    /// The configured registration lockdown, if any (whether it is closed
-    /// now is live state of the running gate).
+    /// The configured registration lockdown, if any.
     pub lockdown: Option<crate::config::LockdownSpec>,
+    /// Whether the request is a registration (which a lockdown refuses)
+    /// rather than a token request.
+    pub registration: bool,
     /// The DNSBL names the gate would ask about the client (the zones
-    /// alone without `--ip`); `explain` makes no lookup itself.
+    /// alone without `--ip`); empty when no zone is configured or the
+    /// request is refused before the gate asks.
     pub dnsbl: Vec<String>,
+    /// What the DNSBLs answered, when they were asked.
+    pub dnsbl_answer: Option<DnsblAnswer>,
+    /// What a failed DNSBL lookup does.
+    pub on_dnsbl_error: OnDnsblError,
+    /// The running gate's state, if it was read.
+    pub gate: GateRead,
+    /// The client address asked about.
+    pub ip: Option<IpAddr>,
 }
 
-/// The policy's decision.
+/// The gate's decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Explained {
     /// The request would be forwarded like this.
@@ -77,6 +99,14 @@ pub enum Explained {
         /// configured.
         list: Option<String>,
     },
+    /// The request would be rate limited (`429 M_LIMIT_EXCEEDED`): the
+    /// client has nothing left of this limit (read from the running gate).
+    RateLimited {
+        /// The limit.
+        limit: &'static str,
+        /// Time until one more unit is available.
+        retry_after_ms: u64,
+    },
 }
 
 /// One rate limit a request counts against.
@@ -91,12 +121,34 @@ pub struct AppliedLimit {
     pub key: String,
     /// When the unit it takes is given back.
     pub refunded: &'static str,
+    /// What the client has left of it now, read from the running gate.
+    pub live: Option<LiveBudget>,
+    /// The client's own key, as the running gate writes it (to tell a
+    /// shared key from it).
+    pub own_key: Option<String>,
 }
 
-/// Runs the policy of `config` on the registration `question` describes.
+/// Runs the policy of `config` on the registration `question` describes,
+/// reading no live state.
 pub fn explain(config: &Config, question: &Question) -> Explanation {
+    explain_with(config, question, &Live::default())
+}
+
+/// Runs the gate's checks on the registration `question` describes, in the
+/// gate's order: the client rules of the policy (`[client_ip] deny`, deny
+/// lists, user agents), temporary bans, DNSBL listings, the lockdown
+/// (registrations only), the route's per-client limit, the policy on the
+/// query, the guest limit, the body, and the reservation of a completed
+/// registration. Bans, the lockdown, DNSBL answers and what is left of
+/// each limit come from `live`; what it lacks does not refuse.
+pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explanation {
     let policy = Policy::new(config);
     let shadow = config.registration.mode == GateMode::Shadow;
+    let gate = match &live.gate {
+        GateRead::Read(state) => Some(state),
+        _ => None,
+    };
+    let client_state = gate.and_then(|g| g.client.as_ref());
     let client_key = question.ip.map_or_else(
         || "-".to_owned(),
         |ip| {
@@ -124,6 +176,8 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
             spec,
             key,
             refunded,
+            live: client_state.and_then(|c| c.limits.get(name)).cloned(),
+            own_key: client_state.map(|c| c.key.clone()),
         }
     };
     let mut explanation = Explanation {
@@ -135,7 +189,12 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
         limits: Vec::new(),
         shadow,
         lockdown: config.registration.lockdown,
+        registration: question.email.is_none(),
         dnsbl: Vec::new(),
+        dnsbl_answer: None,
+        on_dnsbl_error: config.reputation.on_dnsbl_error,
+        gate: live.gate.clone(),
+        ip: question.ip,
     };
     let refused = |refusal: crate::gate::Refusal| Explained::Refused {
         rule: refusal.rule,
@@ -144,12 +203,15 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
         error: refusal.error.error,
         list: refusal.list.as_deref().map(str::to_owned),
     };
-    // The gate's order: bans, then every attempt is counted, then the
-    // policy on the query, the guest limit, the body, and the reservation
-    // of a completed registration.
     if let Err(refusal) = policy.client(question.ip, question.user_agent.as_deref()) {
         explanation.decision = refused(refusal);
         return explanation;
+    }
+    if let (Some(ip), Some(gate)) = (question.ip, gate) {
+        if gate.bans.iter().any(|ban| ban.covers(ip)) {
+            explanation.decision = refused(crate::gate::banned());
+            return explanation;
+        }
     }
     explanation.dnsbl = config
         .reputation
@@ -160,12 +222,32 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
             None => zone.0.clone(),
         })
         .collect();
+    explanation.dnsbl_answer = live.dnsbl.clone();
+    match &live.dnsbl {
+        Some(DnsblAnswer::Listed { .. }) => {
+            explanation.decision = refused(crate::gate::dnsbl_listed());
+            return explanation;
+        }
+        Some(DnsblAnswer::Failed { .. }) if explanation.on_dnsbl_error == OnDnsblError::Deny => {
+            explanation.decision = refused(crate::gate::dnsbl_failed());
+            return explanation;
+        }
+        _ => {}
+    }
+    if explanation.registration && gate.is_some_and(|g| g.lockdown.closed) {
+        explanation.decision = refused(crate::gate::closed());
+        return explanation;
+    }
     if let Some(email) = &question.email {
         // The gate's order for a token request: the attempt is counted,
         // then the body is judged; nothing is reserved.
         explanation
             .limits
             .push(limit("token_requests_per_ip", "never"));
+        if let Some(limited) = exhausted(&explanation.limits) {
+            explanation.decision = limited;
+            return explanation;
+        }
         let route = GuardedRoute::RequestToken(ApiVersion::V3, Medium::Email);
         let body = serde_json::json!({
             "client_secret": "explain",
@@ -191,6 +273,10 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
         return explanation;
     }
     explanation.limits.push(limit("attempts_per_ip", "never"));
+    if let Some(limited) = exhausted(&explanation.limits) {
+        explanation.decision = limited;
+        return explanation;
+    }
     let route = GuardedRoute::Register(ApiVersion::V3);
     let query = question.guest.then_some("kind=guest");
     let forward = match policy.head(&Method::POST, route, query) {
@@ -202,6 +288,10 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
         HeadDecision::ReadBody(plan) => {
             if question.guest {
                 explanation.limits.push(limit("guests_per_ip", "never"));
+                if let Some(limited) = exhausted(&explanation.limits[1..]) {
+                    explanation.decision = limited;
+                    return explanation;
+                }
             }
             let mut body = serde_json::Map::new();
             if let Some(name) = &question.username {
@@ -218,14 +308,20 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
             }
         }
     };
+    explanation.username = forward.username;
     let unless_success = "when the homeserver answers with anything but a 2xx";
+    let reserved = explanation.limits.len();
     explanation
         .limits
         .push(limit("registrations_per_ip", unless_success));
     explanation
         .limits
         .push(limit("registrations_global", unless_success));
-    explanation.username = forward.username;
+    // Both units are reserved together: the longest wait refuses.
+    if let Some(limited) = exhausted(&explanation.limits[reserved..]) {
+        explanation.decision = limited;
+        return explanation;
+    }
     explanation.decision = Explained::Allowed {
         target: format!("POST {}", forward.path_and_query),
         body: forward
@@ -236,16 +332,57 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
     explanation
 }
 
+/// The rate limit among `limits` (taken together) that refuses the next
+/// request: a configured one with nothing left, the longest wait first.
+fn exhausted(limits: &[AppliedLimit]) -> Option<Explained> {
+    limits
+        .iter()
+        .filter(|limit| limit.spec.is_some())
+        .filter_map(|limit| Some((limit.name, limit.live.as_ref()?)))
+        .filter(|(_, budget)| budget.remaining == 0)
+        .max_by_key(|(_, budget)| budget.next_unit_in_ms)
+        .map(|(limit, budget)| Explained::RateLimited {
+            limit,
+            retry_after_ms: budget.next_unit_in_ms.max(1),
+        })
+}
+
 impl Explanation {
-    /// Whether the policy lets the request through.
+    /// Whether the gate lets the request through.
     pub fn allowed(&self) -> bool {
         matches!(self.decision, Explained::Allowed { .. })
     }
+
+    /// Whether the running gate was asked for its state and did not answer.
+    pub fn gate_unreadable(&self) -> bool {
+        matches!(self.gate, GateRead::Failed { .. })
+    }
+}
+
+/// `59m59s`, `2h`, `450ms`: a wait in whole units, rounded up to the second
+/// past one second.
+fn wait(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = ms.div_ceil(1000);
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    let mut text = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n > 0 {
+            text.push_str(&format!("{n}{unit}"));
+        }
+    }
+    text
 }
 
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.decision {
+            Explained::Allowed { .. } if self.gate_unreadable() => writeln!(
+                f,
+                "decision: allowed, as far as known without the running gate's state"
+            )?,
             Explained::Allowed { .. } => writeln!(f, "decision: allowed")?,
             Explained::Refused { rule, list, .. } => {
                 writeln!(f, "decision: refused")?;
@@ -253,6 +390,10 @@ impl fmt::Display for Explanation {
                 if let Some(list) = list {
                     writeln!(f, "list: {list}")?;
                 }
+            }
+            Explained::RateLimited { limit, .. } => {
+                writeln!(f, "decision: rate limited")?;
+                writeln!(f, "rule: {limit}")?;
             }
         }
         if let Some(name) = &self.username {
@@ -273,6 +414,11 @@ impl fmt::Display for Explanation {
                 error,
                 ..
             } => writeln!(f, "answer: {status} {errcode}: {error}")?,
+            Explained::RateLimited { retry_after_ms, .. } => writeln!(
+                f,
+                "answer: 429 M_LIMIT_EXCEEDED: Too many requests (retry after {})",
+                wait(*retry_after_ms)
+            )?,
         }
         if self.shadow {
             writeln!(
@@ -280,39 +426,161 @@ impl fmt::Display for Explanation {
                 "mode: shadow (a refused request is forwarded as sent, and only logged)"
             )?;
         }
-        if let Some(lockdown) = &self.lockdown {
-            writeln!(
+        self.fmt_live_rules(f)?;
+        self.fmt_limits(f)?;
+        match &self.gate {
+            GateRead::NotAsked => writeln!(
                 f,
-                "lockdown: configured: {} registrations within {} close registration for {} \
-                 (whether it is closed now is state of the running gate: \
-                 gatekeeper_registration_lockdown)",
+                "live state: not read (temporary bans, whether registration is closed now, \
+                 the client's remaining budgets); --admin URL of the gate's admin listener \
+                 reads them"
+            ),
+            GateRead::Read(state) => writeln!(f, "live state: read from {}", state.url),
+            GateRead::Failed { url, error } => {
+                writeln!(f, "live state: could not be read from {url}: {error}")
+            }
+        }
+    }
+}
+
+impl Explanation {
+    /// The lines on bans, the lockdown and the DNSBLs.
+    fn fmt_live_rules(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gate = match &self.gate {
+            GateRead::Read(state) => Some(state),
+            _ => None,
+        };
+        if let Some(gate) = gate {
+            let covering = self
+                .ip
+                .and_then(|ip| gate.bans.iter().find(|ban| ban.covers(ip)));
+            match (covering, self.ip) {
+                (Some(ban), _) => {
+                    write!(
+                        f,
+                        "temporary ban: {} covers the address, {} more",
+                        ban.cidr,
+                        wait(ban.remaining_ms)
+                    )?;
+                    if !ban.reason.is_empty() {
+                        write!(f, " (reason: {:?})", ban.reason)?;
+                    }
+                    writeln!(f)?;
+                }
+                (None, Some(ip)) => writeln!(
+                    f,
+                    "temporary bans: none covers {ip} ({} in force)",
+                    gate.bans.len()
+                )?,
+                (None, None) => writeln!(
+                    f,
+                    "temporary bans: {} in force (--ip checks an address)",
+                    gate.bans.len()
+                )?,
+            }
+        }
+        if let Some(lockdown) = &self.lockdown {
+            write!(
+                f,
+                "lockdown: configured: {} registrations within {} close registration for {}",
                 lockdown.count, lockdown.period, lockdown.close_for
             )?;
+            if gate.is_none() {
+                write!(
+                    f,
+                    " (whether it is closed now is state of the running gate: \
+                     gatekeeper_registration_lockdown)"
+                )?;
+            }
+            writeln!(f)?;
         }
-        if !self.dnsbl.is_empty() {
-            writeln!(
+        if let Some(gate) = gate {
+            let applies = if self.registration {
+                ""
+            } else {
+                " (it refuses registrations, not token requests)"
+            };
+            match (gate.lockdown.closed, gate.lockdown.remaining_ms) {
+                (true, Some(ms)) => writeln!(
+                    f,
+                    "lockdown: registration is closed now, {} more{applies}",
+                    wait(ms)
+                )?,
+                (true, None) => writeln!(f, "lockdown: registration is closed now{applies}")?,
+                (false, _) => writeln!(f, "lockdown: registration is open now")?,
+            }
+        }
+        if self.dnsbl.is_empty() {
+            return Ok(());
+        }
+        let asked = self.dnsbl.join(", ");
+        match &self.dnsbl_answer {
+            None if self.ip.is_none() => writeln!(
                 f,
-                "dnsbl: would ask {} (a listing refuses with rule dnsbl; \
-                 no lookup is made here)",
-                self.dnsbl.join(", ")
-            )?;
+                "dnsbl: would ask {asked} (a listing refuses with rule dnsbl; \
+                 --ip looks an address up)"
+            ),
+            None => writeln!(
+                f,
+                "dnsbl: would ask {asked} (a listing refuses with rule dnsbl; \
+                 no lookup made: --no-dns)"
+            ),
+            Some(DnsblAnswer::NotListed) => writeln!(f, "dnsbl: not listed (asked {asked})"),
+            Some(DnsblAnswer::Listed { zone }) => writeln!(
+                f,
+                "dnsbl: listed in {zone} (asked {asked}): refused with rule dnsbl"
+            ),
+            Some(DnsblAnswer::Failed { zone, error }) => {
+                let outcome = match self.on_dnsbl_error {
+                    OnDnsblError::Allow => "lets the request on",
+                    OnDnsblError::Deny => "refuses it with rule dnsbl_error",
+                };
+                writeln!(
+                    f,
+                    "dnsbl: the lookup in {zone} failed: {error} (asked {asked}); \
+                     on_dnsbl_error = \"{}\" {outcome}",
+                    self.on_dnsbl_error.as_str()
+                )
+            }
         }
+    }
+
+    /// The limits, with what is left of each when it was read.
+    fn fmt_limits(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.limits.is_empty() {
             return writeln!(f, "limits: none (refused before any limit counts)");
         }
-        writeln!(
-            f,
-            "limits (counted in this order; their current state is in the running gate):"
-        )?;
+        let read = self.limits.iter().any(|limit| limit.own_key.is_some());
+        let state = match (&self.gate, read) {
+            (_, true) => "what is left now, read from the running gate",
+            (GateRead::Read(_), false) => "--ip reads what a client has left",
+            _ => "their current state is in the running gate",
+        };
+        writeln!(f, "limits (counted in this order; {state}):")?;
         for limit in &self.limits {
-            match &limit.spec {
-                Some(spec) => writeln!(
-                    f,
-                    "  {}: {} per {}, key {}, refunded {}",
-                    limit.name, spec.count, spec.period, limit.key, limit.refunded
-                )?,
-                None => writeln!(f, "  {}: not set", limit.name)?,
+            let Some(spec) = &limit.spec else {
+                writeln!(f, "  {}: not set", limit.name)?;
+                continue;
+            };
+            write!(
+                f,
+                "  {}: {} per {}, key {}, refunded {}",
+                limit.name, spec.count, spec.period, limit.key, limit.refunded
+            )?;
+            if let Some(budget) = &limit.live {
+                let shared = budget
+                    .counted_as
+                    .as_deref()
+                    .filter(|k| *k != "*" && Some(*k) != limit.own_key.as_deref());
+                if let Some(shared) = shared {
+                    write!(f, ", counted under the shared key {shared}")?;
+                }
+                write!(f, "; {} of {} left", budget.remaining, budget.burst)?;
+                if budget.remaining == 0 {
+                    write!(f, ", next in {}", wait(budget.next_unit_in_ms))?;
+                }
             }
+            writeln!(f)?;
         }
         Ok(())
     }
@@ -572,6 +840,259 @@ mod tests {
         assert!(
             text.contains("  token_requests_per_ip: 5 per 1h, key 192.0.2.7"),
             "{text}"
+        );
+    }
+    fn gate_state(bans: &[&str], closed: bool, limits: &[(&str, u32)]) -> GateRead {
+        GateRead::Read(GateState {
+            url: "http://127.0.0.1:9009".into(),
+            bans: bans
+                .iter()
+                .map(|cidr| LiveBan {
+                    cidr: (*cidr).to_owned(),
+                    remaining_ms: 3_600_000,
+                    reason: "wave".into(),
+                })
+                .collect(),
+            lockdown: LockdownState {
+                closed,
+                remaining_ms: closed.then_some(1_800_000),
+            },
+            client: Some(ClientState {
+                key: "192.0.2.7".into(),
+                store: "memory".into(),
+                limits: limits
+                    .iter()
+                    .map(|(name, remaining)| {
+                        let budget = LiveBudget {
+                            burst: 3,
+                            remaining: *remaining,
+                            next_unit_in_ms: 1_200_000,
+                            counted_as: Some("192.0.2.7".into()),
+                        };
+                        ((*name).to_owned(), budget)
+                    })
+                    .collect(),
+            }),
+        })
+    }
+
+    fn live_ask(toml: &str, q: Question, live: Live) -> Explanation {
+        explain_with(&Config::from_toml(toml).unwrap(), &q, &live)
+    }
+
+    fn rule(explanation: &Explanation) -> &'static str {
+        match &explanation.decision {
+            Explained::Refused { rule, .. } => rule,
+            Explained::RateLimited { limit, .. } => limit,
+            Explained::Allowed { .. } => "allowed",
+        }
+    }
+
+    const LIMITS: &str = "[rate_limit]\nattempts_per_ip = { count = 3, period = \"1h\" }\n\
+                          registrations_per_ip = { count = 3, period = \"1h\" }\n";
+
+    fn alice_from(ip: &str) -> Question {
+        Question {
+            username: Some("alice".into()),
+            ip: Some(ip.parse().unwrap()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn live_state_decides_in_the_gates_order() {
+        let listed = Some(DnsblAnswer::Listed {
+            zone: "a.test".into(),
+        });
+        let dnsbl = "[reputation]\ndnsbl = [\"a.test\"]\n";
+        let everything = Live {
+            dnsbl: listed.clone(),
+            gate: gate_state(&["192.0.2.0/24"], true, &[("attempts_per_ip", 0)]),
+        };
+        // The configured deny list comes first, then the ban, the DNSBL,
+        // the lockdown, and the limits.
+        let deny = format!("{dnsbl}[client_ip]\ndeny = [\"192.0.2.7\"]\n");
+        let q = alice_from("192.0.2.7");
+        assert_eq!(
+            rule(&live_ask(&deny, q.clone(), everything.clone())),
+            "denied_client"
+        );
+        let banned = live_ask(dnsbl, q.clone(), everything.clone());
+        assert_eq!(rule(&banned), "temporary_ban");
+        let text = banned.to_string();
+        assert!(text.contains("answer: 403 M_FORBIDDEN"), "{text}");
+        assert!(
+            text.contains("temporary ban: 192.0.2.0/24 covers the address, 1h more"),
+            "{text}"
+        );
+        let unbanned = Live {
+            gate: gate_state(&["198.51.100.0/24"], true, &[("attempts_per_ip", 0)]),
+            ..everything.clone()
+        };
+        assert_eq!(rule(&live_ask(dnsbl, q.clone(), unbanned.clone())), "dnsbl");
+        let clean = Live {
+            dnsbl: Some(DnsblAnswer::NotListed),
+            ..unbanned
+        };
+        let closed = live_ask(dnsbl, q.clone(), clean.clone());
+        assert_eq!(rule(&closed), "lockdown");
+        assert!(
+            closed
+                .to_string()
+                .contains("lockdown: registration is closed now, 30m more"),
+            "{closed}"
+        );
+        let open = Live {
+            gate: gate_state(&[], false, &[("attempts_per_ip", 0)]),
+            ..clean
+        };
+        let limited = live_ask(&format!("{dnsbl}{LIMITS}"), q.clone(), open.clone());
+        assert_eq!(
+            limited.decision,
+            Explained::RateLimited {
+                limit: "attempts_per_ip",
+                retry_after_ms: 1_200_000
+            }
+        );
+        let text = limited.to_string();
+        assert!(
+            text.contains("decision: rate limited\nrule: attempts_per_ip\n"),
+            "{text}"
+        );
+        assert!(text.contains("retry after 20m"), "{text}");
+        assert!(
+            text.contains("  attempts_per_ip: 3 per 1h, key 192.0.2.7, refunded never; 0 of 3 left, next in 20m"),
+            "{text}"
+        );
+        // Every attempt counts before the name is judged.
+        let name = Question {
+            username: Some("adm1n".into()),
+            ..q.clone()
+        };
+        assert_eq!(
+            rule(&live_ask(LIMITS, name.clone(), open)),
+            "attempts_per_ip"
+        );
+        // The reservation comes after the name: a refused name is refused
+        // by its rule, an accepted one by the spent registrations.
+        let spent = Live {
+            dnsbl: None,
+            gate: gate_state(
+                &[],
+                false,
+                &[("attempts_per_ip", 2), ("registrations_per_ip", 0)],
+            ),
+        };
+        assert_eq!(rule(&live_ask(LIMITS, name, spent.clone())), "lookalike");
+        let reserved = live_ask(LIMITS, q, spent);
+        assert_eq!(rule(&reserved), "registrations_per_ip");
+        assert!(!reserved.allowed());
+        assert!(
+            reserved.to_string().contains(
+                "attempts_per_ip: 3 per 1h, key 192.0.2.7, refunded never; 2 of 3 left\n"
+            ),
+            "{reserved}"
+        );
+    }
+
+    #[test]
+    fn a_budget_counted_under_a_shared_key_says_so() {
+        let mut gate = gate_state(&[], false, &[("attempts_per_ip", 1)]);
+        if let GateRead::Read(GateState {
+            client: Some(client),
+            ..
+        }) = &mut gate
+        {
+            for budget in client.limits.values_mut() {
+                budget.counted_as = Some("192.0.0.0/16".into());
+            }
+        }
+        let live = Live { dnsbl: None, gate };
+        let text = live_ask(LIMITS, alice_from("192.0.2.7"), live).to_string();
+        assert!(
+            text.contains(
+                "attempts_per_ip: 3 per 1h, key 192.0.2.7, refunded never, \
+                 counted under the shared key 192.0.0.0/16; 1 of 3 left\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_lockdown_refuses_registrations_not_token_requests() {
+        let closed = Live {
+            dnsbl: None,
+            gate: gate_state(&[], true, &[]),
+        };
+        let token = Question {
+            email: Some("alice@example.org".into()),
+            ..alice_from("192.0.2.7")
+        };
+        let explained = live_ask("", token, closed);
+        assert!(explained.allowed(), "{explained}");
+        assert!(
+            explained
+                .to_string()
+                .contains("it refuses registrations, not token requests"),
+            "{explained}"
+        );
+    }
+
+    #[test]
+    fn a_failed_dnsbl_lookup_decides_per_on_dnsbl_error() {
+        let failed = Live {
+            dnsbl: Some(DnsblAnswer::Failed {
+                zone: "a.test".into(),
+                error: "no answer within the timeout".into(),
+            }),
+            gate: GateRead::NotAsked,
+        };
+        let zones = "[reputation]\ndnsbl = [\"a.test\"]\n";
+        let allowed = live_ask(zones, alice_from("192.0.2.7"), failed.clone());
+        assert!(allowed.allowed(), "{allowed}");
+        let text = allowed.to_string();
+        assert!(
+            text.contains("dnsbl: the lookup in a.test failed: no answer within the timeout"),
+            "{text}"
+        );
+        assert!(
+            text.contains("on_dnsbl_error = \"allow\" lets the request on"),
+            "{text}"
+        );
+        let deny = format!("{zones}on_dnsbl_error = \"deny\"\n");
+        let refused = live_ask(&deny, alice_from("192.0.2.7"), failed);
+        assert_eq!(rule(&refused), "dnsbl_error");
+    }
+
+    #[test]
+    fn says_when_live_state_was_not_read_or_could_not_be() {
+        let text = ask("", Question::default()).to_string();
+        assert!(
+            text.contains(
+                "live state: not read (temporary bans, whether registration is closed now"
+            ),
+            "{text}"
+        );
+        let failed = Live {
+            dnsbl: None,
+            gate: GateRead::Failed {
+                url: "http://127.0.0.1:9".into(),
+                error: "connection refused".into(),
+            },
+        };
+        let explained = live_ask("", alice_from("192.0.2.7"), failed);
+        assert!(explained.gate_unreadable());
+        assert!(
+            explained.to_string().starts_with(
+                "decision: allowed, as far as known without the running gate's state\n"
+            ),
+            "{explained}"
+        );
+        assert!(
+            explained.to_string().contains(
+                "live state: could not be read from http://127.0.0.1:9: connection refused"
+            ),
+            "{explained}"
         );
     }
 }

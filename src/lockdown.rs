@@ -13,6 +13,12 @@
 //!
 //! The replica whose registration closed registration announces
 //! `lockdown_started` and, at the end, `lockdown_ended`.
+//!
+//! Closing or reopening by hand works while Redis fails too: the replica
+//! that took it applies it at once, on its own, and writes it to Redis when
+//! Redis answers again (a closing only if it is still in force then), so
+//! the other replicas follow. Until then a Redis that comes back, even
+//! empty, does not undo it here.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -135,6 +141,33 @@ struct LocalState {
     closed_until: Option<Instant>,
     /// Bumped by every closing, so an old end timer does nothing.
     generation: u64,
+    /// A closing or reopening by hand Redis did not take, to write there
+    /// when it answers again.
+    pending: Option<Pending>,
+    /// Numbers the pending actions, so one taken while an older one was
+    /// being written is not forgotten.
+    pending_seq: u64,
+}
+
+/// An action by hand waiting for Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// Closed until then (local clock).
+    Close(u64, Instant),
+    /// Reopened.
+    Reopen(u64),
+}
+
+/// Where a closing or reopening by hand took effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    /// Written to Redis: every replica follows within a second.
+    EveryReplica,
+    /// This replica: its state is its own (the memory store).
+    ThisReplica,
+    /// This replica only, because Redis did not answer (the error); it is
+    /// written to Redis when Redis answers again.
+    ThisReplicaUntilRedisAnswers(String),
 }
 
 /// How a completed registration changed the lockdown.
@@ -363,45 +396,135 @@ impl Lockdown {
     }
 
     /// Closes registration by hand for `duration` (a longer closing in
-    /// force stays), on every replica when the state is in Redis. Fails
-    /// only when Redis does not take it; then nothing changed.
-    pub async fn close_by_hand(
-        &self,
-        duration: Duration,
-    ) -> Result<Duration, crate::ratelimit::redis::StoreError> {
-        let remaining = match &self.redis {
-            Some(redis) => {
-                let [remaining, _] = self.run_manual(redis, "close", duration).await?;
-                Duration::from_micros(u64::try_from(remaining).unwrap_or(0))
-            }
-            None => duration,
+    /// force stays), on every replica when the state is in Redis. When
+    /// Redis does not take it, it closes this replica alone and is written
+    /// to Redis once Redis answers, if still in force. Returns how long
+    /// registration stays closed here, and where the closing took effect.
+    pub async fn close_by_hand(&self, duration: Duration) -> (Duration, Reach) {
+        let (remaining, reach) = match &self.redis {
+            Some(redis) => match self.run_manual(redis, "close", duration).await {
+                Ok([remaining, _]) => {
+                    self.clear_pending(None);
+                    let remaining = Duration::from_micros(u64::try_from(remaining).unwrap_or(0));
+                    (remaining, Reach::EveryReplica)
+                }
+                Err(error) => {
+                    let until = Instant::now() + duration;
+                    self.set_pending(|seq| Pending::Close(seq, until));
+                    tracing::warn!(
+                        %error,
+                        "registration closed by hand on this replica only: redis did not answer; \
+                         the closing is written to redis when it answers again"
+                    );
+                    (
+                        duration,
+                        Reach::ThisReplicaUntilRedisAnswers(error.to_string()),
+                    )
+                }
+            },
+            None => (duration, Reach::ThisReplica),
         };
         self.close(None, remaining, false);
         let closed_for = self.closed_for().unwrap_or(remaining);
         self.shared.notifier.send(Event::ManualLockdownStarted {
             until: SystemTime::now() + closed_for,
         });
-        Ok(closed_for)
+        (closed_for, reach)
     }
 
     /// Reopens registration by hand now, on every replica when the state
     /// is in Redis (the others follow within a second); the window starts
-    /// afresh.
-    pub async fn reopen_by_hand(&self) -> Result<(), crate::ratelimit::redis::StoreError> {
-        if let Some(redis) = &self.redis {
-            let [_, sequence] = self.run_manual(redis, "reopen", Duration::ZERO).await?;
-            self.shared.reopened_seen.store(sequence, Ordering::Relaxed);
-        }
+    /// afresh. When Redis does not take it, it reopens this replica alone
+    /// and is written to Redis once Redis answers.
+    pub async fn reopen_by_hand(&self) -> Reach {
+        let reach = match &self.redis {
+            Some(redis) => match self.run_manual(redis, "reopen", Duration::ZERO).await {
+                Ok([_, sequence]) => {
+                    self.clear_pending(None);
+                    self.shared.reopened_seen.store(sequence, Ordering::Relaxed);
+                    Reach::EveryReplica
+                }
+                Err(error) => {
+                    self.set_pending(Pending::Reopen);
+                    tracing::warn!(
+                        %error,
+                        "registration reopened by hand on this replica only: redis did not \
+                         answer; the reopening is written to redis when it answers again"
+                    );
+                    Reach::ThisReplicaUntilRedisAnswers(error.to_string())
+                }
+            },
+            None => Reach::ThisReplica,
+        };
         self.reopen_locally();
         self.shared.notifier.send(Event::ManualLockdownEnded);
+        reach
+    }
+
+    /// Records an action by hand Redis did not take (replacing an older
+    /// one: the last action wins).
+    fn set_pending(&self, pending: impl FnOnce(u64) -> Pending) {
+        let mut state = self.shared.lock();
+        state.pending_seq += 1;
+        state.pending = Some(pending(state.pending_seq));
+    }
+
+    /// Forgets the pending action: `Some(seq)` only if it is still that
+    /// one, `None` whichever it is (Redis took a newer action).
+    fn clear_pending(&self, seq: Option<u64>) {
+        let mut state = self.shared.lock();
+        let current = match state.pending {
+            Some(Pending::Close(seq, _) | Pending::Reopen(seq)) => seq,
+            None => return,
+        };
+        if seq.is_none_or(|seq| seq == current) {
+            state.pending = None;
+        }
+    }
+
+    /// Writes an action by hand Redis did not take when it was made; a
+    /// closing that has ended meanwhile is dropped.
+    async fn write_pending(
+        &self,
+        redis: &RedisStore,
+    ) -> Result<(), crate::ratelimit::redis::StoreError> {
+        let pending = self.shared.lock().pending;
+        match pending {
+            None => {}
+            Some(Pending::Close(seq, until)) => {
+                let left = until.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    let [remaining, _] = self.run_manual(redis, "close", left).await?;
+                    let remaining = Duration::from_micros(u64::try_from(remaining).unwrap_or(0));
+                    self.close(None, remaining, false);
+                    tracing::info!(
+                        "redis answers again: the closing by hand made without it is now shared"
+                    );
+                }
+                self.clear_pending(Some(seq));
+            }
+            Some(Pending::Reopen(seq)) => {
+                let [_, sequence] = self.run_manual(redis, "reopen", Duration::ZERO).await?;
+                self.shared.reopened_seen.store(sequence, Ordering::Relaxed);
+                self.clear_pending(Some(seq));
+                tracing::info!(
+                    "redis answers again: the reopening by hand made without it is now shared"
+                );
+            }
+        }
         Ok(())
     }
 
     /// Follows Redis: a closing by hand on another replica closes here, a
-    /// reopening by hand reopens here. Called every second by each replica
+    /// reopening by hand reopens here. An action by hand taken here while
+    /// Redis failed is written first. Called every second by each replica
     /// using Redis; does nothing without it.
     pub async fn follow_store(&self) {
         let Some(redis) = &self.redis else { return };
+        if let Err(error) = self.write_pending(redis).await {
+            tracing::debug!(%error, "lockdown sync could not reach redis");
+            return;
+        }
         let [remaining, sequence] = match self.run_manual(redis, "sync", Duration::ZERO).await {
             Ok(answer) => answer,
             Err(error) => {
@@ -409,8 +532,10 @@ impl Lockdown {
                 return;
             }
         };
+        // Only a higher sequence is a reopening: a lower one is a Redis
+        // that lost its data (restarted empty), which reopened nothing.
         let seen = self.shared.reopened_seen.swap(sequence, Ordering::Relaxed);
-        if seen >= 0 && seen != sequence {
+        if seen >= 0 && sequence > seen {
             self.reopen_locally();
         }
         if remaining > 0 {

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use matrix_gatekeeper::config::{Config, ConfigError, UpstreamConfig};
-use matrix_gatekeeper::explain::{explain, Question};
+use matrix_gatekeeper::config::{AdminConfig, Config, ConfigError, UpstreamConfig};
+use matrix_gatekeeper::explain::{
+    explain_with, look_up_dnsbl, read_gate, AdminTarget, GateRead, Live, Question,
+};
 use matrix_gatekeeper::probe;
 use matrix_gatekeeper::server::{shutdown_signal, Server};
 use matrix_gatekeeper::telemetry::init_logging;
@@ -15,6 +17,9 @@ use matrix_gatekeeper::telemetry::init_logging;
 const EXIT_CONFIG: u8 = 64;
 /// Exit status when the listen addresses cannot be bound (EX_OSERR).
 const EXIT_BIND: u8 = 71;
+/// Exit status of `explain --admin` when the running gate's state could not
+/// be read (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
 #[command(
@@ -41,8 +46,9 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Print the decision the policy takes on a registration, the rule that
+    /// Print the decision the gate takes on a registration, the rule that
     /// made it, and the rate limits the request counts against.
+    #[command(after_long_help = EXPLAIN_NOTES)]
     Explain {
         /// Configuration file; without it, the embedded example configuration.
         #[arg(long, short)]
@@ -63,6 +69,18 @@ enum Command {
         /// (`[email]` domain rules and lists) instead of a registration.
         #[arg(long, conflicts_with_all = ["username", "guest"])]
         email: Option<String>,
+        /// Make no DNSBL lookup of `--ip` (only name the queries).
+        #[arg(long)]
+        no_dns: bool,
+        /// The running gate's admin listener (`http://127.0.0.1:9009`):
+        /// read its temporary bans, whether registration is closed, and
+        /// what `--ip` has left of each limit.
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// The admin token's file, instead of `[admin] token_file` of the
+        /// configuration.
+        #[arg(long, value_name = "PATH", requires = "admin")]
+        admin_token_file: Option<PathBuf>,
     },
     /// Check from outside that every spelling of every registration route
     /// is answered by the gate.
@@ -97,6 +115,18 @@ enum Command {
         url: String,
     },
 }
+
+/// The part of `explain --help` that does not fit one option.
+const EXPLAIN_NOTES: &str = "\
+With --ip and [reputation] dnsbl configured, the DNSBL lookups the gate
+would make are made (unless --no-dns). With --admin, the running gate's
+temporary bans, lockdown and the client's remaining budgets are read from
+its admin API and decide as they would in the gate; without it, they are
+not read.
+
+Exit status: 0 allowed; 1 refused or rate limited; 64 the configuration,
+--admin URL or admin token cannot be used; 69 the admin API could not be
+read (the explanation without it is printed).";
 
 /// The part of `probe --help` that does not fit one option.
 const PROBE_NOTES: &str = "\
@@ -147,27 +177,56 @@ fn main() -> ExitCode {
             ip,
             user_agent,
             email,
+            no_dns,
+            admin,
+            admin_token_file,
         } => {
             let config = match load_or_exit(config_path.as_ref()) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            let explained = explain(
-                &config,
-                &Question {
-                    username,
-                    guest,
-                    ip,
-                    user_agent,
-                    email,
-                },
-            );
+            let question = Question {
+                username,
+                guest,
+                ip,
+                user_agent,
+                email,
+            };
+            let admin = match admin
+                .map(|url| admin_target(&config, &url, admin_token_file.as_ref()))
+                .transpose()
+            {
+                Ok(admin) => admin,
+                Err(error) => {
+                    eprintln!("explain: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let runtime = match runtime(1) {
+                Ok(runtime) => runtime,
+                Err(code) => return code,
+            };
+            let live = runtime.block_on(async {
+                let dnsbl = match ip.filter(|_| !no_dns) {
+                    Some(ip) => look_up_dnsbl(&config, ip).await,
+                    None => None,
+                };
+                let gate = match &admin {
+                    Some(target) => read_gate(target, ip).await,
+                    None => GateRead::NotAsked,
+                };
+                Live { dnsbl, gate }
+            });
+            let explained = explain_with(&config, &question, &live);
             let source = config_path
                 .as_ref()
                 .map_or_else(|| "embedded".to_owned(), |p| p.display().to_string());
             println!("configuration: {source}");
             print!("{explained}");
-            if explained.allowed() {
+            if let GateRead::Failed { url, error } = &explained.gate {
+                eprintln!("explain: the gate's state could not be read from {url}: {error}");
+                ExitCode::from(EXIT_UNAVAILABLE)
+            } else if explained.allowed() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -193,6 +252,26 @@ fn main() -> ExitCode {
             serve(config, path)
         }
     }
+}
+
+/// The admin listener `explain --admin` reads, with the token of
+/// `token_file` or else of the configuration's `[admin] token_file`.
+fn admin_target(
+    config: &Config,
+    url: &str,
+    token_file: Option<&PathBuf>,
+) -> Result<AdminTarget, String> {
+    let admin = match token_file {
+        Some(path) => AdminConfig {
+            token_file: Some(path.clone()),
+        },
+        None => config.admin.clone(),
+    };
+    let token = admin.token().map_err(|error| error.to_string())?.ok_or(
+        "--admin needs the admin token: set [admin] token_file in the configuration \
+         or pass --admin-token-file",
+    )?;
+    AdminTarget::new(url, token).map_err(|error| format!("--admin {error}"))
 }
 
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {

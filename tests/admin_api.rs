@@ -7,28 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::admin::{admin, gate, token_file, toml, LIMITS, TOKEN};
+use common::admin::{admin, gate, register, token_file, toml, LIMITS, TOKEN};
 use common::redis_server::RedisServer;
-use common::{send, Answer, FakeHomeserver, Gate};
+use common::{send, FakeHomeserver, Gate};
 use http::Method;
 use matrix_gatekeeper::Config;
-
-const REGISTER: &str = "/_matrix/client/v3/register";
-/// A registration from `client` (through the trusted proxy) that the
-/// homeserver completes.
-async fn register(gate: &Gate, client: &str) -> Answer {
-    send(
-        Method::POST,
-        &gate.url(REGISTER),
-        &[
-            ("content-type", "application/json"),
-            ("x-forwarded-for", client),
-            ("x-test-status", "200"),
-        ],
-        r#"{"username":"someone"}"#,
-    )
-    .await
-}
 
 /// Retries `check` until it holds; fails after `within`.
 async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
@@ -131,6 +114,9 @@ async fn a_locked_out_client_is_inspected_and_reset() {
     .await;
     assert_eq!(reset.status, 200, "{:?}", reset.body);
     assert_eq!(reset.json()["reset"], true);
+    assert_eq!(reset.json()["counted_as"], client);
+    assert_eq!(reset.json()["shared"], false);
+    assert!(reset.json().get("note").is_none());
     assert_eq!(register(&gate, client).await.status, 200);
     let after = admin(&gate, Method::GET, &format!("/v1/clients/{client}"), "").await;
     let limits = &after.json()["limits"];
@@ -141,6 +127,71 @@ async fn a_locked_out_client_is_inspected_and_reset() {
     // IPv6 clients are shown and reset by their prefix (escaped or not).
     let v6 = admin(&gate, Method::GET, "/v1/clients/2001%3Adb8%3A%3A1", "").await;
     assert_eq!(v6.json()["key"], "2001:db8::", "{}", v6.json());
+}
+
+#[tokio::test]
+async fn a_client_counted_under_a_shared_key_is_shown_and_reset_under_it() {
+    let hs = FakeHomeserver::start().await;
+    let path = token_file("shared-key", TOKEN);
+    // An eighth of the cap is the room for coarse keys: one here.
+    let limits = format!("{LIMITS}max_tracked_clients = 8\n");
+    let gate = gate(&hs, &limits, Some(&path)).await;
+    for i in 1..=8 {
+        assert_eq!(register(&gate, &format!("10.0.0.{i}")).await.status, 200);
+    }
+    // Over the cap: two new clients of 192.0.0.0/16 share one budget.
+    let (client, neighbour) = ("192.0.2.1", "192.0.7.7");
+    assert_eq!(register(&gate, neighbour).await.status, 200);
+    assert_eq!(register(&gate, neighbour).await.status, 200);
+    register(&gate, client)
+        .await
+        .assert_error(429, "M_LIMIT_EXCEEDED");
+
+    let seen = admin(&gate, Method::GET, &format!("/v1/clients/{client}"), "").await;
+    let json = seen.json();
+    assert_eq!(json["key"], client, "{json}");
+    assert_eq!(json["counted_as"], "192.0.0.0/16", "{json}");
+    assert_eq!(json["shared"], true, "{json}");
+    let limit = &json["limits"]["registrations_per_ip"];
+    assert_eq!(limit["counted_as"], "192.0.0.0/16", "{json}");
+    assert_eq!(limit["remaining"], 0, "the shared budget: {json}");
+    assert_eq!(json["limits"]["registrations_global"]["counted_as"], "*");
+    // A client tracked on its own is shown under its own key.
+    let own = admin(&gate, Method::GET, "/v1/clients/10.0.0.2", "")
+        .await
+        .json();
+    assert_eq!(
+        (&own["counted_as"], &own["shared"]),
+        (&"10.0.0.2".into(), &false.into()),
+        "{own}"
+    );
+
+    let reset = admin(
+        &gate,
+        Method::DELETE,
+        &format!("/v1/clients/{client}/limits"),
+        "",
+    )
+    .await;
+    assert_eq!(reset.status, 200, "{:?}", reset.body);
+    let json = reset.json();
+    assert_eq!(json["counted_as"], "192.0.0.0/16", "{json}");
+    assert_eq!(json["shared"], true);
+    assert_eq!(json["limits"]["registrations_per_ip"], "192.0.0.0/16");
+    let note = json["note"].as_str().unwrap();
+    assert!(note.contains("every client counted under it"), "{note}");
+    // The shared key was reset: the client and its neighbour pass again.
+    assert_eq!(register(&gate, client).await.status, 200);
+    assert_eq!(register(&gate, neighbour).await.status, 200);
+    register(&gate, neighbour)
+        .await
+        .assert_error(429, "M_LIMIT_EXCEEDED");
+    // With the coarse keys' room taken, a client of another network is
+    // counted under the one overflow key.
+    let far = admin(&gate, Method::GET, "/v1/clients/172.16.0.1", "")
+        .await
+        .json();
+    assert_eq!(far["counted_as"], "overflow", "{far}");
 }
 
 #[tokio::test]
@@ -479,5 +530,143 @@ async fn redis_replicas_share_bans_resets_and_lockdowns() {
     eventually(Duration::from_secs(10), "A reopens", || async {
         register(&a, "192.0.2.12").await.status == 200
     })
+    .await;
+}
+
+/// Every registration through `gate` for `within` is answered `status`.
+async fn always(gate: &Gate, status: u16, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let answer = register(gate, "192.0.2.20").await;
+        assert_eq!(answer.status, status, "{what}: {:?}", answer.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn registration_is_closed_and_reopened_by_hand_while_redis_is_down() {
+    let mut redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let path = token_file("redis-down", TOKEN);
+    let shared = format!(
+        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+         [rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"300ms\"\n\
+         registrations_per_ip = {{ count = 1000, period = \"1h\" }}\n",
+        redis.url()
+    );
+    let a = gate(&hs, &shared, Some(&path)).await;
+    let b = gate(&hs, &shared, Some(&path)).await;
+    // A closing and a reopening through Redis first: the replicas have
+    // seen a reopening, which a Redis restarted empty forgets.
+    let closed = admin(&a, Method::POST, "/v1/lockdown", r#"{"duration":"1h"}"#).await;
+    assert_eq!(closed.json()["scope"], "every_replica", "{:?}", closed.body);
+    let reopened = admin(&a, Method::DELETE, "/v1/lockdown", "").await;
+    assert_eq!(reopened.status, 200, "{:?}", reopened.body);
+    assert_eq!(reopened.json()["scope"], "every_replica");
+    eventually(Duration::from_secs(10), "both open", || async {
+        register(&a, "192.0.2.20").await.status == 200
+            && register(&b, "192.0.2.20").await.status == 200
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Redis down: the closing takes effect on A alone, and says so.
+    redis.kill();
+    let closed = admin(&a, Method::POST, "/v1/lockdown", r#"{"duration":"1h"}"#).await;
+    assert_eq!(closed.status, 202, "{:?}", closed.body);
+    let json = closed.json();
+    assert_eq!(json["closed"], true, "{json}");
+    assert_eq!(json["scope"], "this_replica", "{json}");
+    assert!(json["redis_error"].as_str().is_some_and(|e| !e.is_empty()));
+    assert!(
+        json["note"].as_str().unwrap().contains("this replica only"),
+        "{json}"
+    );
+    assert!(json["remaining_ms"].as_u64().unwrap() > 3_500_000, "{json}");
+    let refused = register(&a, "192.0.2.20").await;
+    refused.assert_error(403, "M_FORBIDDEN");
+    assert_eq!(
+        refused.json()["error"],
+        "Registration is temporarily closed"
+    );
+    assert_eq!(register(&b, "192.0.2.20").await.status, 200);
+
+    // Redis back, empty: A stays closed and writes the closing to Redis,
+    // and B follows it.
+    redis.restart().await;
+    eventually(Duration::from_secs(15), "B follows A's closing", || async {
+        let a_refused = register(&a, "192.0.2.20").await;
+        assert_eq!(a_refused.status, 403, "A reopened: {:?}", a_refused.body);
+        register(&b, "192.0.2.20").await.status == 403
+    })
+    .await;
+    // Every replica reads Redis once a second: a few more reads on A.
+    always(
+        &a,
+        403,
+        Duration::from_millis(2500),
+        "A after Redis came back",
+    )
+    .await;
+    assert_eq!(redis.keys("{mgk}:lockdown:until").await.len(), 1);
+    let state = admin(&b, Method::GET, "/v1/lockdown", "").await.json();
+    assert!(
+        state["remaining_ms"].as_u64().unwrap() > 3_400_000,
+        "{state}"
+    );
+
+    // Redis down again: B reopens itself alone; once Redis is back, the
+    // reopening reaches A.
+    redis.kill();
+    let reopened = admin(&b, Method::DELETE, "/v1/lockdown", "").await;
+    assert_eq!(reopened.status, 202, "{:?}", reopened.body);
+    assert_eq!(reopened.json()["closed"], false);
+    assert_eq!(reopened.json()["scope"], "this_replica");
+    assert_eq!(register(&b, "192.0.2.20").await.status, 200);
+    register(&a, "192.0.2.20")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    redis.restart().await;
+    eventually(
+        Duration::from_secs(15),
+        "A follows B's reopening",
+        || async { register(&a, "192.0.2.20").await.status == 200 },
+    )
+    .await;
+    always(&b, 200, Duration::from_secs(2), "B after Redis came back").await;
+
+    // A Redis restarted empty has forgotten the reopenings it counted:
+    // that is no reopening, and a closing the replicas know of stays.
+    let closed = admin(&a, Method::POST, "/v1/lockdown", r#"{"duration":"1h"}"#).await;
+    assert_eq!(closed.status, 200, "{:?}", closed.body);
+    eventually(Duration::from_secs(10), "B follows A's closing", || async {
+        register(&b, "192.0.2.20").await.status == 403
+    })
+    .await;
+    redis.restart().await;
+    for gate in [&a, &b] {
+        eventually(
+            Duration::from_secs(15),
+            "the replica reaches Redis",
+            || async {
+                let ban = r#"{"cidr":"198.18.0.0/15","duration":"1h"}"#;
+                admin(gate, Method::POST, "/v1/bans", ban).await.status == 200
+            },
+        )
+        .await;
+    }
+    always(
+        &a,
+        403,
+        Duration::from_millis(2500),
+        "A after a Redis restart",
+    )
+    .await;
+    always(
+        &b,
+        403,
+        Duration::from_millis(500),
+        "B after a Redis restart",
+    )
     .await;
 }

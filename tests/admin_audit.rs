@@ -52,6 +52,21 @@ async fn every_admin_action_is_one_audit_line_without_the_token() {
     admin(&gate, Method::DELETE, "/v1/clients/192.0.2.1/limits", "").await;
     admin(&gate, Method::POST, "/v1/lockdown", "").await;
     admin(&gate, Method::DELETE, "/v1/lockdown", "").await;
+    // A gate whose Redis does not answer closes and reopens by hand on its
+    // own, and its audit lines say so.
+    let nothing_there = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let no_redis = format!(
+        "[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://{nothing_there}\"\n\
+         redis_timeout = \"200ms\"\n"
+    );
+    let alone = common::admin::gate(&hs, &no_redis, Some(&path)).await;
+    let closed = admin(&alone, Method::POST, "/v1/lockdown", r#"{"duration":"2h"}"#).await;
+    assert_eq!(closed.status, 202, "{:?}", closed.body);
+    let reopened = admin(&alone, Method::DELETE, "/v1/lockdown", "").await;
+    assert_eq!(reopened.status, 202, "{:?}", reopened.body);
 
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(!text.contains(TOKEN), "the token is logged:\n{text}");
@@ -83,6 +98,8 @@ async fn every_admin_action_is_one_audit_line_without_the_token() {
         ("reset_limits", "192.0.2.1", "done"),
         ("close_registration", "1h", "done"),
         ("reopen_registration", "-", "done"),
+        ("close_registration", "2h", "this_replica_only"),
+        ("reopen_registration", "-", "this_replica_only"),
     ]
     .map(|(a, s, o)| (a.to_owned(), s.to_owned(), o.to_owned()));
     assert_eq!(summary, expected, "{text}");

@@ -1,5 +1,8 @@
 //! The `matrix-gatekeeper` binary: `check` and `serve` on good and bad
-//! configuration files, exit statuses and messages.
+//! configuration files, exit statuses and messages; `explain` against a
+//! running gate's admin API and the suite's own DNS responder.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -502,5 +505,221 @@ fn explain_names_the_list_that_refuses_an_address_or_an_email_domain() {
         stdout(&free).contains("forwarded: POST /_matrix/client/v3/register/email/requestToken"),
         "{}",
         stdout(&free)
+    );
+}
+
+/// Runs the binary from async code without blocking the runtime that
+/// serves the gate it talks to.
+async fn run_async(args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("binary runs")
+}
+
+/// Asserts `output` exited with `code` and printed every one of `wanted`;
+/// returns its stdout.
+fn expect(output: &Output, code: i32, wanted: &[&str]) -> String {
+    let text = stdout(output);
+    assert_eq!(output.status.code(), Some(code), "{text}{}", stderr(output));
+    for wanted in wanted {
+        assert!(text.contains(wanted), "no {wanted:?} in:\n{text}");
+    }
+    text
+}
+
+#[tokio::test]
+async fn explain_reads_bans_the_lockdown_and_budgets_from_the_running_gate() {
+    use common::admin::{admin, register, token_file, TOKEN};
+    use http::Method;
+
+    let hs = common::FakeHomeserver::start().await;
+    let token = token_file("cli-explain", TOKEN);
+    let text = common::admin::toml(
+        &hs,
+        &format!(
+            "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+             [rate_limit]\nattempts_per_ip = {{ count = 5, period = \"1h\" }}\n\
+             registrations_per_ip = {{ count = 1, period = \"1h\" }}\n\
+             [admin]\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    );
+    let config = TempConfig::new(&text);
+    let parsed = matrix_gatekeeper::Config::from_toml(&text).unwrap();
+    let gate = common::Gate::start_full(parsed, true, None).await;
+    let url = format!("http://{}", gate.admin.unwrap());
+    let path = config.path().to_str().unwrap();
+    let explain = |ip: &'static str| {
+        let url = url.clone();
+        async move {
+            let args = ["--username", "alice", "--ip", ip, "--admin", &url];
+            run_async(&[&["explain", "--config", path][..], &args].concat()).await
+        }
+    };
+
+    let read_from = format!("live state: read from {url}\n");
+    expect(
+        &explain("203.0.113.9").await,
+        0,
+        &[
+            &read_from,
+            "lockdown: registration is open now\n",
+            "temporary bans: none covers 203.0.113.9 (0 in force)",
+            "attempts_per_ip: 5 per 1h, key 203.0.113.9, refunded never; 5 of 5 left\n",
+        ],
+    );
+
+    // A temporary ban decides before anything else the gate reads.
+    let ban = r#"{"cidr":"203.0.113.0/24","duration":"2h","reason":"spam wave"}"#;
+    assert_eq!(
+        admin(&gate, Method::POST, "/v1/bans", ban).await.status,
+        200
+    );
+    expect(
+        &explain("203.0.113.9").await,
+        1,
+        &[
+            "decision: refused\nrule: temporary_ban\n",
+            "temporary ban: 203.0.113.0/24 covers the address, ",
+            "(reason: \"spam wave\")",
+        ],
+    );
+
+    // A closing by hand refuses every registration.
+    let close = r#"{"duration":"1h"}"#;
+    assert_eq!(
+        admin(&gate, Method::POST, "/v1/lockdown", close)
+            .await
+            .status,
+        200
+    );
+    expect(
+        &explain("198.51.100.7").await,
+        1,
+        &[
+            "decision: refused\nrule: lockdown\n",
+            "answer: 403 M_FORBIDDEN: Registration is temporarily closed",
+            "lockdown: registration is closed now, ",
+        ],
+    );
+    assert_eq!(
+        admin(&gate, Method::DELETE, "/v1/lockdown", "")
+            .await
+            .status,
+        200
+    );
+
+    // A client that spent its registration is rate limited, by name, and
+    // the gate agrees.
+    assert_eq!(register(&gate, "198.51.100.7").await.status, 200);
+    expect(
+        &explain("198.51.100.7").await,
+        1,
+        &[
+            "decision: rate limited\nrule: registrations_per_ip\n",
+            "attempts_per_ip: 5 per 1h, key 198.51.100.7, refunded never; 4 of 5 left\n",
+            "registrations_per_ip: 1 per 1h, key 198.51.100.7, refunded when the homeserver \
+             answers with anything but a 2xx; 0 of 1 left, next in ",
+        ],
+    );
+    assert_eq!(register(&gate, "198.51.100.7").await.status, 429);
+
+    // What cannot be read is said, with its own exit status.
+    let wrong = token_file("cli-explain-wrong", "not-the-right-token-at-all");
+    let wrong = wrong.to_str().unwrap();
+    let output = run_async(&[
+        "explain",
+        "--config",
+        path,
+        "--ip",
+        "192.0.2.1",
+        "--admin",
+        &url,
+        "--admin-token-file",
+        wrong,
+    ])
+    .await;
+    expect(&output, 69, &["live state: could not be read from"]);
+    assert!(
+        stderr(&output).contains("401: M_UNKNOWN_TOKEN"),
+        "{}",
+        stderr(&output)
+    );
+    let nothing = format!("http://127.0.0.1:{}", free_port());
+    let output = run_async(&["explain", "--config", path, "--admin", &nothing]).await;
+    expect(&output, 69, &["decision: allowed, as far as known without"]);
+    assert!(stderr(&output).contains(&nothing), "{}", stderr(&output));
+    let https = run_async(&[
+        "explain",
+        "--config",
+        path,
+        "--admin",
+        "https://127.0.0.1:9",
+    ])
+    .await;
+    expect(&https, EXIT_CONFIG, &[]);
+    assert!(stderr(&https).contains("plain HTTP"), "{}", stderr(&https));
+    let no_token = run_async(&["explain", "--admin", &url]).await;
+    expect(&no_token, EXIT_CONFIG, &[]);
+    assert!(
+        stderr(&no_token).contains("--admin-token-file"),
+        "{}",
+        stderr(&no_token)
+    );
+    // Without --admin, nothing is read, and the output says so.
+    let output = run_async(&["explain", "--config", path, "--ip", "203.0.113.9"]).await;
+    expect(&output, 0, &["live state: not read"]);
+}
+
+#[tokio::test]
+async fn explain_looks_the_address_up_in_the_dnsbls() {
+    let dns = common::dns_responder::DnsResponder::start(&["9.2.0.192.bl.test"]).await;
+    let zones = |zones: &str, extra: &str| {
+        TempConfig::new(&format!(
+            "[reputation]\ndnsbl = [{zones}]\ndns_server = \"{}\"\n{extra}",
+            dns.addr
+        ))
+    };
+    let config = zones("\"bl.test\"", "");
+    let path = config.path().to_str().unwrap();
+
+    expect(
+        &run_async(&["explain", "--config", path, "--ip", "192.0.2.9"]).await,
+        1,
+        &[
+            "decision: refused\nrule: dnsbl\n",
+            "answer: 403 M_FORBIDDEN",
+            "dnsbl: listed in bl.test (asked 9.2.0.192.bl.test)",
+        ],
+    );
+    assert_eq!(dns.count("9.2.0.192.bl.test"), 1);
+    expect(
+        &run_async(&["explain", "--config", path, "--ip", "192.0.2.10"]).await,
+        0,
+        &["dnsbl: not listed (asked 10.2.0.192.bl.test)"],
+    );
+    expect(
+        &run_async(&["explain", "--config", path, "--ip", "192.0.2.9", "--no-dns"]).await,
+        0,
+        &[
+            "dnsbl: would ask 9.2.0.192.bl.test (a listing refuses with rule dnsbl; \
+           no lookup made: --no-dns)",
+        ],
+    );
+    assert_eq!(dns.count("9.2.0.192.bl.test"), 1, "--no-dns asks nothing");
+
+    let failing = zones("\"servfail.test\"", "on_dnsbl_error = \"deny\"\n");
+    let path = failing.path().to_str().unwrap();
+    expect(
+        &run_async(&["explain", "--config", path, "--ip", "192.0.2.9"]).await,
+        1,
+        &[
+            "rule: dnsbl_error\n",
+            "dnsbl: the lookup in servfail.test failed: the DNS server answered with error code 2",
+            "on_dnsbl_error = \"deny\" refuses it with rule dnsbl_error",
+        ],
     );
 }

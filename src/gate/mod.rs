@@ -628,19 +628,13 @@ where
         .client(audit.client, audit.user_agent.as_deref())
         .map_err(Stop::Refuse)?;
     if audit.client.and_then(|ip| state.bans.find(ip)).is_some() {
-        return Err(Stop::Refuse(Refusal::new(
-            "temporary_ban",
-            MatrixError::forbidden("Registration is not available from your network."),
-        )));
+        return Err(Stop::Refuse(banned()));
     }
     if let (Some(dnsbl), Some(client)) = (&state.dnsbl, audit.client) {
         check_dnsbl(dnsbl, client, audit).await?;
     }
     if is_registration(route, &parts.method) && state.lockdown.is_closed().await {
-        return Err(Stop::Refuse(Refusal::new(
-            "lockdown",
-            MatrixError::forbidden(CLOSED_MESSAGE),
-        )));
+        return Err(Stop::Refuse(closed()));
     }
     if let Some(kind) = counted_limit(route, &parts.method) {
         limiter
@@ -716,10 +710,7 @@ async fn check_dnsbl(dnsbl: &Dnsbl, client: IpAddr, audit: &mut Audit) -> Result
         Verdict::Clean => Ok(()),
         Verdict::Listed(zone) => {
             audit.dnsbl_zone = Some(zone);
-            Err(Stop::Refuse(Refusal::new(
-                "dnsbl",
-                MatrixError::forbidden("Registration is not available from your network."),
-            )))
+            Err(Stop::Refuse(dnsbl_listed()))
         }
         Verdict::Failed(zone, error) => {
             tracing::debug!(%client, %zone, %error, "DNSBL lookup failed");
@@ -728,16 +719,41 @@ async fn check_dnsbl(dnsbl: &Dnsbl, client: IpAddr, audit: &mut Audit) -> Result
                 OnDnsblError::Allow => Ok(()),
                 OnDnsblError::Deny => {
                     audit.dnsbl_zone = Some(zone);
-                    Err(Stop::Refuse(Refusal::new(
-                        "dnsbl_error",
-                        MatrixError::forbidden(
-                            "Registration is not available right now: the address check failed.",
-                        ),
-                    )))
+                    Err(Stop::Refuse(dnsbl_failed()))
                 }
             }
         }
     }
+}
+
+/// The refusal of a client a temporary ban covers.
+pub(crate) fn banned() -> Refusal {
+    Refusal::new("temporary_ban", not_from_your_network())
+}
+
+/// The refusal of a client a DNSBL lists.
+pub(crate) fn dnsbl_listed() -> Refusal {
+    Refusal::new("dnsbl", not_from_your_network())
+}
+
+/// The refusal of a client whose DNSBL lookup failed, with
+/// `on_dnsbl_error = "deny"`.
+pub(crate) fn dnsbl_failed() -> Refusal {
+    Refusal::new(
+        "dnsbl_error",
+        MatrixError::forbidden(
+            "Registration is not available right now: the address check failed.",
+        ),
+    )
+}
+
+/// The refusal of a registration while registration is closed.
+pub(crate) fn closed() -> Refusal {
+    Refusal::new("lockdown", MatrixError::forbidden(CLOSED_MESSAGE))
+}
+
+fn not_from_your_network() -> MatrixError {
+    MatrixError::forbidden("Registration is not available from your network.")
 }
 
 /// Whether the request is a `POST …/register` (user or guest).

@@ -30,7 +30,7 @@ use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 
-use super::{Budget, LimitKind, LimitSpecs};
+use super::{Budget, CountedAs, LimitKind, LimitSpecs};
 use crate::client_ip::ClientKey;
 use crate::config::LimitSpec;
 
@@ -80,6 +80,16 @@ impl ClientTable {
             coarse
         } else {
             OVERFLOW_KEY
+        }
+    }
+
+    /// The key a client is counted under now, named: its own, its coarse
+    /// key, or the overflow key.
+    pub fn counted_as(&self, key: ClientKey) -> CountedAs {
+        match self.effective_key(key) {
+            effective if effective == key => CountedAs::Own(key),
+            OVERFLOW_KEY => CountedAs::Overflow,
+            coarse => CountedAs::Coarse(coarse),
         }
     }
 
@@ -186,6 +196,15 @@ impl ShrinkableKeyedStateStore<ClientKey> for SharedTable {
     }
     fn is_empty(&self) -> bool {
         self.0.tracked() == 0
+    }
+}
+
+/// The table key behind a [`CountedAs`].
+fn stored_key(counted_as: CountedAs) -> ClientKey {
+    match counted_as {
+        CountedAs::Own(key) | CountedAs::Coarse(key) => key,
+        CountedAs::Overflow => OVERFLOW_KEY,
+        CountedAs::Server => LimitKind::RegistrationsGlobal.key_for(ClientKey(0)),
     }
 }
 
@@ -299,21 +318,24 @@ impl<C: Clock + Clone> MemoryStore<C> {
     }
 
     /// The budget `key` has now under every configured limit (the
-    /// server-wide one shared by all); changes nothing.
+    /// server-wide one shared by all), read under the key each limit counts
+    /// it under (see [`CountedAs`]); changes nothing.
     pub fn inspect(&self, key: ClientKey) -> Vec<Budget> {
         let now = self.clock.now();
         LimitKind::ALL
             .iter()
             .filter_map(|&kind| {
                 let limit = self.limits[kind as usize].as_ref()?;
+                let counted_as = self.counted_as(kind, limit, key);
                 let elapsed = now.duration_since(limit.start).as_u64();
                 let ahead = limit
                     .table
                     .0
-                    .peek(kind.key_for(key))
+                    .peek(stored_key(counted_as))
                     .map_or(0, |tat| tat.saturating_sub(elapsed));
                 Some(Budget::from_ahead(
                     kind,
+                    counted_as,
                     limit.spec,
                     Duration::from_nanos(ahead),
                 ))
@@ -321,12 +343,28 @@ impl<C: Clock + Clone> MemoryStore<C> {
             .collect()
     }
 
-    /// Forgets `key`'s state under every per-client limit.
-    pub fn reset(&self, key: ClientKey) {
-        for (kind, limit) in LimitKind::ALL.iter().zip(&self.limits) {
-            if let Some(limit) = limit.as_ref().filter(|_| !kind.is_global()) {
-                limit.table.0.remove(key);
-            }
+    /// Forgets the state `key` is counted under by every per-client limit:
+    /// its own key's, or the coarse or overflow key's it shares with other
+    /// clients (then theirs too). Returns the key reset per limit.
+    pub fn reset(&self, key: ClientKey) -> Vec<(LimitKind, CountedAs)> {
+        LimitKind::ALL
+            .iter()
+            .zip(&self.limits)
+            .filter(|(kind, _)| !kind.is_global())
+            .filter_map(|(&kind, limit)| {
+                let limit = limit.as_ref()?;
+                let counted_as = self.counted_as(kind, limit, key);
+                limit.table.0.remove(stored_key(counted_as));
+                Some((kind, counted_as))
+            })
+            .collect()
+    }
+
+    fn counted_as(&self, kind: LimitKind, limit: &MemoryLimit<C>, key: ClientKey) -> CountedAs {
+        if kind.is_global() {
+            CountedAs::Server
+        } else {
+            limit.table.0.counted_as(key)
         }
     }
 
@@ -528,5 +566,51 @@ mod tests {
             let _ = s.acquire(&[kind], v4(i, i, 1, 1));
         }
         assert!(s.tracked() <= 10 + 10 / 8 + 1, "tracked {}", s.tracked());
+    }
+    #[test]
+    fn inspect_and_reset_follow_the_key_a_client_is_counted_under() {
+        let kind = LimitKind::AttemptsPerIp;
+        let (s, _clock) = store(specs_with(kind, spec(1, 3600)), 8);
+        let v4 = |a: u8, b: u8, c: u8, d: u8| ClientKey::v4(std::net::Ipv4Addr::new(a, b, c, d));
+        for i in 0..8 {
+            s.acquire(&[kind], v4(10, 0, 0, i)).unwrap();
+        }
+        // Over the cap: a new client is counted under its /16, which a
+        // neighbour spent.
+        let (client, neighbour) = (v4(192, 0, 2, 1), v4(192, 0, 7, 7));
+        s.acquire(&[kind], neighbour).unwrap();
+        let seen = s.inspect(client)[0];
+        assert_eq!(seen.counted_as, CountedAs::Coarse(v4(192, 0, 0, 0)));
+        assert_eq!(seen.counted_as.to_string(), "192.0.0.0/16");
+        assert!(seen.counted_as.is_shared());
+        assert_eq!(
+            seen.remaining, 0,
+            "the shared key's budget, not a fresh one"
+        );
+        assert!(s.acquire(&[kind], client).is_err());
+        // A tracked client is still counted under its own key.
+        assert_eq!(
+            s.inspect(v4(10, 0, 0, 3))[0].counted_as,
+            CountedAs::Own(v4(10, 0, 0, 3))
+        );
+        // The reset forgets the shared key: the client and its neighbour
+        // both get their budget back.
+        assert_eq!(
+            s.reset(client),
+            [(kind, CountedAs::Coarse(v4(192, 0, 0, 0)))]
+        );
+        assert_eq!(s.inspect(client)[0].remaining, 1);
+        s.acquire(&[kind], neighbour).unwrap();
+        // Past an eighth more (8 own keys and one coarse), new clients
+        // share the overflow key.
+        assert_eq!(s.tracked(), 9);
+        let far = v4(203, 0, 113, 9);
+        assert_eq!(s.inspect(far)[0].counted_as, CountedAs::Overflow);
+        assert_eq!(s.inspect(far)[0].counted_as.to_string(), "overflow");
+        s.acquire(&[kind], far).unwrap();
+        let other = v4(198, 51, 100, 1);
+        assert!(s.acquire(&[kind], other).is_err(), "one overflow budget");
+        assert_eq!(s.reset(other), [(kind, CountedAs::Overflow)]);
+        assert_eq!(s.acquire(&[kind], far), Ok(()));
     }
 }

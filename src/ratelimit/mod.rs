@@ -114,11 +114,87 @@ impl LimitSpecs {
     }
 }
 
+/// The key one limit counts a client under.
+///
+/// The Redis store counts every client under its own key. The memory store
+/// does too until `max_tracked_clients` keys are tracked; then a client it
+/// does not track yet is counted under its coarse key (IPv4 /16, IPv6 /32),
+/// and past an eighth more under one overflow key every such client shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountedAs {
+    /// The client's own key.
+    Own(ClientKey),
+    /// A coarse key shared with the rest of its IPv4 /16 or IPv6 /32.
+    Coarse(ClientKey),
+    /// The overflow key shared by every client not tracked on its own.
+    Overflow,
+    /// The one server-wide key (`registrations_global`).
+    Server,
+}
+
+impl CountedAs {
+    /// The key `kind` counts `client` under when nothing is shared.
+    pub fn own(kind: LimitKind, client: ClientKey) -> Self {
+        if kind.is_global() {
+            CountedAs::Server
+        } else {
+            CountedAs::Own(client)
+        }
+    }
+
+    /// Whether clients other than this one are counted under the same key
+    /// by a per-client limit (a coarse or the overflow key).
+    pub fn is_shared(self) -> bool {
+        matches!(self, CountedAs::Coarse(_) | CountedAs::Overflow)
+    }
+
+    /// How widely the key is shared: own, coarse, overflow; the server-wide
+    /// key is not compared with the others (it is shared by design).
+    fn width(self) -> u8 {
+        match self {
+            CountedAs::Own(_) | CountedAs::Server => 0,
+            CountedAs::Coarse(_) => 1,
+            CountedAs::Overflow => 2,
+        }
+    }
+
+    /// The most widely shared key among per-client limits' `keys`; `own`
+    /// when none is shared.
+    pub fn widest(keys: impl IntoIterator<Item = CountedAs>, own: ClientKey) -> CountedAs {
+        keys.into_iter().filter(|k| *k != CountedAs::Server).fold(
+            CountedAs::Own(own),
+            |widest, k| {
+                if k.width() > widest.width() {
+                    k
+                } else {
+                    widest
+                }
+            },
+        )
+    }
+}
+
+/// `198.51.100.23`, `2001:db8::` (a client's own key); `198.51.0.0/16`,
+/// `2001:db8::/32` (coarse); `overflow`; `*` (server-wide).
+impl std::fmt::Display for CountedAs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CountedAs::Own(key) => write!(f, "{key}"),
+            CountedAs::Coarse(key) if key.is_ipv4() => write!(f, "{key}/16"),
+            CountedAs::Coarse(key) => write!(f, "{key}/32"),
+            CountedAs::Overflow => f.write_str("overflow"),
+            CountedAs::Server => f.write_str("*"),
+        }
+    }
+}
+
 /// What one client has left under one limit: the admin API's view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
     /// The limit.
     pub limit: LimitKind,
+    /// The key the limit counts the client under.
+    pub counted_as: CountedAs,
     /// Its burst (`count`).
     pub burst: u32,
     /// Units a request could take now.
@@ -134,7 +210,12 @@ impl Budget {
     /// lies `ahead` in the future; both stores keep the same state, so one
     /// formula reads both. A request conforms while `TAT - now <= (burst -
     /// 1) * interval`, hence `remaining = burst - ceil(ahead / interval)`.
-    pub fn from_ahead(limit: LimitKind, spec: LimitSpec, ahead: Duration) -> Self {
+    pub fn from_ahead(
+        limit: LimitKind,
+        counted_as: CountedAs,
+        spec: LimitSpec,
+        ahead: Duration,
+    ) -> Self {
         let interval = spec
             .emission_interval()
             .max(Duration::from_nanos(1))
@@ -149,6 +230,7 @@ impl Budget {
         };
         Budget {
             limit,
+            counted_as,
             burst: spec.count,
             remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
             next_unit_in: Duration::from_nanos(u64::try_from(next_unit_in).unwrap_or(u64::MAX)),
@@ -485,12 +567,24 @@ impl RateLimiter {
     }
 
     /// Forgets `key`'s per-client state in every store: the in-memory
-    /// limits (used alone, or as the fallback) and Redis.
-    pub async fn reset(&self, key: ClientKey) -> Result<(), redis::StoreError> {
-        self.inner.local.reset(key);
+    /// limits (used alone, or as the fallback) and Redis. Returns, per
+    /// per-client limit, the key reset in the store decisions use: the
+    /// client's own, or (memory store over `max_tracked_clients`) a key it
+    /// shares with other clients, whose state is then reset for all of them.
+    pub async fn reset(
+        &self,
+        key: ClientKey,
+    ) -> Result<Vec<(LimitKind, CountedAs)>, redis::StoreError> {
+        let local = self.inner.local.reset(key);
         match &self.inner.redis {
-            Some(redis) => redis.reset(key).await,
-            None => Ok(()),
+            Some(redis) => {
+                redis.reset(key).await?;
+                Ok(local
+                    .into_iter()
+                    .map(|(kind, _)| (kind, CountedAs::own(kind, key)))
+                    .collect())
+            }
+            None => Ok(local),
         }
     }
 

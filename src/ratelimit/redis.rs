@@ -36,7 +36,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, RedisError, Script, ScriptInvocation};
 use tokio::sync::{Notify, RwLock};
 
-use super::{Budget, LimitKind, LimitSpecs};
+use super::{Budget, CountedAs, LimitKind, LimitSpecs};
 use crate::client_ip::ClientKey;
 use crate::config::LimitSpec;
 
@@ -482,7 +482,9 @@ impl RedisStore {
             .zip(tats)
             .map(|((kind, spec), tat)| {
                 let ahead = u64::try_from(tat.saturating_sub(*now)).unwrap_or(0);
-                Budget::from_ahead(*kind, *spec, Duration::from_micros(ahead))
+                // Redis keeps every client under its own key: no cap.
+                let counted_as = CountedAs::own(*kind, key);
+                Budget::from_ahead(*kind, counted_as, *spec, Duration::from_micros(ahead))
             })
             .collect())
     }

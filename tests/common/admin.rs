@@ -35,6 +35,22 @@ pub const LIMITS: &str = "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
     [rate_limit]\nregistrations_per_ip = { count = 2, period = \"1h\" }\n\
     registrations_global = { count = 1000, period = \"1h\" }\n";
 
+/// A registration from `client` (through the trusted proxy of
+/// [`LIMITS`]) that the homeserver completes.
+pub async fn register(gate: &Gate, client: &str) -> Answer {
+    send(
+        Method::POST,
+        &gate.url("/_matrix/client/v3/register"),
+        &[
+            ("content-type", "application/json"),
+            ("x-forwarded-for", client),
+            ("x-test-status", "200"),
+        ],
+        r#"{"username":"someone"}"#,
+    )
+    .await
+}
+
 /// An admin request with the right token.
 pub async fn admin(gate: &Gate, method: Method, path: &str, body: &str) -> Answer {
     let auth = format!("Bearer {TOKEN}");
