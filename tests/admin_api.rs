@@ -5,11 +5,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::admin::{admin, gate, token_file, toml, LIMITS, TOKEN};
 use common::redis_server::RedisServer;
-use common::{send, Answer, FakeHomeserver, Gate};
+use common::{eventually, send, Answer, FakeHomeserver, Gate};
 use http::Method;
 use matrix_gatekeeper::Config;
 
@@ -28,19 +28,6 @@ async fn register(gate: &Gate, client: &str) -> Answer {
         r#"{"username":"someone"}"#,
     )
     .await
-}
-
-/// Retries `check` until it holds; fails after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]

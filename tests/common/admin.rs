@@ -4,7 +4,7 @@
 use http::Method;
 use matrix_gatekeeper::Config;
 
-use super::{send, Answer, FakeHomeserver, Gate};
+use super::{send, Answer, FakeHomeserver, Gate, Listeners};
 
 pub const TOKEN: &str = "s3cr3t-admin-token-0123456789";
 
@@ -36,7 +36,7 @@ pub const LIMITS: &str = "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
     registrations_global = { count = 1000, period = \"1h\" }\n";
 
 /// An admin request with the right token.
-pub async fn admin(gate: &Gate, method: Method, path: &str, body: &str) -> Answer {
+pub async fn admin(gate: &impl Listeners, method: Method, path: &str, body: &str) -> Answer {
     let auth = format!("Bearer {TOKEN}");
     send(
         method,
