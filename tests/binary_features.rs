@@ -603,3 +603,64 @@ async fn the_admin_api_of_two_replicas_shares_bans_resets_and_lockdowns() {
         assert!(!log.contains("not-the-admin-token-at-all"), "{log}");
     }
 }
+
+/// Whether process `pid` catches SIGHUP now, rather than dying of it
+/// (bit 0 of `SigCgt` in `/proc/PID/status`).
+fn catches_sighup(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & 1 == 1)
+}
+
+#[tokio::test]
+async fn a_reload_asked_for_while_the_gate_starts_neither_kills_it_nor_is_lost() {
+    let hs = FakeHomeserver::start().await;
+    let dir = Scratch::new("early-hangup");
+    // Half a million addresses: reading them keeps the gate starting for a
+    // while, as large published lists do.
+    let mut list = String::with_capacity(500_000 * 14);
+    for i in 0..500_000u32 {
+        list.push_str(&format!("10.{}.{}.{}\n", i >> 16, (i >> 8) & 255, i & 255));
+    }
+    let exits = dir.write("exits.txt", &list);
+    let config = dir.write(
+        "gatekeeper.toml",
+        &format!(
+            "[server]\n{LISTEN_ANY}{}{TRUST_LOOPBACK}deny_lists = [{}]\n",
+            upstream(&hs),
+            toml_path(&exits)
+        ),
+    );
+    let mut gate = Served::spawn(&config);
+    // `systemctl reload` right after `start` sends SIGHUP while the lists
+    // are still being read: from early on, the process must catch it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening = gate.log().contains("matrix-gatekeeper listening");
+        if catches_sighup(gate.pid()) {
+            assert!(
+                !listening,
+                "SIGHUP ended the process until the gate was listening:\n{}",
+                gate.log()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP is never caught");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    gate.signal("HUP");
+    gate.wait_until_listening().await;
+    gate.wait_for_line(0, "the reload asked for during start-up", |l| {
+        l.contains("configuration reloaded")
+    })
+    .await;
+    assert_refused(&register(&gate, "10.7.161.31").await, 403, "M_FORBIDDEN");
+    assert_eq!(register(&gate, "192.0.2.1").await.status, 200);
+    assert_eq!(
+        hs.only_request().header("x-forwarded-for"),
+        Some("192.0.2.1")
+    );
+}
