@@ -10,7 +10,7 @@ use matrix_gatekeeper::explain::{
     explain_with, look_up_dnsbl, read_gate, AdminTarget, GateRead, Live, Question,
 };
 use matrix_gatekeeper::probe;
-use matrix_gatekeeper::server::{shutdown_signal, Server};
+use matrix_gatekeeper::server::{shutdown_signal, Hangups, Server};
 use matrix_gatekeeper::telemetry::init_logging;
 
 /// Exit status for a configuration that cannot be used (EX_USAGE).
@@ -241,6 +241,10 @@ fn main() -> ExitCode {
             ca_file,
         } => probe(&urls, json, &timeout, host, ca_file.as_deref()),
         Command::Serve { config: path } => {
+            // Before the configuration and its lists are read, which takes
+            // a while for large lists: `systemctl reload` right after a
+            // start must not end the process (SIGHUP's default action).
+            let hangups = catch_hangups();
             let config = match load_or_exit(path.as_ref()) {
                 Ok(config) => config,
                 Err(code) => return code,
@@ -249,7 +253,7 @@ fn main() -> ExitCode {
                 eprintln!("matrix-gatekeeper: invalid configuration: {message}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            serve(config, path)
+            serve(config, path, hangups)
         }
     }
 }
@@ -291,7 +295,18 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
     })
 }
 
-fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
+/// SIGHUPs caught from now on, for the server to reload on once it runs;
+/// `None` if they cannot be (the server then catches them itself).
+fn catch_hangups() -> Option<Hangups> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .ok()?;
+    let _entered = runtime.enter();
+    Hangups::listen().ok()
+}
+
+fn serve(config: Config, path: Option<PathBuf>, hangups: Option<Hangups>) -> ExitCode {
     let runtime = match runtime(config.server.workers) {
         Ok(runtime) => runtime,
         Err(code) => return code,
@@ -311,6 +326,9 @@ fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
         };
         if let Some(path) = path {
             server = server.with_config_path(path);
+        }
+        if let Some(hangups) = hangups {
+            server = server.with_hangups(hangups);
         }
         let listen = server
             .local_addrs()

@@ -167,6 +167,41 @@ impl Reloader {
     }
 }
 
+/// SIGHUPs, caught from the moment [`Hangups::listen`] was called: from
+/// then on a SIGHUP no longer ends the process (its default action), and
+/// one that arrives before the server runs still reloads once it does.
+#[derive(Debug)]
+pub struct Hangups {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Hangups {
+    /// Starts catching SIGHUP. Must be called inside a Tokio runtime, which
+    /// need not be the one the server runs on.
+    pub fn listen() -> io::Result<Hangups> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Hangups {
+                signal: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Hangups {})
+    }
+
+    /// The next SIGHUP (`None`: no more will come).
+    async fn recv(&mut self) -> Option<()> {
+        #[cfg(unix)]
+        {
+            self.signal.recv().await
+        }
+        #[cfg(not(unix))]
+        std::future::pending().await
+    }
+}
+
 /// A bound, not yet running gatekeeper.
 #[derive(Debug)]
 pub struct Server {
@@ -179,6 +214,9 @@ pub struct Server {
     header_read_timeout: Duration,
     shutdown_timeout: Duration,
     watch_config: bool,
+    /// What SIGHUPs it reloads on; caught from when the server was built
+    /// (or earlier, [`Server::with_hangups`]), not from when it runs.
+    hangups: Option<Hangups>,
 }
 
 impl Server {
@@ -223,12 +261,23 @@ impl Server {
             header_read_timeout: config.server.header_read_timeout.0,
             shutdown_timeout: config.server.shutdown_timeout.0,
             watch_config: config.server.watch_config,
+            hangups: Hangups::listen()
+                .map_err(|error| tracing::error!(%error, "cannot catch SIGHUP; reload by it off"))
+                .ok(),
         }
     }
 
     /// Serves the admin endpoints on `listener`.
     pub fn with_admin_listener(mut self, listener: TcpListener) -> Self {
         self.admin = Some(listener);
+        self
+    }
+
+    /// Reloads on SIGHUPs caught since `hangups` was made (a process
+    /// catches them before reading its configuration, so that a reload
+    /// asked for while it starts neither ends it nor is lost).
+    pub fn with_hangups(mut self, hangups: Hangups) -> Self {
+        self.hangups = Some(hangups);
         self
     }
 
@@ -278,7 +327,12 @@ impl Server {
             };
             background.push(tokio::spawn(admin_loop(admin, state)));
         }
-        background.push(tokio::spawn(reload_on_signal(self.reloader.clone())));
+        if let Some(hangups) = self.hangups {
+            background.push(tokio::spawn(reload_on_signal(
+                self.reloader.clone(),
+                hangups,
+            )));
+        }
         if self.watch_config {
             background.push(tokio::spawn(reload_on_change(self.reloader.clone())));
         }
@@ -644,20 +698,12 @@ async fn admin_loop(listener: TcpListener, state: AdminState) {
     }
 }
 
-#[cfg(unix)]
-async fn reload_on_signal(reloader: Reloader) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        return;
-    };
+async fn reload_on_signal(reloader: Reloader, mut hangups: Hangups) {
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading the configuration");
         reload_off_the_runtime(&reloader).await;
     }
 }
-
-#[cfg(not(unix))]
-async fn reload_on_signal(_reloader: Reloader) {}
 
 /// Reloads on a blocking thread: reading and compiling large deny lists
 /// takes a while, and a worker of the runtime (the only one, with

@@ -9,22 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::admin::{admin, gate, register, token_file, toml, LIMITS, TOKEN};
 use common::redis_server::RedisServer;
-use common::{send, FakeHomeserver, Gate};
+use common::{eventually, send, FakeHomeserver, Gate};
 use http::Method;
 use matrix_gatekeeper::Config;
-
-/// Retries `check` until it holds; fails after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test]
 async fn without_token_file_the_api_is_absent() {

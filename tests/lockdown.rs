@@ -7,23 +7,20 @@
 mod common;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::redis_server::RedisServer;
+use common::webhook::{next_event, next_event_json, receiver};
 use common::{get, post_json, FakeHomeserver, Gate};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use matrix_gatekeeper::gate::{GateRequestBody, RegistrationGateLayer};
-use matrix_gatekeeper::notify::{signature, SIGNATURE_HEADER};
+use matrix_gatekeeper::notify::signature;
 use matrix_gatekeeper::Config;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tower::{service_fn, Layer, ServiceExt};
 
 const REGISTER: &str = "/_matrix/client/v3/register";
@@ -140,49 +137,6 @@ async fn two_gates_sharing_redis_close_together() {
         "only the availability checks passed"
     );
     assert!(!redis.keys("{mgk}:lockdown:until").await.is_empty());
-}
-
-/// What a webhook receiver got: the signature header and the body.
-type Delivery = (Option<String>, Bytes);
-
-/// A webhook receiver on loopback answering 200 to everything.
-async fn receiver() -> (SocketAddr, mpsc::UnboundedReceiver<Delivery>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let tx = tx.clone();
-                    async move {
-                        let signature = req
-                            .headers()
-                            .get(SIGNATURE_HEADER)
-                            .map(|v| v.to_str().unwrap().to_owned());
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let _ = tx.send((signature, body));
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, rx)
-}
-
-async fn next_event(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> (Option<String>, Bytes) {
-    tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("a webhook event within 10 s")
-        .expect("receiver running")
 }
 
 #[tokio::test]
@@ -327,12 +281,6 @@ fn lockdown_and_notify_keys_are_validated() {
     assert!(config.to_toml().contains("webhook_secret = \"***\""));
 }
 
-/// The `event` field of the next delivery.
-async fn next_event_name(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> serde_json::Value {
-    let (_, body) = next_event(rx).await;
-    serde_json::from_slice(&body).unwrap()
-}
-
 #[tokio::test]
 async fn lockdown_ended_is_posted_when_registration_reopens_by_itself() {
     let (addr, mut rx) = receiver().await;
@@ -347,8 +295,8 @@ async fn lockdown_ended_is_posted_when_registration_reopens_by_itself() {
     .await;
     let answer = post_json(&gate.url(REGISTER), r#"{"username":"one"}"#).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(next_event_name(&mut rx).await["event"], "lockdown_started");
-    assert_eq!(next_event_name(&mut rx).await["event"], "lockdown_ended");
+    assert_eq!(next_event_json(&mut rx).await["event"], "lockdown_started");
+    assert_eq!(next_event_json(&mut rx).await["event"], "lockdown_ended");
     // Open again: the next registration reaches the homeserver.
     let answer = post_json(&gate.url(REGISTER), r#"{"username":"two"}"#).await;
     assert_eq!(answer.status, 200);
@@ -375,7 +323,7 @@ async fn store_down_and_store_up_are_posted_as_redis_fails_and_returns() {
     redis.kill();
     // Decisions fall back while Redis is gone; the first failure is posted.
     attempt().await;
-    let down = next_event_name(&mut rx).await;
+    let down = next_event_json(&mut rx).await;
     assert_eq!(down["event"], "store_down", "{down}");
     assert!(
         down["error"].as_str().is_some_and(|e| !e.is_empty()),
@@ -417,13 +365,13 @@ async fn closing_and_reopening_by_hand_are_posted() {
     )
     .await;
     assert_eq!(closed.status, 200, "{:?}", closed.body);
-    let started = next_event_name(&mut rx).await;
+    let started = next_event_json(&mut rx).await;
     assert_eq!(started["event"], "manual_lockdown_started", "{started}");
     assert!(started["until"].as_str().unwrap() > started["timestamp"].as_str().unwrap());
     let reopened = common::admin::admin(&gate, http::Method::DELETE, "/v1/lockdown", "").await;
     assert_eq!(reopened.status, 200, "{:?}", reopened.body);
     assert_eq!(
-        next_event_name(&mut rx).await["event"],
+        next_event_json(&mut rx).await["event"],
         "manual_lockdown_ended"
     );
 }

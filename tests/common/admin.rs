@@ -4,7 +4,7 @@
 use http::Method;
 use matrix_gatekeeper::Config;
 
-use super::{send, Answer, FakeHomeserver, Gate};
+use super::{send, Answer, FakeHomeserver, Gate, Listeners};
 
 pub const TOKEN: &str = "s3cr3t-admin-token-0123456789";
 
@@ -52,7 +52,7 @@ pub async fn register(gate: &Gate, client: &str) -> Answer {
 }
 
 /// An admin request with the right token.
-pub async fn admin(gate: &Gate, method: Method, path: &str, body: &str) -> Answer {
+pub async fn admin(gate: &impl Listeners, method: Method, path: &str, body: &str) -> Answer {
     let auth = format!("Bearer {TOKEN}");
     send(
         method,

@@ -5,8 +5,10 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod binary;
 pub mod dns_responder;
 pub mod redis_server;
+pub mod webhook;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -337,6 +339,35 @@ impl Gate {
     }
 }
 
+/// Where a running gate listens, however it was started (the library's
+/// [`Gate`] or the binary's [`binary::Served`]).
+pub trait Listeners {
+    /// A URL on the public listener.
+    fn url(&self, path: &str) -> String;
+    /// A URL on the admin listener.
+    fn admin_url(&self, path: &str) -> String;
+}
+
+impl Listeners for Gate {
+    fn url(&self, path: &str) -> String {
+        Gate::url(self, path)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        Gate::admin_url(self, path)
+    }
+}
+
+impl Listeners for binary::Served {
+    fn url(&self, path: &str) -> String {
+        binary::Served::url(self, path)
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        binary::Served::admin_url(self, path)
+    }
+}
+
 /// A simple answer: status, headers, body.
 #[derive(Debug)]
 pub struct Answer {
@@ -431,6 +462,21 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> S
     })
     .await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Retries `check` until it holds; returns how long that took, failing
+/// after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
 }
 
 /// Log output kept in memory: a `tracing_subscriber` writer (`with_writer(move
