@@ -325,7 +325,7 @@ impl AdminApi {
         };
         let subject = safe_text(&new.cidr);
         let network = match parse_network(&new.cidr) {
-            Ok(network) => network,
+            Ok(network) => network.canonical(),
             Err(error) => return Handled::change("ban", subject, "invalid", error.into_response()),
         };
         let duration = match parse_duration(&new.duration) {
@@ -363,7 +363,7 @@ impl AdminApi {
             );
         };
         let network = match parse_network(&decoded) {
-            Ok(network) => network,
+            Ok(network) => network.canonical(),
             Err(error) => {
                 return Handled::change(
                     "lift_ban",

@@ -4,8 +4,9 @@
 //! Bans are live state, not configuration: they sit beside the pure policy,
 //! survive reloads, and disappear by themselves when they expire.
 //!
-//! Every decision reads this replica's own copy (a short list behind a
-//! read lock), never Redis. With the Redis store the bans live in one hash
+//! Every decision reads this replica's own copy (a table behind a read
+//! lock, indexed by network, so a lookup costs one hash probe per prefix
+//! length in use, however many bans there are), never Redis. With the Redis store the bans live in one hash
 //! under the store's hash tag (`{mgk}:bans`, field: the network, value: the
 //! expiry on Redis' clock and the reason), and every replica replaces its
 //! copy with Redis' list once a second ([`Bans::follow_store`]). A ban or
@@ -13,6 +14,7 @@
 //! within about a second by the others, while a registration decision pays
 //! nothing for it.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -20,7 +22,7 @@ use std::time::Duration;
 use redis::Script;
 use tokio::time::Instant;
 
-use crate::client_ip::IpNet;
+use crate::client_ip::{masked, IpNet};
 use crate::ratelimit::redis::{RedisStore, StoreError};
 
 /// The bans hash in Redis, on Redis' clock (microseconds).
@@ -100,14 +102,68 @@ pub struct Bans {
 }
 
 struct Shared {
-    bans: RwLock<Vec<Ban>>,
+    bans: RwLock<Table>,
     script: Script,
+}
+
+/// The bans and their index.
+#[derive(Default)]
+struct Table {
+    bans: Vec<Ban>,
+    /// [`IpNet::key`] → position in `bans`.
+    index: HashMap<(bool, u8, u128), usize>,
+    /// The prefix lengths in use, IPv4 and IPv6, longest first.
+    lengths: [Vec<u8>; 2],
+}
+
+impl Table {
+    fn new(bans: Vec<Ban>) -> Self {
+        let mut table = Table {
+            bans,
+            ..Table::default()
+        };
+        table.reindex();
+        table
+    }
+
+    /// Changes the bans through `change` and rebuilds the index.
+    fn change<T>(&mut self, change: impl FnOnce(&mut Vec<Ban>) -> T) -> T {
+        let out = change(&mut self.bans);
+        self.reindex();
+        out
+    }
+
+    fn reindex(&mut self) {
+        self.index.clear();
+        self.lengths = Default::default();
+        for (position, ban) in self.bans.iter().enumerate() {
+            let key = ban.network.key();
+            self.index.insert(key, position);
+            let lengths = &mut self.lengths[usize::from(!key.0)];
+            if !lengths.contains(&key.1) {
+                lengths.push(key.1);
+            }
+        }
+        for lengths in &mut self.lengths {
+            lengths.sort_unstable_by(|a, b| b.cmp(a));
+        }
+    }
+
+    /// The ban in force at `now` covering `ip`, the narrowest first.
+    fn find(&self, ip: IpAddr, now: Instant) -> Option<&Ban> {
+        let v4 = ip.to_canonical().is_ipv4();
+        self.lengths[usize::from(!v4)].iter().find_map(|&len| {
+            let (_, bits) = masked(ip, len);
+            let ban = &self.bans[*self.index.get(&(v4, len, bits))?];
+            (ban.until > now).then_some(ban)
+        })
+    }
 }
 
 impl std::fmt::Debug for Bans {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bans")
-            .field("count", &self.shared.read().len())
+            .field("count", &self.shared.read().bans.len())
             .field("redis", &self.redis.is_some())
             .finish()
     }
@@ -117,7 +173,7 @@ impl Default for Bans {
     fn default() -> Self {
         Bans {
             shared: Arc::new(Shared {
-                bans: RwLock::new(Vec::new()),
+                bans: RwLock::new(Table::default()),
                 script: Script::new(BANS_SCRIPT),
             }),
             redis: None,
@@ -136,31 +192,30 @@ impl Bans {
 
     /// The ban in force covering `ip`, if any (this replica's copy).
     pub fn find(&self, ip: IpAddr) -> Option<Ban> {
-        let now = Instant::now();
-        self.shared
-            .read()
-            .iter()
-            .find(|ban| ban.until > now && ban.network.contains(ip))
-            .cloned()
+        self.shared.read().find(ip, Instant::now()).cloned()
     }
 
     /// The bans in force, longest-lasting last.
     pub fn list(&self) -> Vec<Ban> {
         let now = Instant::now();
-        let mut bans = self.shared.write();
-        bans.retain(|ban| ban.until > now);
-        let mut out = bans.clone();
+        let mut table = self.shared.write();
+        if table.bans.iter().any(|ban| ban.until <= now) {
+            table.change(|bans| bans.retain(|ban| ban.until > now));
+        }
+        let mut out = table.bans.clone();
         out.sort_by_key(|ban| ban.until);
         out
     }
 
-    /// Bans `network` for `duration` (replacing a ban of the same network).
+    /// Bans `network` for `duration` (replacing a ban of the same network);
+    /// the network is kept with its host bits cleared.
     pub async fn add(
         &self,
         network: IpNet,
         duration: Duration,
         reason: &str,
     ) -> Result<(), BanError> {
+        let network = network.canonical();
         let reason: String = reason.chars().filter(|c| !c.is_control()).collect();
         let reason = truncate(&reason, REASON_MAX);
         if let Some(redis) = &self.redis {
@@ -174,29 +229,32 @@ impl Bans {
             self.run(redis, &args).await?;
             return Ok(());
         }
-        let until = Instant::now() + duration;
-        let mut bans = self.shared.write();
-        bans.retain(|ban| ban.network != network);
-        bans.push(Ban {
+        let ban = Ban {
             network,
-            until,
+            until: Instant::now() + duration,
             reason: reason.to_owned(),
+        };
+        self.shared.write().change(|bans| {
+            bans.retain(|old| old.network != network);
+            bans.push(ban);
         });
         Ok(())
     }
 
     /// Lifts the ban of `network`; `false` when there was none.
     pub async fn remove(&self, network: IpNet) -> Result<bool, BanError> {
+        let network = network.canonical();
         if let Some(redis) = &self.redis {
             let args = ["remove".to_owned(), network.to_string()];
             // Redis says whether it held the ban: this replica's copy may
             // be up to a second behind.
             return Ok(self.run(redis, &args).await? > 0);
         }
-        let mut bans = self.shared.write();
-        let before = bans.len();
-        bans.retain(|ban| ban.network != network);
-        Ok(bans.len() != before)
+        Ok(self.shared.write().change(|bans| {
+            let before = bans.len();
+            bans.retain(|ban| ban.network != network);
+            bans.len() != before
+        }))
     }
 
     /// Replaces this replica's copy with Redis' list; called every second
@@ -232,18 +290,18 @@ impl Bans {
                 })
             })
             .collect();
-        *self.shared.write() = bans;
+        *self.shared.write() = Table::new(bans);
         Ok(removed)
     }
 }
 
 impl Shared {
-    fn read(&self) -> RwLockReadGuard<'_, Vec<Ban>> {
+    fn read(&self) -> RwLockReadGuard<'_, Table> {
         // Plain data; a panic elsewhere leaves it usable.
         self.bans.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, Vec<Ban>> {
+    fn write(&self) -> RwLockWriteGuard<'_, Table> {
         self.bans.write().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -293,6 +351,46 @@ mod tests {
         assert!(reloaded.remove(net).await.unwrap());
         assert!(!bans.remove(net).await.unwrap());
         assert!(bans.find("2001:db8::1".parse().unwrap()).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_index_finds_every_covering_ban_in_force() {
+        let bans = Bans::default();
+        for i in 0..1000u32 {
+            let net: IpNet = format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap();
+            bans.add(net, Duration::from_secs(3600), "many")
+                .await
+                .unwrap();
+        }
+        let wide: IpNet = "172.16.9.9/12".parse().unwrap();
+        let narrow: IpNet = "172.16.0.0/24".parse().unwrap();
+        bans.add(wide, Duration::from_secs(60), "wide")
+            .await
+            .unwrap();
+        bans.add(narrow, Duration::from_secs(10), "narrow")
+            .await
+            .unwrap();
+        let v6: IpNet = "2001:db8:1::/48".parse().unwrap();
+        bans.add(v6, Duration::from_secs(60), "v6").await.unwrap();
+
+        let find = |ip: &str| bans.find(ip.parse().unwrap()).map(|ban| ban.reason);
+        assert_eq!(find("10.3.231.7").as_deref(), Some("many"));
+        assert_eq!(find("10.3.232.7"), None);
+        assert_eq!(find("172.16.0.1").as_deref(), Some("narrow"));
+        assert_eq!(find("::ffff:172.31.255.255").as_deref(), Some("wide"));
+        assert_eq!(find("172.32.0.1"), None);
+        assert_eq!(find("2001:db8:1:ffff::1").as_deref(), Some("v6"));
+        assert_eq!(find("2001:db8:2::1"), None);
+        // Once the narrow ban ends, the wide one still covers its network.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(find("172.16.0.1").as_deref(), Some("wide"));
+        // A ban is kept, replaced and lifted under its network's canonical
+        // spelling.
+        let listed = bans.list();
+        let wide = listed.iter().find(|ban| ban.reason == "wide").unwrap();
+        assert_eq!(wide.network.to_string(), "172.16.0.0/12");
+        assert!(bans.remove("172.16.0.0/12".parse().unwrap()).await.unwrap());
+        assert_eq!(find("172.16.0.1"), None);
     }
 
     #[test]

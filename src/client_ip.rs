@@ -84,6 +84,22 @@ fn prefix_mask(len: u8) -> u128 {
     }
 }
 
+/// Whether `ip` (IPv4-mapped IPv6 read as IPv4) is IPv4, and its bits with
+/// all but the first `len` cleared.
+pub fn masked(ip: IpAddr, len: u8) -> (bool, u128) {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len.min(32)))
+            };
+            (true, u128::from(u32::from(ip) & mask))
+        }
+        IpAddr::V6(ip) => (false, u128::from(ip) & prefix_mask(len)),
+    }
+}
+
 /// An IP network, `address/prefix` (a bare address is a single host).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpNet {
@@ -92,6 +108,26 @@ pub struct IpNet {
 }
 
 impl IpNet {
+    /// The network as (IPv4?, prefix length, address bits with the host
+    /// bits cleared): the same for every spelling of one network.
+    pub fn key(&self) -> (bool, u8, u128) {
+        let (v4, bits) = masked(self.network, self.prefix_len);
+        (v4, self.prefix_len, bits)
+    }
+
+    /// The same network written with its host bits cleared
+    /// (`10.1.2.3/8` → `10.0.0.0/8`).
+    pub fn canonical(&self) -> IpNet {
+        let network = match masked(self.network, self.prefix_len) {
+            (true, bits) => IpAddr::from(std::net::Ipv4Addr::from(bits as u32)),
+            (false, bits) => IpAddr::from(std::net::Ipv6Addr::from(bits)),
+        };
+        IpNet {
+            network,
+            prefix_len: self.prefix_len,
+        }
+    }
+
     /// Whether `ip` lies inside this network (IPv4-mapped IPv6 read as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.network, ip.to_canonical()) {
