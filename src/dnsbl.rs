@@ -18,18 +18,33 @@
 //! or [`NEGATIVE_TTL`] without one. Concurrent requests for the same
 //! address share one query. Errors are not cached.
 //!
-//! The client is a minimal one written for this single question: one UDP
-//! packet out, one in (a DNSBL answer always fits), the packet sent once
-//! more halfway through the timeout if no answer came. It sends a random
-//! query ID from a fresh socket (a random source port) and accepts only an
-//! answer with the same ID and question.
+//! The questions go out through hickory-resolver, to `dns_server` or else
+//! to the name servers of the system configuration (`/etc/resolv.conf`),
+//! over UDP, and over TCP when an answer comes back truncated. Its own
+//! cache and retries are off (the cache here is the one that counts), and
+//! its UDP transport is set to send the query once more halfway through the
+//! timeout if no answer came: a lost datagram costs half the timeout, not a
+//! failed check. Each query goes from a random port with a random ID, and
+//! only an answer with that ID and question is taken.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::UdpSocket;
+use hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ProtocolConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::lookup::Lookup;
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::udp::UdpClientStream;
+use hickory_resolver::net::xfer::DnsExchange;
+use hickory_resolver::net::{DnsError, DnsHandle, NetError};
+use hickory_resolver::proto::op::{DnsRequest, ResponseCode};
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::{ConnectionProvider, PoolContext, Resolver};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -44,8 +59,9 @@ pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 /// Most answers cached; past it the oldest are evicted.
 pub const CACHE_CAPACITY: usize = 100_000;
 
-/// Where DNS servers are listed when `dns_server` is not set.
-const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// Asked when the system configuration names no DNS server, as the C
+/// library does.
+const FALLBACK_SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 53);
 
 /// Why a lookup gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,16 +71,13 @@ pub enum LookupError {
     Timeout,
     /// The server answered with an error code (2: SERVFAIL, 5: REFUSED).
     #[error("the DNS server answered with error code {0}")]
-    ServerFailure(u8),
+    ServerFailure(u16),
     /// The zone answered with an address that is not a listing.
     #[error("the zone answered {0}, which is not a listing")]
     NotAListing(Ipv4Addr),
-    /// The answer could not be read.
-    #[error("malformed DNS answer: {0}")]
-    Malformed(&'static str),
-    /// The socket failed.
-    #[error("DNS socket error: {0}")]
-    Io(String),
+    /// The resolver failed otherwise (socket error, unreadable answer, …).
+    #[error("DNS lookup failed: {0}")]
+    Resolver(String),
 }
 
 /// What one zone says about one address.
@@ -109,18 +122,51 @@ pub fn query_name(ip: IpAddr, zone: &str) -> String {
     }
 }
 
-/// The first `nameserver` of a resolv.conf text, on port 53.
-pub fn nameserver_from_resolv_conf(text: &str) -> Option<SocketAddr> {
-    text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("nameserver") {
-            return None;
+/// What an answer says about the address: listed or not, and for how long
+/// that may be cached; or why it is no usable answer.
+pub fn interpret(answer: Result<Lookup, NetError>) -> Result<(Listing, Duration), LookupError> {
+    let no_records = match answer {
+        Ok(lookup) => return listing(&lookup),
+        Err(NetError::Dns(DnsError::NoRecordsFound(no_records))) => no_records,
+        Err(NetError::Dns(DnsError::ResponseCode(code))) => {
+            return Err(LookupError::ServerFailure(code.into()))
         }
-        // A link-local IPv6 server may carry a `%interface` suffix, which
-        // `IpAddr` does not parse; such a server is skipped.
-        let ip: IpAddr = words.next()?.parse().ok()?;
-        Some(SocketAddr::new(ip, 53))
+        Err(NetError::Timeout) => return Err(LookupError::Timeout),
+        Err(error) => return Err(LookupError::Resolver(error.to_string())),
+    };
+    match no_records.response_code {
+        // Negative caching (RFC 2308): the smaller of the SOA record's TTL
+        // and its minimum field, which the resolver worked out.
+        ResponseCode::NXDomain | ResponseCode::NoError => {
+            let ttl = no_records.negative_ttl.map_or(NEGATIVE_TTL, capped);
+            Ok((Listing::NotListed, ttl))
+        }
+        code => Err(LookupError::ServerFailure(code.into())),
+    }
+}
+
+/// The listing the `A` records of an answer make.
+fn listing(lookup: &Lookup) -> Result<(Listing, Duration), LookupError> {
+    let mut listed_ttl: Option<u32> = None;
+    for record in lookup.answers() {
+        // CNAMEs and other records on the way are skipped; only the
+        // addresses decide.
+        let RData::A(a) = &record.data else { continue };
+        let address = a.0;
+        let [first, second, third, _] = address.octets();
+        if first != 127 || (second, third) == (255, 255) {
+            return Err(LookupError::NotAListing(address));
+        }
+        listed_ttl = Some(listed_ttl.map_or(record.ttl, |t| t.min(record.ttl)));
+    }
+    Ok(match listed_ttl {
+        Some(ttl) => (Listing::Listed, capped(ttl)),
+        None => (Listing::NotListed, NEGATIVE_TTL),
     })
+}
+
+fn capped(ttl: u32) -> Duration {
+    Duration::from_secs(u64::from(ttl)).min(MAX_TTL)
 }
 
 /// The DNSBL checker of one configuration; the cache it shares outlives
@@ -128,7 +174,9 @@ pub fn nameserver_from_resolv_conf(text: &str) -> Option<SocketAddr> {
 #[derive(Debug, Clone)]
 pub struct Dnsbl {
     zones: Arc<[Arc<str>]>,
-    server: SocketAddr,
+    /// A resolver that could not be built fails every lookup, and
+    /// `on_dnsbl_error` decides.
+    resolver: Arc<Result<Resolver<Transport>, NetError>>,
     timeout: Duration,
     on_error: OnDnsblError,
     cache: Arc<DnsblCache>,
@@ -136,27 +184,26 @@ pub struct Dnsbl {
 
 impl Dnsbl {
     /// The checker `[reputation]` describes, or `None` when no zone is
-    /// configured. Without `dns_server` it reads the system's resolv.conf
-    /// (falling back to `127.0.0.1:53`, as the C library does).
+    /// configured. Without `dns_server` it asks the name servers of the
+    /// system configuration (falling back to `127.0.0.1:53`, as the C
+    /// library does).
     pub fn new(config: &ReputationConfig, cache: Arc<DnsblCache>) -> Option<Dnsbl> {
         if config.dnsbl.is_empty() {
             return None;
         }
-        let server = match config.dns_server {
-            Some(server) => server.0,
-            None => std::fs::read_to_string(RESOLV_CONF)
-                .ok()
-                .and_then(|text| nameserver_from_resolv_conf(&text))
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 53))),
+        let servers = match config.dns_server {
+            Some(server) => vec![name_server(server.0)],
+            None => system_name_servers(),
         };
+        let timeout = config.dnsbl_timeout.0;
         Some(Dnsbl {
             zones: config
                 .dnsbl
                 .iter()
                 .map(|DnsblZone(zone)| Arc::from(zone.as_str()))
                 .collect(),
-            server,
-            timeout: config.dnsbl_timeout.0,
+            resolver: Arc::new(resolver(servers, timeout)),
+            timeout,
             on_error: config.on_dnsbl_error,
             cache,
         })
@@ -224,14 +271,12 @@ impl Dnsbl {
         inner.in_flight.insert(key.clone(), receiver.clone());
         drop(inner);
         let cache = self.cache.clone();
-        let server = self.server;
+        let resolver = self.resolver.clone();
         let name = query_name(ip, zone);
         // A task of its own, bounded by the deadline: the answer is shared
         // and cached even if the request that asked first goes away.
         tokio::spawn(async move {
-            // Resent once halfway: UDP may lose the query or its answer.
-            let resend_at = Instant::now() + deadline.saturating_duration_since(Instant::now()) / 2;
-            let asked = query(server, &name, resend_at);
+            let asked = lookup(&resolver, name);
             let result = match tokio::time::timeout_at(deadline, asked).await {
                 Ok(result) => result,
                 Err(_) => Err(LookupError::Timeout),
@@ -245,6 +290,134 @@ impl Dnsbl {
             let _ = sender.send(Some(result.map(|(listing, _)| listing)));
         });
         Pending::Waiting(receiver)
+    }
+}
+
+/// Asks for the `A` record of `name` and reads the answer.
+async fn lookup(
+    resolver: &Result<Resolver<Transport>, NetError>,
+    name: String,
+) -> Result<(Listing, Duration), LookupError> {
+    let resolver = resolver
+        .as_ref()
+        .map_err(|e| LookupError::Resolver(e.to_string()))?;
+    // Fully qualified (the trailing dot): no search domain is tried.
+    let name = Name::from_ascii(name + ".").map_err(|e| LookupError::Resolver(e.to_string()))?;
+    interpret(resolver.lookup(name, RecordType::A).await)
+}
+
+/// `server`, asked over UDP and, for a truncated answer, over TCP.
+fn name_server(server: SocketAddr) -> NameServerConfig {
+    let mut config = NameServerConfig::udp_and_tcp(server.ip());
+    for connection in &mut config.connections {
+        connection.port = server.port();
+    }
+    config
+}
+
+/// The name servers of the system configuration, or [`FALLBACK_SERVER`].
+fn system_name_servers() -> Vec<NameServerConfig> {
+    match hickory_resolver::system_conf::read_system_conf() {
+        Ok((config, _)) => config.name_servers().to_vec(),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                fallback = %FALLBACK_SERVER,
+                "no DNS server for DNSBL lookups in the system configuration"
+            );
+            vec![name_server(FALLBACK_SERVER)]
+        }
+    }
+}
+
+/// A resolver asking `servers`, each query bounded by `timeout`.
+fn resolver(
+    servers: Vec<NameServerConfig>,
+    timeout: Duration,
+) -> Result<Resolver<Transport>, NetError> {
+    let mut options = ResolverOpts::default();
+    options.timeout = timeout;
+    // No second round after a failure: the transport resends the UDP query
+    // within the timeout, and a SERVFAIL asked again at once says nothing new.
+    options.attempts = 0;
+    // Answers are cached here, per address and zone and bounded.
+    options.cache_size = 0;
+    options.use_hosts_file = ResolveHosts::Never;
+    // One server at a time (the fastest first): one query per question.
+    options.num_concurrent_reqs = 1;
+    let transport = Transport {
+        runtime: TokioRuntimeProvider::new(),
+        resend_after: timeout / 2,
+    };
+    let config = ResolverConfig::from_parts(None, Vec::new(), servers);
+    Resolver::builder_with_config(config, transport)
+        .with_options(options)
+        .build()
+}
+
+/// hickory's transports, the UDP one sending a query at most twice: once,
+/// and once more `resend_after` later (from a fresh port, with a fresh ID)
+/// if no answer came; the first answer to either is taken. hickory would
+/// space the sends by its running estimate of the server's round trip,
+/// which every timeout raises: one silent zone would push the resend past
+/// the deadline for every zone asked through the same server.
+#[derive(Clone)]
+struct Transport {
+    runtime: TokioRuntimeProvider,
+    resend_after: Duration,
+}
+
+impl ConnectionProvider for Transport {
+    type Conn = Resending;
+    type FutureConn = Pin<Box<dyn Future<Output = Result<Resending, NetError>> + Send>>;
+    type RuntimeProvider = TokioRuntimeProvider;
+
+    fn new_connection(
+        &self,
+        ip: IpAddr,
+        config: &ConnectionConfig,
+        cx: &PoolContext,
+    ) -> Result<Self::FutureConn, NetError> {
+        let resend_after = self.resend_after;
+        let resending = move |exchange| Resending {
+            exchange,
+            resend_after,
+        };
+        if !matches!(config.protocol, ProtocolConfig::Udp) {
+            let connecting = self.runtime.new_connection(ip, config, cx)?;
+            return Ok(Box::pin(async move { connecting.await.map(resending) }));
+        }
+        let udp = UdpClientStream::builder(SocketAddr::new(ip, config.port), self.runtime.clone())
+            .with_timeout(Some(cx.options.timeout))
+            .with_bind_addr(config.bind_addr)
+            .with_os_port_selection(cx.options.os_port_selection)
+            .avoid_local_ports(cx.options.avoid_local_udp_ports.clone())
+            // Two sends in all, spaced by the request's interval alone.
+            .with_max_retries(2)
+            .with_retry_interval_floor(0);
+        // Built when first polled: it starts a task on the runtime.
+        Ok(Box::pin(async move { Ok(resending(udp.exchange())) }))
+    }
+
+    fn runtime_provider(&self) -> &TokioRuntimeProvider {
+        &self.runtime
+    }
+}
+
+/// A connection whose requests carry the fixed resend interval.
+#[derive(Clone)]
+struct Resending {
+    exchange: DnsExchange<TokioRuntimeProvider>,
+    resend_after: Duration,
+}
+
+impl DnsHandle for Resending {
+    type Response = <DnsExchange<TokioRuntimeProvider> as DnsHandle>::Response;
+    type Runtime = TokioRuntimeProvider;
+
+    fn send(&self, mut request: DnsRequest) -> Self::Response {
+        request.options_mut().retry_interval = self.resend_after;
+        self.exchange.send(request)
     }
 }
 
@@ -352,279 +525,14 @@ impl CacheInner {
     }
 }
 
-// === the DNS client ===
-
-const TYPE_A: u16 = 1;
-const TYPE_SOA: u16 = 6;
-const CLASS_IN: u16 = 1;
-const RCODE_NXDOMAIN: u8 = 3;
-
-/// Sends one `A` question for `name` to `server` and reads the answer:
-/// the listing and how long it may be cached. Without an answer by
-/// `resend_at` the same packet is sent once more; the caller bounds the
-/// whole wait.
-pub async fn query(
-    server: SocketAddr,
-    name: &str,
-    resend_at: Instant,
-) -> Result<(Listing, Duration), LookupError> {
-    let id = random_id()?;
-    let packet = encode_query(id, name)?;
-    let local: SocketAddr = match server {
-        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
-        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
-    };
-    let io = |e: std::io::Error| LookupError::Io(e.to_string());
-    let socket = UdpSocket::bind(local).await.map_err(io)?;
-    // Connected: the kernel drops datagrams from any other address.
-    socket.connect(server).await.map_err(io)?;
-    socket.send(&packet).await.map_err(io)?;
-    let mut buffer = [0u8; 1232];
-    let mut resent = false;
-    loop {
-        let received = tokio::select! {
-            received = socket.recv(&mut buffer) => received,
-            _ = tokio::time::sleep_until(resend_at), if !resent => {
-                resent = true;
-                socket.send(&packet).await.map_err(io)?;
-                continue;
-            }
-        };
-        let n = received.map_err(io)?;
-        // Stray or spoofed datagrams (another ID, another question) are
-        // ignored; the caller's deadline bounds the wait.
-        if let Some(answer) = decode_answer(id, name, &buffer[..n]) {
-            return answer;
-        }
-    }
-}
-
-fn random_id() -> Result<u16, LookupError> {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 2];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| LookupError::Io("no randomness for the query ID".to_owned()))?;
-    Ok(u16::from_be_bytes(bytes))
-}
-
-/// A query packet: header with recursion desired, one `A IN` question.
-pub fn encode_query(id: u16, name: &str) -> Result<Vec<u8>, LookupError> {
-    let mut packet = Vec::with_capacity(18 + name.len());
-    packet.extend_from_slice(&id.to_be_bytes());
-    packet.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(LookupError::Malformed("a query label is empty or too long"));
-        }
-        packet.push(label.len() as u8);
-        packet.extend_from_slice(label.as_bytes());
-    }
-    packet.push(0);
-    packet.extend_from_slice(&TYPE_A.to_be_bytes());
-    packet.extend_from_slice(&CLASS_IN.to_be_bytes());
-    Ok(packet)
-}
-
-/// Reads an answer to query `id` for `name`. `None`: not an answer to it
-/// (ignored); otherwise the listing and its cache lifetime, or the error.
-pub fn decode_answer(
-    id: u16,
-    name: &str,
-    packet: &[u8],
-) -> Option<Result<(Listing, Duration), LookupError>> {
-    let mut reader = Reader { packet, at: 0 };
-    if reader.u16().ok()? != id {
-        return None;
-    }
-    let flags = reader.u16().ok()?;
-    let is_response = flags & 0x8000 != 0;
-    if !is_response {
-        return None;
-    }
-    let counts = (|| Ok::<_, LookupError>([reader.u16()?, reader.u16()?, reader.u16()?]))().ok()?;
-    let [questions, answers, authorities] = counts;
-    let _additional = reader.u16().ok()?;
-    if questions != 1 {
-        return None;
-    }
-    let asked = reader.name().ok()?;
-    let (qtype, qclass) = (reader.u16().ok()?, reader.u16().ok()?);
-    if !asked.eq_ignore_ascii_case(name) || qtype != TYPE_A || qclass != CLASS_IN {
-        return None;
-    }
-    let rcode = (flags & 0x000f) as u8;
-    Some(read_records(&mut reader, rcode, answers, authorities))
-}
-
-fn read_records(
-    reader: &mut Reader<'_>,
-    rcode: u8,
-    answers: u16,
-    authorities: u16,
-) -> Result<(Listing, Duration), LookupError> {
-    if rcode != 0 && rcode != RCODE_NXDOMAIN {
-        return Err(LookupError::ServerFailure(rcode));
-    }
-    let mut listed_ttl: Option<u32> = None;
-    for _ in 0..answers {
-        let record = reader.record()?;
-        // CNAMEs and other records on the way are skipped; only the
-        // addresses decide.
-        if record.rtype != TYPE_A || record.class != CLASS_IN {
-            continue;
-        }
-        let [a, b, c, d] = <[u8; 4]>::try_from(record.data)
-            .map_err(|_| LookupError::Malformed("an A record is not 4 bytes"))?;
-        let address = Ipv4Addr::new(a, b, c, d);
-        if a != 127 || (b, c) == (255, 255) {
-            return Err(LookupError::NotAListing(address));
-        }
-        listed_ttl = Some(listed_ttl.map_or(record.ttl, |t| t.min(record.ttl)));
-    }
-    if let Some(ttl) = listed_ttl {
-        return Ok((Listing::Listed, capped(ttl)));
-    }
-    // Negative caching (RFC 2308): the smaller of the SOA record's TTL and
-    // its minimum field.
-    let mut negative = None;
-    for _ in 0..authorities {
-        let Ok(record) = reader.record() else { break };
-        if record.rtype != TYPE_SOA {
-            continue;
-        }
-        let mut soa = Reader {
-            packet: reader.packet,
-            at: record.data_at,
-        };
-        let minimum = (|| {
-            soa.name()?;
-            soa.name()?;
-            for _ in 0..4 {
-                soa.u32()?;
-            }
-            soa.u32()
-        })();
-        if let Ok(minimum) = minimum {
-            negative = Some(capped(minimum.min(record.ttl)));
-        }
-        break;
-    }
-    Ok((Listing::NotListed, negative.unwrap_or(NEGATIVE_TTL)))
-}
-
-fn capped(ttl: u32) -> Duration {
-    Duration::from_secs(u64::from(ttl)).min(MAX_TTL)
-}
-
-struct Record<'a> {
-    rtype: u16,
-    class: u16,
-    ttl: u32,
-    data: &'a [u8],
-    data_at: usize,
-}
-
-struct Reader<'a> {
-    packet: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], LookupError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&end| end <= self.packet.len());
-        let end = end.ok_or(LookupError::Malformed("the answer is cut short"))?;
-        let bytes = &self.packet[self.at..end];
-        self.at = end;
-        Ok(bytes)
-    }
-
-    fn u16(&mut self) -> Result<u16, LookupError> {
-        let bytes = self.take(2)?;
-        Ok(u16::from_be_bytes([bytes[0], bytes[1]]))
-    }
-
-    fn u32(&mut self) -> Result<u32, LookupError> {
-        let bytes = self.take(4)?;
-        Ok(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-    }
-
-    /// Reads a (possibly compressed) name, dotted, without the root dot.
-    fn name(&mut self) -> Result<String, LookupError> {
-        let mut name = String::new();
-        let mut at = self.at;
-        let mut resume = None;
-        // Each pointer must go backwards, so a loop of pointers ends.
-        let mut limit = at;
-        loop {
-            let len = *self
-                .packet
-                .get(at)
-                .ok_or(LookupError::Malformed("a name is cut short"))?;
-            match len {
-                0 => {
-                    at += 1;
-                    break;
-                }
-                1..=63 => {
-                    let label = self
-                        .packet
-                        .get(at + 1..at + 1 + usize::from(len))
-                        .ok_or(LookupError::Malformed("a label is cut short"))?;
-                    if !name.is_empty() {
-                        name.push('.');
-                    }
-                    name.push_str(&String::from_utf8_lossy(label));
-                    if name.len() > 255 {
-                        return Err(LookupError::Malformed("a name is too long"));
-                    }
-                    at += 1 + usize::from(len);
-                }
-                0xc0..=0xff => {
-                    let low = *self
-                        .packet
-                        .get(at + 1)
-                        .ok_or(LookupError::Malformed("a pointer is cut short"))?;
-                    let target = usize::from(len & 0x3f) << 8 | usize::from(low);
-                    if target >= limit {
-                        return Err(LookupError::Malformed("a name pointer goes forward"));
-                    }
-                    resume.get_or_insert(at + 2);
-                    limit = target;
-                    at = target;
-                }
-                _ => return Err(LookupError::Malformed("unknown label type")),
-            }
-        }
-        self.at = resume.unwrap_or(at);
-        Ok(name)
-    }
-
-    fn record(&mut self) -> Result<Record<'a>, LookupError> {
-        self.name()?;
-        let rtype = self.u16()?;
-        let class = self.u16()?;
-        let ttl = self.u32()?;
-        let len = usize::from(self.u16()?);
-        let data_at = self.at;
-        let data = self.take(len)?;
-        Ok(Record {
-            rtype,
-            class,
-            ttl,
-            data,
-            data_at,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::Config;
+    use hickory_resolver::net::NoRecords;
+    use hickory_resolver::proto::op::Query;
+    use hickory_resolver::proto::rr::rdata::{A, CNAME};
+    use hickory_resolver::proto::rr::Record;
     use std::net::Ipv6Addr;
 
     #[test]
@@ -651,16 +559,6 @@ mod tests {
     }
 
     #[test]
-    fn resolv_conf_gives_the_first_usable_nameserver() {
-        let text = "# comment\nsearch example\nnameserver fe80::1%eth0\nnameserver 10.0.0.53\nnameserver 10.0.0.54\n";
-        assert_eq!(
-            nameserver_from_resolv_conf(text),
-            Some("10.0.0.53:53".parse().unwrap())
-        );
-        assert_eq!(nameserver_from_resolv_conf("search x\n"), None);
-    }
-
-    #[test]
     fn reputation_keys_are_validated_by_name() {
         let err = |text: &str| Config::from_toml(text).unwrap_err().to_string();
         let c = Config::from_toml(
@@ -684,107 +582,123 @@ mod tests {
         assert!(err("[reputation]\ndnsbls = []\n").starts_with("reputation.dnsbls: unknown field"));
     }
 
-    /// An answer packet to `query`, with `rcode`, the given answer records
-    /// (type, TTL, data) and optionally an SOA record in the authority
-    /// section (its TTL and minimum).
-    fn answer(
-        query: &[u8],
-        rcode: u8,
-        records: &[(u16, u32, &[u8])],
-        soa: Option<(u32, u32)>,
-    ) -> Vec<u8> {
-        let mut packet = query.to_vec();
-        packet[2] |= 0x80;
-        packet[3] = 0x80 | rcode;
-        packet[6..8].copy_from_slice(&(records.len() as u16).to_be_bytes());
-        packet[8..10].copy_from_slice(&u16::from(soa.is_some()).to_be_bytes());
-        for (rtype, ttl, data) in records {
-            // The name as a pointer to the question (offset 12).
-            packet.extend_from_slice(&[0xc0, 12]);
-            packet.extend_from_slice(&rtype.to_be_bytes());
-            packet.extend_from_slice(&CLASS_IN.to_be_bytes());
-            packet.extend_from_slice(&ttl.to_be_bytes());
-            packet.extend_from_slice(&(data.len() as u16).to_be_bytes());
-            packet.extend_from_slice(data);
-        }
-        if let Some((ttl, minimum)) = soa {
-            let mut data = vec![2, b'n', b's', 0xc0, 12, 0];
-            for field in [1u32, 2, 3, 4, minimum] {
-                data.extend_from_slice(&field.to_be_bytes());
-            }
-            packet.extend_from_slice(&[0xc0, 12]);
-            packet.extend_from_slice(&TYPE_SOA.to_be_bytes());
-            packet.extend_from_slice(&CLASS_IN.to_be_bytes());
-            packet.extend_from_slice(&ttl.to_be_bytes());
-            packet.extend_from_slice(&(data.len() as u16).to_be_bytes());
-            packet.extend_from_slice(&data);
-        }
-        packet
+    fn question() -> Query {
+        Query::query(
+            Name::from_ascii("2.0.0.127.z.test.").unwrap(),
+            RecordType::A,
+        )
+    }
+
+    /// An answer with these records (TTL, record data).
+    fn answer(records: &[(u32, RData)]) -> Result<Lookup, NetError> {
+        let query = question();
+        let records: Vec<_> = records
+            .iter()
+            .map(|(ttl, data)| Record::from_rdata(query.name().clone(), *ttl, data.clone()))
+            .collect();
+        Ok(Lookup::new_with_max_ttl(query, records))
+    }
+
+    /// A negative answer with this code, and the TTL an SOA record gave.
+    fn no_records(code: ResponseCode, negative_ttl: Option<u32>) -> Result<Lookup, NetError> {
+        let mut none = NoRecords::new(question(), code);
+        none.negative_ttl = negative_ttl;
+        Err(none.into())
+    }
+
+    fn a(a: u8, b: u8, c: u8, d: u8) -> RData {
+        RData::A(A::new(a, b, c, d))
     }
 
     #[test]
-    fn answers_decode_to_listings_with_capped_ttls() {
-        let name = "2.0.0.127.z.test";
-        let query = encode_query(7, name).unwrap();
-        let decode = |packet: &[u8]| decode_answer(7, name, packet).unwrap();
-        let listed = answer(&query, 0, &[(TYPE_A, 900, &[127, 0, 0, 2])], None);
+    fn answers_are_read_as_listings_with_capped_ttls() {
+        let secs = Duration::from_secs;
         assert_eq!(
-            decode(&listed),
-            Ok((Listing::Listed, Duration::from_secs(900)))
+            interpret(answer(&[(900, a(127, 0, 0, 2))])),
+            Ok((Listing::Listed, secs(900)))
         );
-        let long = answer(&query, 0, &[(TYPE_A, 86_400, &[127, 0, 0, 4])], None);
-        assert_eq!(decode(&long), Ok((Listing::Listed, MAX_TTL)));
-        let nx = answer(&query, RCODE_NXDOMAIN, &[], Some((600, 120)));
         assert_eq!(
-            decode(&nx),
-            Ok((Listing::NotListed, Duration::from_secs(120)))
+            interpret(answer(&[(86_400, a(127, 0, 0, 4))])),
+            Ok((Listing::Listed, MAX_TTL))
         );
-        let bare_nx = answer(&query, RCODE_NXDOMAIN, &[], None);
-        assert_eq!(decode(&bare_nx), Ok((Listing::NotListed, NEGATIVE_TTL)));
-        let servfail = answer(&query, 2, &[], None);
-        assert_eq!(decode(&servfail), Err(LookupError::ServerFailure(2)));
-        let refused_resolver = answer(&query, 0, &[(TYPE_A, 60, &[127, 255, 255, 254])], None);
-        assert!(matches!(
-            decode(&refused_resolver),
-            Err(LookupError::NotAListing(_))
-        ));
-        let hijacked = answer(&query, 0, &[(TYPE_A, 60, &[192, 0, 2, 1])], None);
-        assert!(matches!(
-            decode(&hijacked),
-            Err(LookupError::NotAListing(_))
-        ));
-        // Another ID or another question is not an answer to this query.
-        assert!(decode_answer(8, name, &listed).is_none());
-        assert!(decode_answer(7, "3.0.0.127.z.test", &listed).is_none());
-        assert!(decode_answer(7, name, &query).is_none());
-        // Cut short anywhere: an error or ignored, never a panic.
-        for end in 0..listed.len() {
-            let _ = decode_answer(7, name, &listed[..end]);
-        }
+        // Several codes: the shortest TTL; a CNAME on the way is skipped.
+        let cname = RData::CNAME(CNAME(Name::from_ascii("x.z.test.").unwrap()));
+        assert_eq!(
+            interpret(answer(&[
+                (30, cname),
+                (600, a(127, 0, 0, 2)),
+                (120, a(127, 0, 0, 10))
+            ])),
+            Ok((Listing::Listed, secs(120)))
+        );
+        assert_eq!(
+            interpret(answer(&[])),
+            Ok((Listing::NotListed, NEGATIVE_TTL))
+        );
+        assert_eq!(
+            interpret(no_records(ResponseCode::NXDomain, Some(120))),
+            Ok((Listing::NotListed, secs(120)))
+        );
+        assert_eq!(
+            interpret(no_records(ResponseCode::NXDomain, Some(86_400))),
+            Ok((Listing::NotListed, MAX_TTL))
+        );
+        assert_eq!(
+            interpret(no_records(ResponseCode::NXDomain, None)),
+            Ok((Listing::NotListed, NEGATIVE_TTL))
+        );
+        assert_eq!(
+            interpret(no_records(ResponseCode::NoError, Some(300))),
+            Ok((Listing::NotListed, secs(300)))
+        );
     }
 
     #[test]
-    fn a_name_pointer_loop_is_malformed_not_a_hang() {
-        let name = "z.test";
-        let mut packet = answer(
-            &encode_query(1, name).unwrap(),
-            0,
-            &[(TYPE_A, 1, &[127, 0, 0, 2])],
-            None,
+    fn refusals_rewrites_and_failures_are_errors() {
+        assert_eq!(
+            interpret(answer(&[(60, a(127, 255, 255, 254))])),
+            Err(LookupError::NotAListing(Ipv4Addr::new(127, 255, 255, 254)))
         );
-        let answer_name = packet.len() - 16;
-        // The answer's name points at itself.
-        packet[answer_name + 1] = answer_name as u8;
+        // A resolver rewriting NXDOMAIN to its own address, even next to
+        // a listing.
+        assert_eq!(
+            interpret(answer(&[(60, a(127, 0, 0, 2)), (60, a(192, 0, 2, 1))])),
+            Err(LookupError::NotAListing(Ipv4Addr::new(192, 0, 2, 1)))
+        );
+        let servfail = NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail));
+        assert_eq!(interpret(Err(servfail)), Err(LookupError::ServerFailure(2)));
+        assert_eq!(
+            interpret(no_records(ResponseCode::Refused, None)),
+            Err(LookupError::ServerFailure(5))
+        );
+        assert_eq!(interpret(Err(NetError::Timeout)), Err(LookupError::Timeout));
         assert!(matches!(
-            decode_answer(1, name, &packet),
-            Some(Err(LookupError::Malformed(_)))
+            interpret(Err(NetError::NoConnections)),
+            Err(LookupError::Resolver(_))
         ));
     }
 
-    /// A responder on loopback answering every question NXDOMAIN (no SOA);
-    /// returns its address and its query count.
+    #[test]
+    fn a_configured_server_is_asked_on_its_port_over_udp_then_tcp() {
+        let config = name_server("192.0.2.53:5353".parse().unwrap());
+        assert_eq!(config.ip, IpAddr::from([192, 0, 2, 53]));
+        let connections: Vec<_> = config
+            .connections
+            .iter()
+            .map(|c| (c.protocol.to_protocol().to_string(), c.port))
+            .collect();
+        assert_eq!(
+            connections,
+            [("udp".to_owned(), 5353), ("tcp".to_owned(), 5353)]
+        );
+    }
+
+    /// A responder on loopback answering every question NXDOMAIN (no SOA):
+    /// the query sent back with the response bit and the code set, its
+    /// question and EDNS record echoed. Returns its address and its query
+    /// count.
     async fn nxdomain_responder() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let seen = count.clone();
@@ -792,7 +706,12 @@ mod tests {
             let mut buffer = [0u8; 512];
             while let Ok((n, from)) = socket.recv_from(&mut buffer).await {
                 seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let reply = answer(&buffer[..n], RCODE_NXDOMAIN, &[], None);
+                let mut reply = buffer[..n].to_vec();
+                if reply.len() < 12 {
+                    continue;
+                }
+                reply[2] |= 0x80;
+                reply[3] = 0x80 | 3;
                 let _ = socket.send_to(&reply, from).await;
             }
         });

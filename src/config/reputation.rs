@@ -16,7 +16,7 @@ use super::values::{parse_str, string_enum, HumanDuration};
 pub struct ReputationConfig {
     /// DNSBL zones (`"dnsbl.example.net"`); empty: no lookups.
     pub dnsbl: Vec<DnsblZone>,
-    /// The DNS server asked (`"ip:port"`); absent: the first `nameserver`
+    /// The DNS server asked (`"ip:port"`); absent: the `nameserver`s
     /// of `/etc/resolv.conf`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns_server: Option<DnsServer>,

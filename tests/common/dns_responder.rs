@@ -1,81 +1,159 @@
-//! A DNS responder for DNSBL tests: a real UDP server on 127.0.0.1:0 that
-//! reads the question and answers by zone, counting every query.
+//! A DNS responder for DNSBL tests: a real server on 127.0.0.1, UDP and TCP
+//! on the same port, that reads the question and answers by zone, counting
+//! every query.
 //!
 //! - a name in the `listed` set: `A 127.0.0.2`, TTL 300;
 //! - a name under `servfail.test`: SERVFAIL;
 //! - a name under `slow.test`: no answer at all;
 //! - a name under `lossy.test`: the first query is dropped (a lost
 //!   datagram), later ones are answered as under any other zone;
+//! - a name under `truncated.test`: over UDP an empty answer with the
+//!   truncation bit set (too large for a datagram), over TCP answered as
+//!   under any other zone;
 //! - anything else: NXDOMAIN with an SOA record (minimum 300).
+//!
+//! Answers echo the query's header and question; the query's additional
+//! records (an EDNS `OPT` record) are not echoed, as by a server without
+//! EDNS.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 /// A running responder; stops when dropped.
 pub struct DnsResponder {
     pub addr: SocketAddr,
-    queries: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
+    zones: Arc<Zones>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for DnsResponder {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
+}
+
+/// What the responder lists, and what it was asked.
+struct Zones {
+    listed: HashSet<String>,
+    /// Every name asked, and whether over TCP.
+    queries: Mutex<Vec<(String, bool)>>,
 }
 
 impl DnsResponder {
     /// Starts a responder that lists exactly the names in `listed`.
     pub async fn start(listed: &[&str]) -> DnsResponder {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (socket, listener) = bind_udp_and_tcp().await;
         let addr = socket.local_addr().unwrap();
-        let listed: HashSet<String> = listed.iter().map(|n| n.to_ascii_lowercase()).collect();
-        let queries: Arc<Mutex<Vec<String>>> = Arc::default();
-        let seen = queries.clone();
-        let task = tokio::spawn(async move {
-            let mut buffer = [0u8; 512];
-            loop {
-                let Ok((n, from)) = socket.recv_from(&mut buffer).await else {
-                    return;
-                };
-                let Some((name, question_end)) = question(&buffer[..n]) else {
-                    continue;
-                };
-                let first = !seen.lock().unwrap().contains(&name);
-                seen.lock().unwrap().push(name.clone());
-                if first && name.ends_with(".lossy.test") {
-                    continue;
-                }
-                let reply = if name.ends_with(".slow.test") {
-                    continue;
-                } else if name.ends_with(".servfail.test") {
-                    reply(&buffer[..question_end], 2, None)
-                } else if listed.contains(&name) {
-                    reply(&buffer[..question_end], 0, Some([127, 0, 0, 2]))
-                } else {
-                    reply(&buffer[..question_end], 3, None)
-                };
-                let _ = socket.send_to(&reply, from).await;
-            }
+        let zones = Arc::new(Zones {
+            listed: listed.iter().map(|n| n.to_ascii_lowercase()).collect(),
+            queries: Mutex::default(),
         });
+        let udp = tokio::spawn(serve_udp(socket, zones.clone()));
+        let tcp = tokio::spawn(serve_tcp(listener, zones.clone()));
         DnsResponder {
             addr,
-            queries,
-            task,
+            zones,
+            tasks: vec![udp, tcp],
         }
     }
 
     /// Every name asked so far, in order.
     pub fn queries(&self) -> Vec<String> {
-        self.queries.lock().unwrap().clone()
+        let queries = self.zones.queries.lock().unwrap();
+        queries.iter().map(|(name, _)| name.clone()).collect()
     }
 
     /// How often `name` was asked.
     pub fn count(&self, name: &str) -> usize {
         self.queries().iter().filter(|q| *q == name).count()
+    }
+
+    /// How often `name` was asked over TCP.
+    pub fn tcp_count(&self, name: &str) -> usize {
+        let queries = self.zones.queries.lock().unwrap();
+        queries.iter().filter(|(q, tcp)| q == name && *tcp).count()
+    }
+}
+
+/// A UDP socket on a free loopback port, and a TCP listener on the same.
+async fn bind_udp_and_tcp() -> (UdpSocket, TcpListener) {
+    for _ in 0..20 {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        if let Ok(listener) = TcpListener::bind(addr).await {
+            return (socket, listener);
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP");
+}
+
+async fn serve_udp(socket: UdpSocket, zones: Arc<Zones>) {
+    let mut buffer = [0u8; 1500];
+    while let Ok((n, from)) = socket.recv_from(&mut buffer).await {
+        if let Some(reply) = zones.answer(&buffer[..n], false) {
+            let _ = socket.send_to(&reply, from).await;
+        }
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, zones: Arc<Zones>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(serve_tcp_connection(stream, zones.clone()));
+    }
+}
+
+/// Messages over TCP, each after its 2-byte length, until the client
+/// closes.
+async fn serve_tcp_connection(mut stream: TcpStream, zones: Arc<Zones>) {
+    loop {
+        let Ok(len) = stream.read_u16().await else {
+            return;
+        };
+        let mut query = vec![0; usize::from(len)];
+        if stream.read_exact(&mut query).await.is_err() {
+            return;
+        }
+        let Some(reply) = zones.answer(&query, true) else {
+            continue;
+        };
+        let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&reply);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Zones {
+    /// The reply to one query, or `None` to stay silent.
+    fn answer(&self, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
+        let (name, question_end) = question(query)?;
+        let first = {
+            let mut queries = self.queries.lock().unwrap();
+            let first = !queries.iter().any(|(q, _)| *q == name);
+            queries.push((name.clone(), tcp));
+            first
+        };
+        let question = &query[..question_end];
+        if name.ends_with(".slow.test") || first && name.ends_with(".lossy.test") {
+            None
+        } else if name.ends_with(".truncated.test") && !tcp {
+            let mut reply = reply(question, 0, None);
+            reply[2] |= 0x02; // TC
+            Some(reply)
+        } else if name.ends_with(".servfail.test") {
+            Some(reply(question, 2, None))
+        } else if self.listed.contains(&name) {
+            Some(reply(question, 0, Some([127, 0, 0, 2])))
+        } else {
+            Some(reply(question, 3, None))
+        }
     }
 }
 
