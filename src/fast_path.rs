@@ -36,7 +36,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -46,10 +46,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::config::Config;
+use crate::config::{Config, UpstreamConfig};
 use crate::error::MatrixError;
 use crate::gate::{routes, RegistrationGateLayer};
-use crate::upstream::pool::{bare_host, connect_tcp, lock, spawn_reaper, MAX_IDLE};
+use crate::upstream::idle::{IdlePool, Liveness, Reusable};
 use crate::upstream::{client_body_failure, failure_answer, write_ip, UploadStalled};
 
 /// Size of a client connection's read buffer; a request head that does not
@@ -75,7 +75,7 @@ pub(crate) struct FastPath {
 #[derive(Debug)]
 struct Inner {
     gate: RegistrationGateLayer,
-    pool: Arc<RawPool>,
+    pool: Homeserver,
     base_path: String,
     header_read_timeout: Duration,
     response_timeout: Duration,
@@ -96,18 +96,10 @@ pub(crate) enum Ending {
 impl FastPath {
     pub(crate) fn new(config: &Config, gate: RegistrationGateLayer) -> Self {
         let url = &config.upstream.url;
-        let host = bare_host(url.host().unwrap_or("127.0.0.1")).to_owned();
         FastPath {
             inner: Arc::new(Inner {
                 gate,
-                pool: Arc::new(RawPool {
-                    host,
-                    port: url.port_u16().unwrap_or(80),
-                    connect_timeout: config.upstream.connect_timeout.0,
-                    idle_timeout: config.upstream.pool_idle_timeout.0,
-                    idle: Mutex::new(Vec::new()),
-                    reaper: std::sync::Once::new(),
-                }),
+                pool: Homeserver::new(&config.upstream),
                 base_path: url.path().trim_end_matches('/').to_owned(),
                 header_read_timeout: config.server.header_read_timeout.0,
                 response_timeout: config.upstream.response_timeout.0,
@@ -1278,58 +1270,61 @@ struct UpstreamConn {
     buf: Vec<u8>,
 }
 
-#[derive(Debug)]
-struct RawPool {
-    host: String,
-    port: u16,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    /// Most recently returned last.
-    idle: Mutex<Vec<(UpstreamConn, Instant)>>,
-    reaper: std::sync::Once,
-}
-
-impl RawPool {
-    /// An idle connection that is still open (and whether it was reused),
-    /// or a new one.
-    async fn checkout(self: &Arc<Self>) -> io::Result<(UpstreamConn, bool)> {
-        loop {
-            let next = lock(&self.idle).pop();
-            let Some((conn, _)) = next else { break };
-            if still_open(&conn.stream) {
-                return Ok((conn, true));
-            }
+impl Reusable for UpstreamConn {
+    fn liveness(&self) -> Liveness {
+        if still_open(&self.stream) {
+            Liveness::Ready
+        } else {
+            Liveness::Closed
         }
-        Ok((self.connect().await?, false))
     }
 
-    async fn connect(self: &Arc<Self>) -> io::Result<UpstreamConn> {
-        self.start_reaper();
-        let stream = connect_tcp(&self.host, self.port, self.connect_timeout).await?;
+    /// A connection is given back only once its answer was read to the end
+    /// with nothing after it: it is checked before its next use.
+    fn known_closed(&self) -> bool {
+        false
+    }
+}
+
+/// The homeserver, as the fast path reaches it.
+#[derive(Debug)]
+struct Homeserver {
+    pool: Arc<IdlePool<UpstreamConn>>,
+}
+
+impl Homeserver {
+    fn new(config: &UpstreamConfig) -> Self {
+        let url = &config.url;
+        Homeserver {
+            pool: IdlePool::new(
+                url.host().unwrap_or("127.0.0.1"),
+                url.port_u16().unwrap_or(80),
+                config.connect_timeout.0,
+                config.pool_idle_timeout.0,
+            ),
+        }
+    }
+
+    /// An idle connection that is still open (and whether it was reused),
+    /// or a new one.
+    async fn checkout(&self) -> io::Result<(UpstreamConn, bool)> {
+        match self.pool.take() {
+            Some(conn) => Ok((conn, true)),
+            None => Ok((self.connect().await?, false)),
+        }
+    }
+
+    /// A new connection.
+    async fn connect(&self) -> io::Result<UpstreamConn> {
         Ok(UpstreamConn {
-            stream,
+            stream: self.pool.connect().await?,
             buf: vec![0; UPSTREAM_BUFFER],
         })
     }
 
+    /// Keeps a connection whose answer was read to the end for reuse.
     fn give_back(&self, conn: UpstreamConn) {
-        if self.idle_timeout.is_zero() {
-            return;
-        }
-        let mut idle = lock(&self.idle);
-        if idle.len() < MAX_IDLE {
-            idle.push((conn, Instant::now()));
-        }
-    }
-
-    /// Starts, once, the task that closes connections idle for too long.
-    fn start_reaper(self: &Arc<Self>) {
-        self.reaper.call_once(|| {
-            spawn_reaper(Arc::downgrade(self), self.idle_timeout, |pool| {
-                let timeout = pool.idle_timeout;
-                lock(&pool.idle).retain(|(_, since)| since.elapsed() < timeout);
-            });
-        });
+        self.pool.give_back(conn);
     }
 }
 
