@@ -2,7 +2,7 @@
 //! read timeouts, `TCP_NODELAY`, a graceful drain with a deadline, the
 //! admin listener, and configuration reloads (SIGHUP, or a changed file).
 //!
-//! Each connection starts on the HTTP/1.1 fast path (`src/fast_path.rs`);
+//! Each connection starts on the HTTP/1.1 fast path (`src/fast_path/`);
 //! the first request it does not take hands the connection to hyper and
 //! the tower service, which serve it from then on.
 

@@ -37,6 +37,7 @@ use crate::error::MatrixError;
 use crate::gate::BoxError;
 use crate::telemetry::{Metrics, UpstreamError};
 
+pub(crate) mod idle;
 pub(crate) mod pool;
 
 use pool::Pool;

@@ -1,38 +1,32 @@
-//! Keep-alive HTTP/1.1 connections to the homeserver.
+//! Keep-alive HTTP/1.1 connections to the homeserver for the full stack.
 //!
-//! The gate talks to one origin only, so its pool is a single stack of idle
-//! connections rather than a map keyed by origin. A connection goes back on
-//! the stack once its response body has been read to the end (or at once,
-//! when the whole answer arrived with its head); a response body dropped
-//! half-read takes its connection with it, because hyper closes such a
-//! connection anyway. Idle connections are handed out newest first, so the
-//! ones left over after a burst age out: a reaper closes those idle for
-//! longer than `pool_idle_timeout`.
+//! The connections are hyper client connections, kept in the gate's idle
+//! pool ([`super::idle`], which the fast path's raw connections use too).
+//! A connection goes back to the pool once its response body has been read
+//! to the end (or at once, when the whole answer arrived with its head); a
+//! response body dropped half-read takes its connection with it, because
+//! hyper closes such a connection anyway.
 //!
 //! A request that could not even be written because a reused connection had
 //! gone away in the meantime (the homeserver closed it while idle) is sent
 //! again on another one; a request that was written is never repeated.
 
-use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
+use super::idle::{IdlePool, Liveness, Reusable};
 use crate::gate::BoxError;
-
-/// At most this many idle connections are kept; more are closed.
-pub(crate) const MAX_IDLE: usize = 1024;
 
 /// Why a request got no answer from the homeserver.
 #[derive(Debug)]
@@ -63,7 +57,7 @@ impl StdError for SendError {
 
 /// The pool: cheap to clone, shared by every clone of the upstream service.
 pub struct Pool<B> {
-    shared: Arc<Shared<B>>,
+    shared: Arc<IdlePool<SendRequest<B>>>,
 }
 
 impl<B> Clone for Pool<B> {
@@ -77,25 +71,25 @@ impl<B> Clone for Pool<B> {
 impl<B> fmt::Debug for Pool<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool")
-            .field("host", &self.shared.host)
-            .field("port", &self.shared.port)
-            .finish_non_exhaustive()
+            .field("connections", &self.shared)
+            .finish()
     }
 }
 
-struct Shared<B> {
-    host: String,
-    port: u16,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-    /// Oldest at the front, most recently returned at the back.
-    idle: Mutex<VecDeque<Idle<B>>>,
-    reaper: std::sync::Once,
-}
+impl<B> Reusable for SendRequest<B> {
+    fn liveness(&self) -> Liveness {
+        if self.is_closed() {
+            Liveness::Closed
+        } else if self.is_ready() {
+            Liveness::Ready
+        } else {
+            Liveness::Busy
+        }
+    }
 
-struct Idle<B> {
-    sender: SendRequest<B>,
-    since: Instant,
+    fn known_closed(&self) -> bool {
+        self.is_closed()
+    }
 }
 
 impl<B> Pool<B>
@@ -107,16 +101,8 @@ where
     /// A pool of connections to `host:port` (`host` a name, or an address;
     /// IPv6 addresses with or without brackets).
     pub fn new(host: &str, port: u16, connect_timeout: Duration, idle_timeout: Duration) -> Self {
-        let host = bare_host(host);
         Pool {
-            shared: Arc::new(Shared {
-                host: host.to_owned(),
-                port,
-                connect_timeout,
-                idle_timeout,
-                idle: Mutex::new(VecDeque::new()),
-                reaper: std::sync::Once::new(),
-            }),
+            shared: IdlePool::new(host, port, connect_timeout, idle_timeout),
         }
     }
 
@@ -128,7 +114,7 @@ where
         mut request: Request<B>,
     ) -> Result<Response<PooledBody<B>>, SendError> {
         loop {
-            let (mut sender, reused) = match self.checkout() {
+            let (mut sender, reused) = match self.shared.take() {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
@@ -137,7 +123,7 @@ where
                     let returner = if sender.is_ready() {
                         // The whole answer came with its head: the
                         // connection is free already.
-                        give_back(&self.shared, sender);
+                        self.shared.give_back(sender);
                         None
                     } else {
                         Some(Returner {
@@ -159,30 +145,8 @@ where
         }
     }
 
-    /// The most recently used idle connection that is ready for a request.
-    fn checkout(&self) -> Option<SendRequest<B>> {
-        let mut idle = lock(&self.shared.idle);
-        let mut index = idle.len();
-        while index > 0 {
-            index -= 1;
-            let entry = &idle[index];
-            if entry.sender.is_closed() {
-                idle.remove(index);
-            } else if entry.sender.is_ready() {
-                return idle.remove(index).map(|entry| entry.sender);
-            }
-            // Not ready yet (its connection is still finishing the last
-            // exchange): leave it for a later request.
-        }
-        None
-    }
-
     async fn connect(&self) -> Result<SendRequest<B>, SendError> {
-        let shared = &self.shared;
-        self.start_reaper();
-        let stream = connect_tcp(&shared.host, shared.port, shared.connect_timeout)
-            .await
-            .map_err(SendError::Connect)?;
+        let stream = self.shared.connect().await.map_err(SendError::Connect)?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -195,93 +159,16 @@ where
         Ok(sender)
     }
 
-    /// Starts, once, the task that closes connections idle for too long.
-    fn start_reaper(&self) {
-        self.shared.reaper.call_once(|| {
-            spawn_reaper(
-                Arc::downgrade(&self.shared),
-                self.shared.idle_timeout,
-                |shared| {
-                    let timeout = shared.idle_timeout;
-                    lock(&shared.idle).retain(|entry| {
-                        !entry.sender.is_closed() && entry.since.elapsed() < timeout
-                    });
-                },
-            );
-        });
-    }
-
     /// How many idle connections the pool holds (for tests).
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        lock(&self.shared.idle).len()
+        self.shared.idle_count()
     }
-}
-
-fn give_back<B>(shared: &Shared<B>, sender: SendRequest<B>) {
-    if sender.is_closed() || shared.idle_timeout.is_zero() {
-        return;
-    }
-    let mut idle = lock(&shared.idle);
-    if idle.len() < MAX_IDLE {
-        idle.push_back(Idle {
-            sender,
-            since: Instant::now(),
-        });
-    }
-}
-
-/// Opens a connection to `host:port` (with `TCP_NODELAY`), or fails with
-/// `TimedOut` after `timeout`.
-pub(crate) async fn connect_tcp(host: &str, port: u16, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {timeout:?}"),
-            )
-        })??;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
-}
-
-/// `host` as a name or address to connect to: IPv6 brackets removed.
-pub(crate) fn bare_host(host: &str) -> &str {
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
-}
-
-/// Runs `sweep` on the pool every half `idle_timeout` (at least every
-/// 500 ms), for as long as the pool lives.
-pub(crate) fn spawn_reaper<T: Send + Sync + 'static>(
-    pool: Weak<T>,
-    idle_timeout: Duration,
-    sweep: fn(&T),
-) {
-    let every = (idle_timeout / 2).max(Duration::from_millis(500));
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let Some(pool) = pool.upgrade() else { return };
-            sweep(&pool);
-        }
-    });
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the stack inconsistent.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Gives a connection back once its response has been read.
 struct Returner<B> {
-    shared: Arc<Shared<B>>,
+    shared: Arc<IdlePool<SendRequest<B>>>,
     sender: SendRequest<B>,
 }
 
@@ -303,7 +190,7 @@ impl<B> fmt::Debug for PooledBody<B> {
 impl<B> PooledBody<B> {
     fn release(&mut self) {
         if let Some(Returner { shared, sender }) = self.returner.take() {
-            give_back(&shared, sender);
+            shared.give_back(sender);
         }
     }
 }
