@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
@@ -93,11 +94,26 @@ fn shown(text: &str) -> String {
     }
 }
 
-fn read(path: &str) -> Result<Vec<u8>, ListError> {
-    std::fs::read(path).map_err(|source| ListError::Read {
+/// A file's modification time and length, `None` while it cannot be read:
+/// what a watcher compares to see a change.
+pub type Stamp = Option<(SystemTime, u64)>;
+
+/// `path`'s [`Stamp`] now.
+pub fn stamp(path: &std::path::Path) -> Stamp {
+    std::fs::metadata(path)
+        .and_then(|m| Ok((m.modified()?, m.len())))
+        .ok()
+}
+
+/// The file's bytes, and its stamp taken before they were read: a change
+/// made while it is read shows as a changed stamp later.
+fn read(path: &str) -> Result<(Vec<u8>, Stamp), ListError> {
+    let stamp = stamp(path.as_ref());
+    let bytes = std::fs::read(path).map_err(|source| ListError::Read {
         path: path.to_owned(),
         source,
-    })
+    })?;
+    Ok((bytes, stamp))
 }
 
 // === addresses ===
@@ -252,6 +268,7 @@ fn in_ranges<T: Bound>(ranges: &[(T, T)], ip: T) -> bool {
 #[derive(Debug)]
 struct AddressList {
     path: Arc<str>,
+    stamp: Stamp,
     set: AddressSet,
 }
 
@@ -268,10 +285,11 @@ impl AddressLists {
         let lists = paths
             .iter()
             .map(|path| {
-                let set = AddressSet::parse(path, &read(path)?)?;
+                let (bytes, stamp) = read(path)?;
                 Ok(AddressList {
                     path: Arc::from(path.as_str()),
-                    set,
+                    stamp,
+                    set: AddressSet::parse(path, &bytes)?,
                 })
             })
             .collect::<Result<Vec<_>, ListError>>()?;
@@ -291,6 +309,11 @@ impl AddressLists {
     /// The configured paths, in order.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.lists.iter().map(|list| &*list.path)
+    }
+
+    /// The configured paths and their stamps when they were read.
+    pub fn stamps(&self) -> impl Iterator<Item = (&str, Stamp)> {
+        self.lists.iter().map(|list| (&*list.path, list.stamp))
     }
 
     /// Whether no list is configured.
@@ -344,7 +367,7 @@ fn normalized_domain(entry: &str) -> Option<String> {
 /// clone (shared).
 #[derive(Clone, Default)]
 pub struct DomainLists {
-    paths: Arc<[Arc<str>]>,
+    paths: Arc<[(Arc<str>, Stamp)]>,
     /// Every listed domain and the index of the first file listing it.
     domains: Arc<HashMap<Box<str>, u32>>,
 }
@@ -353,9 +376,11 @@ impl DomainLists {
     /// Reads and parses every file, in order.
     pub fn load(paths: &[String]) -> Result<DomainLists, ListError> {
         let mut domains: HashMap<Box<str>, u32> = HashMap::new();
+        let mut stamps = Vec::with_capacity(paths.len());
         for (index, path) in paths.iter().enumerate() {
             let index = u32::try_from(index).unwrap_or(u32::MAX);
-            let bytes = read(path)?;
+            let (bytes, stamp) = read(path)?;
+            stamps.push((Arc::from(path.as_str()), stamp));
             for (line, entry) in entries(&bytes) {
                 let Some(domain) = normalized_domain(&entry) else {
                     return Err(ListError::NotADomain {
@@ -369,7 +394,7 @@ impl DomainLists {
         }
         domains.shrink_to_fit();
         Ok(DomainLists {
-            paths: paths.iter().map(|p| Arc::from(p.as_str())).collect(),
+            paths: stamps.into(),
             domains: Arc::new(domains),
         })
     }
@@ -395,7 +420,7 @@ impl DomainLists {
         let mut candidate = lowered;
         loop {
             if let Some(&index) = self.domains.get(candidate) {
-                return self.paths.get(index as usize);
+                return self.paths.get(index as usize).map(|(path, _)| path);
             }
             let (_, parent) = candidate.split_once('.')?;
             candidate = parent;
@@ -404,7 +429,12 @@ impl DomainLists {
 
     /// The configured paths, in order.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.paths.iter().map(|p| &**p)
+        self.paths.iter().map(|(path, _)| &**path)
+    }
+
+    /// The configured paths and their stamps when they were read.
+    pub fn stamps(&self) -> impl Iterator<Item = (&str, Stamp)> {
+        self.paths.iter().map(|(path, stamp)| (&**path, *stamp))
     }
 
     /// How many distinct domains are listed.
@@ -429,7 +459,7 @@ impl DomainLists {
 impl fmt::Debug for DomainLists {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DomainLists")
-            .field("paths", &self.paths)
+            .field("paths", &self.paths().collect::<Vec<_>>())
             .field("domains", &self.domains.len())
             .finish()
     }

@@ -9,6 +9,7 @@ use matrix_gatekeeper::config::{AdminConfig, Config, ConfigError, UpstreamConfig
 use matrix_gatekeeper::explain::{
     explain_with, look_up_dnsbl, read_gate, AdminTarget, GateRead, Live, Question,
 };
+use matrix_gatekeeper::lists::Stamp;
 use matrix_gatekeeper::probe;
 use matrix_gatekeeper::server::{shutdown_signal, Hangups, Server};
 use matrix_gatekeeper::telemetry::init_logging;
@@ -245,6 +246,7 @@ fn main() -> ExitCode {
             // a while for large lists: `systemctl reload` right after a
             // start must not end the process (SIGHUP's default action).
             let hangups = catch_hangups();
+            let config_stamp = path.as_deref().and_then(matrix_gatekeeper::lists::stamp);
             let config = match load_or_exit(path.as_ref()) {
                 Ok(config) => config,
                 Err(code) => return code,
@@ -253,7 +255,7 @@ fn main() -> ExitCode {
                 eprintln!("matrix-gatekeeper: invalid configuration: {message}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            serve(config, path, hangups)
+            serve(config, path, hangups, config_stamp)
         }
     }
 }
@@ -306,7 +308,14 @@ fn catch_hangups() -> Option<Hangups> {
     Hangups::listen().ok()
 }
 
-fn serve(config: Config, path: Option<PathBuf>, hangups: Option<Hangups>) -> ExitCode {
+/// Serves `config`, read from `path` (`None`: embedded) while the file had
+/// `config_stamp`.
+fn serve(
+    config: Config,
+    path: Option<PathBuf>,
+    hangups: Option<Hangups>,
+    config_stamp: Stamp,
+) -> ExitCode {
     let runtime = match runtime(config.server.workers) {
         Ok(runtime) => runtime,
         Err(code) => return code,
@@ -325,7 +334,9 @@ fn serve(config: Config, path: Option<PathBuf>, hangups: Option<Hangups>) -> Exi
             None => "embedded".to_owned(),
         };
         if let Some(path) = path {
-            server = server.with_config_path(path);
+            server = server
+                .with_config_path(path)
+                .read_when(&config, config_stamp);
         }
         if let Some(hangups) = hangups {
             server = server.with_hangups(hangups);

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
@@ -36,6 +36,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::MatrixError;
 use crate::fast_path::{linger, Ending, FastPath, Rewind};
 use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
+use crate::lists::Stamp;
 use crate::notify::{Event, Notifier};
 use crate::telemetry::Metrics;
 use crate::upstream::{unforwardable, Upstream};
@@ -95,7 +96,7 @@ pub struct Reloader {
 
 /// A watched file: its path, and its modification time and length (`None`
 /// while it cannot be read).
-type FileStamp = (PathBuf, Option<(SystemTime, u64)>);
+type FileStamp = (PathBuf, Stamp);
 
 /// The list files a configuration reads.
 fn list_files(config: &Config) -> Vec<PathBuf> {
@@ -153,16 +154,24 @@ impl Reloader {
         let Some(path) = &self.path else {
             return Vec::new();
         };
-        let stamp = |path: &PathBuf| {
-            let stamp = std::fs::metadata(path)
-                .and_then(|m| Ok((m.modified()?, m.len())))
-                .ok();
-            (path.clone(), stamp)
-        };
         let lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
         std::iter::once(path)
             .chain(lists.iter())
-            .map(stamp)
+            .map(|path| (path.clone(), crate::lists::stamp(path)))
+            .collect()
+    }
+
+    /// What [`Reloader::watched`] would have answered when the files of
+    /// `config` were read: the configuration file's stamp from
+    /// `config_stamp`, the lists' from `config` itself.
+    fn watched_when_read(&self, config: &Config, config_stamp: Stamp) -> Vec<FileStamp> {
+        let Some(path) = &self.path else {
+            return Vec::new();
+        };
+        let lists = config.client_ip.deny_lists.stamps();
+        let lists = lists.chain(config.email.denied_domain_lists.stamps());
+        std::iter::once((path.clone(), config_stamp))
+            .chain(lists.map(|(path, stamp)| (PathBuf::from(path), stamp)))
             .collect()
     }
 }
@@ -214,6 +223,9 @@ pub struct Server {
     header_read_timeout: Duration,
     shutdown_timeout: Duration,
     watch_config: bool,
+    /// The watched files as they were when read, when known: the watcher
+    /// starts from these, so a change made while the gate started is seen.
+    read_stamps: Option<Vec<FileStamp>>,
     /// What SIGHUPs it reloads on; caught from when the server was built
     /// (or earlier, [`Server::with_hangups`]), not from when it runs.
     hangups: Option<Hangups>,
@@ -261,6 +273,7 @@ impl Server {
             header_read_timeout: config.server.header_read_timeout.0,
             shutdown_timeout: config.server.shutdown_timeout.0,
             watch_config: config.server.watch_config,
+            read_stamps: None,
             hangups: Hangups::listen()
                 .map_err(|error| tracing::error!(%error, "cannot catch SIGHUP; reload by it off"))
                 .ok(),
@@ -287,6 +300,16 @@ impl Server {
         self
     }
 
+    /// `config` (the one given to [`Server::from_listeners`]) was read from
+    /// the configuration file when it had `config_stamp`, its lists when
+    /// they had the stamps `config` keeps: with `watch_config`, a file
+    /// changed since then, while the gate started, is reloaded at the
+    /// watcher's first look. Call after [`Server::with_config_path`].
+    pub fn read_when(mut self, config: &Config, config_stamp: Stamp) -> Self {
+        self.read_stamps = Some(self.reloader.watched_when_read(config, config_stamp));
+        self
+    }
+
     /// The addresses actually bound.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
@@ -308,7 +331,7 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting and lets
     /// in-flight requests finish for at most `server.shutdown_timeout`.
     /// SIGHUP reloads the configuration file.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let (accepted_tx, mut accepted) = mpsc::channel::<(TcpStream, SocketAddr)>(64);
         let mut background = Vec::new();
         for listener in self.listeners {
@@ -334,7 +357,10 @@ impl Server {
             )));
         }
         if self.watch_config {
-            background.push(tokio::spawn(reload_on_change(self.reloader.clone())));
+            background.push(tokio::spawn(reload_on_change(
+                self.reloader.clone(),
+                self.read_stamps.take(),
+            )));
         }
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -715,8 +741,8 @@ async fn reload_off_the_runtime(reloader: &Reloader) {
     }
 }
 
-async fn reload_on_change(reloader: Reloader) {
-    let mut seen = reloader.watched();
+async fn reload_on_change(reloader: Reloader, read: Option<Vec<FileStamp>>) {
+    let mut seen = read.unwrap_or_else(|| reloader.watched());
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{get, post_json, send, Captured, FakeHomeserver, Gate};
 use http::Method;
+use matrix_gatekeeper::server::Server;
 use matrix_gatekeeper::Config;
 
 const REGISTER: &str = "/_matrix/client/v3/register";
@@ -263,6 +264,47 @@ async fn a_reload_reads_changed_lists_and_a_broken_list_keeps_the_old_ones() {
         text.contains("gatekeeper_config_reloads_total{result=\"error\"} 1\n"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_list_changed_while_the_gate_starts_is_picked_up() {
+    let exits = TempFile::new(".txt", "203.0.113.9\n");
+    let hs = FakeHomeserver::start().await;
+    let config_file = TempFile::new(
+        ".toml",
+        &format!(
+            "[server]\nwatch_config = true\n[upstream]\nurl = \"{}\"\n\
+             [client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\ndeny_lists = [{}]\n",
+            hs.url(),
+            exits.toml()
+        ),
+    );
+    let config_stamp = matrix_gatekeeper::lists::stamp(&config_file.0);
+    let config = Config::from_file(&config_file.0).unwrap();
+    // The list changes after the gate read it and before it serves, as
+    // when an update lands while a large list is being compiled.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    exits.write("203.0.113.9\n198.51.100.0/24\n");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::from_listeners(&config, vec![listener])
+        .with_config_path(config_file.0.clone())
+        .read_when(&config, config_stamp);
+    let gate = Gate::serve(server);
+    let available = gate.url("/_matrix/client/v3/register/available?username=alice");
+    // The watcher's first look, at once, sees the change.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = from("198.51.100.4", Method::GET, &available, "").await;
+        if answer.status == 403 {
+            answer.assert_error(403, "M_FORBIDDEN");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the list changed during start-up was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]

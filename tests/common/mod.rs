@@ -300,6 +300,11 @@ impl Gate {
         if let Some(path) = path {
             server = server.with_config_path(path);
         }
+        Gate::serve(server)
+    }
+
+    /// Runs `server` (bound to loopback) until the gate is dropped.
+    pub fn serve(server: Server) -> Gate {
         let addr = server.local_addrs()[0];
         let admin = server.admin_addr();
         let reloader = server.reloader();
