@@ -412,19 +412,33 @@ fn an_unreadable_or_short_token_file_is_refused_by_name() {
     assert!(error.to_string().contains("admin.token"), "{error}");
 }
 
+/// Two replicas sharing `redis` (waiting at most `timeout` for it), with
+/// the admin API and `registrations` registrations per client an hour.
+async fn replicas(
+    redis: &RedisServer,
+    hs: &FakeHomeserver,
+    name: &str,
+    timeout: &str,
+    registrations: u32,
+) -> (Gate, Gate) {
+    let path = token_file(name, TOKEN);
+    let shared = format!(
+        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
+         [rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"{timeout}\"\n\
+         registrations_per_ip = {{ count = {registrations}, period = \"1h\" }}\n",
+        redis.url()
+    );
+    (
+        gate(hs, &shared, Some(&path)).await,
+        gate(hs, &shared, Some(&path)).await,
+    )
+}
+
 #[tokio::test]
 async fn redis_replicas_share_bans_resets_and_lockdowns() {
     let redis = RedisServer::start().await;
     let hs = FakeHomeserver::start().await;
-    let path = token_file("redis", TOKEN);
-    let shared = format!(
-        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
-         [rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"500ms\"\n\
-         registrations_per_ip = {{ count = 2, period = \"1h\" }}\n",
-        redis.url()
-    );
-    let a = gate(&hs, &shared, Some(&path)).await;
-    let b = gate(&hs, &shared, Some(&path)).await;
+    let (a, b) = replicas(&redis, &hs, "redis", "500ms", 2).await;
     let client = "198.51.100.50";
 
     // Limits: spent through A, seen by B's inspection, reset through B.
@@ -534,15 +548,7 @@ async fn always(gate: &Gate, status: u16, within: Duration, what: &str) {
 async fn registration_is_closed_and_reopened_by_hand_while_redis_is_down() {
     let mut redis = RedisServer::start().await;
     let hs = FakeHomeserver::start().await;
-    let path = token_file("redis-down", TOKEN);
-    let shared = format!(
-        "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
-         [rate_limit]\nstore = \"redis\"\nredis_url = \"{}\"\nredis_timeout = \"300ms\"\n\
-         registrations_per_ip = {{ count = 1000, period = \"1h\" }}\n",
-        redis.url()
-    );
-    let a = gate(&hs, &shared, Some(&path)).await;
-    let b = gate(&hs, &shared, Some(&path)).await;
+    let (a, b) = replicas(&redis, &hs, "redis-down", "300ms", 1000).await;
     // A closing and a reopening through Redis first: the replicas have
     // seen a reopening, which a Redis restarted empty forgets.
     let closed = admin(&a, Method::POST, "/v1/lockdown", r#"{"duration":"1h"}"#).await;

@@ -292,19 +292,12 @@ async fn a_list_changed_while_the_gate_starts_is_picked_up() {
     let gate = Gate::serve(server);
     let available = gate.url("/_matrix/client/v3/register/available?username=alice");
     // The watcher's first look, at once, sees the change.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = from("198.51.100.4", Method::GET, &available, "").await;
-        if answer.status == 403 {
-            answer.assert_error(403, "M_FORBIDDEN");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the list changed during start-up was not picked up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    refused_within(
+        &available,
+        "198.51.100.4",
+        "the list changed during start-up",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -337,17 +330,19 @@ async fn with_watch_config_a_changed_list_file_is_picked_up() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     exits.write("203.0.113.9\n198.51.100.0/24\n");
     // The watch loop looks every 2 s; a few periods bound the wait.
+    refused_within(&available, "198.51.100.4", "the changed list").await;
+}
+
+/// Waits (10 s at most) until `client` is refused `url` as listed.
+async fn refused_within(url: &str, client: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let answer = from("198.51.100.4", Method::GET, &available, "").await;
+        let answer = from(client, Method::GET, url, "").await;
         if answer.status == 403 {
             answer.assert_error(403, "M_FORBIDDEN");
-            break;
+            return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the changed list was not picked up"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(Instant::now() < deadline, "{what} was not picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
