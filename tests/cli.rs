@@ -140,23 +140,20 @@ fn check_without_a_config_uses_the_embedded_example() {
     );
 }
 
-#[test]
-fn serve_with_a_bad_config_exits_64_without_binding() {
-    let port = free_port();
-    let config = TempConfig::new(&format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[guest]\naccess = \"sometimes\"\n"
-    ));
+/// Runs `serve` on `config`, an invalid configuration listening on `port`:
+/// it must exit within 10 s, and nothing may listen on `port` meanwhile.
+fn serve_refused(config: &Path, port: u16) -> std::process::Output {
     let mut child = Command::new(BIN)
-        .args(["serve", "--config", config.path().to_str().unwrap()])
+        .args(["serve", "--config", config.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("binary starts");
     let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
         }
         // While it runs, nothing may listen on its port.
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -170,9 +167,23 @@ fn serve_with_a_bad_config_exits_64_without_binding() {
             panic!("serve with an invalid configuration did not exit");
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = child.wait_with_output().unwrap();
-    assert_eq!(status.code(), Some(EXIT_CONFIG), "{}", stderr(&output));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn serve_with_a_bad_config_exits_64_without_binding() {
+    let port = free_port();
+    let config = TempConfig::new(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[guest]\naccess = \"sometimes\"\n"
+    ));
+    let output = serve_refused(config.path(), port);
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CONFIG),
+        "{}",
+        stderr(&output)
+    );
     assert!(
         stderr(&output).contains("guest.access"),
         "{}",
@@ -432,27 +443,13 @@ fn serve_with_a_broken_list_file_exits_64_naming_the_file_and_the_line() {
         "[server]\nlisten = \"127.0.0.1:{port}\"\n[client_ip]\ndeny_lists = [{:?}]\n",
         list.path().display().to_string()
     ));
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", config.path().to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("serve with a broken list did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = child.wait_with_output().unwrap();
-    assert_eq!(status.code(), Some(EXIT_CONFIG), "{}", stderr(&output));
+    let output = serve_refused(config.path(), port);
+    assert_eq!(
+        output.status.code(),
+        Some(EXIT_CONFIG),
+        "{}",
+        stderr(&output)
+    );
     assert_eq!(
         stderr(&output).trim_end(),
         format!(

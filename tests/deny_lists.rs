@@ -266,19 +266,25 @@ async fn a_reload_reads_changed_lists_and_a_broken_list_keeps_the_old_ones() {
     );
 }
 
-#[tokio::test]
-async fn a_list_changed_while_the_gate_starts_is_picked_up() {
-    let exits = TempFile::new(".txt", "203.0.113.9\n");
-    let hs = FakeHomeserver::start().await;
-    let config_file = TempFile::new(
+/// A configuration file with `watch_config`, trusting loopback's
+/// `X-Forwarded-For`, denying the addresses of `list`.
+fn watching(hs: &FakeHomeserver, list: &TempFile) -> TempFile {
+    TempFile::new(
         ".toml",
         &format!(
             "[server]\nwatch_config = true\n[upstream]\nurl = \"{}\"\n\
              [client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\ndeny_lists = [{}]\n",
             hs.url(),
-            exits.toml()
+            list.toml()
         ),
-    );
+    )
+}
+
+#[tokio::test]
+async fn a_list_changed_while_the_gate_starts_is_picked_up() {
+    let exits = TempFile::new(".txt", "203.0.113.9\n");
+    let hs = FakeHomeserver::start().await;
+    let config_file = watching(&hs, &exits);
     let config_stamp = matrix_gatekeeper::lists::stamp(&config_file.0);
     let config = Config::from_file(&config_file.0).unwrap();
     // The list changes after the gate read it and before it serves, as
@@ -304,15 +310,7 @@ async fn a_list_changed_while_the_gate_starts_is_picked_up() {
 async fn with_watch_config_a_changed_list_file_is_picked_up() {
     let exits = TempFile::new(".txt", "203.0.113.9\n");
     let hs = FakeHomeserver::start().await;
-    let config_file = TempFile::new(
-        ".toml",
-        &format!(
-            "[server]\nwatch_config = true\n[upstream]\nurl = \"{}\"\n\
-             [client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\ndeny_lists = [{}]\n",
-            hs.url(),
-            exits.toml()
-        ),
-    );
+    let config_file = watching(&hs, &exits);
     let gate = Gate::start_full(
         Config::from_file(&config_file.0).unwrap(),
         false,

@@ -821,27 +821,37 @@ async fn upstream_errors(gate: &Gate, kind: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
 }
 
+/// A gate in front of `hs` with `toml` (whose `[upstream]` table gets
+/// the homeserver's URL) and an admin listener for its metrics.
+async fn gate_with_metrics(hs: &FakeHomeserver, toml: &str) -> Gate {
+    let toml = toml.replace(
+        "[upstream]\n",
+        &format!("[upstream]\nurl = \"{}\"\n", hs.url()),
+    );
+    let config = matrix_gatekeeper::Config::from_toml(&toml).unwrap();
+    Gate::start_full(config, true, None).await
+}
+
+/// Uploads whose body stops early: 10 of 100 announced bytes, and a
+/// chunked body after its first chunk.
+fn unfinished_uploads() -> [Vec<u8>; 2] {
+    let path = "/_matrix/media/v3/upload/x";
+    [
+        request("PUT", path, &["Content-Length: 100".into()], b"0123456789"),
+        request(
+            "PUT",
+            path,
+            &["Transfer-Encoding: chunked".into()],
+            b"a\r\n0123456789\r\n",
+        ),
+    ]
+}
+
 #[tokio::test]
 async fn an_upload_the_client_does_not_finish_is_its_own_400_not_a_homeserver_error() {
     let hs = FakeHomeserver::start().await;
-    let config = matrix_gatekeeper::Config::from_toml(&format!(
-        "[upstream]\nurl = \"{}\"\nresponse_timeout = \"10s\"\n",
-        hs.url()
-    ))
-    .unwrap();
-    let gate = Gate::start_full(config, true, None).await;
-    let cut_length = request(
-        "PUT",
-        "/_matrix/media/v3/upload/x",
-        &["Content-Length: 100".into()],
-        b"0123456789",
-    );
-    let cut_chunked = request(
-        "PUT",
-        "/_matrix/media/v3/upload/x",
-        &["Transfer-Encoding: chunked".into()],
-        b"a\r\n0123456789\r\n",
-    );
+    let gate = gate_with_metrics(&hs, "[upstream]\nresponse_timeout = \"10s\"\n").await;
+    let [cut_length, cut_chunked] = unfinished_uploads();
     let bad_chunked = request(
         "PUT",
         "/_matrix/media/v3/upload/x",
@@ -887,24 +897,12 @@ async fn an_upload_the_client_does_not_finish_is_its_own_400_not_a_homeserver_er
 #[tokio::test]
 async fn an_upload_that_stalls_is_a_408_of_its_own_on_both_paths() {
     let hs = FakeHomeserver::start().await;
-    let config = matrix_gatekeeper::Config::from_toml(&format!(
-        "[server]\nupload_idle_timeout = \"300ms\"\n[upstream]\nurl = \"{}\"\nresponse_timeout = \"30s\"\n",
-        hs.url()
-    ))
-    .unwrap();
-    let gate = Gate::start_full(config, true, None).await;
-    let stalled_length = request(
-        "PUT",
-        "/_matrix/media/v3/upload/x",
-        &["Content-Length: 100".into()],
-        b"0123456789",
-    );
-    let stalled_chunked = request(
-        "PUT",
-        "/_matrix/media/v3/upload/x",
-        &["Transfer-Encoding: chunked".into()],
-        b"a\r\n0123456789\r\n",
-    );
+    let gate = gate_with_metrics(
+        &hs,
+        "[server]\nupload_idle_timeout = \"300ms\"\n[upstream]\nresponse_timeout = \"30s\"\n",
+    )
+    .await;
+    let [stalled_length, stalled_chunked] = unfinished_uploads();
     let cases: [(&str, &[u8], bool); 3] = [
         ("Content-Length body, fast path", &stalled_length, false),
         ("Content-Length body, full stack", &stalled_length, true),
