@@ -11,14 +11,7 @@ use http::Method;
 
 #[tokio::test(flavor = "current_thread")]
 async fn every_admin_action_is_one_audit_line_without_the_token() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(move || writer.clone())
-        .with_env_filter("matrix_gatekeeper::audit=info")
-        .finish();
+    let (captured, subscriber) = Captured::json("matrix_gatekeeper::audit=info");
     let _scope = tracing::subscriber::set_default(subscriber);
     tracing::callsite::rebuild_interest_cache();
 

@@ -10,14 +10,8 @@ use http::Method;
 
 #[tokio::test]
 async fn every_decision_is_one_audit_line_without_secrets() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(move || writer.clone())
-        .with_env_filter("matrix_gatekeeper::audit=info")
-        .init();
+    let (captured, subscriber) = Captured::json("matrix_gatekeeper::audit=info");
+    tracing::subscriber::set_global_default(subscriber).unwrap();
 
     let hs = FakeHomeserver::start().await;
     let gate = Gate::start(
@@ -90,14 +84,7 @@ async fn log_lines<F: std::future::Future<Output = ()>>(
     filter: &str,
     run: F,
 ) -> Vec<serde_json::Value> {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(move || writer.clone())
-        .with_env_filter(filter)
-        .finish();
+    let (captured, subscriber) = Captured::json(filter);
     let guard = tracing::subscriber::set_default(subscriber);
     run.await;
     drop(guard);

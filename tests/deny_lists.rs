@@ -64,13 +64,7 @@ fn email_body(address: &str) -> String {
 #[tokio::test]
 async fn listed_clients_are_refused_on_registration_only_and_the_audit_names_the_list() {
     // The text format, as fail2ban reads it.
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .with_env_filter("matrix_gatekeeper::audit=info")
-        .init();
+    let captured = Captured::text_global("matrix_gatekeeper::audit=info");
 
     let exits = TempFile::new(
         ".txt",

@@ -18,16 +18,7 @@ const BODY: &str = r#"{"username":"alice","password":"a long password"}"#;
 /// the fail2ban filter reads).
 fn audit_log() -> &'static Captured {
     static LOG: OnceLock<Captured> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .with_env_filter("matrix_gatekeeper::audit=info")
-            .init();
-        captured
-    })
+    LOG.get_or_init(|| Captured::text_global("matrix_gatekeeper::audit=info"))
 }
 
 /// The audit lines about `client`.

@@ -489,6 +489,35 @@ where
 #[derive(Clone, Default)]
 pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
 
+impl Captured {
+    /// Captures `filter`'s events process-wide, in the text format (the one
+    /// the fail2ban filter reads).
+    pub fn text_global(filter: &str) -> Captured {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .with_env_filter(filter)
+            .init();
+        captured
+    }
+
+    /// A subscriber writing `filter`'s events here, one flat JSON object
+    /// per line; install it globally or for a scope.
+    pub fn json(filter: &str) -> (Captured, impl tracing::Subscriber + Send + Sync) {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .with_env_filter(filter)
+            .finish();
+        (captured, subscriber)
+    }
+}
+
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
