@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::Listeners;
+
 use std::time::{Duration, Instant};
 
 use common::admin::{admin, gate, register, token_file, toml, LIMITS, TOKEN};
@@ -200,8 +202,7 @@ async fn temporary_bans_refuse_are_listed_lifted_and_expire() {
     refused.assert_error(403, "M_FORBIDDEN");
     assert_eq!(refused.headers["x-matrix-gatekeeper"], "refused");
     hs.assert_saw_nothing("a banned registration");
-    let metrics =
-        String::from_utf8(common::get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let metrics = gate.metrics().await;
     assert!(
         metrics.contains("outcome=\"refused\",rule=\"temporary_ban\"} 1"),
         "{metrics}"

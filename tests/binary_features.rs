@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::Listeners;
+
 use std::time::{Duration, Instant};
 
 use common::admin::{admin, TOKEN};
@@ -232,8 +234,7 @@ async fn deny_lists_refuse_listed_clients_and_a_watched_list_is_followed() {
     assert_eq!(reached_from(&hs, "198.51.100.4"), 0);
     assert_eq!(reached_from(&hs, "192.0.2.5"), 1);
 
-    let metrics =
-        String::from_utf8(common::get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let metrics = gate.metrics().await;
     for line in [
         "gatekeeper_config_reloads_total{result=\"ok\"} 1",
         "gatekeeper_config_reloads_total{result=\"error\"} 1",

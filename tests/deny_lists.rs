@@ -4,12 +4,14 @@
 
 mod common;
 
+use common::Listeners;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::time::{Duration, Instant};
 
-use common::{get, post_json, send, Captured, FakeHomeserver, Gate};
+use common::{post_json, send, Captured, FakeHomeserver, Gate};
 use http::Method;
 use matrix_gatekeeper::server::Server;
 use matrix_gatekeeper::Config;
@@ -126,7 +128,7 @@ async fn listed_clients_are_refused_on_registration_only_and_the_audit_names_the
         assert_eq!(answer.status, 200, "{client}");
     }
 
-    let metrics = String::from_utf8(get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let metrics = gate.metrics().await;
     assert!(
         metrics.contains("rule=\"deny_list\""),
         "no deny_list decisions in\n{metrics}"
@@ -249,7 +251,7 @@ async fn a_reload_reads_changed_lists_and_a_broken_list_keeps_the_old_ones() {
         .await
         .assert_error(403, "M_THREEPID_DENIED");
 
-    let text = String::from_utf8(get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let text = gate.metrics().await;
     assert!(
         text.contains("gatekeeper_config_reloads_total{result=\"ok\"} 1\n"),
         "{text}"

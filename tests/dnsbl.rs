@@ -3,11 +3,13 @@
 
 mod common;
 
+use common::Listeners;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::dns_responder::DnsResponder;
-use common::{get, send, Answer, Captured, FakeHomeserver, Gate};
+use common::{send, Answer, Captured, FakeHomeserver, Gate};
 use http::Method;
 use matrix_gatekeeper::Config;
 
@@ -249,7 +251,7 @@ async fn failed_checks_are_counted_even_when_allowed() {
     let config = config(&hs, &dns, &["listed.test", "servfail.test"], "");
     let gate = Gate::start_full(config, true, None).await;
     let errors = || async {
-        let text = String::from_utf8(get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+        let text = gate.metrics().await;
         text.lines()
             .find_map(|l| l.strip_prefix("gatekeeper_dnsbl_errors_total "))
             .map(str::to_owned)

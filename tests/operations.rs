@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::Listeners;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,7 +143,7 @@ async fn shadow_mode_forwards_the_original_request_and_counts_what_it_would_refu
     hs.clear();
     assert_eq!(post_json(&gate.url(REGISTER), "{}").await.status, 200);
     assert_eq!(hs.requests().len(), 1);
-    let text = String::from_utf8(get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let text = gate.metrics().await;
     for rule in [
         "guest_denied",
         "reserved",
@@ -288,7 +290,7 @@ async fn reload_swaps_the_policy_keeps_limiter_state_and_refuses_bad_files() {
     assert!(error.starts_with("guest.access:"), "{error}");
     register("eve").await.assert_error(400, "M_USER_IN_USE");
 
-    let text = String::from_utf8(get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let text = gate.metrics().await;
     assert!(
         text.contains("gatekeeper_config_reloads_total{result=\"ok\"} 1\n"),
         "{text}"

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::Listeners;
+
 use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
@@ -72,7 +74,7 @@ async fn wait_for_keys(redis: &RedisServer, pattern: &str, present: bool, within
 
 /// The value of a metric line on the admin listener.
 async fn metric(gate: &Gate, name: &str) -> Option<f64> {
-    let text = String::from_utf8(get(&gate.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let text = gate.metrics().await;
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }

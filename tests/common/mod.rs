@@ -351,6 +351,12 @@ pub trait Listeners {
     fn url(&self, path: &str) -> String;
     /// A URL on the admin listener.
     fn admin_url(&self, path: &str) -> String;
+
+    /// The admin listener's `/metrics` text.
+    fn metrics(&self) -> impl std::future::Future<Output = String> {
+        let url = self.admin_url("/metrics");
+        async move { String::from_utf8(get(&url).await.body.to_vec()).unwrap() }
+    }
 }
 
 impl Listeners for Gate {
