@@ -15,7 +15,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 /// The resolved client address of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,10 +220,21 @@ impl ClientResolver {
     /// The scheme a trusted proxy reports for the request, if any. A client
     /// that is not a trusted proxy cannot choose it.
     pub fn forwarded_proto(&self, peer: IpAddr, headers: &HeaderMap) -> Option<ForwardedProto> {
-        if self.trusted.is_empty() || !self.is_trusted(peer.to_canonical()) {
+        let value = headers.get("x-forwarded-proto").map(HeaderValue::as_bytes);
+        self.forwarded_proto_from(peer, value)
+    }
+
+    /// [`forwarded_proto`](Self::forwarded_proto), from the value of the
+    /// request's first `X-Forwarded-Proto` header.
+    pub fn forwarded_proto_from(
+        &self,
+        peer: IpAddr,
+        value: Option<&[u8]>,
+    ) -> Option<ForwardedProto> {
+        if !self.trusts(peer) {
             return None;
         }
-        let value = headers.get("x-forwarded-proto")?.to_str().ok()?;
+        let value = header_text(value?)?;
         // The proxy nearest to us speaks last.
         match value.rsplit(',').next()?.trim() {
             v if v.eq_ignore_ascii_case("https") => Some(ForwardedProto("https")),
@@ -234,17 +245,27 @@ impl ClientResolver {
 
     /// The client address of a request from `peer` carrying `headers`.
     pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> ClientAddress {
+        let values = headers.get_all("x-forwarded-for").iter();
+        self.resolve_from(peer, values.map(HeaderValue::as_bytes))
+    }
+
+    /// [`resolve`](Self::resolve), from the values of the request's
+    /// `X-Forwarded-For` headers, in the order they came.
+    pub fn resolve_from<'v>(
+        &self,
+        peer: IpAddr,
+        forwarded_for: impl DoubleEndedIterator<Item = &'v [u8]>,
+    ) -> ClientAddress {
         let peer = peer.to_canonical();
         if self.trusted.is_empty() || !self.is_trusted(peer) {
             return ClientAddress(peer);
         }
-        let entries: Vec<&str> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .flat_map(|value| value.to_str().unwrap_or("\u{0}").split(','))
-            .collect();
+        // From the right: the last value's entries, last first.
+        let entries = forwarded_for
+            .rev()
+            .flat_map(|value| header_text(value).unwrap_or("\u{0}").rsplit(','));
         let mut last_good = peer;
-        for entry in entries.iter().rev() {
+        for entry in entries {
             let Some(ip) = parse_forwarded_entry(entry) else {
                 return ClientAddress(last_good);
             };
@@ -262,6 +283,16 @@ impl ClientResolver {
             IpAddr::V4(v4) => ClientKey::v4(v4),
             IpAddr::V6(v6) => ClientKey::v6(v6, self.ipv6_prefix_len),
         }
+    }
+}
+
+/// A header value as text, when it is visible ASCII (and tabs) only, as
+/// [`HeaderValue::to_str`] reads it.
+fn header_text(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|&b| (32..127).contains(&b) || b == b'\t') {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
     }
 }
 
@@ -287,7 +318,6 @@ fn parse_forwarded_entry(entry: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -4,8 +4,6 @@
 use std::future::Future;
 use std::net::IpAddr;
 
-use http::{HeaderMap, HeaderValue};
-
 use super::Conn;
 use crate::gate::{routes, RegistrationGateLayer};
 use crate::upstream::write_ip;
@@ -153,28 +151,19 @@ fn client_of(
     forwarding: bool,
     headers: &[httparse::Header<'_>],
 ) -> (IpAddr, &'static str) {
+    if !forwarding {
+        return (peer.to_canonical(), "http");
+    }
+    let values = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |header| header.name.eq_ignore_ascii_case(name))
+            .map(|header| header.value)
+    };
     gate.with_resolver(|resolver| {
-        if !(forwarding && resolver.trusts(peer)) {
-            return (peer.to_canonical(), "http");
-        }
-        let mut map = HeaderMap::new();
-        for header in headers {
-            let name = header.name;
-            if name.eq_ignore_ascii_case("x-forwarded-for")
-                || name.eq_ignore_ascii_case("x-forwarded-proto")
-            {
-                if let (Ok(name), Ok(value)) = (
-                    http::header::HeaderName::from_bytes(name.as_bytes()),
-                    HeaderValue::from_bytes(header.value),
-                ) {
-                    map.append(name, value);
-                }
-            }
-        }
-        (
-            resolver.resolve(peer, &map).0,
-            resolver.forwarded_proto(peer, &map).map_or("http", |p| p.0),
-        )
+        let client = resolver.resolve_from(peer, values("x-forwarded-for"));
+        let proto = resolver.forwarded_proto_from(peer, values("x-forwarded-proto").next());
+        (client.0, proto.map_or("http", |p| p.0))
     })
 }
 

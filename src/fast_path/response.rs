@@ -311,7 +311,11 @@ fn scan_headers<'h>(
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     scan.upstream_close = true;
-                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                } else if !token.is_empty()
+                    && !token.eq_ignore_ascii_case(b"keep-alive")
+                    // The body is relayed by this length: the client needs it.
+                    && !token.eq_ignore_ascii_case(b"content-length")
+                {
                     scan.named.push(token);
                 }
             }
@@ -494,5 +498,15 @@ mod tests {
         ] {
             assert!(head_of(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn a_content_length_named_in_connection_still_frames_the_answer() {
+        let (head, out) =
+            head_of(b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(head.body, Framing::Length(5));
+        assert!(out.contains("Content-Length: 5\r\n"), "{out}");
     }
 }
