@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::bans::Ban;
 use crate::client_ip::IpNet;
 use crate::config::HumanDuration;
 use crate::error::{json_response, MatrixError};
@@ -220,13 +221,7 @@ impl AdminApi {
             .map(|budget| (budget.limit.name().to_owned(), budget_json(budget)))
             .collect();
         let counted_as = CountedAs::widest(budgets.iter().map(|b| b.counted_as), key);
-        let ban = self.gate.bans().find(ip).map(|ban| {
-            json!({
-                "cidr": ban.network.to_string(),
-                "remaining_ms": millis(ban.remaining()),
-                "reason": ban.reason,
-            })
-        });
+        let ban = self.gate.bans().find(ip).map(|ban| ban_json(&ban));
         ok(json!({
             "address": ip.to_string(),
             "key": key.to_string(),
@@ -281,19 +276,7 @@ impl AdminApi {
     }
 
     fn list_bans(&self) -> Response<Full<Bytes>> {
-        let bans: Vec<Value> = self
-            .gate
-            .bans()
-            .list()
-            .iter()
-            .map(|ban| {
-                json!({
-                    "cidr": ban.network.to_string(),
-                    "remaining_ms": millis(ban.remaining()),
-                    "reason": ban.reason,
-                })
-            })
-            .collect();
+        let bans: Vec<Value> = self.gate.bans().list().iter().map(ban_json).collect();
         ok(json!({ "bans": bans }))
     }
 
@@ -589,6 +572,14 @@ fn safe_text(text: &str) -> String {
         out.push('…');
     }
     out
+}
+
+fn ban_json(ban: &Ban) -> Value {
+    json!({
+        "cidr": ban.network.to_string(),
+        "remaining_ms": millis(ban.remaining()),
+        "reason": ban.reason,
+    })
 }
 
 fn budget_json(budget: &Budget) -> Value {
