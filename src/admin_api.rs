@@ -544,20 +544,17 @@ fn parse_duration(text: &str) -> Result<Duration, MatrixError> {
 
 /// `%XX` escapes decoded; `None` for a bad escape or non-UTF-8.
 fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    // The gate's decoder keeps a malformed escape as it is: refuse one here.
+    let well_formed = text.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(crate::gate::routes::percent_decode(text.as_bytes())).ok()
 }
 
 /// Operator- or client-chosen text made safe for an answer or a log line:
