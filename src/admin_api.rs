@@ -21,6 +21,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::bans::Ban;
 use crate::client_ip::IpNet;
 use crate::config::HumanDuration;
 use crate::error::{json_response, MatrixError};
@@ -220,13 +221,7 @@ impl AdminApi {
             .map(|budget| (budget.limit.name().to_owned(), budget_json(budget)))
             .collect();
         let counted_as = CountedAs::widest(budgets.iter().map(|b| b.counted_as), key);
-        let ban = self.gate.bans().find(ip).map(|ban| {
-            json!({
-                "cidr": ban.network.to_string(),
-                "remaining_ms": millis(ban.remaining()),
-                "reason": ban.reason,
-            })
-        });
+        let ban = self.gate.bans().find(ip).map(|ban| ban_json(&ban));
         ok(json!({
             "address": ip.to_string(),
             "key": key.to_string(),
@@ -281,19 +276,7 @@ impl AdminApi {
     }
 
     fn list_bans(&self) -> Response<Full<Bytes>> {
-        let bans: Vec<Value> = self
-            .gate
-            .bans()
-            .list()
-            .iter()
-            .map(|ban| {
-                json!({
-                    "cidr": ban.network.to_string(),
-                    "remaining_ms": millis(ban.remaining()),
-                    "reason": ban.reason,
-                })
-            })
-            .collect();
+        let bans: Vec<Value> = self.gate.bans().list().iter().map(ban_json).collect();
         ok(json!({ "bans": bans }))
     }
 
@@ -561,20 +544,17 @@ fn parse_duration(text: &str) -> Result<Duration, MatrixError> {
 
 /// `%XX` escapes decoded; `None` for a bad escape or non-UTF-8.
 fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    // The gate's decoder keeps a malformed escape as it is: refuse one here.
+    let well_formed = text.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(crate::gate::routes::percent_decode(text.as_bytes())).ok()
 }
 
 /// Operator- or client-chosen text made safe for an answer or a log line:
@@ -589,6 +569,14 @@ fn safe_text(text: &str) -> String {
         out.push('…');
     }
     out
+}
+
+fn ban_json(ban: &Ban) -> Value {
+    json!({
+        "cidr": ban.network.to_string(),
+        "remaining_ms": millis(ban.remaining()),
+        "reason": ban.reason,
+    })
 }
 
 fn budget_json(budget: &Budget) -> Value {

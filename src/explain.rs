@@ -26,7 +26,7 @@ pub use live::{
 
 use crate::client_ip::ClientAddress;
 use crate::config::{Config, GateMode, LimitSpec, OnDnsblError};
-use crate::gate::policy::{HeadDecision, Policy, RequestedName};
+use crate::gate::policy::{Forward, HeadDecision, Policy, RequestedName};
 use crate::gate::routes::{ApiVersion, GuardedRoute, Medium};
 
 /// What to explain.
@@ -144,10 +144,7 @@ pub fn explain(config: &Config, question: &Question) -> Explanation {
 pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explanation {
     let policy = Policy::new(config);
     let shadow = config.registration.mode == GateMode::Shadow;
-    let gate = match &live.gate {
-        GateRead::Read(state) => Some(state),
-        _ => None,
-    };
+    let gate = live.gate.state();
     let client_state = gate.and_then(|g| g.client.as_ref());
     let client_key = question.ip.map_or_else(
         || "-".to_owned(),
@@ -261,13 +258,7 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
             HeadDecision::ReadBody(plan) => policy.body(plan, &bytes),
         };
         explanation.decision = match decided {
-            Ok(forward) => Explained::Allowed {
-                target: format!("POST {}", forward.path_and_query),
-                body: forward
-                    .body
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default(),
-            },
+            Ok(forward) => forwarded(&forward),
             Err(refusal) => refused(refusal),
         };
         return explanation;
@@ -308,6 +299,7 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
             }
         }
     };
+    let allowed = forwarded(&forward);
     explanation.username = forward.username;
     let unless_success = "when the homeserver answers with anything but a 2xx";
     let reserved = explanation.limits.len();
@@ -322,14 +314,20 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
         explanation.decision = limited;
         return explanation;
     }
-    explanation.decision = Explained::Allowed {
+    explanation.decision = allowed;
+    explanation
+}
+
+/// The `POST` the gate would forward.
+fn forwarded(forward: &Forward) -> Explained {
+    Explained::Allowed {
         target: format!("POST {}", forward.path_and_query),
         body: forward
             .body
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .as_deref()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
             .unwrap_or_default(),
-    };
-    explanation
+    }
 }
 
 /// The rate limit among `limits` (taken together) that refuses the next
@@ -446,10 +444,7 @@ impl fmt::Display for Explanation {
 impl Explanation {
     /// The lines on bans, the lockdown and the DNSBLs.
     fn fmt_live_rules(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let gate = match &self.gate {
-            GateRead::Read(state) => Some(state),
-            _ => None,
-        };
+        let gate = self.gate.state();
         if let Some(gate) = gate {
             let covering = self
                 .ip

@@ -69,6 +69,16 @@ pub enum GateRead {
     },
 }
 
+impl GateRead {
+    /// The state, when it was read.
+    pub fn state(&self) -> Option<&GateState> {
+        match self {
+            GateRead::Read(state) => Some(state),
+            _ => None,
+        }
+    }
+}
+
 /// The running gate's state, as its admin API answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GateState {
