@@ -208,7 +208,7 @@ async fn deliver(mut events: mpsc::Receiver<Event>, uri: Uri, secret: Option<Vec
                     break;
                 }
                 Ok(Ok(response)) => last_error = format!("answered {}", response.status()),
-                Ok(Err(error)) => last_error = error.to_string(),
+                Ok(Err(error)) => last_error = crate::error::ErrorChain(&error).to_string(),
                 Err(_) => last_error = format!("no answer within {ATTEMPT_TIMEOUT:?}"),
             }
             if attempt < ATTEMPTS {

@@ -15,7 +15,6 @@
 //! client's fault: a `400`, not counted as a homeserver error.
 
 use std::convert::Infallible;
-use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,7 +32,7 @@ use tower::Service;
 
 use crate::client_ip::{ClientAddress, ForwardedProto};
 use crate::config::{ServerConfig, UpstreamConfig};
-use crate::error::MatrixError;
+use crate::error::{source_chain, ErrorChain, MatrixError};
 use crate::gate::BoxError;
 use crate::telemetry::{Metrics, UpstreamError};
 
@@ -510,7 +509,7 @@ fn format_ip(ip: std::net::IpAddr, buffer: &mut [u8; 48]) -> usize {
 fn failure_response<B>(error: &SendError, metrics: &Metrics) -> Response<UpstreamBody<B>> {
     if source_chain(error).any(|e| e.is::<ClientBodyError>()) {
         let stalled = source_chain(error).any(|e| e.is::<UploadStalled>());
-        return client_body_failure(&DisplayChain(error), stalled)
+        return client_body_failure(&ErrorChain(error), stalled)
             .into_response()
             .map(Either::Right);
     }
@@ -518,7 +517,7 @@ fn failure_response<B>(error: &SendError, metrics: &Metrics) -> Response<Upstrea
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
     });
-    failure_answer(timed_out, &DisplayChain(error), metrics)
+    failure_answer(timed_out, &ErrorChain(error), metrics)
         .into_response()
         .map(Either::Right)
 }
@@ -551,30 +550,6 @@ pub(crate) fn client_body_failure(error: &dyn std::fmt::Display, stalled: bool) 
     }
     tracing::info!(%error, "client request body incomplete or malformed; request abandoned");
     MatrixError::incomplete_body()
-}
-
-fn source_chain<'a>(
-    error: &'a (dyn StdError + 'static),
-) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
-    std::iter::successors(Some(error), |e: &&'a (dyn StdError + 'static)| {
-        (*e).source()
-    })
-}
-
-struct DisplayChain<'a>(&'a (dyn StdError + 'static));
-
-impl std::fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut first = true;
-        for e in source_chain(self.0) {
-            if !first {
-                f.write_str(": ")?;
-            }
-            first = false;
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

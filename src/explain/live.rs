@@ -265,17 +265,10 @@ async fn get<T: DeserializeOwned>(
         .body(Empty::new())
         .map_err(|error| format!("GET {url}: {error}"))?;
     let exchange = async {
-        let response = client.request(request).await.map_err(|error| {
-            // hyper's own text is generic ("client error (Connect)"): the
-            // reason is at the end of the chain.
-            let mut text = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                text.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            text
-        })?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|error| crate::error::ErrorChain(&error).to_string())?;
         let status = response.status();
         let body = response
             .into_body()
