@@ -243,6 +243,7 @@ struct RefundQueue {
     sending: AtomicBool,
     /// Wakes that task early (a decision just went through Redis).
     wake: Arc<Notify>,
+    /// Refunds dropped because the queue was full; the first is logged.
     dropped: AtomicU64,
 }
 
@@ -446,11 +447,6 @@ impl RedisStore {
     /// Refunds waiting for Redis.
     pub fn pending_refunds(&self) -> usize {
         self.shared.refunds.lock().len()
-    }
-
-    /// Refunds dropped because the queue was full.
-    pub fn dropped_refunds(&self) -> u64 {
-        self.shared.refunds.dropped.load(Ordering::Relaxed)
     }
 
     /// The budget `key` has now under every configured limit (the
