@@ -1,8 +1,9 @@
 //! `[email]`: rules for third-party identifiers (`requestToken`).
 
-use serde::de::{self, Deserializer};
+use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
+use super::values::parse_str;
 use crate::lists::DomainLists;
 
 /// `[email]`
@@ -52,20 +53,21 @@ fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|&c| c == b'*')
 }
 
-impl<'de> Deserialize<'de> for DomainGlob {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
+impl std::str::FromStr for DomainGlob {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Self, ()> {
         let ok = !text.is_empty()
             && text
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'*' | b'_'));
-        if ok {
-            Ok(DomainGlob(text.to_ascii_lowercase()))
-        } else {
-            Err(de::Error::custom(format!(
-                "expected a domain or glob such as \"*.example.org\", got \"{text}\""
-            )))
-        }
+        ok.then(|| DomainGlob(text.to_ascii_lowercase())).ok_or(())
+    }
+}
+
+impl<'de> Deserialize<'de> for DomainGlob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(d, "a domain or glob such as \"*.example.org\"")
     }
 }
 

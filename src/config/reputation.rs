@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
+use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::error::ConfigError;
@@ -63,23 +63,25 @@ impl DnsblZone {
     pub const MAX_LEN: usize = 253 - 64;
 }
 
-impl<'de> Deserialize<'de> for DnsblZone {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        let zone = text.strip_suffix('.').unwrap_or(&text).to_ascii_lowercase();
+impl std::str::FromStr for DnsblZone {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Self, ()> {
+        let zone = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
         let label_ok = |label: &str| {
             (1..=63).contains(&label.len())
                 && label
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
-        if zone.len() <= Self::MAX_LEN && zone.contains('.') && zone.split('.').all(label_ok) {
-            Ok(DnsblZone(zone))
-        } else {
-            Err(de::Error::custom(format!(
-                "expected a DNSBL zone such as \"dnsbl.example.net\", got \"{text}\""
-            )))
-        }
+        let ok = zone.len() <= Self::MAX_LEN && zone.contains('.') && zone.split('.').all(label_ok);
+        ok.then_some(DnsblZone(zone)).ok_or(())
+    }
+}
+
+impl<'de> Deserialize<'de> for DnsblZone {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(d, "a DNSBL zone such as \"dnsbl.example.net\"")
     }
 }
 

@@ -286,7 +286,7 @@ impl BaseUrl {
 }
 
 /// How a route's path is spelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     /// As the spec writes it.
     Canonical,

@@ -243,6 +243,7 @@ struct RefundQueue {
     sending: AtomicBool,
     /// Wakes that task early (a decision just went through Redis).
     wake: Arc<Notify>,
+    /// Refunds dropped because the queue was full; the first is logged.
     dropped: AtomicU64,
 }
 
@@ -448,11 +449,6 @@ impl RedisStore {
         self.shared.refunds.lock().len()
     }
 
-    /// Refunds dropped because the queue was full.
-    pub fn dropped_refunds(&self) -> u64 {
-        self.shared.refunds.dropped.load(Ordering::Relaxed)
-    }
-
     /// The budget `key` has now under every configured limit (the
     /// server-wide one shared by all), read in one round trip within
     /// `redis_timeout`; changes nothing.
@@ -496,10 +492,9 @@ impl RedisStore {
         for kind in LimitKind::ALL.iter().filter(|kind| !kind.is_global()) {
             del.arg(self.shared.key(*kind, key));
         }
-        let shared = &self.shared;
-        tokio::time::timeout(shared.timeout, shared.send::<i64>(&Request::Command(&del)))
+        self.shared
+            .send_in_time::<i64>(&Request::Command(&del))
             .await
-            .map_err(|_| StoreError::Timeout(shared.timeout))?
             .map(drop)
     }
 
@@ -519,39 +514,20 @@ impl RedisStore {
         for arg in args {
             invocation.arg(arg);
         }
-        let shared = &self.shared;
-        tokio::time::timeout(
-            shared.timeout,
-            shared.send::<T>(&Request::Script(&invocation)),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(shared.timeout))?
+        self.shared
+            .send_in_time(&Request::Script(&invocation))
+            .await
     }
 
-    /// Runs another of the gate's scripts on this store's connection within
-    /// `redis_timeout` (a dead connection is retried once), for state that
-    /// is not a limit (the registration lockdown). The script reads
-    /// Redis' `TIME` itself; its answer is a list of integers.
+    /// [`run_script`](Self::run_script) for a script whose arguments and
+    /// answer are integers (the registration lockdown).
     pub(crate) async fn run_other_script(
         &self,
         script: &Script,
         keys: &[String],
         args: &[u64],
     ) -> Result<Vec<i64>, StoreError> {
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
-        }
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        let shared = &self.shared;
-        tokio::time::timeout(
-            shared.timeout,
-            shared.send::<Vec<i64>>(&Request::Script(&invocation)),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(shared.timeout))?
+        self.run_script(script, keys, args).await
     }
 
     /// `name` under the store's hash tag (`{mgk}:name`).
@@ -561,14 +537,11 @@ impl RedisStore {
 
     /// Whether Redis answers a `PING` within `redis_timeout`.
     pub async fn ping(&self) -> bool {
-        let shared = &self.shared;
         let ping = redis::cmd("PING");
-        let answer = tokio::time::timeout(
-            shared.timeout,
-            shared.send::<String>(&Request::Command(&ping)),
-        )
-        .await;
-        matches!(answer, Ok(Ok(_)))
+        self.shared
+            .send_in_time::<String>(&Request::Command(&ping))
+            .await
+            .is_ok()
     }
 }
 
@@ -665,6 +638,16 @@ impl Shared {
             3 => Ok(Answer::Stale),
             _ => Err(StoreError::BadAnswer),
         }
+    }
+
+    /// [`send`](Self::send) within `redis_timeout`.
+    async fn send_in_time<T: FromRedisValue>(
+        &self,
+        request: &Request<'_>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, self.send(request))
+            .await
+            .map_err(|_| StoreError::Timeout(self.timeout))?
     }
 
     /// Sends `request`; a request that fails because the connection is
