@@ -311,9 +311,7 @@ impl Lockdown {
             micros(spec.period.0),
             micros(spec.close_for.0),
         ];
-        let answer = redis
-            .run_other_script(&self.shared.script, &keys, &args)
-            .await?;
+        let answer: Vec<i64> = redis.run_script(&self.shared.script, &keys, &args).await?;
         let [closed, remaining, started] = answer.as_slice() else {
             return Err(crate::ratelimit::redis::StoreError::BadAnswer);
         };

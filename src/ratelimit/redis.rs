@@ -519,17 +519,6 @@ impl RedisStore {
             .await
     }
 
-    /// [`run_script`](Self::run_script) for a script whose arguments and
-    /// answer are integers (the registration lockdown).
-    pub(crate) async fn run_other_script(
-        &self,
-        script: &Script,
-        keys: &[String],
-        args: &[u64],
-    ) -> Result<Vec<i64>, StoreError> {
-        self.run_script(script, keys, args).await
-    }
-
     /// `name` under the store's hash tag (`{mgk}:name`).
     pub(crate) fn tagged_key(&self, name: &str) -> String {
         format!("{{{}}}:{name}", self.shared.prefix)
