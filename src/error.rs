@@ -148,6 +148,17 @@ impl MatrixError {
         }
     }
 
+    /// `501 M_UNRECOGNIZED`: the request body is sent with a transfer
+    /// coding (`coding`, as the client named it) other than chunked.
+    pub fn transfer_coding_not_supported(coding: &str) -> Self {
+        let shown: String = coding.chars().take(40).collect();
+        Self::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "M_UNRECOGNIZED",
+            format!("The transfer coding \"{shown}\" is not supported; send the body as it is, or chunked."),
+        )
+    }
+
     /// `408 M_UNKNOWN`: the client was too slow sending its body.
     pub fn request_timeout() -> Self {
         Self::new(

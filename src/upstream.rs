@@ -283,8 +283,11 @@ impl<B> Inner<B> {
 
 /// Why a request is refused before the gate or the homeserver sees it:
 /// `CONNECT` (the gate opens no tunnels, and a `2xx` would turn the
-/// connection into one), or more than one `Host` (the gate and the
-/// homeserver could each take a different one).
+/// connection into one), more than one `Host` (the gate and the homeserver
+/// could each take a different one), or a transfer coding other than
+/// chunked (`Transfer-Encoding: gzip, chunked`): the HTTP stack undoes the
+/// chunked framing only, and the body would reach the homeserver still
+/// coded but with nothing saying so (RFC 9112 section 6.1: `501`).
 pub(crate) fn unforwardable(method: &Method, headers: &HeaderMap) -> Option<MatrixError> {
     if method == Method::CONNECT {
         return Some(MatrixError::connect_not_allowed());
@@ -295,7 +298,22 @@ pub(crate) fn unforwardable(method: &Method, headers: &HeaderMap) -> Option<Matr
             "The request has more than one Host header.",
         ));
     }
+    if let Some(coding) = foreign_transfer_coding(headers) {
+        return Some(MatrixError::transfer_coding_not_supported(&coding));
+    }
     None
+}
+
+/// The first transfer coding other than `chunked` that the request's
+/// `Transfer-Encoding` headers name, as the client wrote it.
+fn foreign_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"))
+        .map(|coding| String::from_utf8_lossy(coding).into_owned())
 }
 
 /// An answer the gate does not relay.

@@ -1,6 +1,7 @@
 //! Raw-socket tests: chunked and oversized registration bodies, conflicting
 //! length headers and request smuggling, slow clients, requests refused
-//! before the gate (`CONNECT`, two `Host` headers), uploads the client does
+//! before the gate (`CONNECT`, two `Host` headers, a transfer coding other
+//! than chunked), uploads the client does
 //! not finish, and refusals a client still sending its body can read.
 //!
 //! The request-smuggling tests run against two homeservers: the recording
@@ -806,6 +807,50 @@ async fn connect_is_refused_and_nothing_is_forwarded() {
         );
         assert_eq!(hs.requests().len(), before, "{:?}", hs.requests());
     }
+}
+
+#[tokio::test]
+async fn a_body_with_a_transfer_coding_besides_chunked_is_501_and_not_forwarded() {
+    // hyper undoes only the chunked framing: forwarded, the body would
+    // reach the homeserver still gzip-coded with nothing saying so.
+    let hs = NaiveHomeserver::start().await;
+    let gate = Gate::start(&hs.url(), "").await;
+    let body = chunked(&[b"\x1f\x8b\x08\x00 not json"]);
+    for full_stack in [false, true] {
+        for path in [PASS_THROUGH, REGISTER] {
+            for coding in ["gzip, chunked", "GZip ,chunked"] {
+                let mut stream = connection(&gate, full_stack).await;
+                let before = hs.requests().len();
+                let headers = [format!("Transfer-Encoding: {coding}")];
+                stream
+                    .write_all(&request("POST", path, &headers, &body))
+                    .await
+                    .unwrap();
+                let answer = read_response(&mut stream, Duration::from_secs(5)).await;
+                answer.assert_error(501, "M_UNRECOGNIZED");
+                let error = answer.json()["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                assert!(error.to_lowercase().contains("gzip"), "{error}");
+                assert_eq!(
+                    hs.requests().len(),
+                    before,
+                    "{path} {coding:?} (full stack: {full_stack}) reached the homeserver: {:?}",
+                    hs.requests()
+                );
+            }
+        }
+    }
+    // Chunked alone is still forwarded.
+    let raw = request(
+        "POST",
+        PASS_THROUGH,
+        &["Transfer-Encoding: chunked".to_owned()],
+        &body,
+    );
+    let out = raw_exchange(gate.addr, &raw, Duration::from_secs(3)).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
 // === request bodies the client does not finish ===
