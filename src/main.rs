@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use matrix_gatekeeper::config::{AdminConfig, Config, ConfigError, UpstreamConfig};
+use matrix_gatekeeper::config::{AdminConfig, Config, ConfigError, Secrets, UpstreamConfig};
 use matrix_gatekeeper::explain::{
     explain_with, look_up_dnsbl, read_gate, AdminTarget, GateRead, Live, Question,
 };
@@ -147,15 +147,19 @@ To probe a server by address, keep its public name for the certificate and
 the Host header:
   matrix-gatekeeper probe https://203.0.113.7:8448 --host example.org:8448";
 
-fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
+fn load(path: Option<&PathBuf>, secrets: Secrets) -> Result<Config, ConfigError> {
     match path {
-        Some(path) => Config::from_file(path),
-        None => Config::from_toml(matrix_gatekeeper::config::EMBEDDED_EXAMPLE),
+        Some(path) => Config::from_file_with(path, secrets),
+        None => Config::from_toml_with(matrix_gatekeeper::config::EMBEDDED_EXAMPLE, secrets),
     }
 }
 
 fn load_or_exit(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
-    load(path).map_err(|error| {
+    load_or_exit_with(path, Secrets::Read)
+}
+
+fn load_or_exit_with(path: Option<&PathBuf>, secrets: Secrets) -> Result<Config, ExitCode> {
+    load(path, secrets).map_err(|error| {
         eprintln!("matrix-gatekeeper: invalid configuration: {error}");
         ExitCode::from(EXIT_CONFIG)
     })
@@ -182,7 +186,10 @@ fn main() -> ExitCode {
             admin,
             admin_token_file,
         } => {
-            let config = match load_or_exit(config_path.as_ref()) {
+            // The service's secret files are not needed to explain a
+            // decision, and the operator asking may not be able to read
+            // them; the admin token is read only with `--admin`.
+            let config = match load_or_exit_with(config_path.as_ref(), Secrets::Skip) {
                 Ok(config) => config,
                 Err(code) => return code,
             };
@@ -273,10 +280,13 @@ fn admin_target(
         },
         None => config.admin.clone(),
     };
-    let token = admin.token().map_err(|error| error.to_string())?.ok_or(
-        "--admin needs the admin token: set [admin] token_file in the configuration \
+    let token = admin
+        .token()
+        .map_err(|error| format!("{error} (another file can be named with --admin-token-file)"))?
+        .ok_or(
+            "--admin needs the admin token: set [admin] token_file in the configuration \
          or pass --admin-token-file",
-    )?;
+        )?;
     AdminTarget::new(url, token).map_err(|error| format!("--admin {error}"))
 }
 

@@ -230,6 +230,35 @@ fn explain_prints_the_decision_and_the_rule() {
 }
 
 #[test]
+fn explain_does_not_need_the_secret_files_of_the_service() {
+    // As an operator who cannot read the service's secrets would run it.
+    let missing = std::env::temp_dir().join(format!(
+        "matrix-gatekeeper-cli-{}-no-such-secret",
+        std::process::id()
+    ));
+    let missing = missing.to_str().unwrap();
+    let config = TempConfig::new(&format!(
+        "[upstream]\nurl = \"http://127.0.0.1:8008\"\n\
+         [admin]\ntoken_file = \"{missing}\"\n\
+         [notify]\nwebhook_url = \"http://127.0.0.1:9/hook\"\nwebhook_secret_file = \"{missing}\"\n"
+    ));
+    let path = config.path().to_str().unwrap();
+    // `check` and `serve` read them, and say which is missing.
+    let output = check(config.path());
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{output:?}");
+    assert!(stderr(&output).contains("no-such-secret"), "{output:?}");
+
+    let output = run(&["explain", "--config", path, "--username", "alice"]);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(stdout(&output).contains("decision: allowed"), "{output:?}");
+    // With --admin the token is needed: from the configuration's file it
+    // cannot be read, and the answer says what to do.
+    let output = run(&["explain", "--config", path, "--admin", "http://127.0.0.1:9"]);
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{output:?}");
+    assert!(stderr(&output).contains("token_file"), "{output:?}");
+}
+
+#[test]
 fn healthcheck_fails_without_an_admin_listener() {
     let url = format!("http://127.0.0.1:{}/healthz", free_port());
     let output = run(&["healthcheck", "--url", &url]);

@@ -82,9 +82,25 @@ pub struct Config {
     pub log: LogConfig,
 }
 
+/// Whether loading a configuration reads the secret files it names
+/// (`[admin] token_file`, `[notify] webhook_secret_file`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Read and checked, as `serve` and `check` need them.
+    Read,
+    /// Left unread: for `explain`, which an operator may run as a user who
+    /// cannot read the service's secrets (and which never uses them).
+    Skip,
+}
+
 impl Config {
     /// Parses and validates a configuration from TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_with(text, Secrets::Read)
+    }
+
+    /// [`from_toml`](Config::from_toml), reading the secret files or not.
+    pub fn from_toml_with(text: &str, secrets: Secrets) -> Result<Config, ConfigError> {
         let table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string().trim().to_owned()))?;
@@ -98,21 +114,31 @@ impl Config {
                 ConfigError::invalid(key, message)
             }
         })?;
-        config.validate()?;
+        config.validate_with(secrets)?;
         Ok(config)
     }
 
     /// Reads, parses and validates a configuration file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        Config::from_file_with(path, Secrets::Read)
+    }
+
+    /// [`from_file`](Config::from_file), reading the secret files or not.
+    pub fn from_file_with(path: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_toml(&text)
+        Config::from_toml_with(&text, secrets)
     }
 
-    /// Checks the values serde cannot check alone, section by section.
+    /// Checks the values serde cannot check alone, section by section, and
+    /// the secret files.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with(Secrets::Read)
+    }
+
+    fn validate_with(&self, secrets: Secrets) -> Result<(), ConfigError> {
         self.server.validate()?;
         self.upstream.validate()?;
         self.homeserver.validate()?;
@@ -121,8 +147,10 @@ impl Config {
         self.log.validate()?;
         self.client_ip.validate()?;
         self.rate_limit.validate()?;
-        self.notify.validate()?;
-        self.admin.token()?;
+        self.notify.validate(secrets)?;
+        if secrets == Secrets::Read {
+            self.admin.token()?;
+        }
         self.reputation.validate()?;
         Ok(())
     }

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ConfigError;
 use super::values::read_secret_file;
+use super::Secrets;
 
 /// `[notify]`
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -21,7 +22,7 @@ pub struct NotifyConfig {
 }
 
 impl NotifyConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, secrets: Secrets) -> Result<(), ConfigError> {
         if let Some(url) = &self.webhook_url {
             let parsed: http::Uri = url.parse().map_err(|_| {
                 ConfigError::invalid("notify.webhook_url", format!("not a URL: \"{url}\""))
@@ -58,7 +59,7 @@ impl NotifyConfig {
                 "must not be empty",
             ));
         }
-        if self.webhook_secret_file.is_some() {
+        if secrets == Secrets::Read && self.webhook_secret_file.is_some() {
             self.secret()?;
         }
         Ok(())
