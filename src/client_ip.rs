@@ -157,15 +157,28 @@ impl FromStr for IpNet {
             Some((addr, len)) => (addr, Some(len)),
             None => (text, None),
         };
-        let network = addr
-            .trim()
-            .parse::<IpAddr>()
-            .map_err(|_| bad())?
-            .to_canonical();
+        let written = addr.trim().parse::<IpAddr>().map_err(|_| bad())?;
+        let network = written.to_canonical();
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix_len = match len {
             None => max,
-            Some(len) => len.trim().parse::<u8>().map_err(|_| bad())?,
+            Some(len) => {
+                let len = len.trim().parse::<u8>().map_err(|_| bad())?;
+                if written.is_ipv6() && network.is_ipv4() {
+                    // An IPv4-mapped network, `::ffff:192.0.2.0/120`: the
+                    // IPv4 network 192.0.2.0/24, as clients are compared in
+                    // their IPv4 form.
+                    if !(96..=128).contains(&len) {
+                        return Err(format!(
+                            "\"{text}\" is an IPv4-mapped address with a prefix length outside 96..=128; \
+                             write the IPv4 network (e.g. \"192.0.2.0/24\") instead"
+                        ));
+                    }
+                    len - 96
+                } else {
+                    len
+                }
+            }
         };
         if prefix_len > max {
             return Err(format!(
@@ -442,5 +455,16 @@ mod tests {
         assert!(all.contains(ip("2001:db8::1")));
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
         assert!("nonsense".parse::<IpNet>().is_err());
+        // An IPv4-mapped network is the IPv4 network it maps.
+        let mapped: IpNet = "::ffff:192.0.2.0/120".parse().unwrap();
+        assert_eq!(mapped, "192.0.2.0/24".parse().unwrap());
+        assert_eq!(mapped.to_string(), "192.0.2.0/24");
+        assert!(mapped.contains(ip("192.0.2.77")));
+        assert!(mapped.contains(ip("::ffff:192.0.2.77")));
+        assert!(!mapped.contains(ip("192.0.3.1")));
+        let mapped_host: IpNet = "::ffff:192.0.2.1/128".parse().unwrap();
+        assert_eq!(mapped_host, "192.0.2.1".parse().unwrap());
+        let error = "::ffff:0:0/80".parse::<IpNet>().unwrap_err();
+        assert!(error.contains("IPv4-mapped"), "{error}");
     }
 }
