@@ -94,6 +94,8 @@ type DecisionKey = (&'static str, &'static str, &'static str);
 pub struct Metrics {
     decisions: Mutex<BTreeMap<DecisionKey, u64>>,
     upstream_errors: [AtomicU64; 2],
+    /// Homeserver answers by class: 2xx, 3xx, 4xx, 5xx, other.
+    upstream_responses: [AtomicU64; 5],
     guarded: Histogram,
     pass_through: Histogram,
     reloads_ok: AtomicU64,
@@ -116,6 +118,19 @@ impl Metrics {
     /// Counts one upstream failure.
     pub fn upstream_error(&self, kind: UpstreamError) {
         self.upstream_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one answer of the homeserver by its status class (the gate's
+    /// own answers are not counted here).
+    pub fn upstream_response(&self, status: u16) {
+        let class = match status {
+            200..=299 => 0,
+            300..=399 => 1,
+            400..=499 => 2,
+            500..=599 => 3,
+            _ => 4,
+        };
+        self.upstream_responses[class].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records the time to response headers of one request.
@@ -181,6 +196,20 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "gatekeeper_upstream_errors_total{{kind=\"{kind}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP gatekeeper_upstream_responses_total Answers of the homeserver by status class.\n",
+        );
+        out.push_str("# TYPE gatekeeper_upstream_responses_total counter\n");
+        for (class, counter) in ["2xx", "3xx", "4xx", "5xx", "other"]
+            .iter()
+            .zip(&self.upstream_responses)
+        {
+            let _ = writeln!(
+                out,
+                "gatekeeper_upstream_responses_total{{class=\"{class}\"}} {}",
                 counter.load(Ordering::Relaxed)
             );
         }

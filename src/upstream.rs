@@ -199,6 +199,7 @@ where
                 }
             };
             let (mut parts, body) = response.into_parts();
+            metrics.upstream_response(parts.status.as_u16());
             let unrelayable = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
                 Some(UnrelayableAnswer::Upgrade)
             } else if strip_headers(&mut parts.headers, false) {

@@ -715,6 +715,7 @@ async fn prometheus_alert_rules_check_pass_their_tests_and_use_exported_metrics(
         "RefusalSurge",
         "LimiterStoreErrors",
         "HomeserverErrors",
+        "HomeserverFailing",
         "RegistrationLockdown",
     ] {
         assert!(

@@ -79,6 +79,58 @@ async fn admin_listener_serves_metrics_health_and_readiness() {
     assert_ne!(get(&gate.url("/metrics")).await.body, metrics.body);
 }
 
+/// `gatekeeper_upstream_responses_total{class}` from the admin listener.
+async fn upstream_responses(gate: &Gate, class: &str) -> u64 {
+    let metrics = get(&gate.admin_url("/metrics")).await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let prefix = format!("gatekeeper_upstream_responses_total{{class=\"{class}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn homeserver_answers_are_counted_by_class_on_both_paths() {
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start_full(config(&hs.url(), ""), true, None).await;
+    for class in ["2xx", "3xx", "4xx", "5xx", "other"] {
+        assert_eq!(upstream_responses(&gate, class).await, 0, "{class}");
+    }
+    // Pass-through (the fast path): a 200 and a 500 of the homeserver.
+    assert_eq!(get(&gate.url("/_matrix/client/versions")).await.status, 200);
+    let failed = send(
+        Method::GET,
+        &gate.url("/_matrix/client/versions"),
+        &[("x-test-status", "500")],
+        "",
+    )
+    .await;
+    assert_eq!(failed.status, 500);
+    // A guarded route (the full stack): the homeserver's 503.
+    let available = "/_matrix/client/v3/register/available?username=alice";
+    let unavailable = send(
+        Method::GET,
+        &gate.url(available),
+        &[("x-test-status", "503")],
+        "",
+    )
+    .await;
+    assert_eq!(unavailable.status, 503);
+    assert_eq!(upstream_responses(&gate, "2xx").await, 1);
+    assert_eq!(upstream_responses(&gate, "5xx").await, 2);
+    // The gate's own answers are not the homeserver's: its refusal of a
+    // reserved name leaves the counts as they were.
+    let before = hs.requests().len();
+    let refused = post_json(&gate.url(REGISTER), r#"{"username":"admin"}"#).await;
+    assert_eq!(refused.status, 400, "{:?}", refused.json());
+    assert_eq!(hs.requests().len(), before);
+    assert_eq!(upstream_responses(&gate, "2xx").await, 1);
+    assert_eq!(upstream_responses(&gate, "4xx").await, 0);
+    assert_eq!(upstream_responses(&gate, "5xx").await, 2);
+}
+
 #[tokio::test]
 async fn readiness_fails_while_the_homeserver_is_unreachable() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

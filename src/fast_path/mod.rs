@@ -251,7 +251,9 @@ impl<F: Future> Conn<'_, F> {
             Ok(head) => head,
             Err(error) => return self.unanswered(error, started, keep_after_failure).await,
         };
-        self.fast.gate.metrics().observe(false, started.elapsed());
+        let metrics = self.fast.gate.metrics();
+        metrics.observe(false, started.elapsed());
+        metrics.upstream_response(head.status);
         let keep_client = !plan.client_close && !self.stopping;
         let reusable = self
             .relay(&mut upstream.stream, &head, &plan, keep_client)

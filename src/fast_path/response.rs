@@ -32,6 +32,8 @@ pub(super) enum Framing {
 }
 
 pub(super) struct ResponseHead {
+    /// The answer's status code.
+    pub(super) status: u16,
     /// Length of the head in `ubuf`.
     len: usize,
     /// A `1xx` answer to skip.
@@ -242,6 +244,7 @@ pub(super) fn parse_response(
     }
     if (100..200).contains(&code) {
         return Ok(Some(ResponseHead {
+            status: code,
             len,
             interim: true,
             body: Framing::None,
@@ -267,6 +270,7 @@ pub(super) fn parse_response(
         &scan,
     );
     Ok(Some(ResponseHead {
+        status: code,
         len,
         interim: false,
         body,
