@@ -81,8 +81,7 @@ async fn admin_listener_serves_metrics_health_and_readiness() {
 
 /// `gatekeeper_upstream_responses_total{class}` from the admin listener.
 async fn upstream_responses(gate: &Gate, class: &str) -> u64 {
-    let metrics = get(&gate.admin_url("/metrics")).await;
-    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    let text = gate.metrics().await;
     let prefix = format!("gatekeeper_upstream_responses_total{{class=\"{class}\"}} ");
     text.lines()
         .find_map(|line| line.strip_prefix(&prefix))
