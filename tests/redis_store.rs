@@ -154,6 +154,53 @@ async fn two_gates_share_one_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_url_with_a_password_comes_from_redis_url_file() {
+    let redis = RedisServer::start().await;
+    let mut connection = redis.connection().await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret-pass")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let file = std::env::temp_dir().join(format!("mgk-redis-url-{}", std::process::id()));
+    let with_password = redis.url().replacen("redis://", "redis://:s3cret-pass@", 1);
+    let toml = |url: &str| {
+        std::fs::write(&file, format!("{url}\n")).unwrap();
+        // on_store_error = "deny": nothing passes unless Redis decides.
+        config(&redis, "deny", "").replace(
+            &format!("redis_url = \"{}\"", redis.url()),
+            &format!("redis_url_file = \"{}\"", file.display()),
+        )
+    };
+    let hs = FakeHomeserver::start().await;
+    // A wrong password in the file: Redis refuses it, and with "deny" the
+    // gate refuses a client it has never seen.
+    let wrong = redis.url().replacen("redis://", "redis://:wrong@", 1);
+    let refusing = Gate::start(&hs.url(), &toml(&wrong)).await;
+    let refused = register(&refusing, 200).await;
+    assert_eq!(refused.status, 429, "{:?}", refused.json());
+    // The right one: two replicas share the limit in Redis.
+    let a = Gate::start(&hs.url(), &toml(&with_password)).await;
+    let b = Gate::start(&hs.url(), &toml(&with_password)).await;
+    assert_eq!(register(&a, 200).await.status, 200);
+    assert_eq!(register(&b, 200).await.status, 200);
+    assert_eq!(register(&a, 200).await.status, 429);
+    // What `check` prints names the file, never the password in it.
+    let loaded = Config::from_toml(&format!(
+        "{}\n[upstream]\nurl = \"{}\"\n",
+        toml(&with_password),
+        hs.url()
+    ))
+    .unwrap();
+    let printed = loaded.to_toml();
+    assert!(!printed.contains("s3cret"), "{printed}");
+    assert!(printed.contains("redis_url_file"), "{printed}");
+    let _ = std::fs::remove_file(&file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uia_steps_are_refunded_in_redis() {
     let redis = RedisServer::start().await;
     let hs = FakeHomeserver::start().await;

@@ -104,7 +104,7 @@ impl Config {
         let table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string().trim().to_owned()))?;
-        let config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
             let message = inner.message().trim().to_owned();
@@ -114,6 +114,7 @@ impl Config {
                 ConfigError::invalid(key, message)
             }
         })?;
+        config.rate_limit.read_url_file(secrets)?;
         config.validate_with(secrets)?;
         Ok(config)
     }
@@ -160,7 +161,12 @@ impl Config {
     /// prints, safe for a journal.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.rate_limit.redis_url = shown.rate_limit.redis_url.as_deref().map(redact_url);
+        shown.rate_limit.redis_url = if shown.rate_limit.redis_url_file.is_some() {
+            // Read from the file: the file is what the operator wrote.
+            None
+        } else {
+            shown.rate_limit.redis_url.as_deref().map(redact_url)
+        };
         if shown.notify.webhook_secret.is_some() {
             shown.notify.webhook_secret = Some("***".to_owned());
         }
@@ -279,6 +285,46 @@ mod tests {
             config.rate_limit.redis_url.as_deref(),
             Some("redis://:hunter2@redis:6379")
         );
+    }
+
+    #[test]
+    fn the_redis_url_can_come_from_a_file() {
+        let path = std::env::temp_dir().join(format!("mgk-redis-url-{}", std::process::id()));
+        let text = format!(
+            "[rate_limit]\nstore = \"redis\"\nredis_url_file = \"{}\"\n",
+            path.display()
+        );
+        std::fs::write(&path, "redis://:hunter2@redis:6379\n").unwrap();
+        let config = Config::from_toml(&text).unwrap();
+        assert_eq!(
+            config.rate_limit.redis_url.as_deref(),
+            Some("redis://:hunter2@redis:6379")
+        );
+        let printed = config.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("redis_url ="), "{printed}");
+        assert!(printed.contains("redis_url_file"), "{printed}");
+        // Not read when secrets are skipped (`explain`).
+        let skipped = Config::from_toml_with(&text, Secrets::Skip).unwrap();
+        assert_eq!(skipped.rate_limit.redis_url, None);
+        // Its content is checked like redis_url, without showing it.
+        std::fs::write(&path, "http://:hunter2@redis:6379\n").unwrap();
+        let e = err(&text);
+        assert!(
+            e.starts_with("rate_limit.redis_url_file: expected a redis:// URL"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(err(&text).starts_with("rate_limit.redis_url_file:"));
+        std::fs::remove_file(&path).unwrap();
+        let e = err(&text);
+        assert!(
+            e.starts_with("rate_limit.redis_url_file: cannot read"),
+            "{e}"
+        );
+        let both = format!("{text}redis_url = \"redis://redis:6379\"\n");
+        assert!(err(&both).contains("not both"), "{}", err(&both));
     }
 
     /// The message of the error loading `text` gives.

@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::error::ConfigError;
-use super::values::{string_enum, HumanDuration};
+use super::values::{read_secret_file, string_enum, HumanDuration};
+use super::Secrets;
 
 /// `[rate_limit]`
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -38,6 +39,11 @@ pub struct RateLimitConfig {
     /// comma-separated list of cluster seed nodes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// A file holding `redis_url` instead (trailing line breaks ignored),
+    /// for a URL with a password kept apart from the configuration: read
+    /// at start and at every reload, into `redis_url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url_file: Option<std::path::PathBuf>,
     /// Whether `redis_url` names a Redis Cluster.
     pub redis_cluster: bool,
     /// Longest wait for one Redis decision.
@@ -58,6 +64,7 @@ impl Default for RateLimitConfig {
             registrations_global: None,
             max_tracked_clients: 1_000_000,
             redis_url: None,
+            redis_url_file: None,
             redis_cluster: false,
             redis_timeout: HumanDuration(Duration::from_millis(50)),
             on_store_error: OnStoreError::Local,
@@ -100,11 +107,49 @@ impl RateLimitConfig {
             .check_positive("rate_limit.redis_timeout")
     }
 
+    /// Reads `redis_url_file` into `redis_url` (with [`Secrets::Read`]);
+    /// the two keys are exclusive. With [`Secrets::Skip`] the file is left
+    /// unread and `redis_url` stays empty.
+    pub(super) fn read_url_file(&mut self, secrets: Secrets) -> Result<(), ConfigError> {
+        let Some(path) = &self.redis_url_file else {
+            return Ok(());
+        };
+        if self.redis_url.is_some() {
+            return Err(ConfigError::invalid(
+                "rate_limit.redis_url_file",
+                "set redis_url or redis_url_file, not both",
+            ));
+        }
+        if secrets == Secrets::Skip {
+            return Ok(());
+        }
+        let bytes = read_secret_file("rate_limit.redis_url_file", path)?;
+        let url = String::from_utf8(bytes)
+            .ok()
+            .map(|url| url.trim().to_owned())
+            .filter(|url| !url.is_empty() && !url.contains(['\n', '\r']))
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "rate_limit.redis_url_file",
+                    format!("{} must hold one redis:// URL", path.display()),
+                )
+            })?;
+        self.redis_url = Some(url);
+        Ok(())
+    }
+
     fn check_redis_url(&self) -> Result<(), ConfigError> {
+        let key = if self.redis_url_file.is_some() {
+            "rate_limit.redis_url_file"
+        } else {
+            "rate_limit.redis_url"
+        };
         match &self.redis_url {
+            // Left unread on purpose (`explain` reads no secret file).
+            None if self.redis_url_file.is_some() => Ok(()),
             None => Err(ConfigError::invalid(
-                "rate_limit.redis_url",
-                "needed when store = \"redis\"",
+                key,
+                "needed when store = \"redis\" (or rate_limit.redis_url_file)",
             )),
             Some(url)
                 if !(url.starts_with("redis://")
@@ -112,8 +157,11 @@ impl RateLimitConfig {
                     || url.starts_with("unix://")) =>
             {
                 Err(ConfigError::invalid(
-                    "rate_limit.redis_url",
-                    format!("expected a redis:// URL, got \"{url}\""),
+                    key,
+                    format!(
+                        "expected a redis:// URL, got \"{}\"",
+                        super::redact_url(url)
+                    ),
                 ))
             }
             Some(_) => Ok(()),
