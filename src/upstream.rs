@@ -300,21 +300,22 @@ pub(crate) fn unforwardable(method: &Method, headers: &HeaderMap) -> Option<Matr
         ));
     }
     if let Some(coding) = foreign_transfer_coding(headers) {
-        return Some(MatrixError::transfer_coding_not_supported(&coding));
+        return Some(MatrixError::transfer_coding_not_supported(
+            &String::from_utf8_lossy(coding),
+        ));
     }
     None
 }
 
-/// The first transfer coding other than `chunked` that the request's
-/// `Transfer-Encoding` headers name, as the client wrote it.
-fn foreign_transfer_coding(headers: &HeaderMap) -> Option<String> {
+/// The first transfer coding other than `chunked` that the
+/// `Transfer-Encoding` headers of a request or an answer name, as written.
+fn foreign_transfer_coding(headers: &HeaderMap) -> Option<&[u8]> {
     headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"))
-        .map(|coding| String::from_utf8_lossy(coding).into_owned())
 }
 
 /// An answer the gate does not relay.
@@ -358,16 +359,7 @@ fn strip_headers(headers: &mut HeaderMap, client_address: bool) -> bool {
     if doomed.is_empty() {
         return true;
     }
-    let only_chunked = !chunked
-        || headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .all(|value| {
-                value.as_bytes().split(|&b| b == b',').all(|coding| {
-                    let coding = coding.trim_ascii();
-                    coding.is_empty() || coding.eq_ignore_ascii_case(b"chunked")
-                })
-            });
+    let only_chunked = !chunked || foreign_transfer_coding(headers).is_none();
     if connection {
         doomed.extend(
             headers

@@ -83,7 +83,8 @@ pub struct Config {
 }
 
 /// Whether loading a configuration reads the secret files it names
-/// (`[admin] token_file`, `[notify] webhook_secret_file`).
+/// (`[admin] token_file`, `[notify] webhook_secret_file`,
+/// `[rate_limit] redis_url_file`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Secrets {
     /// Read and checked, as `serve` and `check` need them.

@@ -139,16 +139,16 @@ impl RateLimitConfig {
     }
 
     fn check_redis_url(&self) -> Result<(), ConfigError> {
-        let key = if self.redis_url_file.is_some() {
-            "rate_limit.redis_url_file"
-        } else {
-            "rate_limit.redis_url"
+        // The URL read from `redis_url_file` is checked under that key.
+        let key = match self.redis_url_file {
+            Some(_) => "rate_limit.redis_url_file",
+            None => "rate_limit.redis_url",
         };
         match &self.redis_url {
             // Left unread on purpose (`explain` reads no secret file).
             None if self.redis_url_file.is_some() => Ok(()),
             None => Err(ConfigError::invalid(
-                key,
+                "rate_limit.redis_url",
                 "needed when store = \"redis\" (or rate_limit.redis_url_file)",
             )),
             Some(url)
