@@ -9,7 +9,7 @@ use common::Listeners;
 
 use std::time::{Duration, Instant};
 
-use common::admin::{admin, gate, register, token_file, toml, LIMITS, TOKEN};
+use common::admin::{admin, gate, register, reset_limits, token_file, toml, LIMITS, TOKEN};
 use common::redis_server::RedisServer;
 use common::{eventually, send, FakeHomeserver, Gate};
 use http::Method;
@@ -94,13 +94,7 @@ async fn a_locked_out_client_is_inspected_and_reset() {
     assert_eq!(limits["registrations_per_ip"]["remaining"], 2);
     assert_eq!(limits["registrations_global"]["remaining"], 998);
 
-    let reset = admin(
-        &gate,
-        Method::DELETE,
-        &format!("/v1/clients/{client}/limits"),
-        "",
-    )
-    .await;
+    let reset = reset_limits(&gate, client).await;
     assert_eq!(reset.status, 200, "{:?}", reset.body);
     assert_eq!(reset.json()["reset"], true);
     assert_eq!(reset.json()["counted_as"], client);
@@ -155,13 +149,7 @@ async fn a_client_counted_under_a_shared_key_is_shown_and_reset_under_it() {
         "{own}"
     );
 
-    let reset = admin(
-        &gate,
-        Method::DELETE,
-        &format!("/v1/clients/{client}/limits"),
-        "",
-    )
-    .await;
+    let reset = reset_limits(&gate, client).await;
     assert_eq!(reset.status, 200, "{:?}", reset.body);
     let json = reset.json();
     assert_eq!(json["counted_as"], "192.0.0.0/16", "{json}");
@@ -461,13 +449,7 @@ async fn redis_replicas_share_bans_resets_and_lockdowns() {
             .unwrap()
             > 0
     );
-    let reset = admin(
-        &b,
-        Method::DELETE,
-        &format!("/v1/clients/{client}/limits"),
-        "",
-    )
-    .await;
+    let reset = reset_limits(&b, client).await;
     assert_eq!(reset.status, 200, "{:?}", reset.body);
     assert_eq!(register(&a, client).await.status, 200);
     let seen = admin(&a, Method::GET, &format!("/v1/clients/{client}"), "").await;

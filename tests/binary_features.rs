@@ -12,7 +12,7 @@ use common::Listeners;
 
 use std::time::{Duration, Instant};
 
-use common::admin::{admin, TOKEN};
+use common::admin::{admin, reset_limits, TOKEN};
 use common::binary::{field, toml_path, Scratch, Served, LISTEN_ANY};
 use common::dns_responder::DnsResponder;
 use common::redis_server::RedisServer;
@@ -501,13 +501,7 @@ async fn the_admin_api_of_two_replicas_shares_bans_resets_and_lockdowns() {
         "{}",
         seen.json()
     );
-    let reset = admin(
-        &b,
-        Method::DELETE,
-        &format!("/v1/clients/{client}/limits"),
-        "",
-    )
-    .await;
+    let reset = reset_limits(&b, client).await;
     assert_eq!(reset.status, 200, "{:?}", reset.body);
     assert_eq!(reset.json()["reset"], true);
     assert_eq!(register(&a, client).await.status, 200, "the budget is back");

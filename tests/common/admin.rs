@@ -62,3 +62,14 @@ pub async fn admin(gate: &impl Listeners, method: Method, path: &str, body: &str
     )
     .await
 }
+
+/// `DELETE /v1/clients/{client}/limits`: gives `client` its budgets back.
+pub async fn reset_limits(gate: &impl Listeners, client: &str) -> Answer {
+    admin(
+        gate,
+        Method::DELETE,
+        &format!("/v1/clients/{client}/limits"),
+        "",
+    )
+    .await
+}
