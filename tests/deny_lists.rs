@@ -185,6 +185,49 @@ async fn listed_email_domains_and_their_subdomains_are_refused_on_request_token(
     assert_eq!(hs.requests().len(), 2);
 }
 
+/// Synapse strips an address with Python's `str.strip()` (which also
+/// removes U+001C–U+001F) and lower-cases its domain with Unicode case
+/// mapping before mailing it: the gate matches and forwards that address.
+#[tokio::test]
+async fn email_domains_are_matched_as_the_homeserver_canonicalises_them() {
+    let disposable = TempFile::new(".txt", "mailinator.com\nfakeinbox.com\n");
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        &format!(
+            "[email]\ndenied_domain_lists = [{}]\ndenied_domains = [\"*.kz\"]\n",
+            disposable.toml()
+        ),
+    )
+    .await;
+    let url = gate.url(EMAIL_TOKEN);
+    let body = |address: &str| {
+        serde_json::json!({"email": address, "client_secret": "s", "send_attempt": 1}).to_string()
+    };
+    for address in [
+        "x@mailinator.com\u{1f}",
+        "\u{1e}x@mailinator.com\u{1d}",
+        "\u{3000}x@mailinator.com\u{a0}",
+        "x@fa\u{212A}einbox.com",
+        "x@example.\u{212A}z",
+        // Still not printable ASCII once lower-cased: refused as written.
+        "x@mailinator\u{1f}.com",
+        "x@\u{ff4d}ailinator.com",
+        "x@mail inator.com",
+        "x@a@mailinator.com",
+    ] {
+        post_json(&url, &body(address))
+            .await
+            .assert_error(403, "M_THREEPID_DENIED");
+    }
+    hs.assert_saw_nothing("addresses the homeserver reads as listed");
+    // An address the rules let through reaches the homeserver as it will
+    // read it: stripped, the domain lower-cased, the local part as sent.
+    let answer = post_json(&url, &body("\u{1f} Alice@Example.ORG\u{2003}")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(hs.only_request().json()["email"], "Alice@example.org");
+}
+
 #[tokio::test]
 async fn a_reload_reads_changed_lists_and_a_broken_list_keeps_the_old_ones() {
     let exits = TempFile::new(".txt", "203.0.113.9\n");

@@ -188,8 +188,10 @@ impl Policy {
         Ok(())
     }
 
-    /// Applies `[email]` domain rules to an email `requestToken` body.
-    fn email(&self, object: &Map<String, Value>) -> Result<(), Refusal> {
+    /// Applies `[email]` domain rules to an email `requestToken` body, on
+    /// the address the homeserver will mail ([`canonical_email`]), and puts
+    /// that address into the body the homeserver receives.
+    fn email(&self, object: &mut Map<String, Value>) -> Result<(), Refusal> {
         if self.email_allowed.is_empty()
             && self.email_denied.is_empty()
             && self.email_denied_lists.is_empty()
@@ -202,10 +204,8 @@ impl Policy {
                 MatrixError::bad_json("email must be a string."),
             ));
         };
-        let domain = address
-            .rsplit_once('@')
-            .map(|(_, domain)| domain.trim().trim_end_matches('.'))
-            .unwrap_or("");
+        let canonical = canonical_email(address)?;
+        let domain = canonical.domain().trim_end_matches('.');
         let threepid_denied = || {
             MatrixError::threepid_denied("Third party identifier is not allowed on this server.")
         };
@@ -223,6 +223,7 @@ impl Policy {
         if !self.email_allowed.is_empty() && !self.email_allowed.iter().any(|g| g.matches(domain)) {
             return denied();
         }
+        object.insert("email".to_owned(), Value::String(canonical.address));
         Ok(())
     }
 
@@ -395,10 +396,11 @@ impl Policy {
         })?;
         match plan {
             BodyPlan::JsonObject(route) => {
+                let mut object = object;
                 if let GuardedRoute::RequestToken(_, medium) = route {
                     check_request_token(medium, &object)?;
                     if medium == Medium::Email {
-                        self.email(&object)?;
+                        self.email(&mut object)?;
                     }
                 }
                 Ok(Forward {
@@ -459,6 +461,63 @@ impl Policy {
             }
         }
     }
+}
+
+/// An e-mail address as the homeserver reads it before mailing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CanonicalEmail {
+    /// The address forwarded: the local part as sent, `@`, the domain.
+    pub address: String,
+    /// Where the domain starts in `address`.
+    at: usize,
+}
+
+impl CanonicalEmail {
+    /// The domain, lower-cased, printable ASCII only.
+    fn domain(&self) -> &str {
+        &self.address[self.at..]
+    }
+}
+
+/// Whether Python's `str.isspace()` holds for `c`: Unicode white space and
+/// the four separators U+001C–U+001F, which `str.strip()` also removes.
+fn python_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// Reads an address the way Synapse does before it sends mail: white space
+/// by Python's definition stripped from both ends, exactly one `@`, the
+/// domain lower-cased with Unicode case mapping (`fa\u{212A}einbox.com`, with
+/// a KELVIN SIGN, is `fakeinbox.com`). Domain rules are matched on what
+/// comes out, and it is what the homeserver receives, so the two cannot
+/// read different domains. A domain that is still not printable ASCII
+/// afterwards (control characters, spaces, Unicode letters a mail library
+/// may map onto other ASCII names) is refused: it is to be sent in its
+/// ASCII (punycode) form.
+fn canonical_email(address: &str) -> Result<CanonicalEmail, Refusal> {
+    let unusable = |why: &str| {
+        Refusal::new(
+            "email_address",
+            MatrixError::threepid_denied(format!("The e-mail address cannot be used: {why}.")),
+        )
+    };
+    let stripped = address.trim_matches(python_space);
+    let Some((local, domain)) = stripped.split_once('@') else {
+        return Err(unusable("it has no @"));
+    };
+    if domain.contains('@') {
+        return Err(unusable("it has more than one @"));
+    }
+    let domain = domain.to_lowercase();
+    if !domain.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(unusable(
+            "write its domain in ASCII, without spaces or control characters (an international domain in its xn-- form)",
+        ));
+    }
+    Ok(CanonicalEmail {
+        at: local.len() + 1,
+        address: format!("{local}@{domain}"),
+    })
 }
 
 /// The field types the spec gives a `requestToken` body. Homeservers do not
@@ -747,6 +806,32 @@ mod tests {
             ),
         ] {
             assert_eq!(msisdn(body).unwrap_err().error.errcode, errcode, "{body}");
+        }
+    }
+
+    #[test]
+    fn email_addresses_are_read_as_synapse_reads_them() {
+        let read = |address: &str| canonical_email(address).map(|c| c.address);
+        assert_eq!(read("x@mailinator.com\u{1f}").unwrap(), "x@mailinator.com");
+        assert_eq!(read("\u{1c}\t x@M.com\u{85}").unwrap(), "x@m.com");
+        assert_eq!(read("x@fa\u{212A}einbox.com").unwrap(), "x@fakeinbox.com");
+        assert_eq!(read("Ab.C@Example.ORG").unwrap(), "Ab.C@example.org");
+        let canonical = canonical_email(" Ab@X.Org ").unwrap();
+        assert_eq!(canonical.domain(), "x.org");
+        for bad in [
+            "nodomain",
+            "a@b@c.org",
+            "x@b\u{1f}.org",
+            "x@b .org",
+            "x@\u{e9}t\u{e9}.fr",
+            "x@\u{ff4d}.org",
+        ] {
+            let refusal = read(bad).unwrap_err();
+            assert_eq!(
+                (refusal.rule, refusal.error.errcode),
+                ("email_address", "M_THREEPID_DENIED"),
+                "{bad:?}"
+            );
         }
     }
 
