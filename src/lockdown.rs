@@ -1,6 +1,8 @@
-//! Registration lockdown: when completed registrations server-wide reach
-//! `count` within `period` (a sliding window), every `POST …/register` is
-//! refused for `close_for`, then registration reopens by itself.
+//! Registration lockdown: when completed user registrations server-wide
+//! reach `count` within `period` (a sliding window), every `POST …/register`
+//! is refused for `close_for`, then registration reopens by itself. The
+//! gate records only user registrations (guests never close registration
+//! for everyone), including those whose client hung up before the answer.
 //!
 //! With the memory store the window and the closing time live in this
 //! process, on Tokio's clock. With the Redis store they live in Redis (one

@@ -14,13 +14,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::redis_server::RedisServer;
 use common::webhook::{next_event, next_event_json, receiver};
-use common::{get, post_json, FakeHomeserver, Gate};
+use common::{eventually, get, post_json, FakeHomeserver, Gate, Listeners};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use matrix_gatekeeper::gate::{GateRequestBody, RegistrationGateLayer};
 use matrix_gatekeeper::notify::signature;
 use matrix_gatekeeper::Config;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tower::{service_fn, Layer, ServiceExt};
 
 const REGISTER: &str = "/_matrix/client/v3/register";
@@ -107,6 +108,128 @@ async fn memory_lockdown_closes_after_n_registrations_and_reopens() {
     assert_eq!(status, StatusCode::OK, "reopened after close_for");
     assert_eq!(reached.load(Ordering::SeqCst), 5);
     assert!(!layer.lockdown().is_known_closed());
+}
+
+/// Guests get numeric throw-away accounts without any interactive step:
+/// they are limited by `guests_per_ip`, and never close registration for
+/// everyone.
+#[tokio::test(start_paused = true)]
+async fn guest_registrations_do_not_count_towards_the_lockdown() {
+    let config = Config::from_toml(&format!("{LOCKDOWN}[guest]\naccess = \"allow\"\n")).unwrap();
+    let homeserver = service_fn(|_req: Request<GateRequestBody<Full<Bytes>>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+    });
+    let layer = RegistrationGateLayer::new(&config);
+    let gate = layer.layer(homeserver);
+    for _ in 0..5 {
+        let (status, text) = call(
+            &gate,
+            "POST",
+            "/_matrix/client/v3/register?kind=guest",
+            "{}",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    assert!(
+        !layer.lockdown().is_closed().await,
+        "guests closed registration"
+    );
+    // Completed user registrations (a guest upgrade is one) still count.
+    for body in [
+        r#"{"username":"one"}"#,
+        r#"{"username":"two","guest_access_token":"t"}"#,
+        r#"{"username":"three"}"#,
+    ] {
+        let (status, text) = call(&gate, "POST", REGISTER, body).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    assert!(layer.lockdown().is_closed().await);
+}
+
+/// Sends a complete registration request on `stream`; the fake homeserver
+/// answers it `200` (a completed registration) after `delay_ms`.
+async fn send_registration(stream: &mut TcpStream, name: &str, delay_ms: u64) {
+    let body = format!(r#"{{"username":"{name}"}}"#);
+    let request = format!(
+        "POST {REGISTER} HTTP/1.1\r\nHost: gate\r\ncontent-type: application/json\r\n\
+         x-test-status: 200\r\nx-test-delay-ms: {delay_ms}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+}
+
+/// The homeserver finishes a registration whose client hung up (Synapse
+/// does): the gate waits for its answer all the same and counts the
+/// account — the lockdown, the decision metric (and with it the audit
+/// line), on a connection that started with a registration and on one the
+/// pass-through fast path served first.
+#[tokio::test]
+async fn registrations_whose_clients_hang_up_are_still_counted() {
+    let hs = FakeHomeserver::start().await;
+    let config = Config::from_toml(&format!(
+        "[upstream]\nurl = \"{}\"\nresponse_timeout = \"10s\"\n{LOCKDOWN}",
+        hs.url()
+    ))
+    .unwrap();
+    let gate = Gate::start_full(config, true, None).await;
+    for (n, name) in ["one", "two", "three"].into_iter().enumerate() {
+        let mut stream = TcpStream::connect(gate.addr).await.unwrap();
+        if n == 2 {
+            // A pass-through request first: the fast path serves it and
+            // hands the connection over at the registration.
+            stream
+                .write_all(b"GET /_matrix/client/versions HTTP/1.1\r\nHost: gate\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            while !answer.ends_with(br#"{"ok":true}"#) {
+                let mut buffer = [0u8; 1024];
+                let n = stream.read(&mut buffer).await.unwrap();
+                assert!(n > 0, "the gate closed the connection");
+                answer.extend_from_slice(&buffer[..n]);
+            }
+        }
+        send_registration(&mut stream, name, 300).await;
+        let registered = |hs: &FakeHomeserver| {
+            hs.requests()
+                .iter()
+                .filter(|r| r.target.starts_with(REGISTER))
+                .count()
+        };
+        eventually(
+            Duration::from_secs(5),
+            "the registration is forwarded",
+            || {
+                let seen = registered(&hs);
+                async move { seen == n + 1 }
+            },
+        )
+        .await;
+        // The client hangs up before the homeserver answers.
+        drop(stream);
+    }
+    eventually(
+        Duration::from_secs(5),
+        "three registrations counted",
+        || async {
+            let metrics = gate.metrics().await;
+            metrics.contains(
+                "gatekeeper_decisions_total{route=\"register\",outcome=\"allowed\",rule=\"\"} 3\n",
+            ) && metrics.contains("gatekeeper_registration_lockdown 1\n")
+        },
+    )
+    .await;
+    post_json(&gate.url(REGISTER), r#"{"username":"four"}"#)
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    assert_eq!(
+        hs.requests()
+            .iter()
+            .filter(|r| r.target.starts_with(REGISTER))
+            .count(),
+        3
+    );
 }
 
 #[tokio::test]

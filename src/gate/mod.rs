@@ -514,14 +514,17 @@ enum ReadBody<B> {
 async fn guard<S, B, RB>(
     state: Arc<GateState>,
     metrics: Arc<Metrics>,
-    mut inner: S,
+    inner: S,
     route: GuardedRoute,
     request: Request<B>,
 ) -> Result<Response<GateResponseBody<RB>>, S::Error>
 where
-    S: Service<Request<GateRequestBody<B>>, Response = Response<RB>>,
-    B: Body<Data = Bytes> + Unpin,
+    S: Service<Request<GateRequestBody<B>>, Response = Response<RB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
+    RB: Send + 'static,
 {
     let shadow = state.mode == GateMode::Shadow;
     let (parts, body) = request.into_parts();
@@ -554,19 +557,22 @@ where
     let mut read: Option<Bytes> = None;
     let decided = decide(&state, route, &parts, &mut body, &mut read, &mut audit).await;
 
-    let (request, permit) = match decided {
-        Ok((forward, permit)) => match canonical_request(&parts, forward) {
-            Ok(request) => (request, permit),
-            Err(refusal) => {
-                // The gate cannot write this request: refuse even in shadow
-                // mode, since nothing canonical exists to forward.
-                audit.outcome = Outcome::Refused;
-                audit.rule = refusal.rule;
-                audit.emit(&metrics);
-                let response = refusal.error.into_response().map(Either::Right);
-                return Ok(mark(response, Outcome::Refused));
+    let (request, permit, user_registration) = match decided {
+        Ok((forward, permit)) => {
+            let user_registration = matches!(forward.account, Some(AccountKind::User { .. }));
+            match canonical_request(&parts, forward) {
+                Ok(request) => (request, permit, user_registration),
+                Err(refusal) => {
+                    // The gate cannot write this request: refuse even in
+                    // shadow mode, since nothing canonical exists to forward.
+                    audit.outcome = Outcome::Refused;
+                    audit.rule = refusal.rule;
+                    audit.emit(&metrics);
+                    let response = refusal.error.into_response().map(Either::Right);
+                    return Ok(mark(response, Outcome::Refused));
+                }
             }
-        },
+        }
         Err(stop) if shadow => {
             audit.outcome = Outcome::WouldRefuse;
             audit.rule = stop.rule();
@@ -578,7 +584,7 @@ where
                 (Some(bytes), None) => GateBody::canonical(bytes),
                 (None, None) => GateBody::canonical(Bytes::new()),
             };
-            (Request::from_parts(parts, original), None)
+            (Request::from_parts(parts, original), None, false)
         }
         Err(stop) => {
             audit.outcome = stop.outcome();
@@ -590,20 +596,75 @@ where
             return Ok(mark(stop.into_response().map(Either::Right), outcome));
         }
     };
-    let result = inner.call(request).await;
-    let success = matches!(&result, Ok(response) if response.status().is_success());
-    if let Some(permit) = permit {
-        permit.settle(success);
-        // A permit is taken exactly for `POST …/register`: a success is a
-        // completed registration.
-        if success {
-            state.lockdown.record().await;
-        }
+    let forwarded = Forwarded {
+        state,
+        metrics,
+        permit,
+        user_registration,
+        audit,
+    };
+    // Once the request is on its way the homeserver finishes it whether or
+    // not the client waits for the answer (Synapse completes a registration
+    // whose client hung up). The answer is awaited in a task of its own, so
+    // that a client hanging up — which drops this future — cannot leave an
+    // account uncounted: the limits are settled, the lockdown counts it and
+    // the audit line is written all the same. The upstream's
+    // `response_timeout` bounds how long the task can wait.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return forwarded.send(inner, request).await;
+    };
+    match runtime.spawn(forwarded.send(inner, request)).await {
+        Ok(answer) => answer,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // The runtime is shutting down under the request.
+        Err(_) => Ok(mark(
+            MatrixError::bad_gateway()
+                .into_response()
+                .map(Either::Right),
+            Outcome::Allowed,
+        )),
     }
-    audit.status = result.as_ref().ok().map(|r| r.status().as_u16());
-    audit.emit(&metrics);
-    let outcome = audit.outcome;
-    Ok(mark(result?.map(Either::Left), outcome))
+}
+
+/// A request the gate lets through, and what is to be recorded once the
+/// homeserver has answered it.
+struct Forwarded {
+    state: Arc<GateState>,
+    metrics: Arc<Metrics>,
+    /// The registration limits reserved for a `POST …/register`.
+    permit: Option<crate::ratelimit::Permit>,
+    /// Whether a success is a completed user registration (the lockdown
+    /// counts those; guests get numeric throw-away accounts and never close
+    /// registration for everyone).
+    user_registration: bool,
+    audit: Audit,
+}
+
+impl Forwarded {
+    /// Sends the request to the homeserver, then settles the limits, counts
+    /// a completed user registration for the lockdown and writes the audit
+    /// line.
+    async fn send<S, B, RB>(
+        mut self,
+        mut inner: S,
+        request: Request<GateRequestBody<B>>,
+    ) -> Result<Response<GateResponseBody<RB>>, S::Error>
+    where
+        S: Service<Request<GateRequestBody<B>>, Response = Response<RB>>,
+    {
+        let result = inner.call(request).await;
+        let success = matches!(&result, Ok(response) if response.status().is_success());
+        if let Some(permit) = self.permit {
+            permit.settle(success);
+        }
+        if success && self.user_registration {
+            self.state.lockdown.record().await;
+        }
+        self.audit.status = result.as_ref().ok().map(|r| r.status().as_u16());
+        self.audit.emit(&self.metrics);
+        let outcome = self.audit.outcome;
+        Ok(mark(result?.map(Either::Left), outcome))
+    }
 }
 
 /// Runs every check of a guarded request, in order: bans, DNSBL listings,

@@ -111,6 +111,9 @@ pub struct Forward {
     pub body: Option<Bytes>,
     /// The username that was checked and forwarded (mapped), if any.
     pub username: Option<RequestedName>,
+    /// The kind of account a `POST …/register` asks for; `None` on the
+    /// other routes.
+    pub account: Option<AccountKind>,
 }
 
 /// How a body is to be judged.
@@ -272,6 +275,7 @@ impl Policy {
                 path_and_query: path.into_owned(),
                 body: None,
                 username: None,
+                account: None,
             });
         }
         let expected = match route {
@@ -353,6 +357,7 @@ impl Policy {
                         ),
                         body: None,
                         username: Some(checked),
+                        account: None,
                     }),
                     Err(refusal) => HeadDecision::Refuse(refusal),
                 }
@@ -362,6 +367,7 @@ impl Policy {
                     path_and_query: format!("{path}?token={}", encode_component(token)),
                     body: None,
                     username: None,
+                    account: None,
                 }),
                 Ok(None) => refuse(
                     "missing_param",
@@ -378,6 +384,7 @@ impl Policy {
                 path_and_query: path.into_owned(),
                 body: None,
                 username: None,
+                account: None,
             }),
             RequestToken(..) | AdminRegister => HeadDecision::ReadBody(BodyPlan::JsonObject(route)),
             Unknown => unknown(),
@@ -407,6 +414,7 @@ impl Policy {
                     path_and_query: route.canonical_path().into_owned(),
                     body: Some(serialize(&object)),
                     username: None,
+                    account: None,
                 })
             }
             BodyPlan::Register(route, AccountKind::Guest) => {
@@ -430,6 +438,7 @@ impl Policy {
                     path_and_query: format!("{}?kind=guest", route.canonical_path()),
                     body: Some(serialize(&guest)),
                     username: None,
+                    account: Some(AccountKind::Guest),
                 })
             }
             BodyPlan::Register(route, AccountKind::User { explicit }) => {
@@ -457,6 +466,7 @@ impl Policy {
                     },
                     body: Some(serialize(&object)),
                     username,
+                    account: Some(AccountKind::User { explicit }),
                 })
             }
         }
