@@ -152,7 +152,7 @@ impl Notifier {
         };
         let uri: Uri = url.parse().map_err(|_| ConfigError::Invalid {
             key: "notify.webhook_url".into(),
-            message: format!("not a URL: \"{url}\""),
+            message: "not a URL".into(),
         })?;
         let secret = config.secret()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| NotifyError::NoRuntime)?;

@@ -315,6 +315,48 @@ fn check_redacts_the_redis_password() {
     assert!(printed.contains("redis://:***@redis:6379/0"), "{printed}");
 }
 
+/// `check`, `explain` and `serve` print where a configuration fails to
+/// parse, never the line: it may hold a password.
+#[test]
+fn a_syntax_error_on_a_secret_line_never_prints_the_secret() {
+    let port = free_port();
+    let config = TempConfig::new(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[rate_limit]\nstore = \"redis\"\n\
+         redis_url = \"redis://:s3cret-pass@redis:6379/0\n"
+    ));
+    let path = config.path().to_str().unwrap();
+    for output in [
+        check(config.path()),
+        run(&["explain", "--config", path, "--username", "alice"]),
+        serve_refused(config.path(), port),
+    ] {
+        let text = format!("{}{}", stdout(&output), stderr(&output));
+        assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{text}");
+        assert!(!text.contains("s3cret-pass"), "{text}");
+        assert!(
+            text.contains("not valid TOML at line 5, column 47 (rate_limit.redis_url)"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn check_shows_passwords_with_delimiters_and_webhook_urls_redacted() {
+    let config = TempConfig::new(
+        "[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://:Ab/Cd+s3cret==@redis:6379\"\n\
+         [notify]\nwebhook_url = \"http://hook:s3cret@relay:8080/s3cret/path?token=s3cret\"\n",
+    );
+    let output = check(config.path());
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let printed = stdout(&output);
+    assert!(!printed.contains("s3cret"), "{printed}");
+    assert!(printed.contains("redis://:***@redis:6379"), "{printed}");
+    assert!(
+        printed.contains("webhook_url = \"http://relay:8080\""),
+        "{printed}"
+    );
+}
+
 #[test]
 fn healthcheck_failures_name_the_url() {
     let url = format!("http://127.0.0.1:{}/healthz", free_port());

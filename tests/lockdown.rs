@@ -310,6 +310,20 @@ async fn reload_failed_is_posted() {
         json["error"].as_str().unwrap().contains("guest.access"),
         "{json}"
     );
+    // A broken line holding a secret: the event says where, not what.
+    std::fs::write(
+        &path,
+        format!("{good}webhook_secret = \"s3cret\"\nwebhook_secret = \"s3cret\"\n"),
+    )
+    .unwrap();
+    assert!(gate.reloader.reload().is_err());
+    let (_, body) = next_event(&mut rx).await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(
+        text.contains("not valid TOML at line 6, column 1 (notify.webhook_secret): duplicate key"),
+        "{text}"
+    );
     let _ = std::fs::remove_file(&path);
 }
 

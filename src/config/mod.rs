@@ -104,7 +104,7 @@ impl Config {
     pub fn from_toml_with(text: &str, secrets: Secrets) -> Result<Config, ConfigError> {
         let table: toml::Table = text
             .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Syntax(e.to_string().trim().to_owned()))?;
+            .map_err(|e: toml::de::Error| ConfigError::syntax(text, &e))?;
         let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
@@ -158,8 +158,9 @@ impl Config {
     }
 
     /// The configuration as TOML, every default filled in and every
-    /// secret (a password in `rate_limit.redis_url`) redacted: what `check`
-    /// prints, safe for a journal.
+    /// secret redacted (a password in `rate_limit.redis_url`, the webhook
+    /// secret; of `notify.webhook_url` only scheme, host and port): what
+    /// `check` prints, safe for a journal.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.rate_limit.redis_url = if shown.rate_limit.redis_url_file.is_some() {
@@ -168,6 +169,7 @@ impl Config {
         } else {
             shown.rate_limit.redis_url.as_deref().map(redact_url)
         };
+        shown.notify.webhook_url = shown.notify.webhook_url.as_deref().map(url_origin);
         if shown.notify.webhook_secret.is_some() {
             shown.notify.webhook_secret = Some("***".to_owned());
         }
@@ -211,22 +213,35 @@ pub const RESTART_ONLY_KEYS: [&str; 10] = [
 ];
 
 /// A URL (or a comma-separated list of them, as `redis_url` takes for a
-/// cluster) with its password replaced by `***`: the password of the
-/// userinfo (`redis://user:secret@host`, `redis://:secret@host`, a bare
-/// `redis://secret@host`), and `password`/`pass` query parameters.
+/// cluster) with its secrets replaced by `***`: the whole userinfo —
+/// everything between `://` and the last `@`, whatever characters a
+/// password holds (`redis://:Ab/Cd+ef==@host`) — keeping only a user name
+/// before a `:` (`redis://gate:***@host`), and `password`/`pass` query
+/// parameters.
 pub fn redact_url(urls: &str) -> String {
     urls.split(',')
         .map(|url| {
             let Some((scheme, rest)) = url.split_once("://") else {
                 return url.to_owned();
             };
-            let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-            let authority = match authority.rsplit_once('@') {
-                Some((userinfo, host)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{user}:***@{host}"),
-                    None => format!("***@{host}"),
-                },
-                None => authority.to_owned(),
+            let (authority, tail) = match rest.rsplit_once('@') {
+                Some((userinfo, after)) => {
+                    let user = userinfo
+                        .split_once(':')
+                        .map(|(user, _)| user)
+                        .filter(|user| !user.contains(['/', '?', '#']));
+                    let shown = match user {
+                        Some(user) => format!("{user}:***@"),
+                        None => "***@".to_owned(),
+                    };
+                    let (host, tail) =
+                        after.split_at(after.find(['/', '?']).unwrap_or(after.len()));
+                    (format!("{shown}{host}"), tail)
+                }
+                None => {
+                    let (host, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+                    (host.to_owned(), tail)
+                }
             };
             let tail = match tail.split_once('?') {
                 Some((path, query)) => {
@@ -252,6 +267,21 @@ pub fn redact_url(urls: &str) -> String {
         .join(",")
 }
 
+/// Scheme, host and port of a URL, and nothing else: how the configuration
+/// shows `notify.webhook_url`, whose user, password, path and query may
+/// each be the credential (a relay's secret path, a token parameter).
+pub fn url_origin(url: &str) -> String {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return "(not a URL)".to_owned();
+    };
+    let scheme = uri.scheme_str().unwrap_or("http");
+    match (uri.host(), uri.port_u16()) {
+        (Some(host), Some(port)) => format!("{scheme}://{host}:{port}"),
+        (Some(host), None) => format!("{scheme}://{host}"),
+        (None, _) => "(no host)".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +301,12 @@ mod tests {
                 "redis+unix:///run/redis.sock?db=1&pass=hunter2",
                 "redis+unix:///run/redis.sock?db=1&pass=***",
             ),
+            // Passwords holding URL delimiters: all up to the last `@`.
+            ("redis://:Ab/Cd+ef==@redis:6379", "redis://:***@redis:6379"),
+            ("redis://:hun?ter2@redis/0", "redis://:***@redis/0"),
+            ("redis://gate:a@b/c#d@redis", "redis://gate:***@redis"),
+            ("redis://hun/ter2@redis", "redis://***@redis"),
+            ("redis://x/y:hunter2@redis", "redis://***@redis"),
         ] {
             assert_eq!(redact_url(url), shown);
         }
@@ -286,6 +322,47 @@ mod tests {
             config.rate_limit.redis_url.as_deref(),
             Some("redis://:hunter2@redis:6379")
         );
+    }
+
+    #[test]
+    fn syntax_errors_name_line_column_and_key_but_never_the_text() {
+        let e = err("[server]\nlisten = [\"0.0.0.0:8009\"]\n\n[rate_limit]\nstore = \"redis\"\nredis_url = \"redis://:hunter2@redis:6379\n");
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.starts_with("not valid TOML at line 6, column "), "{e}");
+        assert!(e.contains("(rate_limit.redis_url)"), "{e}");
+        // A duplicated secret: the second line is named, neither is shown.
+        let e = err("[notify]\nwebhook_url = \"http://relay/\"\nwebhook_secret = \"s3cret-one\"\n webhook_secret = \"s3cret-two\"\n");
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(
+            e.starts_with(
+                "not valid TOML at line 4, column 2 (notify.webhook_secret): duplicate key"
+            ),
+            "{e}"
+        );
+        // A line inside a multi-line string is a value, not a key.
+        let e = err("[notify]\nwebhook_secret = \"\"\"\nhunter2 = x\n\"\"\" x\n");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err("[[x]]]\n");
+        assert!(e.starts_with("not valid TOML at line 1, column "), "{e}");
+    }
+
+    #[test]
+    fn only_the_origin_of_the_webhook_url_is_shown() {
+        let config = Config::from_toml(
+            "[notify]\nwebhook_url = \"http://hook:s3cret@relay.example:8080/s3cret-path?token=s3cret\"\n",
+        )
+        .unwrap();
+        let printed = config.to_toml();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("webhook_url = \"http://relay.example:8080\""),
+            "{printed}"
+        );
+        let e = err("[notify]\nwebhook_url = \"https://u:s3cret@relay/s3cret\"\n");
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(e.contains("https://relay"), "{e}");
+        let e = err("[notify]\nwebhook_url = \"http://re lay/s3cret\"\n");
+        assert_eq!(e, "notify.webhook_url: not a URL");
     }
 
     #[test]

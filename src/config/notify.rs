@@ -24,14 +24,16 @@ pub struct NotifyConfig {
 impl NotifyConfig {
     pub(super) fn validate(&self, secrets: Secrets) -> Result<(), ConfigError> {
         if let Some(url) = &self.webhook_url {
-            let parsed: http::Uri = url.parse().map_err(|_| {
-                ConfigError::invalid("notify.webhook_url", format!("not a URL: \"{url}\""))
-            })?;
+            // Errors show the URL's origin at most: the rest may be a secret.
+            let parsed: http::Uri = url
+                .parse()
+                .map_err(|_| ConfigError::invalid("notify.webhook_url", "not a URL"))?;
             if parsed.scheme_str() != Some("http") {
                 return Err(ConfigError::invalid(
                     "notify.webhook_url",
                     format!(
-                        "only http:// is supported (the gate has no TLS client; use a local relay), got \"{url}\""
+                        "only http:// is supported (the gate has no TLS client; use a local relay), got \"{}\"",
+                        super::url_origin(url)
                     ),
                 ));
             }
