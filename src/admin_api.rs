@@ -527,7 +527,7 @@ fn parse_address(text: &str) -> Result<IpAddr, MatrixError> {
 
 fn parse_network(text: &str) -> Result<IpNet, MatrixError> {
     text.parse::<IpNet>()
-        .map_err(|error| invalid_param(format!("cidr: {}", safe_text(&error))))
+        .map_err(|error| invalid_param(format!("cidr: {}", safe_text(&error.to_string()))))
 }
 
 fn parse_duration(text: &str) -> Result<Duration, MatrixError> {

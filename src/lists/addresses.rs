@@ -10,10 +10,7 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::{entries, read, shown, ListError, Stamp};
-
-/// The IPv4-mapped IPv6 block `::ffff:0:0/96`, as `u128` bounds.
-const MAPPED_FIRST: u128 = 0xffff_0000_0000;
-const MAPPED_LAST: u128 = 0xffff_ffff_ffff;
+use crate::client_ip::{IpNet, NetworkError};
 
 /// A set of IPv4 and IPv6 addresses as sorted, disjoint, non-adjacent
 /// inclusive ranges.
@@ -24,42 +21,23 @@ pub struct AddressSet {
 }
 
 impl AddressSet {
-    /// Parses one entry: an address or `address/prefix`, IPv4 or IPv6. An
-    /// IPv4-mapped IPv6 entry counts as IPv4, as client addresses do.
+    /// Parses one entry: an address or `address/prefix`, IPv4 or IPv6, read
+    /// as [`IpNet`] reads every network (an IPv6 network never covers an
+    /// IPv4 client). An IPv4-mapped entry of 96 bits or less covers no
+    /// client: it is skipped, not refused, since published IPv6 bogon
+    /// lists carry `::ffff:0:0/96` and must still load.
     fn add_entry(&mut self, entry: &str) -> Option<()> {
-        let (addr, prefix) = match entry.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix.parse::<u8>().ok()?)),
-            None => (entry, None),
+        let network = match entry.parse::<IpNet>() {
+            Ok(network) => network,
+            Err(NetworkError::MappedCoversNoClient(_)) => return Some(()),
+            Err(_) => return None,
         };
-        match addr.parse::<IpAddr>().ok()? {
-            IpAddr::V4(ip) => {
-                let prefix = prefix.unwrap_or(32);
-                if prefix > 32 {
-                    return None;
-                }
-                self.v4.push(v4_range(u32::from(ip), prefix));
+        match network.key() {
+            (true, prefix, bits) => {
+                // An IPv4 key holds the address in its low 32 bits.
+                self.v4.push(v4_range(bits as u32, prefix));
             }
-            IpAddr::V6(ip) => {
-                let prefix = prefix.unwrap_or(128);
-                if prefix > 128 {
-                    return None;
-                }
-                let (first, last) = v6_range(u128::from(ip), prefix);
-                // The part inside ::ffff:0:0/96 is an IPv4 range: clients
-                // are compared in their canonical (IPv4) form.
-                let (mapped_first, mapped_last) = (first.max(MAPPED_FIRST), last.min(MAPPED_LAST));
-                if mapped_first <= mapped_last {
-                    // Both bounds lie in the mapped block: the low 32 bits
-                    // are the IPv4 address, so the casts lose nothing.
-                    self.v4.push((
-                        (mapped_first - MAPPED_FIRST) as u32,
-                        (mapped_last - MAPPED_FIRST) as u32,
-                    ));
-                }
-                if first < MAPPED_FIRST || last > MAPPED_LAST {
-                    self.v6.push((first, last));
-                }
-            }
+            (false, prefix, bits) => self.v6.push(v6_range(bits, prefix)),
         }
         Some(())
     }
@@ -348,6 +326,32 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_networks_never_cover_ipv4_clients() {
+        for (text, inside) in [
+            ("# IPv6 bogons\n::/8\n", "::5"),
+            ("::/0\n", "2001:db8::1"),
+            ("::/64\n", "::1"),
+            ("::fffe:0:0/95\n", "::fffe:0:1"),
+        ] {
+            let s = set(text);
+            assert!(s.v4.is_empty(), "{text:?}: {s:?}");
+            assert!(s.contains(ip(inside)), "{text:?} {inside}");
+            for v4 in ["203.0.113.7", "::ffff:203.0.113.7", "0.0.0.0"] {
+                assert!(!s.contains(ip(v4)), "{text:?} covers {v4}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_mapped_entry_of_96_bits_or_less_is_accepted_and_covers_no_client() {
+        let s = set("::ffff:0:0/96\n::ffff:1.2.3.4/96\n::ffff:10.0.0.0/80\n");
+        assert_eq!(s.ranges(), 0, "{s:?}");
+        for client in ["1.2.3.4", "10.0.0.1", "::ffff:1.2.3.4", "::1", "::ffff:0:1"] {
+            assert!(!s.contains(ip(client)), "{client}");
+        }
+    }
+
+    #[test]
     fn mapped_ipv6_entries_and_clients_count_as_ipv4() {
         let s = set("::ffff:192.0.2.0/120\n::ffff:198.51.100.9\n");
         assert!(s.v6.is_empty(), "{s:?}");
@@ -355,10 +359,6 @@ mod tests {
         assert!(s.contains(ip("::ffff:192.0.2.77")));
         assert!(s.contains(ip("198.51.100.9")));
         assert!(!s.contains(ip("198.51.100.10")));
-        // A v6 network around the mapped block covers IPv4 clients too.
-        let wide = set("::/64\n");
-        assert!(wide.contains(ip("203.0.113.1")));
-        assert!(wide.contains(ip("::1")));
         // Host bits in a network entry are ignored, as FireHOL lists do.
         assert!(set("192.0.2.77/24\n").contains(ip("192.0.2.1")));
     }

@@ -14,10 +14,25 @@
 //!   the domain and each parent at a label boundary.
 //!
 //! File format (both kinds): one entry per line, `#` starts a comment (a
-//! whole line or the rest of one), blank lines are skipped. A line that is
-//! not an entry is an error naming the file and the line number, so a
-//! truncated download is refused instead of silently guarding less.
+//! whole line or the rest of one), blank lines are skipped, and every line
+//! ends with a line break. A line that is not an entry is an error naming
+//! the file and the line number.
+//!
+//! A list read half-written must be refused, not guard less. A download
+//! cut mid-line can leave a valid entry (`10.0.0.0/2` of `10.0.0.0/24`):
+//! a non-empty file whose last byte is not a line break is refused. A file
+//! written while it is read is caught by its stamp (modification time and
+//! length), taken before and after the read. Neither catches a writer that
+//! pauses at a line boundary before the read and resumes after it, so lists
+//! are to be written to a temporary name and renamed into place, which
+//! readers see all at once.
+//!
+//! Networks are read as [`IpNet`](crate::client_ip::IpNet) reads them
+//! everywhere: an IPv6 network covers IPv6 clients only, and an
+//! IPv4-mapped entry of 96 bits or less (`::ffff:0:0/96`, a line of IPv6
+//! bogon lists) covers no client and is skipped.
 
+use std::path::Path;
 use std::time::SystemTime;
 
 mod addresses;
@@ -39,6 +54,21 @@ pub enum ListError {
         path: String,
         /// What the operating system said.
         source: std::io::Error,
+    },
+    /// The file does not end with a line break: a download or a copy
+    /// stopped part-way.
+    #[error("{path}: does not end with a line break: was it cut short?")]
+    CutShort {
+        /// The path as configured.
+        path: String,
+    },
+    /// The file changed between the start and the end of its reading.
+    #[error(
+        "{path}: changed while it was read; write lists to a temporary name and rename them into place"
+    )]
+    ChangedWhileRead {
+        /// The path as configured.
+        path: String,
     },
     /// A line of an address list is not an address or a network.
     #[error("{path}:{line}: not an address or network: {text:?}")]
@@ -95,21 +125,44 @@ fn shown(text: &str) -> String {
 pub type Stamp = Option<(SystemTime, u64)>;
 
 /// `path`'s [`Stamp`] now.
-pub fn stamp(path: &std::path::Path) -> Stamp {
+pub fn stamp(path: &Path) -> Stamp {
     std::fs::metadata(path)
         .and_then(|m| Ok((m.modified()?, m.len())))
         .ok()
 }
 
-/// The file's bytes, and its stamp taken before they were read: a change
-/// made while it is read shows as a changed stamp later.
+/// The file's bytes and its stamp, refused when the file is cut short or
+/// changes while it is read.
 fn read(path: &str) -> Result<(Vec<u8>, Stamp), ListError> {
-    let stamp = stamp(path.as_ref());
-    let bytes = std::fs::read(path).map_err(|source| ListError::Read {
+    read_with(path, |path| std::fs::read(path))
+}
+
+/// [`read`], reading the bytes with `read_bytes`. A file written in place
+/// (not renamed into place) can be read half-written: a cut in the middle
+/// of a line can leave a valid entry that guards less (`10.0.0.0/2` of
+/// `10.0.0.0/24`), and a cut at a line boundary drops the entries after
+/// it. The first shows as a missing last line break; a write while the
+/// file is read shows as a stamp that changed between before and after.
+fn read_with(
+    path: &str,
+    read_bytes: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
+) -> Result<(Vec<u8>, Stamp), ListError> {
+    let before = stamp(path.as_ref());
+    let bytes = read_bytes(path.as_ref()).map_err(|source| ListError::Read {
         path: path.to_owned(),
         source,
     })?;
-    Ok((bytes, stamp))
+    if stamp(path.as_ref()) != before {
+        return Err(ListError::ChangedWhileRead {
+            path: path.to_owned(),
+        });
+    }
+    if bytes.last().is_some_and(|&last| last != b'\n') {
+        return Err(ListError::CutShort {
+            path: path.to_owned(),
+        });
+    }
+    Ok((bytes, before))
 }
 
 /// A fresh scratch file name for each list a test writes.
@@ -192,5 +245,61 @@ mod tests {
             .to_string()
             .starts_with("client_ip.deny_lists"));
         let _ = std::fs::remove_file(&addresses);
+    }
+
+    #[test]
+    fn a_list_cut_mid_line_is_refused_naming_the_file() {
+        let path = scratch_file();
+        let shown = path.display().to_string();
+        std::fs::write(&path, "192.0.2.0/24\n10.0.0.0/2").unwrap();
+        let error = AddressLists::load(std::slice::from_ref(&shown))
+            .unwrap_err()
+            .to_string();
+        let cut = format!("{shown}: does not end with a line break: was it cut short?");
+        assert_eq!(error, cut);
+        std::fs::write(&path, "mailinator.com\nyopmail.co").unwrap();
+        let error = DomainLists::load(std::slice::from_ref(&shown))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, cut);
+        // An empty file is an empty list, and a whole last line may end
+        // with CR LF.
+        std::fs::write(&path, "").unwrap();
+        assert!(AddressLists::load(std::slice::from_ref(&shown)).is_ok());
+        assert!(DomainLists::load(std::slice::from_ref(&shown))
+            .unwrap()
+            .is_empty());
+        std::fs::write(&path, "192.0.2.0/24\r\n").unwrap();
+        let lists = AddressLists::load(std::slice::from_ref(&shown)).unwrap();
+        assert!(lists.find(ip("192.0.2.9")).is_some());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_list_changed_while_it_is_read_is_refused() {
+        let path = scratch_file();
+        let shown = path.display().to_string();
+        std::fs::write(&path, "192.0.2.0/24\n").unwrap();
+        // The writer appends while the gate reads: what was read is the
+        // old content, and the file is no longer what it was.
+        let error = read_with(&shown, |path| {
+            let bytes = std::fs::read(path)?;
+            std::fs::write(path, "192.0.2.0/24\n198.51.100.0/24\n")?;
+            Ok(bytes)
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            error,
+            format!(
+                "{shown}: changed while it was read; write lists to a temporary name and \
+                 rename them into place"
+            )
+        );
+        // Read again undisturbed, it loads.
+        let (bytes, stamp) = read(&shown).unwrap();
+        assert_eq!(bytes, b"192.0.2.0/24\n198.51.100.0/24\n");
+        assert_eq!(stamp, super::stamp(&path));
+        let _ = std::fs::remove_file(&path);
     }
 }
