@@ -247,11 +247,17 @@ mod tests {
         let _ = std::fs::remove_file(&addresses);
     }
 
+    /// A scratch list holding `text`: its path, and the path as configured.
+    fn list_file(text: &str) -> (std::path::PathBuf, String) {
+        let path = scratch_file();
+        std::fs::write(&path, text).unwrap();
+        let shown = path.display().to_string();
+        (path, shown)
+    }
+
     #[test]
     fn a_list_cut_mid_line_is_refused_naming_the_file() {
-        let path = scratch_file();
-        let shown = path.display().to_string();
-        std::fs::write(&path, "192.0.2.0/24\n10.0.0.0/2").unwrap();
+        let (path, shown) = list_file("192.0.2.0/24\n10.0.0.0/2");
         let error = AddressLists::load(std::slice::from_ref(&shown))
             .unwrap_err()
             .to_string();
@@ -277,9 +283,7 @@ mod tests {
 
     #[test]
     fn a_list_changed_while_it_is_read_is_refused() {
-        let path = scratch_file();
-        let shown = path.display().to_string();
-        std::fs::write(&path, "192.0.2.0/24\n").unwrap();
+        let (path, shown) = list_file("192.0.2.0/24\n");
         // The writer appends while the gate reads: what was read is the
         // old content, and the file is no longer what it was.
         let error = read_with(&shown, |path| {
