@@ -8,6 +8,11 @@
 //! `DELETE`) and every refused token is one audit line (target
 //! `matrix_gatekeeper::audit`, message "admin action"); the token is never
 //! logged.
+//!
+//! Request bodies are read with the gate's strict JSON parser, so a
+//! duplicate key is `400 M_BAD_JSON` rather than its last value. A ban
+//! wider than IPv4 /8 or IPv6 /16 needs `"force": true`: one request
+//! should not refuse a whole address family by a slip.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -25,6 +30,7 @@ use crate::bans::Ban;
 use crate::client_ip::IpNet;
 use crate::config::HumanDuration;
 use crate::error::{json_response, MatrixError};
+use crate::gate::json::parse_object;
 use crate::gate::RegistrationGateLayer;
 use crate::lockdown;
 use crate::ratelimit::{Budget, CountedAs};
@@ -43,6 +49,12 @@ const DEFAULT_LOCKDOWN: Duration = Duration::from_secs(3600);
 
 /// Longest ban or manual lockdown accepted.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// The widest bans taken without `"force": true`: IPv4 /8 and IPv6 /16.
+/// A wider one is most likely a slip (`0.0.0.0/0` refuses every IPv4
+/// client), and closing registration for everyone is `POST /v1/lockdown`.
+const BAN_FLOOR_V4: u8 = 8;
+const BAN_FLOOR_V6: u8 = 16;
 
 /// The bearer token in force, swapped on reload; `None`: the API is off.
 #[derive(Debug, Clone, Default)]
@@ -292,6 +304,9 @@ impl AdminApi {
             duration: String,
             #[serde(default)]
             reason: String,
+            /// Takes a ban wider than the floor.
+            #[serde(default)]
+            force: bool,
         }
         let new: NewBan = match read_json(body).await {
             Ok(Some(new)) => new,
@@ -316,11 +331,20 @@ impl AdminApi {
             Err(error) => return Handled::change("ban", subject, "invalid", error.into_response()),
         };
         let subject = network.to_string();
+        let wide = wider_than_floor(&network);
+        if wide && !new.force {
+            let error = invalid_param(format!(
+                "cidr: {subject} is wider than a ban takes without force (IPv4 /{BAN_FLOOR_V4}, \
+                 IPv6 /{BAN_FLOOR_V6}); send \"force\": true to ban it anyway. To close \
+                 registration for everyone, use POST /v1/lockdown."
+            ));
+            return Handled::change("ban", subject, "too_wide", error.into_response());
+        }
         match self.gate.bans().add(network, duration, &new.reason).await {
             Ok(()) => Handled::change(
                 "ban",
                 subject.clone(),
-                "done",
+                if wide { "forced" } else { "done" },
                 ok(json!({
                     "cidr": subject,
                     "duration": HumanDuration(duration).to_string(),
@@ -494,20 +518,18 @@ where
     if collected.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let value: Value = serde_json::from_slice(&collected).map_err(|_| {
-        MatrixError::new(
-            StatusCode::BAD_REQUEST,
-            "M_NOT_JSON",
-            "The body is not JSON.",
-        )
-    })?;
-    serde_json::from_value(value).map(Some).map_err(|error| {
-        MatrixError::new(
-            StatusCode::BAD_REQUEST,
-            "M_BAD_JSON",
-            format!("The body is not as expected: {error}"),
-        )
-    })
+    // The gate's own strict parser: a duplicate key is refused, not
+    // silently read as its last value.
+    let object = parse_object(&collected)?;
+    serde_json::from_value(Value::Object(object))
+        .map(Some)
+        .map_err(|error| {
+            MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_BAD_JSON",
+                format!("The body is not as expected: {error}"),
+            )
+        })
 }
 
 fn parse_address(text: &str) -> Result<IpAddr, MatrixError> {
@@ -527,7 +549,15 @@ fn parse_address(text: &str) -> Result<IpAddr, MatrixError> {
 
 fn parse_network(text: &str) -> Result<IpNet, MatrixError> {
     text.parse::<IpNet>()
-        .map_err(|error| invalid_param(format!("cidr: {}", safe_text(&error))))
+        .map_err(|error| invalid_param(format!("cidr: {}", safe_text(&error.to_string()))))
+}
+
+/// Whether `network` is wider than [`BAN_FLOOR_V4`] or [`BAN_FLOOR_V6`].
+fn wider_than_floor(network: &IpNet) -> bool {
+    match network.key() {
+        (true, prefix_len, _) => prefix_len < BAN_FLOOR_V4,
+        (false, prefix_len, _) => prefix_len < BAN_FLOOR_V6,
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, MatrixError> {

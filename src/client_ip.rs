@@ -148,11 +148,50 @@ impl IpNet {
     }
 }
 
-impl FromStr for IpNet {
-    type Err = String;
+/// Why a written network is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetworkError {
+    /// Not an address, or a prefix length that is not a number.
+    #[error("expected an address or CIDR such as \"10.0.0.0/8\", got \"{0}\"")]
+    Malformed(String),
+    /// A prefix longer than the address.
+    #[error("prefix length {prefix_len} is longer than {max} in \"{text}\"")]
+    PrefixTooLong {
+        /// The network as written.
+        text: String,
+        /// The prefix length written.
+        prefix_len: u8,
+        /// The address length in bits.
+        max: u8,
+    },
+    /// An IPv4-mapped address with a prefix of 96 or less
+    /// (`::ffff:0:0/96`): clients are compared in canonical form, so no
+    /// IPv4 client is an IPv6 address in it, and no IPv6 client is either.
+    #[error(
+        "\"{0}\" is an IPv4-mapped network with a prefix of 96 or less, which covers no \
+         client: IPv4 clients are compared as IPv4; write the IPv4 network instead \
+         (e.g. \"0.0.0.0/0\")"
+    )]
+    MappedCoversNoClient(String),
+}
 
-    fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || format!("expected an address or CIDR such as \"10.0.0.0/8\", got \"{text}\"");
+/// The one reading of a written network, for `[client_ip] deny`,
+/// `trusted_proxies`, list files and admin bans alike:
+///
+/// - an IPv4 network is an IPv4 network;
+/// - an IPv4-mapped address with a prefix longer than 96
+///   (`::ffff:192.0.2.0/120`) is the IPv4 network it maps (`192.0.2.0/24`);
+/// - an IPv4-mapped address with a prefix of 96 or less is
+///   [`NetworkError::MappedCoversNoClient`] (a list file skips it, the
+///   configuration and the admin API refuse it);
+/// - every other IPv6 network, `::/0` and `::/8` included, covers IPv6
+///   clients only: a client is compared in canonical form, so an
+///   IPv4-mapped client is IPv4 and never inside an IPv6 network.
+impl FromStr for IpNet {
+    type Err = NetworkError;
+
+    fn from_str(text: &str) -> Result<Self, NetworkError> {
+        let bad = || NetworkError::Malformed(text.to_owned());
         let (addr, len) = match text.split_once('/') {
             Some((addr, len)) => (addr, Some(len)),
             None => (text, None),
@@ -165,25 +204,31 @@ impl FromStr for IpNet {
             Some(len) => {
                 let len = len.trim().parse::<u8>().map_err(|_| bad())?;
                 if written.is_ipv6() && network.is_ipv4() {
-                    // An IPv4-mapped network, `::ffff:192.0.2.0/120`: the
-                    // IPv4 network 192.0.2.0/24, as clients are compared in
-                    // their IPv4 form.
-                    if !(96..=128).contains(&len) {
-                        return Err(format!(
-                            "\"{text}\" is an IPv4-mapped address with a prefix length outside 96..=128; \
-                             write the IPv4 network (e.g. \"192.0.2.0/24\") instead"
-                        ));
+                    // Only the low 32 bits of a mapped address are the
+                    // IPv4 address: a prefix that stops at or before them
+                    // names no IPv4 network.
+                    match len {
+                        0..=96 => return Err(NetworkError::MappedCoversNoClient(text.to_owned())),
+                        97..=128 => len - 96,
+                        _ => {
+                            return Err(NetworkError::PrefixTooLong {
+                                text: text.to_owned(),
+                                prefix_len: len,
+                                max: 128,
+                            })
+                        }
                     }
-                    len - 96
                 } else {
                     len
                 }
             }
         };
         if prefix_len > max {
-            return Err(format!(
-                "prefix length {prefix_len} is longer than {max} in \"{text}\""
-            ));
+            return Err(NetworkError::PrefixTooLong {
+                text: text.to_owned(),
+                prefix_len,
+                max,
+            });
         }
         Ok(IpNet {
             network,
@@ -464,7 +509,50 @@ mod tests {
         assert!(!mapped.contains(ip("192.0.3.1")));
         let mapped_host: IpNet = "::ffff:192.0.2.1/128".parse().unwrap();
         assert_eq!(mapped_host, "192.0.2.1".parse().unwrap());
-        let error = "::ffff:0:0/80".parse::<IpNet>().unwrap_err();
+        let error = "::ffff:0:0/80".parse::<IpNet>().unwrap_err().to_string();
         assert!(error.contains("IPv4-mapped"), "{error}");
+    }
+
+    #[test]
+    fn ipv6_networks_cover_ipv6_clients_only() {
+        for (text, inside) in [
+            ("::/0", "2001:db8::1"),
+            ("::/8", "::5"),
+            ("::/64", "::1"),
+            ("::fffe:0:0/95", "::fffe:0:1"),
+        ] {
+            let net: IpNet = text.parse().unwrap();
+            assert!(net.contains(ip(inside)), "{text} {inside}");
+            for v4 in ["203.0.113.7", "::ffff:203.0.113.7", "0.0.0.0"] {
+                assert!(!net.contains(ip(v4)), "{text} covers {v4}");
+            }
+        }
+        let r = resolver(&["::/0"]);
+        assert!(!r.trusts(ip("127.0.0.1")));
+        assert!(!r.trusts(ip("::ffff:127.0.0.1")));
+        assert!(r.trusts(ip("::1")));
+        let h = headers(&["198.51.100.7"]);
+        assert_eq!(r.resolve(ip("127.0.0.1"), &h).0, ip("127.0.0.1"));
+        assert_eq!(r.resolve(ip("::1"), &h).0, ip("198.51.100.7"));
+    }
+
+    #[test]
+    fn a_mapped_network_of_96_bits_or_less_covers_no_client_and_is_refused() {
+        for text in [
+            "::ffff:0:0/96",
+            "::ffff:1.2.3.4/96",
+            "::ffff:10.0.0.0/80",
+            "::ffff:0:0/0",
+        ] {
+            let error = text.parse::<IpNet>().unwrap_err();
+            assert_eq!(error, NetworkError::MappedCoversNoClient(text.to_owned()));
+            assert!(
+                error.to_string().contains("write the IPv4 network instead"),
+                "{error}"
+            );
+        }
+        // Longer mapped prefixes are the IPv4 networks they map.
+        let mapped: IpNet = "::ffff:0:0/97".parse().unwrap();
+        assert_eq!(mapped, "0.0.0.0/1".parse().unwrap());
     }
 }

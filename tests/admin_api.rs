@@ -242,6 +242,111 @@ async fn temporary_bans_refuse_are_listed_lifted_and_expire() {
     assert_eq!(listed["bans"].as_array().unwrap().len(), 0, "{listed}");
 }
 
+/// A ban of `cidr` for `duration`, with `more` JSON members appended.
+async fn post_ban(gate: &Gate, cidr: &str, duration: &str, more: &str) -> common::Answer {
+    let body = format!(r#"{{"cidr":"{cidr}","duration":"{duration}"{more}}}"#);
+    admin(gate, Method::POST, "/v1/bans", &body).await
+}
+
+#[tokio::test]
+async fn a_ban_wider_than_ipv4_8_or_ipv6_16_needs_force() {
+    let hs = FakeHomeserver::start().await;
+    let path = token_file("wide", TOKEN);
+    let gate = gate(&hs, LIMITS, Some(&path)).await;
+    for cidr in [
+        "0.0.0.0/0",
+        "10.0.0.0/7",
+        "::/0",
+        "2001::/15",
+        "::ffff:0:0/97",
+    ] {
+        let answer = post_ban(&gate, cidr, "365d", "").await;
+        answer.assert_error(400, "M_INVALID_PARAM");
+        let error = answer.json()["error"].as_str().unwrap().to_owned();
+        for said in [
+            "IPv4 /8",
+            "IPv6 /16",
+            r#""force": true"#,
+            "POST /v1/lockdown",
+        ] {
+            assert!(error.contains(said), "{cidr}: {error}");
+        }
+    }
+    // A mapped network of 96 bits or less is no IPv4 network at all, and
+    // force does not make it one.
+    let mapped = post_ban(&gate, "::ffff:1.2.3.4/96", "1h", r#","force":true"#).await;
+    mapped.assert_error(400, "M_INVALID_PARAM");
+    let error = mapped.json()["error"].as_str().unwrap().to_owned();
+    for said in ["compared as IPv4", "0.0.0.0/0"] {
+        assert!(error.contains(said), "{error}");
+    }
+    for force in [r#""yes""#, "1", "null"] {
+        post_ban(&gate, "0.0.0.0/0", "1h", &format!(r#","force":{force}"#))
+            .await
+            .assert_error(400, "M_BAD_JSON");
+    }
+    let listed = admin(&gate, Method::GET, "/v1/bans", "").await.json();
+    assert_eq!(listed["bans"], serde_json::json!([]), "{listed}");
+    assert_eq!(register(&gate, "203.0.113.9").await.status, 200);
+
+    // At the floor no force is needed.
+    for cidr in ["10.0.0.0/8", "2001::/16"] {
+        let answer = post_ban(&gate, cidr, "1h", r#","force":false"#).await;
+        assert_eq!(answer.status, 200, "{cidr}: {:?}", answer.body);
+    }
+    let forced = post_ban(&gate, "0.0.0.0/0", "1h", r#","force":true"#).await;
+    assert_eq!(forced.status, 200, "{:?}", forced.body);
+    assert_eq!(forced.json()["cidr"], "0.0.0.0/0");
+    hs.clear();
+    register(&gate, "203.0.113.9")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    hs.assert_saw_nothing("a registration under a forced ban");
+}
+
+#[tokio::test]
+async fn admin_bodies_with_duplicate_keys_are_bad_json() {
+    let hs = FakeHomeserver::start().await;
+    let path = token_file("duplicates", TOKEN);
+    let gate = gate(&hs, LIMITS, Some(&path)).await;
+    for (path, body, key) in [
+        (
+            "/v1/bans",
+            r#"{"cidr":"192.0.2.1","cidr":"198.51.100.0/24","duration":"1h"}"#,
+            "cidr",
+        ),
+        (
+            "/v1/bans",
+            r#"{"cidr":"192.0.2.1","c\u0069dr":"198.51.100.0/24","duration":"1h"}"#,
+            "cidr",
+        ),
+        (
+            "/v1/bans",
+            r#"{"cidr":"198.51.100.0/24","duration":"1s","duration":"1h"}"#,
+            "duration",
+        ),
+        (
+            "/v1/lockdown",
+            r#"{"duration":"1s","duration":"2h"}"#,
+            "duration",
+        ),
+    ] {
+        let answer = admin(&gate, Method::POST, path, body).await;
+        answer.assert_error(400, "M_BAD_JSON");
+        let error = answer.json()["error"].as_str().unwrap().to_owned();
+        assert!(
+            error.contains(&format!("duplicate key \"{key}\"")),
+            "{body}: {error}"
+        );
+    }
+    let listed = admin(&gate, Method::GET, "/v1/bans", "").await.json();
+    assert_eq!(listed["bans"], serde_json::json!([]), "{listed}");
+    let state = admin(&gate, Method::GET, "/v1/lockdown", "").await.json();
+    assert_eq!(state["closed"], false, "{state}");
+    assert_eq!(register(&gate, "198.51.100.5").await.status, 200);
+    assert_eq!(hs.requests().len(), 1);
+}
+
 #[tokio::test]
 async fn registration_is_closed_and_reopened_by_hand() {
     let hs = FakeHomeserver::start().await;

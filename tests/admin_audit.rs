@@ -41,6 +41,21 @@ async fn every_admin_action_is_one_audit_line_without_the_token() {
         r#"{"cidr":"nope","duration":"1h"}"#,
     )
     .await;
+    // A ban wider than the floor is refused, and done when forced.
+    admin(
+        &gate,
+        Method::POST,
+        "/v1/bans",
+        r#"{"cidr":"0.0.0.0/0","duration":"1h"}"#,
+    )
+    .await;
+    admin(
+        &gate,
+        Method::POST,
+        "/v1/bans",
+        r#"{"cidr":"0.0.0.0/0","duration":"1h","force":true}"#,
+    )
+    .await;
     admin(&gate, Method::DELETE, "/v1/bans/203.0.113.0%2F24", "").await;
     admin(&gate, Method::DELETE, "/v1/clients/192.0.2.1/limits", "").await;
     admin(&gate, Method::POST, "/v1/lockdown", "").await;
@@ -87,6 +102,8 @@ async fn every_admin_action_is_one_audit_line_without_the_token() {
         ("authenticate", "/v1/bans", "wrong_token"),
         ("ban", "203.0.113.0/24", "done"),
         ("ban", "nope", "invalid"),
+        ("ban", "0.0.0.0/0", "too_wide"),
+        ("ban", "0.0.0.0/0", "forced"),
         ("lift_ban", "203.0.113.0/24", "done"),
         ("reset_limits", "192.0.2.1", "done"),
         ("close_registration", "1h", "done"),

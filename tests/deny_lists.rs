@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::time::{Duration, Instant};
 
-use common::{post_json, send, Captured, FakeHomeserver, Gate};
+use common::{eventually, post_json, send, Captured, FakeHomeserver, Gate};
 use http::Method;
 use matrix_gatekeeper::server::Server;
 use matrix_gatekeeper::Config;
@@ -155,6 +155,37 @@ async fn listed_clients_are_refused_on_registration_only_and_the_audit_names_the
 }
 
 #[tokio::test]
+async fn ipv6_bogon_networks_in_a_list_refuse_no_ipv4_client() {
+    // Two lines of published IPv6 bogon lists: `::/8` holds the whole
+    // IPv4-mapped block, `::ffff:0:0/96` is that block.
+    let bogons = TempFile::new(".txt", "# IPv6 bogons\n::/8\n::ffff:0:0/96\n");
+    let hs = FakeHomeserver::start().await;
+    let gate = Gate::start(
+        &hs.url(),
+        &format!(
+            "[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\ndeny_lists = [{}]\n",
+            bogons.toml()
+        ),
+    )
+    .await;
+    let url = gate.url(REGISTER);
+    for client in ["203.0.113.7", "::ffff:198.51.100.7"] {
+        hs.clear();
+        let answer = from(client, Method::POST, &url, r#"{"username":"alice"}"#).await;
+        assert_eq!(answer.status, 200, "{client}: {:?}", answer.body);
+        let forwarded = hs.only_request();
+        let canonical = client.trim_start_matches("::ffff:");
+        assert_eq!(forwarded.header("x-forwarded-for"), Some(canonical));
+        assert_eq!(forwarded.json()["username"], "alice");
+    }
+    hs.clear();
+    from("::5", Method::POST, &url, r#"{"username":"alice"}"#)
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    hs.assert_saw_nothing("an IPv6 client inside ::/8");
+}
+
+#[tokio::test]
 async fn listed_email_domains_and_their_subdomains_are_refused_on_request_token() {
     let disposable = TempFile::new(
         ".txt",
@@ -275,6 +306,18 @@ async fn a_reload_reads_changed_lists_and_a_broken_list_keeps_the_old_ones() {
         .assert_error(403, "M_THREEPID_DENIED");
     assert_eq!(token("a@mailinator.com").await.status, 200);
 
+    // What the lists in force since the reload refuse, and only that.
+    let reloaded_lists_in_force = || async {
+        register("203.0.113.77")
+            .await
+            .assert_error(403, "M_FORBIDDEN");
+        assert_eq!(register("203.0.113.9").await.status, 200);
+        assert_eq!(register("10.0.0.1").await.status, 200);
+        token("a@yopmail.com")
+            .await
+            .assert_error(403, "M_THREEPID_DENIED");
+    };
+
     // A broken line: the reload is refused, naming file and line, and the
     // lists in force stay.
     exits.write("203.0.113.9\n\n203.0.113.300\n");
@@ -286,13 +329,30 @@ async fn a_reload_reads_changed_lists_and_a_broken_list_keeps_the_old_ones() {
             exits.shown()
         )
     );
-    register("203.0.113.77")
-        .await
-        .assert_error(403, "M_FORBIDDEN");
-    assert_eq!(register("203.0.113.9").await.status, 200);
-    token("a@yopmail.com")
-        .await
-        .assert_error(403, "M_THREEPID_DENIED");
+    reloaded_lists_in_force().await;
+
+    // A download cut mid-line (`10.0.0.0/24` arrived as `10.0.0.0/2`)
+    // reads as valid entries: refused for its missing last line break.
+    exits.write("203.0.113.77\n10.0.0.0/2");
+    let error = gate.reloader.reload().unwrap_err().to_string();
+    assert_eq!(
+        error,
+        format!(
+            "client_ip.deny_lists: {}: does not end with a line break: was it cut short?",
+            exits.shown()
+        )
+    );
+    exits.write("203.0.113.77\n");
+    disposable.write("yopmail.com\nmailinator.co");
+    let error = gate.reloader.reload().unwrap_err().to_string();
+    assert_eq!(
+        error,
+        format!(
+            "email.denied_domain_lists: {}: does not end with a line break: was it cut short?",
+            disposable.shown()
+        )
+    );
+    reloaded_lists_in_force().await;
 
     let text = gate.metrics().await;
     assert!(
@@ -300,7 +360,7 @@ async fn a_reload_reads_changed_lists_and_a_broken_list_keeps_the_old_ones() {
         "{text}"
     );
     assert!(
-        text.contains("gatekeeper_config_reloads_total{result=\"error\"} 1\n"),
+        text.contains("gatekeeper_config_reloads_total{result=\"error\"} 3\n"),
         "{text}"
     );
 }
@@ -352,7 +412,7 @@ async fn with_watch_config_a_changed_list_file_is_picked_up() {
     let config_file = watching(&hs, &exits);
     let gate = Gate::start_full(
         Config::from_file(&config_file.0).unwrap(),
-        false,
+        true,
         Some(config_file.0.clone()),
     )
     .await;
@@ -368,6 +428,20 @@ async fn with_watch_config_a_changed_list_file_is_picked_up() {
     exits.write("203.0.113.9\n198.51.100.0/24\n");
     // The watch loop looks every 2 s; a few periods bound the wait.
     refused_within(&available, "198.51.100.4", "the changed list").await;
+
+    // A list cut short is refused and the lists in force stay.
+    exits.write("203.0.113.9\n198.51.100.0/24\n192.0.2.0/2");
+    eventually(Duration::from_secs(10), "the cut list's reload", || async {
+        gate.metrics()
+            .await
+            .contains("gatekeeper_config_reloads_total{result=\"error\"} 1\n")
+    })
+    .await;
+    from("198.51.100.4", Method::GET, &available, "")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    let unlisted = from("192.0.2.5", Method::GET, &available, "").await;
+    assert_eq!(unlisted.status, 200, "the cut list is not in force");
 }
 
 /// Waits (10 s at most) until `client` is refused `url` as listed.

@@ -104,4 +104,44 @@ mod tests {
         assert_eq!(c.client_ip.deny.len(), 1);
         assert!(c.client_ip.deny_user_agents[0].0.is_match("CURL/8"));
     }
+
+    #[test]
+    fn ipv6_networks_in_deny_and_trusted_proxies_never_cover_ipv4_clients() {
+        let c = Config::from_toml(
+            "[client_ip]\ndeny = [\"::/8\", \"::/0\"]\ntrusted_proxies = [\"::/0\"]\n",
+        )
+        .unwrap();
+        let v4: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        let v6: std::net::IpAddr = "::5".parse().unwrap();
+        for deny in &c.client_ip.deny {
+            assert!(!deny.0.contains(v4), "{}", deny.0);
+            assert!(!deny.0.contains(mapped), "{}", deny.0);
+            assert!(deny.0.contains(v6), "{}", deny.0);
+        }
+        let resolver = c.client_ip.resolver();
+        assert!(!resolver.trusts(v4));
+        assert!(!resolver.trusts(mapped));
+        assert!(resolver.trusts(v6));
+    }
+
+    #[test]
+    fn mapped_networks_of_96_bits_or_less_are_refused_by_key() {
+        for (key, network) in [
+            ("deny", "::ffff:0:0/96"),
+            ("deny", "::ffff:1.2.3.4/96"),
+            ("trusted_proxies", "::ffff:10.0.0.0/80"),
+            ("trusted_proxies", "::ffff:0:0/96"),
+        ] {
+            let error = err(&format!("[client_ip]\n{key} = [{network:?}]\n"));
+            assert_eq!(
+                error,
+                format!(
+                    "client_ip.{key}[0]: \"{network}\" is an IPv4-mapped network with a prefix \
+                     of 96 or less, which covers no client: IPv4 clients are compared as IPv4; \
+                     write the IPv4 network instead (e.g. \"0.0.0.0/0\")"
+                )
+            );
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! Strict JSON for registration bodies.
+//! Strict JSON for registration bodies (and the admin API's).
 //!
 //! Homeservers disagree on duplicate keys (Synapse keeps the last one, other
 //! parsers the first), so a body with a duplicate key at any depth is
@@ -15,7 +15,8 @@ use serde_json::{Map, Value};
 
 use crate::error::MatrixError;
 
-/// Parses a registration body: a JSON object without duplicate keys.
+/// Parses a body that must be a JSON object without duplicate keys: a
+/// registration body, or an admin API request.
 pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, MatrixError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = StrictValue.deserialize(&mut de).and_then(|value| {
@@ -90,7 +91,7 @@ impl<'de> Visitor<'de> for StrictValue {
         while let Some(key) = access.next_key::<String>()? {
             if map.contains_key(&key) {
                 return Err(de::Error::custom(format!(
-                    "{DUPLICATE} {key:?} in JSON object: the homeserver could read another value than the gate"
+                    "{DUPLICATE} {key:?} in JSON object: parsers disagree on which value counts"
                 )));
             }
             let value = access.next_value_seed(StrictValue)?;

@@ -1,0 +1,309 @@
+//! File-based deny lists: address lists (`[client_ip] deny_lists`) and
+//! disposable e-mail domain lists (`[email] denied_domain_lists`).
+//!
+//! Both are read when the configuration is loaded (at start and on every
+//! reload), never on the request path. Published lists are large — a Tor
+//! exit list, a FireHOL `.netset` with hundreds of thousands of networks, a
+//! disposable-domain list with over 100,000 names — so each is compiled into
+//! a structure whose lookup is a handful of comparisons and never allocates:
+//!
+//! - addresses: sorted, merged ranges (`u32` bounds for IPv4, `u128` for
+//!   IPv6) searched by bisection, one set per file so that a match can name
+//!   the file it came from;
+//! - domains: one hash map from a listed domain to its file; a lookup tries
+//!   the domain and each parent at a label boundary.
+//!
+//! File format (both kinds): one entry per line, `#` starts a comment (a
+//! whole line or the rest of one), blank lines are skipped, and every line
+//! ends with a line break. A line that is not an entry is an error naming
+//! the file and the line number.
+//!
+//! A list read half-written must be refused, not guard less. A download
+//! cut mid-line can leave a valid entry (`10.0.0.0/2` of `10.0.0.0/24`):
+//! a non-empty file whose last byte is not a line break is refused. A file
+//! written while it is read is caught by its stamp (modification time and
+//! length), taken before and after the read. Neither catches a writer that
+//! pauses at a line boundary before the read and resumes after it, so lists
+//! are to be written to a temporary name and renamed into place, which
+//! readers see all at once.
+//!
+//! Networks are read as [`IpNet`](crate::client_ip::IpNet) reads them
+//! everywhere: an IPv6 network covers IPv6 clients only, and an
+//! IPv4-mapped entry of 96 bits or less (`::ffff:0:0/96`, a line of IPv6
+//! bogon lists) covers no client and is skipped.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+mod addresses;
+mod domains;
+
+pub use addresses::{AddressLists, AddressSet};
+pub use domains::DomainLists;
+
+/// How much of a broken line an error message repeats.
+const SHOWN_LINE_MAX: usize = 80;
+
+/// A list file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path as configured.
+        path: String,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The file does not end with a line break: a download or a copy
+    /// stopped part-way.
+    #[error("{path}: does not end with a line break: was it cut short?")]
+    CutShort {
+        /// The path as configured.
+        path: String,
+    },
+    /// The file changed between the start and the end of its reading.
+    #[error(
+        "{path}: changed while it was read; write lists to a temporary name and rename them into place"
+    )]
+    ChangedWhileRead {
+        /// The path as configured.
+        path: String,
+    },
+    /// A line of an address list is not an address or a network.
+    #[error("{path}:{line}: not an address or network: {text:?}")]
+    NotAnAddress {
+        /// The path as configured.
+        path: String,
+        /// One-based line number.
+        line: usize,
+        /// The entry (comment removed, cut to a readable length).
+        text: String,
+    },
+    /// A line of a domain list is not a domain name.
+    #[error("{path}:{line}: not a domain: {text:?}")]
+    NotADomain {
+        /// The path as configured.
+        path: String,
+        /// One-based line number.
+        line: usize,
+        /// The entry (comment removed, cut to a readable length).
+        text: String,
+    },
+}
+
+/// The entries of a list file: `(line number, entry)` for every line that
+/// is neither blank nor a comment. A line that is not UTF-8 is handed on
+/// as it reads lossily, so the caller reports it as a broken entry.
+fn entries(bytes: &[u8]) -> impl Iterator<Item = (usize, std::borrow::Cow<'_, str>)> {
+    bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter_map(|(index, line)| {
+            let line = match line.iter().position(|&b| b == b'#') {
+                Some(hash) => &line[..hash],
+                None => line,
+            };
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                return None;
+            }
+            Some((index + 1, String::from_utf8_lossy(line)))
+        })
+}
+
+/// An entry for an error message: cut on a character boundary.
+fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_LINE_MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// A file's modification time and length, `None` while it cannot be read:
+/// what a watcher compares to see a change.
+pub type Stamp = Option<(SystemTime, u64)>;
+
+/// `path`'s [`Stamp`] now.
+pub fn stamp(path: &Path) -> Stamp {
+    std::fs::metadata(path)
+        .and_then(|m| Ok((m.modified()?, m.len())))
+        .ok()
+}
+
+/// The file's bytes and its stamp, refused when the file is cut short or
+/// changes while it is read.
+fn read(path: &str) -> Result<(Vec<u8>, Stamp), ListError> {
+    read_with(path, |path| std::fs::read(path))
+}
+
+/// [`read`], reading the bytes with `read_bytes`. A file written in place
+/// (not renamed into place) can be read half-written: a cut in the middle
+/// of a line can leave a valid entry that guards less (`10.0.0.0/2` of
+/// `10.0.0.0/24`), and a cut at a line boundary drops the entries after
+/// it. The first shows as a missing last line break; a write while the
+/// file is read shows as a stamp that changed between before and after.
+fn read_with(
+    path: &str,
+    read_bytes: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
+) -> Result<(Vec<u8>, Stamp), ListError> {
+    let before = stamp(path.as_ref());
+    let bytes = read_bytes(path.as_ref()).map_err(|source| ListError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if stamp(path.as_ref()) != before {
+        return Err(ListError::ChangedWhileRead {
+            path: path.to_owned(),
+        });
+    }
+    if bytes.last().is_some_and(|&last| last != b'\n') {
+        return Err(ListError::CutShort {
+            path: path.to_owned(),
+        });
+    }
+    Ok((bytes, before))
+}
+
+/// A fresh scratch file name for each list a test writes.
+#[cfg(test)]
+fn scratch_file() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("mgk-lists-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{}.txt", NEXT.fetch_add(1, Ordering::Relaxed)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn configuration_errors_name_the_key_the_file_and_the_line() {
+        use crate::config::Config;
+        let addresses = scratch_file();
+        std::fs::write(&addresses, "192.0.2.0/24\n2001:db8::/32 # v6\n").unwrap();
+        let domains = scratch_file();
+        std::fs::write(&domains, "mailinator.com\n").unwrap();
+        let toml = format!(
+            "[client_ip]\ndeny_lists = [{:?}]\n[email]\ndenied_domain_lists = [{:?}]\n",
+            addresses.display().to_string(),
+            domains.display().to_string()
+        );
+        let config = Config::from_toml(&toml).unwrap();
+        assert!(config.client_ip.deny_lists.find(ip("192.0.2.9")).is_some());
+        assert!(config
+            .email
+            .denied_domain_lists
+            .find("x.mailinator.com")
+            .is_some());
+        // `check` prints the paths, and what it prints loads again.
+        let printed = config.to_toml();
+        assert!(
+            printed.contains(&format!("{:?}", addresses.display().to_string())),
+            "{printed}"
+        );
+        let again = Config::from_toml(&printed).unwrap();
+        assert!(again.client_ip.deny_lists.find(ip("2001:db8::1")).is_some());
+
+        std::fs::write(&addresses, "192.0.2.0/24\n\n10.0.0.0/8x\n").unwrap();
+        let error = Config::from_toml(&toml).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "client_ip.deny_lists: {}:3: not an address or network: \"10.0.0.0/8x\"",
+                addresses.display()
+            )
+        );
+        std::fs::write(&addresses, "192.0.2.0/24\n").unwrap();
+        std::fs::write(&domains, "ok.example\nnot a domain\n").unwrap();
+        let error = Config::from_toml(&toml).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "email.denied_domain_lists: {}:2: not a domain: \"not a domain\"",
+                domains.display()
+            )
+        );
+        std::fs::remove_file(&domains).unwrap();
+        let error = Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!(
+                "email.denied_domain_lists: cannot read {}: ",
+                domains.display()
+            )),
+            "{error}"
+        );
+        assert!(Config::from_toml("[client_ip]\ndeny_lists = [1]\n")
+            .unwrap_err()
+            .to_string()
+            .starts_with("client_ip.deny_lists"));
+        let _ = std::fs::remove_file(&addresses);
+    }
+
+    /// A scratch list holding `text`: its path, and the path as configured.
+    fn list_file(text: &str) -> (std::path::PathBuf, String) {
+        let path = scratch_file();
+        std::fs::write(&path, text).unwrap();
+        let shown = path.display().to_string();
+        (path, shown)
+    }
+
+    #[test]
+    fn a_list_cut_mid_line_is_refused_naming_the_file() {
+        let (path, shown) = list_file("192.0.2.0/24\n10.0.0.0/2");
+        let error = AddressLists::load(std::slice::from_ref(&shown))
+            .unwrap_err()
+            .to_string();
+        let cut = format!("{shown}: does not end with a line break: was it cut short?");
+        assert_eq!(error, cut);
+        std::fs::write(&path, "mailinator.com\nyopmail.co").unwrap();
+        let error = DomainLists::load(std::slice::from_ref(&shown))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, cut);
+        // An empty file is an empty list, and a whole last line may end
+        // with CR LF.
+        std::fs::write(&path, "").unwrap();
+        assert!(AddressLists::load(std::slice::from_ref(&shown)).is_ok());
+        assert!(DomainLists::load(std::slice::from_ref(&shown))
+            .unwrap()
+            .is_empty());
+        std::fs::write(&path, "192.0.2.0/24\r\n").unwrap();
+        let lists = AddressLists::load(std::slice::from_ref(&shown)).unwrap();
+        assert!(lists.find(ip("192.0.2.9")).is_some());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_list_changed_while_it_is_read_is_refused() {
+        let (path, shown) = list_file("192.0.2.0/24\n");
+        // The writer appends while the gate reads: what was read is the
+        // old content, and the file is no longer what it was.
+        let error = read_with(&shown, |path| {
+            let bytes = std::fs::read(path)?;
+            std::fs::write(path, "192.0.2.0/24\n198.51.100.0/24\n")?;
+            Ok(bytes)
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            error,
+            format!(
+                "{shown}: changed while it was read; write lists to a temporary name and \
+                 rename them into place"
+            )
+        );
+        // Read again undisturbed, it loads.
+        let (bytes, stamp) = read(&shown).unwrap();
+        assert_eq!(bytes, b"192.0.2.0/24\n198.51.100.0/24\n");
+        assert_eq!(stamp, super::stamp(&path));
+        let _ = std::fs::remove_file(&path);
+    }
+}
