@@ -16,7 +16,7 @@ mod synapse;
 
 use std::time::{Duration, Instant};
 
-use common::{get, post_json, send, Answer, Gate};
+use common::{get, post_json, send, Answer, Gate, Listeners};
 use http::Method;
 use serde_json::json;
 use synapse::{Synapse, SERVER_NAME};
@@ -447,6 +447,59 @@ async fn the_gate_stops_the_registration_over_its_limit_and_synapse_has_only_the
     assert!(account_exists(&synapse, "limited2").await);
     assert!(!account_exists(&synapse, "limited3").await);
     assert!(!account_exists(&synapse, "limited4").await);
+}
+
+/// Synapse finishes a registration whose client hung up. Slow password
+/// hashing keeps it at work after the client has left; the gate still
+/// waits for its answer and counts the account: the decision metric, and a
+/// lockdown of one registration that then closes registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_whose_client_hangs_up_is_counted_when_synapse_completes_it() {
+    let synapse = Synapse::start("bcrypt_rounds: 14").await;
+    let config = matrix_gatekeeper::Config::from_toml(&format!(
+        "[upstream]\nurl = \"{}\"\n[homeserver]\nserver_name = \"{SERVER_NAME}\"\n\
+         [registration]\nlockdown = {{ count = 1, period = \"1h\", close_for = \"1h\" }}\n",
+        synapse.url()
+    ))
+    .unwrap();
+    let gate = Gate::start_full(config, true, None).await;
+    let body = format!(
+        r#"{{"username":"hungup","password":"{PASSWORD}","auth":{{"type":"m.login.dummy"}}}}"#
+    );
+    let mut stream = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let request = format!(
+        "POST {REGISTER} HTTP/1.1\r\nHost: gate\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    // The request is forwarded at once; Synapse hashes for about a second.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(stream);
+    let started = Instant::now();
+    while !account_exists(&synapse, "hungup").await {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "Synapse did not finish the registration"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let counted =
+        "gatekeeper_decisions_total{route=\"register\",outcome=\"allowed\",rule=\"\"} 1\n";
+    let started = Instant::now();
+    while !gate.metrics().await.contains(counted) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the completed registration was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    register_dummy(&gate.url(""), "afterwards", &[])
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    assert!(!account_exists(&synapse, "afterwards").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
