@@ -55,12 +55,17 @@ fn config(hs: &FakeHomeserver, dns: &DnsResponder, zones: &[&str], extra: &str) 
 /// A registration from `client`, bounded so that a hang fails the test
 /// instead of stalling it.
 async fn register_from(gate: &Gate, client: &str) -> Answer {
-    let url = gate.url(REGISTER);
+    request_from(gate, Method::POST, REGISTER, client, BODY).await
+}
+
+/// A request from `client`, bounded like [`register_from`].
+async fn request_from(gate: &Gate, method: Method, path: &str, client: &str, body: &str) -> Answer {
+    let url = gate.url(path);
     let headers = [
         ("content-type", "application/json"),
         ("x-forwarded-for", client),
     ];
-    let request = send(Method::POST, &url, &headers, BODY);
+    let request = send(method, &url, &headers, body.to_owned());
     tokio::time::timeout(Duration::from_secs(20), request)
         .await
         .expect("the gate answered")
@@ -358,5 +363,102 @@ async fn a_reload_applies_new_zones_and_keeps_the_cache() {
     assert_eq!(register_from(&gate, "192.0.2.66").await.status, 200);
     assert_eq!(dns.queries().len(), 2, "no zone, no query");
     let _ = std::fs::remove_dir_all(&dir);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_over_its_attempts_limit_is_not_looked_up() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[]).await;
+    let limits = "[rate_limit]\nattempts_per_ip = { count = 3, period = \"1h\" }\n";
+    let gate = gate(&hs, &dns, &["clean.test"], limits).await;
+
+    // Six addresses of one /64: one client, one attempts budget, and each
+    // address a name of its own (the cache would hide repeats of one).
+    for i in 1..=6 {
+        let answer = register_from(&gate, &format!("2001:db8::{i}")).await;
+        if i <= 3 {
+            assert_eq!(answer.status, 200, "attempt {i}: {:?}", answer.body);
+        } else {
+            answer.assert_error(429, "M_LIMIT_EXCEEDED");
+        }
+    }
+    assert_eq!(hs.requests().len(), 3);
+    let nibbles = "0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.clean.test";
+    let mut asked = dns.queries();
+    asked.sort();
+    assert_eq!(
+        asked,
+        (1..=3)
+            .map(|i| format!("{i}.{nibbles}"))
+            .collect::<Vec<_>>()
+    );
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn preflights_and_refused_methods_are_not_looked_up() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[]).await;
+    let gate = gate(&hs, &dns, &["clean.test"], "").await;
+    let client = "192.0.2.81";
+
+    let preflight = request_from(&gate, Method::OPTIONS, REGISTER, client, "").await;
+    assert_eq!(preflight.status, 200, "{:?}", preflight.body);
+    let forwarded = hs.only_request();
+    assert_eq!(
+        (forwarded.method, forwarded.target.as_str()),
+        (Method::OPTIONS, REGISTER)
+    );
+    for path in [
+        REGISTER,
+        "/_matrix/client/v3/register/available?username=alice",
+    ] {
+        request_from(&gate, Method::PUT, path, client, BODY)
+            .await
+            .assert_error(405, "M_UNRECOGNIZED");
+    }
+    assert_eq!(hs.requests().len(), 1, "PUT is not forwarded");
+    assert!(dns.queries().is_empty(), "{:?}", dns.queries());
+    // The same client registering is looked up.
+    assert_eq!(register_from(&gate, client).await.status, 200);
+    assert_eq!(dns.queries(), ["81.2.0.192.clean.test"]);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listed_clients_refusal_counts_the_attempt_and_gives_the_registration_back() {
+    let listed = "6.6.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.c.0.0.0.8.b.d.0.1.0.0.2.listed.test";
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[listed]).await;
+    let limits = "[rate_limit]\nattempts_per_ip = { count = 4, period = \"1h\" }\n\
+                  registrations_per_ip = { count = 2, period = \"1h\" }\n";
+    let gate = gate(&hs, &dns, &["listed.test"], limits).await;
+
+    // A listed address and a clean one of the same /64: one client.
+    for _ in 0..2 {
+        register_from(&gate, "2001:db8:c::66")
+            .await
+            .assert_error(403, "M_FORBIDDEN");
+    }
+    hs.assert_saw_nothing("a listed client");
+    // Both registrations are left: the refusals reserved none for good.
+    for _ in 0..2 {
+        let answer = register_from(&gate, "2001:db8:c::1").await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    // The fifth attempt is over the attempts limit, which the listed
+    // address's two refusals counted against.
+    register_from(&gate, "2001:db8:c::1")
+        .await
+        .assert_error(429, "M_LIMIT_EXCEEDED");
+    let lines = audit_lines("2001:db8:c::1");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[2].contains(r#"decision="rate_limited" rule="attempts_per_ip""#),
+        "{}",
+        lines[2]
+    );
+    assert_eq!(hs.requests().len(), 2);
     gate.shutdown().await;
 }

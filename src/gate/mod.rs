@@ -606,9 +606,17 @@ where
     Ok(mark(result?.map(Either::Left), outcome))
 }
 
-/// Runs every check of a guarded request, in order: bans, DNSBL listings,
-/// the route's per-client limit, the policy on method/path/query, the guest
-/// limit, the body, and the registration reservation.
+/// Runs every check of a guarded request, in order: the policy's client
+/// rules, bans, the lockdown (registrations), the route's per-client limit,
+/// the policy on method/path/query, the guest limit, the body and the
+/// policy on it, the registration reservation, and last the DNSBL lookup.
+///
+/// The lookup comes last because it is the one check that costs a query to
+/// someone else: public DNSBLs block resolvers that ask too much, so a
+/// client over its limits, or a request the gate refuses anyway, asks
+/// nothing. Only a request about to be forwarded with its route's own
+/// method is looked up (not a CORS preflight). A DNSBL refusal gives the
+/// registration reservation back: nothing was registered.
 async fn decide<B>(
     state: &GateState,
     route: GuardedRoute,
@@ -629,9 +637,6 @@ where
         .map_err(Stop::Refuse)?;
     if audit.client.and_then(|ip| state.bans.find(ip)).is_some() {
         return Err(Stop::Refuse(banned()));
-    }
-    if let (Some(dnsbl), Some(client)) = (&state.dnsbl, audit.client) {
-        check_dnsbl(dnsbl, client, audit).await?;
     }
     if is_registration(route, &parts.method) && state.lockdown.is_closed().await {
         return Err(Stop::Refuse(closed()));
@@ -699,6 +704,19 @@ where
     } else {
         None
     };
+    // The policy refused every method but the route's own (and OPTIONS)
+    // above; a preflight registers nothing and is not looked up.
+    if let (Some(dnsbl), Some(client)) = (&state.dnsbl, audit.client) {
+        if parts.method != Method::OPTIONS {
+            if let Err(stop) = check_dnsbl(dnsbl, client, audit).await {
+                // Dropping a permit keeps its units: give them back.
+                if let Some(permit) = permit {
+                    permit.settle(false);
+                }
+                return Err(stop);
+            }
+        }
+    }
     Ok((forward, permit))
 }
 
