@@ -78,7 +78,7 @@ pub use routes::GuardedRoute;
 use crate::bans::Bans;
 use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
 use crate::config::{Config, GateMode, OnDnsblError};
-use crate::dnsbl::{Dnsbl, DnsblCache, Verdict};
+use crate::dnsbl::{Dnsbl, DnsblCache, Verdict, ZoneHealth, HEALTH_CHECK_EVERY};
 use crate::error::MatrixError;
 use crate::lockdown::{Lockdown, CLOSED_MESSAGE};
 use crate::notify::Notifier;
@@ -134,6 +134,8 @@ struct GateState {
     /// Their answers, kept across reloads (keyed by zone, so a changed zone
     /// list reuses nothing it should not).
     dnsbl_cache: Arc<DnsblCache>,
+    /// Whether each zone passed its test-point check, kept across reloads.
+    dnsbl_health: Arc<ZoneHealth>,
 }
 
 impl GateState {
@@ -143,11 +145,14 @@ impl GateState {
         lockdown: Lockdown,
         bans: Bans,
         dnsbl_cache: Arc<DnsblCache>,
+        dnsbl_health: Arc<ZoneHealth>,
     ) -> Self {
         GateState {
             bans,
-            dnsbl: Dnsbl::new(&config.reputation, dnsbl_cache.clone()),
+            dnsbl: Dnsbl::new(&config.reputation, dnsbl_cache.clone())
+                .map(|dnsbl| dnsbl.with_health(dnsbl_health.clone())),
             dnsbl_cache,
+            dnsbl_health,
             policy: Policy::new(config),
             body_timeout: config.server.body_timeout.0,
             resolver: config.client_ip.resolver(),
@@ -166,6 +171,8 @@ pub struct RegistrationGateLayer {
     state: Arc<ArcSwap<GateState>>,
     metrics: Arc<Metrics>,
     notifier: Notifier,
+    /// Wakes the DNSBL health check after a reload that changed the zones.
+    dnsbl_recheck: Arc<tokio::sync::Notify>,
 }
 
 impl RegistrationGateLayer {
@@ -197,12 +204,16 @@ impl RegistrationGateLayer {
             lockdown,
             bans,
             Arc::default(),
+            Arc::default(),
         )));
         follow_store(Arc::downgrade(&state));
+        let dnsbl_recheck = Arc::default();
+        check_dnsbl_health(Arc::downgrade(&state), Arc::clone(&dnsbl_recheck));
         RegistrationGateLayer {
             state,
             metrics,
             notifier,
+            dnsbl_recheck,
         }
     }
 
@@ -217,13 +228,26 @@ impl RegistrationGateLayer {
             .reconfigure(config.registration.lockdown, &limiter);
         let bans = old.bans.with_store(limiter.redis_store().cloned());
         let dnsbl_cache = old.dnsbl_cache.clone();
-        self.state.store(Arc::new(GateState::new(
-            config,
-            limiter,
-            lockdown,
-            bans,
-            dnsbl_cache,
-        )));
+        let dnsbl_health = old.dnsbl_health.clone();
+        let new = GateState::new(config, limiter, lockdown, bans, dnsbl_cache, dnsbl_health);
+        let same_lists = match (&old.dnsbl, &new.dnsbl) {
+            (Some(old), Some(new)) => old.asks_as(new),
+            (old, new) => old.is_none() && new.is_none(),
+        };
+        if !same_lists {
+            // Zones no longer asked leave the metrics now; new ones (or
+            // the same ones through another server) are checked at once.
+            new.dnsbl_health
+                .retain(new.dnsbl.as_ref().map_or(&[], |dnsbl| dnsbl.zones()));
+            self.dnsbl_recheck.notify_one();
+        }
+        self.state.store(Arc::new(new));
+    }
+
+    /// Whether each DNSBL zone passed its test-point check (kept across
+    /// reloads).
+    pub fn dnsbl_health(&self) -> Arc<ZoneHealth> {
+        self.state.load().dnsbl_health.clone()
     }
 
     /// The temporary bans (kept across reloads).
@@ -356,6 +380,34 @@ fn follow_store(state: std::sync::Weak<ArcSwap<GateState>>) {
             };
             if current.limiter.uses_redis() {
                 tokio::join!(current.bans.follow_store(), current.lockdown.follow_store());
+            }
+        }
+    });
+}
+
+/// Checks the test points of the DNSBL zones (see [`crate::dnsbl::ZoneHealth`])
+/// off the request path while the gate lives: at once, every
+/// [`HEALTH_CHECK_EVERY`], and when `recheck` is notified (a reload changed
+/// the zones). Does nothing without a Tokio runtime.
+fn check_dnsbl_health(
+    state: std::sync::Weak<ArcSwap<GateState>>,
+    recheck: Arc<tokio::sync::Notify>,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        loop {
+            let Some(current) = state.upgrade().map(|s| s.load_full()) else {
+                return;
+            };
+            if let Some(dnsbl) = &current.dnsbl {
+                dnsbl.check_health().await;
+            }
+            drop(current);
+            tokio::select! {
+                () = tokio::time::sleep(HEALTH_CHECK_EVERY) => {}
+                () = recheck.notified() => {}
             }
         }
     });
