@@ -50,6 +50,7 @@ impl AdminState {
             "/metrics" => {
                 let mut body = self.gate.metrics().render(&self.gate.limiter());
                 crate::telemetry::render_lockdown(&mut body, &self.gate.lockdown());
+                crate::telemetry::render_dnsbl_health(&mut body, &self.gate.dnsbl_health());
                 let mut response = text(StatusCode::OK, body);
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,

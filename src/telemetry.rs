@@ -317,6 +317,23 @@ pub fn render_lockdown(out: &mut String, lockdown: &crate::lockdown::Lockdown) {
     );
 }
 
+/// Appends the gauge `gatekeeper_dnsbl_zone_healthy{zone}`: 1 for a DNSBL
+/// zone that passed its last test-point check, 0 for one that failed it
+/// (its answers are not trusted). A zone not checked yet has no series.
+pub fn render_dnsbl_health(out: &mut String, health: &crate::dnsbl::ZoneHealth) {
+    out.push_str(
+        "# HELP gatekeeper_dnsbl_zone_healthy 1 while a DNSBL zone answers its RFC 5782 test points correctly.\n",
+    );
+    out.push_str("# TYPE gatekeeper_dnsbl_zone_healthy gauge\n");
+    for (zone, healthy) in health.snapshot() {
+        let _ = writeln!(
+            out,
+            "gatekeeper_dnsbl_zone_healthy{{zone=\"{zone}\"}} {}",
+            u8::from(healthy)
+        );
+    }
+}
+
 /// The log filter in force: `RUST_LOG` when it is set (and not empty),
 /// else `log.level`. An unusable filter is an error naming where it came
 /// from, never a silent fallback: a typo must not turn logging off.

@@ -717,6 +717,7 @@ async fn prometheus_alert_rules_check_pass_their_tests_and_use_exported_metrics(
         "HomeserverErrors",
         "HomeserverFailing",
         "RegistrationLockdown",
+        "DnsblZoneUnhealthy",
     ] {
         assert!(
             alerts.iter().any(|a| a.ends_with(wanted)),
@@ -725,7 +726,8 @@ async fn prometheus_alert_rules_check_pass_their_tests_and_use_exported_metrics(
     }
 }
 
-/// Every metric the admin listener renders, the lockdown's included.
+/// Every metric the admin listener renders, the lockdown's and the DNSBL
+/// zones' included.
 fn exported_metrics() -> String {
     let limiter = RateLimiter::new(&Default::default());
     let mut out = Metrics::default().render(&limiter);
@@ -735,6 +737,7 @@ fn exported_metrics() -> String {
         matrix_gatekeeper::notify::Notifier::disabled(),
     );
     matrix_gatekeeper::telemetry::render_lockdown(&mut out, &lockdown);
+    matrix_gatekeeper::telemetry::render_dnsbl_health(&mut out, &Default::default());
     out
 }
 

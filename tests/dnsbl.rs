@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::dns_responder::DnsResponder;
-use common::{send, Answer, Captured, FakeHomeserver, Gate};
+use common::{eventually, send, Answer, Captured, FakeHomeserver, Gate};
 use http::Method;
 use matrix_gatekeeper::Config;
 
@@ -41,26 +41,35 @@ async fn gate(hs: &FakeHomeserver, dns: &DnsResponder, zones: &[&str], extra: &s
 
 fn config(hs: &FakeHomeserver, dns: &DnsResponder, zones: &[&str], extra: &str) -> Config {
     audit_log();
+    Config::from_toml(&config_text(hs, dns, zones, extra)).expect("test config is valid")
+}
+
+/// The text of [`config`], for a configuration file.
+fn config_text(hs: &FakeHomeserver, dns: &DnsResponder, zones: &[&str], extra: &str) -> String {
     let zones: Vec<String> = zones.iter().map(|z| format!("\"{z}\"")).collect();
-    Config::from_toml(&format!(
+    format!(
         "[upstream]\nurl = \"{}\"\n[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
          [reputation]\ndnsbl = [{}]\ndns_server = \"{}\"\n{extra}",
         hs.url(),
         zones.join(", "),
         dns.addr
-    ))
-    .expect("test config is valid")
+    )
 }
 
 /// A registration from `client`, bounded so that a hang fails the test
 /// instead of stalling it.
 async fn register_from(gate: &Gate, client: &str) -> Answer {
-    let url = gate.url(REGISTER);
+    request_from(gate, Method::POST, REGISTER, client, BODY).await
+}
+
+/// A request from `client`, bounded like [`register_from`].
+async fn request_from(gate: &Gate, method: Method, path: &str, client: &str, body: &str) -> Answer {
+    let url = gate.url(path);
     let headers = [
         ("content-type", "application/json"),
         ("x-forwarded-for", client),
     ];
-    let request = send(Method::POST, &url, &headers, BODY);
+    let request = send(method, &url, &headers, body.to_owned());
     tokio::time::timeout(Duration::from_secs(20), request)
         .await
         .expect("the gate answered")
@@ -330,21 +339,14 @@ async fn a_reload_applies_new_zones_and_keeps_the_cache() {
     let dir = std::env::temp_dir().join(format!("mgk-dnsbl-reload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("gatekeeper.toml");
-    let file = |zones: &str| {
-        format!(
-            "[upstream]\nurl = \"{}\"\n[client_ip]\ntrusted_proxies = [\"127.0.0.1\"]\n\
-             [reputation]\ndnsbl = [{zones}]\ndns_server = \"{}\"\n",
-            hs.url(),
-            dns.addr
-        )
-    };
-    std::fs::write(&path, file("\"clean.test\"")).unwrap();
+    let file = |zones: &[&str]| config_text(&hs, &dns, zones, "");
+    std::fs::write(&path, file(&["clean.test"])).unwrap();
     audit_log();
     let config = Config::from_file(&path).unwrap();
     let gate = Gate::start_full(config, false, Some(path.clone())).await;
     assert_eq!(register_from(&gate, "192.0.2.66").await.status, 200);
 
-    std::fs::write(&path, file("\"clean.test\", \"listed.test\"")).unwrap();
+    std::fs::write(&path, file(&["clean.test", "listed.test"])).unwrap();
     gate.reloader.reload().unwrap();
     register_from(&gate, "192.0.2.66")
         .await
@@ -353,10 +355,219 @@ async fn a_reload_applies_new_zones_and_keeps_the_cache() {
     assert_eq!(dns.count("66.2.0.192.clean.test"), 1);
     assert_eq!(dns.count("66.2.0.192.listed.test"), 1);
 
-    std::fs::write(&path, file("")).unwrap();
+    std::fs::write(&path, file(&[])).unwrap();
     gate.reloader.reload().unwrap();
     assert_eq!(register_from(&gate, "192.0.2.66").await.status, 200);
     assert_eq!(dns.queries().len(), 2, "no zone, no query");
+    let _ = std::fs::remove_dir_all(&dir);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_over_its_attempts_limit_is_not_looked_up() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[]).await;
+    let limits = "[rate_limit]\nattempts_per_ip = { count = 3, period = \"1h\" }\n";
+    let gate = gate(&hs, &dns, &["clean.test"], limits).await;
+
+    // Six addresses of one /64: one client, one attempts budget, and each
+    // address a name of its own (the cache would hide repeats of one).
+    for i in 1..=6 {
+        let answer = register_from(&gate, &format!("2001:db8::{i}")).await;
+        if i <= 3 {
+            assert_eq!(answer.status, 200, "attempt {i}: {:?}", answer.body);
+        } else {
+            answer.assert_error(429, "M_LIMIT_EXCEEDED");
+        }
+    }
+    assert_eq!(hs.requests().len(), 3);
+    let nibbles = "0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.clean.test";
+    let mut asked = dns.queries();
+    asked.sort();
+    assert_eq!(
+        asked,
+        (1..=3)
+            .map(|i| format!("{i}.{nibbles}"))
+            .collect::<Vec<_>>()
+    );
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn preflights_and_refused_methods_are_not_looked_up() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[]).await;
+    let gate = gate(&hs, &dns, &["clean.test"], "").await;
+    let client = "192.0.2.81";
+
+    let preflight = request_from(&gate, Method::OPTIONS, REGISTER, client, "").await;
+    assert_eq!(preflight.status, 200, "{:?}", preflight.body);
+    let forwarded = hs.only_request();
+    assert_eq!(
+        (forwarded.method, forwarded.target.as_str()),
+        (Method::OPTIONS, REGISTER)
+    );
+    for path in [
+        REGISTER,
+        "/_matrix/client/v3/register/available?username=alice",
+    ] {
+        request_from(&gate, Method::PUT, path, client, BODY)
+            .await
+            .assert_error(405, "M_UNRECOGNIZED");
+    }
+    assert_eq!(hs.requests().len(), 1, "PUT is not forwarded");
+    assert!(dns.queries().is_empty(), "{:?}", dns.queries());
+    // The same client registering is looked up.
+    assert_eq!(register_from(&gate, client).await.status, 200);
+    assert_eq!(dns.queries(), ["81.2.0.192.clean.test"]);
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listed_clients_refusal_counts_the_attempt_and_gives_the_registration_back() {
+    let listed = "6.6.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.c.0.0.0.8.b.d.0.1.0.0.2.listed.test";
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[listed]).await;
+    let limits = "[rate_limit]\nattempts_per_ip = { count = 4, period = \"1h\" }\n\
+                  registrations_per_ip = { count = 2, period = \"1h\" }\n";
+    let gate = gate(&hs, &dns, &["listed.test"], limits).await;
+
+    // A listed address and a clean one of the same /64: one client.
+    for _ in 0..2 {
+        register_from(&gate, "2001:db8:c::66")
+            .await
+            .assert_error(403, "M_FORBIDDEN");
+    }
+    hs.assert_saw_nothing("a listed client");
+    // Both registrations are left: the refusals reserved none for good.
+    for _ in 0..2 {
+        let answer = register_from(&gate, "2001:db8:c::1").await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    // The fifth attempt is over the attempts limit, which the listed
+    // address's two refusals counted against.
+    register_from(&gate, "2001:db8:c::1")
+        .await
+        .assert_error(429, "M_LIMIT_EXCEEDED");
+    let lines = audit_lines("2001:db8:c::1");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[2].contains(r#"decision="rate_limited" rule="attempts_per_ip""#),
+        "{}",
+        lines[2]
+    );
+    assert_eq!(hs.requests().len(), 2);
+    gate.shutdown().await;
+}
+
+/// The value of `gatekeeper_dnsbl_zone_healthy` for `zone`, if exported.
+async fn zone_healthy(gate: &Gate, zone: &str) -> Option<String> {
+    let series = format!("gatekeeper_dnsbl_zone_healthy{{zone=\"{zone}\"}} ");
+    let text = gate.metrics().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .map(str::to_owned)
+}
+
+/// Waits until the gate's background check has judged every zone as
+/// `expected` says (`"1"` healthy, `"0"` not).
+async fn wait_for_health(gate: &Gate, expected: &[(&str, &str)]) {
+    eventually(Duration::from_secs(20), "the zones are checked", || async {
+        for (zone, value) in expected {
+            if zone_healthy(gate, zone).await.as_deref() != Some(*value) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_zone_listing_its_unlisted_test_point_is_not_trusted() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&["66.2.0.192.listed.test"]).await;
+    let zones = ["lists-everything.test", "listed.test"];
+    let deny = config(&hs, &dns, &zones, "on_dnsbl_error = \"deny\"\n");
+    let gate = Gate::start_full(deny, true, None).await;
+    wait_for_health(
+        &gate,
+        &[("lists-everything.test", "0"), ("listed.test", "1")],
+    )
+    .await;
+    // Both test points of both zones were asked.
+    for zone in zones {
+        let (listed, unlisted) = dns.test_point_counts(zone);
+        assert!(listed >= 1 && unlisted >= 1, "{zone}: {listed}, {unlisted}");
+    }
+
+    // The broken zone is not asked, and its failure refuses with deny.
+    register_from(&gate, "192.0.2.90")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    hs.assert_saw_nothing("an untrusted zone with deny");
+    assert_eq!(dns.queries(), ["90.2.0.192.listed.test"]);
+    let lines = audit_lines("192.0.2.90");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains(r#"rule="dnsbl_error""#)
+            && lines[0].contains(r#"dnsbl_zone="lists-everything.test""#),
+        "{}",
+        lines[0]
+    );
+    // A listing in the zone that behaves still refuses, by rule dnsbl.
+    register_from(&gate, "192.0.2.66")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    let lines = audit_lines("192.0.2.66");
+    assert!(
+        lines.last().is_some_and(
+            |l| l.contains(r#"rule="dnsbl" "#) && l.contains(r#"dnsbl_zone="listed.test""#)
+        ),
+        "{lines:?}"
+    );
+    gate.shutdown().await;
+
+    // With allow, the client the broken zone "lists" is let through.
+    let allow = config(&hs, &dns, &zones, "on_dnsbl_error = \"allow\"\n");
+    let gate = Gate::start_full(allow, true, None).await;
+    wait_for_health(
+        &gate,
+        &[("lists-everything.test", "0"), ("listed.test", "1")],
+    )
+    .await;
+    let answer = register_from(&gate, "192.0.2.91").await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(hs.only_request().json()["username"], "alice");
+    let errors = gate.metrics().await;
+    assert!(
+        errors.contains("\ngatekeeper_dnsbl_errors_total 1\n"),
+        "{errors}"
+    );
+    gate.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_the_zones_checks_them_again() {
+    let hs = FakeHomeserver::start().await;
+    let dns = DnsResponder::start(&[]).await;
+    let dir = std::env::temp_dir().join(format!("mgk-dnsbl-health-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gatekeeper.toml");
+    let write = |zones: &[&str]| std::fs::write(&path, config_text(&hs, &dns, zones, "")).unwrap();
+    write(&["clean.test"]);
+    audit_log();
+    let gate = Gate::start_full(Config::from_file(&path).unwrap(), true, Some(path.clone())).await;
+    wait_for_health(&gate, &[("clean.test", "1")]).await;
+
+    write(&["lists-everything.test"]);
+    gate.reloader.reload().unwrap();
+    wait_for_health(&gate, &[("lists-everything.test", "0")]).await;
+    assert_eq!(
+        zone_healthy(&gate, "clean.test").await,
+        None,
+        "no longer asked"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     gate.shutdown().await;
 }

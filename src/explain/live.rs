@@ -151,9 +151,13 @@ pub struct LiveBudget {
 }
 
 /// Asks the zones of `[reputation] dnsbl` about `ip` as the gate does (the
-/// configured server and timeout); `None` without zones.
+/// configured server and timeout, after checking the zones' test points);
+/// `None` without zones.
 pub async fn look_up_dnsbl(config: &Config, ip: IpAddr) -> Option<DnsblAnswer> {
     let dnsbl = Dnsbl::new(&config.reputation, Arc::default())?;
+    // As the running gate would have: a zone failing its test points is
+    // not trusted.
+    dnsbl.check_health().await;
     Some(match dnsbl.check(ip).await {
         Verdict::Clean => DnsblAnswer::NotListed,
         Verdict::Listed(zone) => DnsblAnswer::Listed {

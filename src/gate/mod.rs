@@ -52,6 +52,7 @@ pub mod body;
 pub mod json;
 pub mod policy;
 pub mod query;
+mod request;
 pub mod routes;
 pub mod username;
 
@@ -63,22 +64,23 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 pub use body::GateBody;
 use policy::{AccountKind, BodyPlan};
 pub use policy::{Forward, HeadDecision, Policy, Refusal, RequestedName};
+use request::{body_error, canonical_request, declared_length, read_body, ReadBody};
 pub use routes::GuardedRoute;
 
 use crate::bans::Bans;
 use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
 use crate::config::{Config, GateMode, OnDnsblError};
-use crate::dnsbl::{Dnsbl, DnsblCache, Verdict};
+use crate::dnsbl::{Dnsbl, DnsblCache, Verdict, ZoneHealth, HEALTH_CHECK_EVERY};
 use crate::error::MatrixError;
 use crate::lockdown::{Lockdown, CLOSED_MESSAGE};
 use crate::notify::Notifier;
@@ -134,6 +136,8 @@ struct GateState {
     /// Their answers, kept across reloads (keyed by zone, so a changed zone
     /// list reuses nothing it should not).
     dnsbl_cache: Arc<DnsblCache>,
+    /// Whether each zone passed its test-point check, kept across reloads.
+    dnsbl_health: Arc<ZoneHealth>,
 }
 
 impl GateState {
@@ -143,11 +147,14 @@ impl GateState {
         lockdown: Lockdown,
         bans: Bans,
         dnsbl_cache: Arc<DnsblCache>,
+        dnsbl_health: Arc<ZoneHealth>,
     ) -> Self {
         GateState {
             bans,
-            dnsbl: Dnsbl::new(&config.reputation, dnsbl_cache.clone()),
+            dnsbl: Dnsbl::new(&config.reputation, dnsbl_cache.clone())
+                .map(|dnsbl| dnsbl.with_health(dnsbl_health.clone())),
             dnsbl_cache,
+            dnsbl_health,
             policy: Policy::new(config),
             body_timeout: config.server.body_timeout.0,
             resolver: config.client_ip.resolver(),
@@ -166,6 +173,8 @@ pub struct RegistrationGateLayer {
     state: Arc<ArcSwap<GateState>>,
     metrics: Arc<Metrics>,
     notifier: Notifier,
+    /// Wakes the DNSBL health check after a reload that changed the zones.
+    dnsbl_recheck: Arc<tokio::sync::Notify>,
 }
 
 impl RegistrationGateLayer {
@@ -197,12 +206,16 @@ impl RegistrationGateLayer {
             lockdown,
             bans,
             Arc::default(),
+            Arc::default(),
         )));
         follow_store(Arc::downgrade(&state));
+        let dnsbl_recheck = Arc::default();
+        check_dnsbl_health(Arc::downgrade(&state), Arc::clone(&dnsbl_recheck));
         RegistrationGateLayer {
             state,
             metrics,
             notifier,
+            dnsbl_recheck,
         }
     }
 
@@ -217,13 +230,26 @@ impl RegistrationGateLayer {
             .reconfigure(config.registration.lockdown, &limiter);
         let bans = old.bans.with_store(limiter.redis_store().cloned());
         let dnsbl_cache = old.dnsbl_cache.clone();
-        self.state.store(Arc::new(GateState::new(
-            config,
-            limiter,
-            lockdown,
-            bans,
-            dnsbl_cache,
-        )));
+        let dnsbl_health = old.dnsbl_health.clone();
+        let new = GateState::new(config, limiter, lockdown, bans, dnsbl_cache, dnsbl_health);
+        let same_lists = match (&old.dnsbl, &new.dnsbl) {
+            (Some(old), Some(new)) => old.asks_as(new),
+            (old, new) => old.is_none() && new.is_none(),
+        };
+        if !same_lists {
+            // Zones no longer asked leave the metrics now; new ones (or
+            // the same ones through another server) are checked at once.
+            new.dnsbl_health
+                .retain(new.dnsbl.as_ref().map_or(&[], |dnsbl| dnsbl.zones()));
+            self.dnsbl_recheck.notify_one();
+        }
+        self.state.store(Arc::new(new));
+    }
+
+    /// Whether each DNSBL zone passed its test-point check (kept across
+    /// reloads).
+    pub fn dnsbl_health(&self) -> Arc<ZoneHealth> {
+        self.state.load().dnsbl_health.clone()
     }
 
     /// The temporary bans (kept across reloads).
@@ -356,6 +382,34 @@ fn follow_store(state: std::sync::Weak<ArcSwap<GateState>>) {
             };
             if current.limiter.uses_redis() {
                 tokio::join!(current.bans.follow_store(), current.lockdown.follow_store());
+            }
+        }
+    });
+}
+
+/// Checks the test points of the DNSBL zones (see [`crate::dnsbl::ZoneHealth`])
+/// off the request path while the gate lives: at once, every
+/// [`HEALTH_CHECK_EVERY`], and when `recheck` is notified (a reload changed
+/// the zones). Does nothing without a Tokio runtime.
+fn check_dnsbl_health(
+    state: std::sync::Weak<ArcSwap<GateState>>,
+    recheck: Arc<tokio::sync::Notify>,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        loop {
+            let Some(current) = state.upgrade().map(|s| s.load_full()) else {
+                return;
+            };
+            if let Some(dnsbl) = &current.dnsbl {
+                dnsbl.check_health().await;
+            }
+            drop(current);
+            tokio::select! {
+                () = tokio::time::sleep(HEALTH_CHECK_EVERY) => {}
+                () = recheck.notified() => {}
             }
         }
     });
@@ -500,15 +554,6 @@ impl Stop {
             Stop::Limit(limited) => limited.into_response(),
         }
     }
-}
-
-/// The client's body as far as the gate read it.
-enum ReadBody<B> {
-    /// All of it.
-    Complete(Bytes),
-    /// More than the limit: what was read, and the rest (shadow mode
-    /// forwards both).
-    TooLarge(Bytes, B),
 }
 
 async fn guard<S, B, RB>(
@@ -667,9 +712,17 @@ impl Forwarded {
     }
 }
 
-/// Runs every check of a guarded request, in order: bans, DNSBL listings,
-/// the route's per-client limit, the policy on method/path/query, the guest
-/// limit, the body, and the registration reservation.
+/// Runs every check of a guarded request, in order: the policy's client
+/// rules, bans, the lockdown (registrations), the route's per-client limit,
+/// the policy on method/path/query, the guest limit, the body and the
+/// policy on it, the registration reservation, and last the DNSBL lookup.
+///
+/// The lookup comes last because it is the one check that costs a query to
+/// someone else: public DNSBLs block resolvers that ask too much, so a
+/// client over its limits, or a request the gate refuses anyway, asks
+/// nothing. Only a request about to be forwarded with its route's own
+/// method is looked up (not a CORS preflight). A DNSBL refusal gives the
+/// registration reservation back: nothing was registered.
 async fn decide<B>(
     state: &GateState,
     route: GuardedRoute,
@@ -690,9 +743,6 @@ where
         .map_err(Stop::Refuse)?;
     if audit.client.and_then(|ip| state.bans.find(ip)).is_some() {
         return Err(Stop::Refuse(banned()));
-    }
-    if let (Some(dnsbl), Some(client)) = (&state.dnsbl, audit.client) {
-        check_dnsbl(dnsbl, client, audit).await?;
     }
     if is_registration(route, &parts.method) && state.lockdown.is_closed().await {
         return Err(Stop::Refuse(closed()));
@@ -760,6 +810,19 @@ where
     } else {
         None
     };
+    // The policy refused every method but the route's own (and OPTIONS)
+    // above; a preflight registers nothing and is not looked up.
+    if let (Some(dnsbl), Some(client)) = (&state.dnsbl, audit.client) {
+        if parts.method != Method::OPTIONS {
+            if let Err(stop) = check_dnsbl(dnsbl, client, audit).await {
+                // Dropping a permit keeps its units: give them back.
+                if let Some(permit) = permit {
+                    permit.settle(false);
+                }
+                return Err(stop);
+            }
+        }
+    }
     Ok((forward, permit))
 }
 
@@ -832,111 +895,6 @@ fn counted_limit(route: GuardedRoute, method: &Method) -> Option<LimitKind> {
         | (GuardedRoute::TokenValidity(_), &Method::GET) => Some(LimitKind::TokenRequestsPerIp),
         _ => None,
     }
-}
-
-fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn body_error(detail: impl std::fmt::Display) -> Refusal {
-    Refusal::new(
-        "body_error",
-        MatrixError::new(
-            StatusCode::BAD_REQUEST,
-            "M_UNKNOWN",
-            format!("The request body could not be read: {detail}"),
-        ),
-    )
-}
-
-/// Reads a body, at most `limit` bytes, within `deadline`. Past the limit
-/// it stops and hands back what it read and the unread rest.
-async fn read_body<B>(
-    mut body: B,
-    declared: Option<u64>,
-    limit: usize,
-    deadline: Duration,
-) -> Result<ReadBody<B>, Refusal>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Ok(ReadBody::TooLarge(Bytes::new(), body));
-    }
-    let mut buffer = BytesMut::new();
-    let reading = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| body_error(e.into()))?;
-            if let Ok(data) = frame.into_data() {
-                buffer.extend_from_slice(&data);
-                if buffer.len() > limit {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    };
-    match tokio::time::timeout(deadline, reading).await {
-        Ok(Ok(false)) => Ok(ReadBody::Complete(buffer.freeze())),
-        Ok(Ok(true)) => Ok(ReadBody::TooLarge(buffer.freeze(), body)),
-        Ok(Err(refusal)) => Err(refusal),
-        Err(_) => Err(Refusal::new("body_timeout", MatrixError::request_timeout())),
-    }
-}
-
-/// Headers describing the client's body, which the canonical body replaces.
-const BODY_HEADERS: [header::HeaderName; 5] = [
-    header::CONTENT_LENGTH,
-    header::TRANSFER_ENCODING,
-    header::CONTENT_ENCODING,
-    header::CONTENT_TYPE,
-    header::EXPECT,
-];
-
-fn canonical_request<B>(
-    parts: &http::request::Parts,
-    forward: Forward,
-) -> Result<Request<GateRequestBody<B>>, Refusal> {
-    let uri = forward.path_and_query.parse::<Uri>().map_err(|_| {
-        Refusal::new(
-            "bad_query",
-            MatrixError::invalid_param("The request could not be put in canonical form."),
-        )
-    })?;
-    let bytes = forward.body.unwrap_or_default();
-    let length = bytes.len();
-    let mut request = Request::new(GateBody::canonical(bytes));
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
-    *request.version_mut() = parts.version;
-    *request.headers_mut() = parts.headers.clone();
-    *request.extensions_mut() = parts.extensions.clone();
-    let headers = request.headers_mut();
-    for name in BODY_HEADERS {
-        headers.remove(name);
-    }
-    // HTTP/2 carries the host in the URI, which the canonical path drops:
-    // keep it as the Host header the homeserver would have seen.
-    if !headers.contains_key(header::HOST) {
-        if let Some(authority) = parts.uri.authority() {
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                headers.insert(header::HOST, host);
-            }
-        }
-    }
-    if length > 0 || parts.method == Method::POST {
-        let headers = request.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-    }
-    Ok(request)
 }
 
 // === impl ResponseFuture ===

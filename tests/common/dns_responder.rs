@@ -2,6 +2,11 @@
 //! on the same port, that reads the question and answers by zone, counting
 //! every query.
 //!
+//! - the RFC 5782 test points of any zone, as a working list answers
+//!   them: `2.0.0.127.<zone>` listed (`A 127.0.0.2`), `1.0.0.127.<zone>`
+//!   NXDOMAIN, whatever the zone does with other names, except:
+//! - a name under `lists-everything.test`: `A 127.0.0.2`, test points
+//!   included (a list that has turned against every resolver);
 //! - a name in the `listed` set: `A 127.0.0.2`, TTL 300;
 //! - a name under `servfail.test`: SERVFAIL;
 //! - a name under `slow.test`: no answer at all;
@@ -63,10 +68,26 @@ impl DnsResponder {
         }
     }
 
-    /// Every name asked so far, in order.
+    /// Every name asked so far about a client, in order: the test points
+    /// the gate checks in the background are left out.
     pub fn queries(&self) -> Vec<String> {
         let queries = self.zones.queries.lock().unwrap();
-        queries.iter().map(|(name, _)| name.clone()).collect()
+        queries
+            .iter()
+            .map(|(name, _)| name.clone())
+            .filter(|name| !is_test_point(name))
+            .collect()
+    }
+
+    /// How often the test points of `zone` were asked: (`127.0.0.2`,
+    /// `127.0.0.1`).
+    pub fn test_point_counts(&self, zone: &str) -> (usize, usize) {
+        let queries = self.zones.queries.lock().unwrap();
+        let count = |point: &str| {
+            let name = format!("{point}.{zone}");
+            queries.iter().filter(|(q, _)| *q == name).count()
+        };
+        (count("2.0.0.127"), count("1.0.0.127"))
     }
 
     /// How often `name` was asked.
@@ -141,7 +162,11 @@ impl Zones {
             first
         };
         let question = &query[..question_end];
-        if name.ends_with(".slow.test") || first && name.ends_with(".lossy.test") {
+        if name.ends_with(".lists-everything.test") || name.starts_with("2.0.0.127.") {
+            Some(reply(question, 0, Some([127, 0, 0, 2])))
+        } else if name.starts_with("1.0.0.127.") {
+            Some(reply(question, 3, None))
+        } else if name.ends_with(".slow.test") || first && name.ends_with(".lossy.test") {
             None
         } else if name.ends_with(".truncated.test") && !tcp {
             let mut reply = reply(question, 0, None);
@@ -155,6 +180,11 @@ impl Zones {
             Some(reply(question, 3, None))
         }
     }
+}
+
+/// Whether `name` is an RFC 5782 test point of some zone.
+fn is_test_point(name: &str) -> bool {
+    name.starts_with("2.0.0.127.") || name.starts_with("1.0.0.127.")
 }
 
 /// The question name (lowercase, dotted) and where the question ends.

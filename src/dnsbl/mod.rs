@@ -26,12 +26,15 @@
 //! timeout if no answer came: a lost datagram costs half the timeout, not a
 //! failed check. Each query goes from a random port with a random ID, and
 //! only an answer with that ID and question is taken.
+//!
+//! A zone that answers its RFC 5782 test points wrongly (one that lists
+//! every address, say) is not trusted, and a lookup in it fails: see
+//! [`ZoneHealth`].
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::config::{
@@ -49,6 +52,14 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{DnsblZone, OnDnsblError, ReputationConfig};
+
+mod cache;
+mod health;
+
+pub use cache::DnsblCache;
+pub use health::{
+    judge, Unhealthy, ZoneHealth, HEALTH_CHECK_EVERY, LISTED_TEST_POINT, UNLISTED_TEST_POINT,
+};
 
 /// Longest time an answer is cached, whatever its TTL.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
@@ -78,6 +89,9 @@ pub enum LookupError {
     /// The resolver failed otherwise (socket error, unreadable answer, …).
     #[error("DNS lookup failed: {0}")]
     Resolver(String),
+    /// The zone failed its test-point check, so it is not asked.
+    #[error("the zone's answers are not trusted: {0}")]
+    ZoneUnhealthy(Box<Unhealthy>),
 }
 
 /// What one zone says about one address.
@@ -180,6 +194,9 @@ pub struct Dnsbl {
     timeout: Duration,
     on_error: OnDnsblError,
     cache: Arc<DnsblCache>,
+    /// The configured server (`None`: the system's).
+    dns_server: Option<SocketAddr>,
+    health: Arc<ZoneHealth>,
 }
 
 impl Dnsbl {
@@ -206,7 +223,26 @@ impl Dnsbl {
             timeout,
             on_error: config.on_dnsbl_error,
             cache,
+            dns_server: config.dns_server.map(|server| server.0),
+            health: Arc::default(),
         })
+    }
+
+    /// This checker, trusting the zones as `health` records (shared across
+    /// reloads) instead of a record of its own.
+    pub fn with_health(self, health: Arc<ZoneHealth>) -> Dnsbl {
+        Dnsbl { health, ..self }
+    }
+
+    /// The zones asked, in the configured order.
+    pub fn zones(&self) -> &[Arc<str>] {
+        &self.zones
+    }
+
+    /// Whether `other` asks the same zones through the same server (its
+    /// zones' health then still holds).
+    pub fn asks_as(&self, other: &Dnsbl) -> bool {
+        self.zones == other.zones && self.dns_server == other.dns_server
     }
 
     /// What a failed lookup does.
@@ -253,9 +289,12 @@ impl Dnsbl {
         failure.unwrap_or(Verdict::Clean)
     }
 
-    /// The cached answer, or a receiver for the lookup in flight (started
-    /// here if none is).
+    /// The failure of a zone that is not trusted, the cached answer, or a
+    /// receiver for the lookup in flight (started here if none is).
     fn answer(&self, ip: IpAddr, zone: &Arc<str>, deadline: Instant) -> Pending {
+        if let Some(reason) = self.health.unhealthy(zone) {
+            return Pending::Ready(Err(LookupError::ZoneUnhealthy(Box::new(reason))));
+        }
         let key = (ip, zone.clone());
         let mut inner = self.cache.lock();
         let now = Instant::now();
@@ -426,103 +465,6 @@ type LookupResult = Result<Listing, LookupError>;
 enum Pending {
     Ready(LookupResult),
     Waiting(watch::Receiver<Option<LookupResult>>),
-}
-
-type CacheKey = (IpAddr, Arc<str>);
-
-/// Cached answers per address and zone, bounded, and the lookups in flight.
-#[derive(Debug)]
-pub struct DnsblCache {
-    inner: Mutex<CacheInner>,
-    capacity: usize,
-}
-
-#[derive(Debug, Default)]
-struct CacheInner {
-    entries: HashMap<CacheKey, CacheEntry>,
-    /// Keys in insertion order, with the insertion number of the entry they
-    /// were pushed for: an entry replaced since leaves a stale key behind.
-    order: VecDeque<(CacheKey, u64)>,
-    inserted: u64,
-    in_flight: HashMap<CacheKey, watch::Receiver<Option<LookupResult>>>,
-}
-
-#[derive(Debug)]
-struct CacheEntry {
-    listing: Listing,
-    expires: Instant,
-    number: u64,
-}
-
-impl Default for DnsblCache {
-    fn default() -> Self {
-        DnsblCache::with_capacity(CACHE_CAPACITY)
-    }
-}
-
-impl DnsblCache {
-    /// An empty cache of at most `capacity` answers.
-    pub fn with_capacity(capacity: usize) -> Self {
-        DnsblCache {
-            inner: Mutex::default(),
-            capacity: capacity.max(1),
-        }
-    }
-
-    /// Answers cached now (expired ones included until evicted).
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
-        // The data stays consistent even if a holder panicked: every
-        // critical section is a few map operations.
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl CacheInner {
-    fn insert(&mut self, key: CacheKey, listing: Listing, expires: Instant, capacity: usize) {
-        self.inserted += 1;
-        let number = self.inserted;
-        if !self.entries.contains_key(&key) {
-            while self.entries.len() >= capacity {
-                let Some((old, old_number)) = self.order.pop_front() else {
-                    break;
-                };
-                if self
-                    .entries
-                    .get(&old)
-                    .is_some_and(|e| e.number == old_number)
-                {
-                    self.entries.remove(&old);
-                }
-            }
-        }
-        self.entries.insert(
-            key.clone(),
-            CacheEntry {
-                listing,
-                expires,
-                number,
-            },
-        );
-        self.order.push_back((key, number));
-        // Replaced entries leave stale keys; drop them before the queue
-        // outgrows the map.
-        if self.order.len() > 2 * capacity {
-            let entries = &self.entries;
-            self.order
-                .retain(|(key, n)| entries.get(key).is_some_and(|e| e.number == *n));
-        }
-    }
 }
 
 #[cfg(test)]
@@ -741,36 +683,5 @@ mod tests {
     #[test]
     fn no_zone_means_no_checker() {
         assert!(Dnsbl::new(&ReputationConfig::default(), Arc::default()).is_none());
-    }
-
-    #[test]
-    fn the_cache_is_bounded_and_evicts_the_oldest() {
-        let cache = DnsblCache::with_capacity(3);
-        let zone: Arc<str> = Arc::from("z.test");
-        let later = Instant::now() + Duration::from_secs(60);
-        let mut inner = cache.lock();
-        for i in 1..=5u8 {
-            let key = (IpAddr::from([192, 0, 2, i]), zone.clone());
-            inner.insert(key, Listing::NotListed, later, cache.capacity);
-        }
-        // Replacing an entry does not evict another.
-        let key = (IpAddr::from([192, 0, 2, 5]), zone.clone());
-        inner.insert(key, Listing::Listed, later, cache.capacity);
-        let mut kept: Vec<u8> = inner
-            .entries
-            .keys()
-            .map(|(ip, _)| match ip {
-                IpAddr::V4(v4) => v4.octets()[3],
-                IpAddr::V6(_) => 0,
-            })
-            .collect();
-        kept.sort_unstable();
-        assert_eq!(kept, [3, 4, 5]);
-        for _ in 0..10 {
-            let key = (IpAddr::from([192, 0, 2, 5]), zone.clone());
-            inner.insert(key, Listing::Listed, later, cache.capacity);
-        }
-        assert!(inner.order.len() <= 6, "stale keys are dropped");
-        assert_eq!(inner.entries.len(), 3);
     }
 }
