@@ -48,17 +48,18 @@
 //! # }
 //! ```
 
+mod audit;
 pub mod body;
+mod future;
 pub mod json;
 pub mod policy;
 pub mod query;
 mod request;
 pub mod routes;
+mod threepid;
 pub mod username;
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -68,10 +69,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response};
 use http_body::Body;
 use http_body_util::{Either, Full};
-use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+use audit::{Audit, Forwarded};
 pub use body::GateBody;
+pub use future::ResponseFuture;
 use policy::{AccountKind, BodyPlan};
 pub use policy::{Forward, HeadDecision, Policy, Refusal, RequestedName};
 use request::{body_error, canonical_request, declared_length, read_body, ReadBody};
@@ -432,85 +434,6 @@ fn resolve_client<B>(resolver: &ClientResolver, request: &mut Request<B>) {
     }
 }
 
-/// The one audit record of a registration decision.
-struct Audit {
-    route: GuardedRoute,
-    client: Option<IpAddr>,
-    key: ClientKey,
-    user_agent: Option<String>,
-    kind: Option<&'static str>,
-    username: Option<RequestedName>,
-    outcome: Outcome,
-    rule: &'static str,
-    status: Option<u16>,
-    /// The list file that refused the request, if a list did.
-    list: Option<Arc<str>>,
-    /// The DNSBL zone behind a `dnsbl` or `dnsbl_error` refusal.
-    dnsbl_zone: Option<Arc<str>>,
-    /// Whether a DNSBL check failed (counted even when allowed).
-    dnsbl_failed: bool,
-}
-
-/// Longest client-chosen text (a username, a user agent) an audit line
-/// carries, in bytes.
-const AUDIT_TEXT_MAX: usize = 300;
-
-/// Client-chosen text made safe for a log line: control characters escaped
-/// (`\n`, `\u{1b}`), cut to [`AUDIT_TEXT_MAX`] bytes on a character
-/// boundary with `…` appended.
-fn audit_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(AUDIT_TEXT_MAX) + 3);
-    for c in text.chars() {
-        let before = out.len();
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-        if out.len() > AUDIT_TEXT_MAX {
-            out.truncate(before);
-            out.push('…');
-            break;
-        }
-    }
-    out
-}
-
-impl Audit {
-    fn emit(&self, metrics: &Metrics) {
-        metrics.decision(self.route.name(), self.outcome, self.rule);
-        if self.dnsbl_failed {
-            metrics.dnsbl_error();
-        }
-        let mapped = self
-            .username
-            .as_ref()
-            .and_then(|name| name.mapped.as_deref());
-        // The name as sent, only where mapping changed it (or refused it).
-        let sent = self
-            .username
-            .as_ref()
-            .filter(|name| name.mapped.as_deref() != Some(name.sent.as_str()))
-            .map(|name| audit_text(&name.sent));
-        tracing::info!(
-            target: "matrix_gatekeeper::audit",
-            route = self.route.name(),
-            client = self.client.map(|c| c.to_string()).as_deref().unwrap_or("-"),
-            key = %self.key,
-            user_agent = self.user_agent.as_deref().map(audit_text).as_deref().unwrap_or("-"),
-            kind = self.kind.unwrap_or("-"),
-            username = mapped.map(audit_text).as_deref().unwrap_or("-"),
-            username_sent = sent.as_deref(),
-            decision = self.outcome.as_str(),
-            rule = self.rule,
-            upstream_status = self.status.unwrap_or(0),
-            list = self.list.as_deref(),
-            dnsbl_zone = self.dnsbl_zone.as_deref(),
-            "registration decision"
-        );
-    }
-}
-
 /// Why a request is not forwarded as the gate wrote it.
 enum Stop {
     Refuse(Refusal),
@@ -668,47 +591,6 @@ where
                 .map(Either::Right),
             Outcome::Allowed,
         )),
-    }
-}
-
-/// A request the gate lets through, and what is to be recorded once the
-/// homeserver has answered it.
-struct Forwarded {
-    state: Arc<GateState>,
-    metrics: Arc<Metrics>,
-    /// The registration limits reserved for a `POST …/register`.
-    permit: Option<crate::ratelimit::Permit>,
-    /// Whether a success is a completed user registration (the lockdown
-    /// counts those; guests get numeric throw-away accounts and never close
-    /// registration for everyone).
-    user_registration: bool,
-    audit: Audit,
-}
-
-impl Forwarded {
-    /// Sends the request to the homeserver, then settles the limits, counts
-    /// a completed user registration for the lockdown and writes the audit
-    /// line.
-    async fn send<S, B, RB>(
-        mut self,
-        mut inner: S,
-        request: Request<GateRequestBody<B>>,
-    ) -> Result<Response<GateResponseBody<RB>>, S::Error>
-    where
-        S: Service<Request<GateRequestBody<B>>, Response = Response<RB>>,
-    {
-        let result = inner.call(request).await;
-        let success = matches!(&result, Ok(response) if response.status().is_success());
-        if let Some(permit) = self.permit {
-            permit.settle(success);
-        }
-        if success && self.user_registration {
-            self.state.lockdown.record().await;
-        }
-        self.audit.status = result.as_ref().ok().map(|r| r.status().as_u16());
-        self.audit.emit(&self.metrics);
-        let outcome = self.audit.outcome;
-        Ok(mark(result?.map(Either::Left), outcome))
     }
 }
 
@@ -894,54 +776,5 @@ fn counted_limit(route: GuardedRoute, method: &Method) -> Option<LimitKind> {
         (GuardedRoute::RequestToken(..), &Method::POST)
         | (GuardedRoute::TokenValidity(_), &Method::GET) => Some(LimitKind::TokenRequestsPerIp),
         _ => None,
-    }
-}
-
-// === impl ResponseFuture ===
-
-type GuardedFuture<RB, E> =
-    Pin<Box<dyn Future<Output = Result<Response<GateResponseBody<RB>>, E>> + Send>>;
-
-pin_project! {
-    /// The future of [`RegistrationGate`]: the inner future itself on
-    /// pass-through, a boxed one on guarded routes. Both record the time to
-    /// response headers.
-    #[project = ResponseFutureProj]
-    #[allow(missing_docs)] // the variant fields are the futures named above
-    pub enum ResponseFuture<F, RB, E> {
-        /// Pass-through: the inner service's future, unboxed.
-        PassThrough { #[pin] future: F, started: Instant, metrics: Arc<Metrics> },
-        /// A guarded route.
-        Guarded { future: GuardedFuture<RB, E>, started: Instant, metrics: Arc<Metrics> },
-    }
-}
-
-impl<F, RB, E> Future for ResponseFuture<F, RB, E>
-where
-    F: Future<Output = Result<Response<RB>, E>>,
-{
-    type Output = Result<Response<GateResponseBody<RB>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            ResponseFutureProj::PassThrough {
-                future,
-                started,
-                metrics,
-            } => {
-                let output = std::task::ready!(future.poll(cx));
-                metrics.observe(false, started.elapsed());
-                Poll::Ready(output.map(|response| response.map(Either::Left)))
-            }
-            ResponseFutureProj::Guarded {
-                future,
-                started,
-                metrics,
-            } => {
-                let output = std::task::ready!(future.as_mut().poll(cx));
-                metrics.observe(true, started.elapsed());
-                Poll::Ready(output)
-            }
-        }
     }
 }

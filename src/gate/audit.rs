@@ -1,0 +1,135 @@
+//! What the gate records of a registration decision: the audit line and
+//! the decision metric ([`Audit`]), and for a request it lets through, the
+//! settling of its reserved limits and the lockdown's count once the
+//! homeserver has answered ([`Forwarded`]).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use http_body_util::Either;
+use tower::Service;
+
+use super::{mark, GateRequestBody, GateResponseBody, GateState, GuardedRoute, RequestedName};
+use crate::client_ip::ClientKey;
+use crate::telemetry::{Metrics, Outcome};
+
+/// The one audit record of a registration decision.
+pub(super) struct Audit {
+    pub(super) route: GuardedRoute,
+    pub(super) client: Option<IpAddr>,
+    pub(super) key: ClientKey,
+    pub(super) user_agent: Option<String>,
+    pub(super) kind: Option<&'static str>,
+    pub(super) username: Option<RequestedName>,
+    pub(super) outcome: Outcome,
+    pub(super) rule: &'static str,
+    pub(super) status: Option<u16>,
+    /// The list file that refused the request, if a list did.
+    pub(super) list: Option<Arc<str>>,
+    /// The DNSBL zone behind a `dnsbl` or `dnsbl_error` refusal.
+    pub(super) dnsbl_zone: Option<Arc<str>>,
+    /// Whether a DNSBL check failed (counted even when allowed).
+    pub(super) dnsbl_failed: bool,
+}
+
+/// Longest client-chosen text (a username, a user agent) an audit line
+/// carries, in bytes.
+const AUDIT_TEXT_MAX: usize = 300;
+
+/// Client-chosen text made safe for a log line: control characters escaped
+/// (`\n`, `\u{1b}`), cut to [`AUDIT_TEXT_MAX`] bytes on a character
+/// boundary with `…` appended.
+fn audit_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(AUDIT_TEXT_MAX) + 3);
+    for c in text.chars() {
+        let before = out.len();
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() > AUDIT_TEXT_MAX {
+            out.truncate(before);
+            out.push('…');
+            break;
+        }
+    }
+    out
+}
+
+impl Audit {
+    pub(super) fn emit(&self, metrics: &Metrics) {
+        metrics.decision(self.route.name(), self.outcome, self.rule);
+        if self.dnsbl_failed {
+            metrics.dnsbl_error();
+        }
+        let mapped = self
+            .username
+            .as_ref()
+            .and_then(|name| name.mapped.as_deref());
+        // The name as sent, only where mapping changed it (or refused it).
+        let sent = self
+            .username
+            .as_ref()
+            .filter(|name| name.mapped.as_deref() != Some(name.sent.as_str()))
+            .map(|name| audit_text(&name.sent));
+        tracing::info!(
+            target: "matrix_gatekeeper::audit",
+            route = self.route.name(),
+            client = self.client.map(|c| c.to_string()).as_deref().unwrap_or("-"),
+            key = %self.key,
+            user_agent = self.user_agent.as_deref().map(audit_text).as_deref().unwrap_or("-"),
+            kind = self.kind.unwrap_or("-"),
+            username = mapped.map(audit_text).as_deref().unwrap_or("-"),
+            username_sent = sent.as_deref(),
+            decision = self.outcome.as_str(),
+            rule = self.rule,
+            upstream_status = self.status.unwrap_or(0),
+            list = self.list.as_deref(),
+            dnsbl_zone = self.dnsbl_zone.as_deref(),
+            "registration decision"
+        );
+    }
+}
+
+/// A request the gate lets through, and what is to be recorded once the
+/// homeserver has answered it.
+pub(super) struct Forwarded {
+    pub(super) state: Arc<GateState>,
+    pub(super) metrics: Arc<Metrics>,
+    /// The registration limits reserved for a `POST …/register`.
+    pub(super) permit: Option<crate::ratelimit::Permit>,
+    /// Whether a success is a completed user registration (the lockdown
+    /// counts those; guests get numeric throw-away accounts and never close
+    /// registration for everyone).
+    pub(super) user_registration: bool,
+    pub(super) audit: Audit,
+}
+
+impl Forwarded {
+    /// Sends the request to the homeserver, then settles the limits, counts
+    /// a completed user registration for the lockdown and writes the audit
+    /// line.
+    pub(super) async fn send<S, B, RB>(
+        mut self,
+        mut inner: S,
+        request: Request<GateRequestBody<B>>,
+    ) -> Result<Response<GateResponseBody<RB>>, S::Error>
+    where
+        S: Service<Request<GateRequestBody<B>>, Response = Response<RB>>,
+    {
+        let result = inner.call(request).await;
+        let success = matches!(&result, Ok(response) if response.status().is_success());
+        if let Some(permit) = self.permit {
+            permit.settle(success);
+        }
+        if success && self.user_registration {
+            self.state.lockdown.record().await;
+        }
+        self.audit.status = result.as_ref().ok().map(|r| r.status().as_u16());
+        self.audit.emit(&self.metrics);
+        let outcome = self.audit.outcome;
+        Ok(mark(result?.map(Either::Left), outcome))
+    }
+}
