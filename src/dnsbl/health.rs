@@ -4,12 +4,13 @@
 //!
 //! A list that has shut down, or that punishes a resolver asking too much,
 //! may start to answer "listed" for every address; taken at its word it
-//! would refuse every client. So a zone that lists `127.0.0.1`, does not
-//! list `127.0.0.2`, or cannot be asked about them is *unhealthy*: it is
-//! not asked, and a lookup in it fails ([`LookupError::ZoneUnhealthy`]),
-//! so `on_dnsbl_error` decides, until a later check passes. A zone not
-//! checked yet is trusted: the checks run in the background and never
-//! delay start-up or a request.
+//! would refuse every client. So a zone that lists `127.0.0.1` or does not
+//! list `127.0.0.2` is *unhealthy*: it is not asked, and a lookup in it
+//! fails ([`LookupError::ZoneUnhealthy`]), so `on_dnsbl_error` decides,
+//! until a later check passes. A check whose questions go unanswered
+//! changes nothing (a lookup in an unreachable zone fails on its own). A
+//! zone not checked yet is trusted: the checks run in the background and
+//! never delay start-up or a request.
 //!
 //! The gate checks at start, every [`HEALTH_CHECK_EVERY`], and after a
 //! reload that changes the zones or the DNS server. One warning is logged
@@ -156,6 +157,15 @@ impl Dnsbl {
             let Ok((zone, result)) = checked else {
                 continue;
             };
+            // A lost answer says nothing about what the list answers: the
+            // zone keeps its verdict (a lookup in an unreachable zone fails
+            // anyway, and `on_dnsbl_error` decides it). Marking it
+            // unhealthy would let one dropped packet refuse every client
+            // for ten minutes under `on_dnsbl_error = "deny"`.
+            if let Err(Unhealthy::LookupFailed(error)) = &result {
+                tracing::debug!(%zone, %error, "DNSBL test-point check not answered; zone kept as it was");
+                continue;
+            }
             if self.health.record(&zone, result) {
                 self.cache.forget_zone(&zone);
             }

@@ -640,6 +640,11 @@ mod tests {
     /// question and EDNS record echoed. Returns its address and its query
     /// count.
     async fn nxdomain_responder() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        responder(3).await
+    }
+
+    /// [`nxdomain_responder`] answering every query with `rcode`.
+    async fn responder(rcode: u8) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -653,11 +658,37 @@ mod tests {
                     continue;
                 }
                 reply[2] |= 0x80;
-                reply[3] = 0x80 | 3;
+                reply[3] = 0x80 | rcode;
                 let _ = socket.send_to(&reply, from).await;
             }
         });
         (addr, count)
+    }
+
+    /// One lost or failed answer must not stop trusting a list (with
+    /// `on_dnsbl_error = "deny"` that would refuse everyone until the next
+    /// check): a check left unanswered keeps the zone's verdict, and the
+    /// zone's own lookups fail on their own.
+    #[tokio::test]
+    async fn a_test_point_check_that_fails_keeps_the_zone_as_it_was() {
+        let (server, count) = responder(2).await;
+        let config = Config::from_toml(&format!(
+            "[reputation]\ndnsbl = [\"z.test\"]\ndns_server = \"{server}\"\ndnsbl_timeout = \"10s\"\n"
+        ))
+        .unwrap();
+        let dnsbl = Dnsbl::new(&config.reputation, Arc::default()).unwrap();
+        dnsbl.check_health().await;
+        assert!(count.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        assert!(dnsbl.health.snapshot().is_empty(), "not checked yet");
+        let zone: Arc<str> = Arc::from("z.test");
+        dnsbl.health.record(&zone, Ok(()));
+        dnsbl.check_health().await;
+        assert_eq!(dnsbl.health.snapshot(), [(zone.clone(), true)]);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            dnsbl.check(ip).await,
+            Verdict::Failed(zone, LookupError::ServerFailure(2))
+        );
     }
 
     #[tokio::test]
