@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod admin_api;
+pub mod appservice;
 pub mod bans;
 pub mod client_ip;
 pub mod config;

@@ -373,6 +373,7 @@ fn serve(
                 "running with the embedded example configuration; pass --config FILE for your own"
             );
         }
+        log_app_services(&config);
         tokio::spawn(warn_if_homeserver_unreachable(config.upstream.clone()));
         server.run(shutdown).await;
         tracing::info!("stopped");
@@ -460,4 +461,23 @@ fn healthcheck(url: &str) -> ExitCode {
             }
         }
     })
+}
+
+/// Says at start how bridges' registrations are treated.
+fn log_app_services(config: &Config) {
+    let services = &config.homeserver.app_services;
+    if services.is_empty() {
+        tracing::info!(
+            "application services: no registration file configured; bridge registrations \
+             (m.login.application_service with a token) are forwarded for the homeserver to \
+             check the token, and count against attempts_per_ip \
+             (set homeserver.app_service_config_files to check them here and exempt them)"
+        );
+    } else {
+        tracing::info!(
+            count = services.len(),
+            ids = %services.ids().join(","),
+            "application services: bridge registrations checked against their registration files"
+        );
+    }
 }

@@ -98,7 +98,7 @@ pub struct Reloader {
 /// while it cannot be read).
 type FileStamp = (PathBuf, Stamp);
 
-/// The list files a configuration reads.
+/// The list files and application service files a configuration reads.
 fn list_files(config: &Config) -> Vec<PathBuf> {
     config
         .client_ip
@@ -106,6 +106,7 @@ fn list_files(config: &Config) -> Vec<PathBuf> {
         .paths()
         .chain(config.email.denied_domain_lists.paths())
         .map(PathBuf::from)
+        .chain(config.homeserver.app_service_config_files.iter().cloned())
         .collect()
 }
 
@@ -172,6 +173,7 @@ impl Reloader {
         let lists = lists.chain(config.email.denied_domain_lists.stamps());
         std::iter::once((path.clone(), config_stamp))
             .chain(lists.map(|(path, stamp)| (PathBuf::from(path), stamp)))
+            .chain(config.homeserver.app_services.stamps().cloned())
             .collect()
     }
 }

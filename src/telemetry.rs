@@ -101,9 +101,21 @@ pub struct Metrics {
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     dnsbl_errors: AtomicU64,
+    /// Completed application service registrations, by service.
+    appservice_registrations: Mutex<BTreeMap<std::sync::Arc<str>, u64>>,
 }
 
 impl Metrics {
+    /// Counts one completed registration of the application service
+    /// `name` (its file's `id`, or `unverified`).
+    pub fn appservice_registration(&self, name: &std::sync::Arc<str>) {
+        let mut counts = self
+            .appservice_registrations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *counts.entry(name.clone()).or_insert(0) += 1;
+    }
+
     /// Counts one registration decision.
     pub fn decision(&self, route: &'static str, outcome: Outcome, rule: &'static str) {
         let mut decisions = self
@@ -287,6 +299,24 @@ impl Metrics {
             "gatekeeper_dnsbl_errors_total {}",
             self.dnsbl_errors.load(Ordering::Relaxed)
         );
+        out.push_str(
+            "# HELP gatekeeper_appservice_registrations_total Registrations of application service users the homeserver completed, by service.\n",
+        );
+        out.push_str("# TYPE gatekeeper_appservice_registrations_total counter\n");
+        let counts = self
+            .appservice_registrations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (name, n) in counts.iter() {
+            let name = name
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = writeln!(
+                out,
+                "gatekeeper_appservice_registrations_total{{appservice=\"{name}\"}} {n}"
+            );
+        }
         out
     }
 }

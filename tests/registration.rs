@@ -209,8 +209,17 @@ async fn kind_is_forwarded_once_or_refused_when_ambiguous() {
         .assert_error(400, "M_UNRECOGNIZED");
     }
     hs.assert_saw_nothing("ambiguous kinds");
-    let answer = post_json(
+    // An access token on a user registration is refused, as the
+    // homeserver refuses it (only bridges register with one).
+    post_json(
         &gate.url(&format!("{REGISTER}?kind=user&access_token=x&foo=bar")),
+        r#"{"username":"alice"}"#,
+    )
+    .await
+    .assert_error(400, "M_UNKNOWN");
+    hs.assert_saw_nothing("a token on a user registration");
+    let answer = post_json(
+        &gate.url(&format!("{REGISTER}?kind=user&foo=bar")),
         r#"{"username":"alice"}"#,
     )
     .await;

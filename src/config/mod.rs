@@ -116,6 +116,7 @@ impl Config {
             }
         })?;
         config.rate_limit.read_url_file(secrets)?;
+        config.homeserver.read_app_services(secrets)?;
         config.validate_with(secrets)?;
         Ok(config)
     }

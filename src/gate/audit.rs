@@ -29,6 +29,8 @@ pub(super) struct Audit {
     pub(super) list: Option<Arc<str>>,
     /// The DNSBL zone behind a `dnsbl` or `dnsbl_error` refusal.
     pub(super) dnsbl_zone: Option<Arc<str>>,
+    /// The application service of a bridge's registration.
+    pub(super) appservice: Option<Arc<str>>,
     /// Whether a DNSBL check failed (counted even when allowed).
     pub(super) dnsbl_failed: bool,
 }
@@ -88,6 +90,7 @@ impl Audit {
             upstream_status = self.status.unwrap_or(0),
             list = self.list.as_deref(),
             dnsbl_zone = self.dnsbl_zone.as_deref(),
+            appservice = self.appservice.as_deref(),
             "registration decision"
         );
     }
@@ -126,6 +129,9 @@ impl Forwarded {
         }
         if success && self.user_registration {
             self.state.lockdown.record().await;
+        }
+        if let (true, Some(appservice)) = (success, &self.audit.appservice) {
+            self.metrics.appservice_registration(appservice);
         }
         self.audit.status = result.as_ref().ok().map(|r| r.status().as_u16());
         self.audit.emit(&self.metrics);

@@ -48,6 +48,7 @@
 //! # }
 //! ```
 
+pub mod appservice;
 mod audit;
 pub mod body;
 mod future;
@@ -71,6 +72,7 @@ use http_body::Body;
 use http_body_util::{Either, Full};
 use tower::{Layer, Service};
 
+use appservice::AppServiceGrant;
 use audit::{Audit, Forwarded};
 pub use body::GateBody;
 pub use future::ResponseFuture;
@@ -520,6 +522,7 @@ where
         list: None,
         dnsbl_zone: None,
         dnsbl_failed: false,
+        appservice: None,
     };
     let mut body = Some(body);
     let mut read: Option<Bytes> = None;
@@ -527,7 +530,8 @@ where
 
     let (request, permit, user_registration) = match decided {
         Ok((forward, permit)) => {
-            let user_registration = matches!(forward.account, Some(AccountKind::User { .. }));
+            let user_registration = matches!(forward.account, Some(AccountKind::User { .. }))
+                && forward.appservice.is_none();
             match canonical_request(&parts, forward) {
                 Ok(request) => (request, permit, user_registration),
                 Err(refusal) => {
@@ -626,10 +630,20 @@ where
     if audit.client.and_then(|ip| state.bans.find(ip)).is_some() {
         return Err(Stop::Refuse(banned()));
     }
-    if is_registration(route, &parts.method) && state.lockdown.is_closed().await {
+    let registration = is_registration(route, &parts.method);
+    let token = if registration {
+        appservice::registration_token(&parts.headers, parts.uri.query()).map_err(Stop::Refuse)?
+    } else {
+        None
+    };
+    // A registration with an access token is a bridge's (or refused as the
+    // homeserver refuses it): whether the lockdown and the attempts limit
+    // apply is known once its body is read.
+    let deferred = token.is_some();
+    if registration && !deferred && state.lockdown.is_closed().await {
         return Err(Stop::Refuse(closed()));
     }
-    if let Some(kind) = counted_limit(route, &parts.method) {
+    if let Some(kind) = counted_limit(route, &parts.method).filter(|_| !deferred) {
         limiter
             .acquire(&[kind], key)
             .await
@@ -670,13 +684,39 @@ where
                 Err(refusal) => return Err(Stop::Refuse(refusal)),
             };
             *read = Some(bytes.clone());
-            policy.body(plan, &bytes).map_err(Stop::Refuse)?
+            policy
+                .body_with(plan, &bytes, token.as_ref())
+                .map_err(Stop::Refuse)?
         }
     };
     audit.username = forward.username.clone();
+    if let Some(grant) = &forward.appservice {
+        audit.kind = Some("appservice");
+        audit.appservice = Some(grant.name());
+    }
+    if deferred {
+        if forward.appservice.is_none() && state.lockdown.is_closed().await {
+            return Err(Stop::Refuse(closed()));
+        }
+        if forward
+            .appservice
+            .as_ref()
+            .is_none_or(AppServiceGrant::counts_attempts)
+        {
+            limiter
+                .acquire(&[LimitKind::AttemptsPerIp], key)
+                .await
+                .map_err(Stop::Limit)?
+                .settle(true);
+        }
+    }
     // Completed registrations: reserve now, keep the units only if the
     // homeserver answers with a success.
-    let permit = if is_registration(route, &parts.method) {
+    let counts_registrations = forward
+        .appservice
+        .as_ref()
+        .is_none_or(AppServiceGrant::counts_registrations);
+    let permit = if registration && counts_registrations {
         Some(
             limiter
                 .acquire(

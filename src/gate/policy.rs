@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::Method;
 use serde_json::{Map, Value};
 
+use super::appservice::{self, AccessToken, AppServiceGrant};
 use super::json::parse_object;
 use super::query::{encode_component, Query};
 use super::routes::{GuardedRoute, Medium};
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 use regex::Regex;
 
+use crate::appservice::AppServices;
 use crate::client_ip::IpNet;
 use crate::config::{Config, DomainGlob, GuestAccess};
 use crate::error::MatrixError;
@@ -115,6 +117,9 @@ pub struct Forward {
     /// The kind of account a `POST …/register` asks for; `None` on the
     /// other routes.
     pub account: Option<AccountKind>,
+    /// For an application service registration: the service, and the
+    /// token the homeserver receives as `Authorization: Bearer`.
+    pub appservice: Option<AppServiceGrant>,
 }
 
 /// How a body is to be judged.
@@ -142,6 +147,8 @@ pub struct Policy {
     email_denied: Vec<DomainGlob>,
     deny_lists: AddressLists,
     email_denied_lists: DomainLists,
+    app_services: AppServices,
+    server_name: String,
 }
 
 impl Policy {
@@ -164,6 +171,8 @@ impl Policy {
             email_denied: config.email.denied_domains.clone(),
             deny_lists: config.client_ip.deny_lists.clone(),
             email_denied_lists: config.email.denied_domain_lists.clone(),
+            app_services: config.homeserver.app_services.clone(),
+            server_name: config.homeserver.server_name.clone(),
         }
     }
 
@@ -277,6 +286,7 @@ impl Policy {
                 body: None,
                 username: None,
                 account: None,
+                appservice: None,
             });
         }
         let expected = match route {
@@ -359,6 +369,7 @@ impl Policy {
                         body: None,
                         username: Some(checked),
                         account: None,
+                        appservice: None,
                     }),
                     Err(refusal) => HeadDecision::Refuse(refusal),
                 }
@@ -369,6 +380,7 @@ impl Policy {
                     body: None,
                     username: None,
                     account: None,
+                    appservice: None,
                 }),
                 Ok(None) => refuse(
                     "missing_param",
@@ -386,14 +398,29 @@ impl Policy {
                 body: None,
                 username: None,
                 account: None,
+                appservice: None,
             }),
             RequestToken(..) | AdminRegister => HeadDecision::ReadBody(BodyPlan::JsonObject(route)),
             Unknown => unknown(),
         }
     }
 
-    /// Decides on the body of a request [`Policy::head`] asked to read.
+    /// Decides on the body of a request [`Policy::head`] asked to read,
+    /// which carried no access token.
     pub fn body(&self, plan: BodyPlan, body: &[u8]) -> Result<Forward, Refusal> {
+        self.body_with(plan, body, None)
+    }
+
+    /// [`Policy::body`] for a request that carried `token`
+    /// ([`appservice::registration_token`]): an application service
+    /// registration needs it, any other user registration is refused with
+    /// it.
+    pub fn body_with(
+        &self,
+        plan: BodyPlan,
+        body: &[u8],
+        token: Option<&AccessToken>,
+    ) -> Result<Forward, Refusal> {
         let object = parse_object(body).map_err(|e| {
             let rule = if e.errcode == "M_NOT_JSON" {
                 "not_json"
@@ -416,6 +443,7 @@ impl Policy {
                     body: Some(serialize(&object)),
                     username: None,
                     account: None,
+                    appservice: None,
                 })
             }
             BodyPlan::Register(route, AccountKind::Guest) => {
@@ -440,10 +468,38 @@ impl Policy {
                     body: Some(serialize(&guest)),
                     username: None,
                     account: Some(AccountKind::Guest),
+                    appservice: None,
                 })
             }
             BodyPlan::Register(route, AccountKind::User { explicit }) => {
                 let mut object = object;
+                let path = route.canonical_path();
+                let path_and_query = if explicit {
+                    format!("{path}?kind=user")
+                } else {
+                    path.into_owned()
+                };
+                if appservice::is_app_service_body(&object) {
+                    let (name, grant) = appservice::decide(
+                        &self.app_services,
+                        &self.server_name,
+                        &mut object,
+                        token,
+                    )?;
+                    return Ok(Forward {
+                        path_and_query,
+                        body: Some(serialize(&object)),
+                        username: Some(RequestedName {
+                            sent: name.clone(),
+                            mapped: Some(name),
+                        }),
+                        account: Some(AccountKind::User { explicit }),
+                        appservice: Some(grant),
+                    });
+                }
+                if token.is_some() {
+                    return Err(appservice::token_on_user_registration());
+                }
                 // Synapse treats a null token as no token (`is None`), so
                 // only a string token makes this a guest upgrade.
                 let guest_upgrade =
@@ -458,16 +514,12 @@ impl Policy {
                     }
                     Some(_) => return Err(UsernameRule::NotAString.into()),
                 };
-                let path = route.canonical_path();
                 Ok(Forward {
-                    path_and_query: if explicit {
-                        format!("{path}?kind=user")
-                    } else {
-                        path.into_owned()
-                    },
+                    path_and_query,
                     body: Some(serialize(&object)),
                     username,
                     account: Some(AccountKind::User { explicit }),
+                    appservice: None,
                 })
             }
         }

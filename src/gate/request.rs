@@ -115,6 +115,21 @@ pub(super) fn canonical_request<B>(
             }
         }
     }
+    // A bridge's token, however it came, reaches the homeserver in one
+    // form (the query the gate wrote has none).
+    if let Some(grant) = &forward.appservice {
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", grant.token.0)).map_err(|_| {
+            Refusal::new(
+                "access_token",
+                MatrixError::new(
+                    http::StatusCode::UNAUTHORIZED,
+                    "M_UNKNOWN_TOKEN",
+                    "Unrecognised access token.",
+                ),
+            )
+        })?;
+        headers.insert(header::AUTHORIZATION, bearer);
+    }
     if length > 0 || parts.method == Method::POST {
         let headers = request.headers_mut();
         headers.insert(
