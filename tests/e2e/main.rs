@@ -5,6 +5,7 @@
 //! Run alone with `cargo test --test e2e`. The first run installs Synapse
 //! and matrix-nio into `target/e2e-venv` (needs PyPI).
 
+mod appservice;
 #[path = "../common/mod.rs"]
 mod common;
 mod corpus;
