@@ -230,6 +230,50 @@ async fn shadow_mode_names_what_it_would_refuse() {
     assert_eq!(lines[0]["kind"], "user");
 }
 
+#[tokio::test]
+async fn sso_picks_and_checks_are_audited_under_their_route() {
+    let hs = FakeHomeserver::start().await;
+    let lines = audit_lines(async {
+        let gate = Gate::start(&hs.url(), "").await;
+        let pick = gate.url("/_synapse/client/pick_username/account_details");
+        let form = [("content-type", "application/x-www-form-urlencoded")];
+        send(Method::POST, &pick, &form, "username=adm1n").await;
+        send(Method::POST, &pick, &form, "username=alice").await;
+        let check = "/_synapse/client/pick_username/check?username=Root";
+        send(Method::GET, &gate.url(check), &[], "").await;
+    })
+    .await;
+    let seen: Vec<(&str, &str, &str, &str, &str, u64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["route"].as_str().unwrap(),
+                l["kind"].as_str().unwrap(),
+                l["decision"].as_str().unwrap(),
+                l["rule"].as_str().unwrap(),
+                l["username"].as_str().unwrap(),
+                l["upstream_status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("pick_username", "sso", "refused", "lookalike", "adm1n", 0),
+            ("pick_username", "sso", "allowed", "", "alice", 302),
+            (
+                "pick_username_check",
+                "sso",
+                "refused",
+                "upper_case",
+                "-",
+                0
+            ),
+        ]
+    );
+    assert_eq!(lines[2]["username_sent"], "Root");
+}
+
 #[test]
 fn the_binary_logs_json_and_reloads_on_sighup() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

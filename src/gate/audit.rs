@@ -123,7 +123,12 @@ impl Forwarded {
         S: Service<Request<GateRequestBody<B>>, Response = Response<RB>>,
     {
         let result = inner.call(request).await;
-        let success = matches!(&result, Ok(response) if response.status().is_success());
+        // Synapse accepts an SSO username pick with a redirect to the next
+        // step of sign-up, and answers every failure with a page.
+        let success = matches!(&result, Ok(response) if match self.audit.route {
+            GuardedRoute::PickUsername => super::sso::accepted(response.status(), response.headers()),
+            _ => response.status().is_success(),
+        });
         if let Some(permit) = self.permit {
             permit.settle(success);
         }

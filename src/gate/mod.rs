@@ -48,6 +48,7 @@
 //! # }
 //! ```
 
+mod answer;
 pub mod appservice;
 mod audit;
 pub mod body;
@@ -57,6 +58,7 @@ pub mod policy;
 pub mod query;
 mod request;
 pub mod routes;
+mod sso;
 mod threepid;
 pub mod username;
 
@@ -72,6 +74,7 @@ use http_body::Body;
 use http_body_util::{Either, Full};
 use tower::{Layer, Service};
 
+use answer::Stop;
 use appservice::AppServiceGrant;
 use audit::{Audit, Forwarded};
 pub use body::GateBody;
@@ -88,7 +91,7 @@ use crate::dnsbl::{Dnsbl, DnsblCache, Verdict, ZoneHealth, HEALTH_CHECK_EVERY};
 use crate::error::MatrixError;
 use crate::lockdown::{Lockdown, CLOSED_MESSAGE};
 use crate::notify::Notifier;
-use crate::ratelimit::{LimitKind, Limited, RateLimiter};
+use crate::ratelimit::{LimitKind, RateLimiter};
 use crate::telemetry::{Metrics, Outcome};
 
 /// The response header the gate puts on every answer to a guarded route:
@@ -436,51 +439,6 @@ fn resolve_client<B>(resolver: &ClientResolver, request: &mut Request<B>) {
     }
 }
 
-/// Why a request is not forwarded as the gate wrote it.
-enum Stop {
-    Refuse(Refusal),
-    Limit(Limited),
-}
-
-impl Stop {
-    fn outcome(&self) -> Outcome {
-        match self {
-            Stop::Refuse(_) => Outcome::Refused,
-            Stop::Limit(_) => Outcome::RateLimited,
-        }
-    }
-
-    fn rule(&self) -> &'static str {
-        match self {
-            Stop::Refuse(refusal) => refusal.rule,
-            Stop::Limit(limited) => limited.limit.name(),
-        }
-    }
-
-    /// The list file a refusal came from, for the audit line.
-    fn list(&self) -> Option<Arc<str>> {
-        match self {
-            Stop::Refuse(refusal) => refusal.list.clone(),
-            Stop::Limit(_) => None,
-        }
-    }
-
-    /// The username a refusal names, for the audit line.
-    fn username(&self) -> Option<RequestedName> {
-        match self {
-            Stop::Refuse(refusal) => refusal.username.as_deref().cloned(),
-            Stop::Limit(_) => None,
-        }
-    }
-
-    fn into_response(self) -> Response<Full<Bytes>> {
-        match self {
-            Stop::Refuse(refusal) => refusal.error.into_response(),
-            Stop::Limit(limited) => limited.into_response(),
-        }
-    }
-}
-
 async fn guard<S, B, RB>(
     state: Arc<GateState>,
     metrics: Arc<Metrics>,
@@ -513,6 +471,7 @@ where
         user_agent,
         kind: match route {
             GuardedRoute::Register(_) => Some(policy::audited_kind(parts.uri.query())),
+            GuardedRoute::PickUsername | GuardedRoute::PickUsernameCheck => Some("sso"),
             _ => None,
         },
         username: None,
@@ -532,7 +491,7 @@ where
         Ok((forward, permit)) => {
             let user_registration = matches!(forward.account, Some(AccountKind::User { .. }))
                 && forward.appservice.is_none();
-            match canonical_request(&parts, forward) {
+            match canonical_request(&parts, route, forward) {
                 Ok(request) => (request, permit, user_registration),
                 Err(refusal) => {
                     // The gate cannot write this request: refuse even in
@@ -540,7 +499,9 @@ where
                     audit.outcome = Outcome::Refused;
                     audit.rule = refusal.rule;
                     audit.emit(&metrics);
-                    let response = refusal.error.into_response().map(Either::Right);
+                    let response = Stop::Refuse(refusal)
+                        .into_response(route)
+                        .map(Either::Right);
                     return Ok(mark(response, Outcome::Refused));
                 }
             }
@@ -565,7 +526,7 @@ where
             audit.list = stop.list();
             audit.emit(&metrics);
             let outcome = stop.outcome();
-            return Ok(mark(stop.into_response().map(Either::Right), outcome));
+            return Ok(mark(stop.into_response(route).map(Either::Right), outcome));
         }
     };
     let forwarded = Forwarded {
@@ -654,6 +615,9 @@ where
         HeadDecision::Refuse(refusal) => return Err(Stop::Refuse(refusal)),
         HeadDecision::Forward(forward) => forward,
         HeadDecision::ReadBody(plan) => {
+            if plan == BodyPlan::PickUsername {
+                sso::form_content_type(&parts.headers).map_err(Stop::Refuse)?;
+            }
             if let BodyPlan::Register(_, AccountKind::Guest) = plan {
                 limiter
                     .acquire(&[LimitKind::GuestsPerIp], key)
@@ -802,17 +766,25 @@ fn not_from_your_network() -> MatrixError {
     MatrixError::forbidden("Registration is not available from your network.")
 }
 
-/// Whether the request is a `POST …/register` (user or guest).
+/// Whether the request makes an account: a `POST …/register` (user or
+/// guest), or an SSO username pick.
 fn is_registration(route: GuardedRoute, method: &Method) -> bool {
-    matches!(route, GuardedRoute::Register(_)) && method == Method::POST
+    matches!(
+        route,
+        GuardedRoute::Register(_) | GuardedRoute::PickUsername
+    ) && method == Method::POST
 }
 
 /// The per-client limit a guarded request counts against before anything
 /// else is looked at.
 fn counted_limit(route: GuardedRoute, method: &Method) -> Option<LimitKind> {
     match (route, method) {
-        (GuardedRoute::Register(_), &Method::POST) => Some(LimitKind::AttemptsPerIp),
-        (GuardedRoute::Available(_), &Method::GET) => Some(LimitKind::AvailabilityChecksPerIp),
+        (GuardedRoute::Register(_) | GuardedRoute::PickUsername, &Method::POST) => {
+            Some(LimitKind::AttemptsPerIp)
+        }
+        (GuardedRoute::Available(_) | GuardedRoute::PickUsernameCheck, &Method::GET) => {
+            Some(LimitKind::AvailabilityChecksPerIp)
+        }
         (GuardedRoute::RequestToken(..), &Method::POST)
         | (GuardedRoute::TokenValidity(_), &Method::GET) => Some(LimitKind::TokenRequestsPerIp),
         _ => None,

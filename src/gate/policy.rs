@@ -14,6 +14,7 @@ use super::appservice::{self, AccessToken, AppServiceGrant};
 use super::json::parse_object;
 use super::query::{encode_component, Query};
 use super::routes::{GuardedRoute, Medium};
+use super::sso;
 use super::threepid::{canonical_email, check_request_token};
 use super::username::{UsernamePolicy, UsernameRule};
 use std::net::IpAddr;
@@ -114,8 +115,8 @@ pub struct Forward {
     pub body: Option<Bytes>,
     /// The username that was checked and forwarded (mapped), if any.
     pub username: Option<RequestedName>,
-    /// The kind of account a `POST …/register` asks for; `None` on the
-    /// other routes.
+    /// The kind of account the request makes: a `POST …/register`'s, or a
+    /// user for an SSO username pick; `None` on the other routes.
     pub account: Option<AccountKind>,
     /// For an application service registration: the service, and the
     /// token the homeserver receives as `Authorization: Bearer`.
@@ -129,6 +130,8 @@ pub enum BodyPlan {
     Register(GuardedRoute, AccountKind),
     /// Any other route that takes a JSON object body (requestToken, admin).
     JsonObject(GuardedRoute),
+    /// The SSO username picker's form.
+    PickUsername,
 }
 
 /// The compiled registration policy.
@@ -291,15 +294,15 @@ impl Policy {
         }
         let expected = match route {
             Register(_) | RequestToken(..) => Method::POST,
-            Available(_) | TokenValidity(_) => Method::GET,
-            AdminRegister if method == Method::GET => Method::GET,
-            AdminRegister => Method::POST,
+            Available(_) | TokenValidity(_) | PickUsernameCheck => Method::GET,
+            AdminRegister | PickUsername if method == Method::GET => Method::GET,
+            AdminRegister | PickUsername => Method::POST,
             Unknown => return unknown(),
         };
         if *method != expected {
             let allow = match route {
-                Available(_) | TokenValidity(_) => "GET, OPTIONS",
-                AdminRegister => "GET, POST, OPTIONS",
+                Available(_) | TokenValidity(_) | PickUsernameCheck => "GET, OPTIONS",
+                AdminRegister | PickUsername => "GET, POST, OPTIONS",
                 _ => "POST, OPTIONS",
             };
             return refuse("method", MatrixError::method_not_allowed(allow));
@@ -393,6 +396,16 @@ impl Policy {
                     )),
                 ),
             },
+            PickUsernameCheck => sso::check(self, raw_query),
+            // The form itself: its query is not read, and not forwarded.
+            PickUsername if expected == Method::GET => HeadDecision::Forward(Forward {
+                path_and_query: path.into_owned(),
+                body: None,
+                username: None,
+                account: None,
+                appservice: None,
+            }),
+            PickUsername => HeadDecision::ReadBody(BodyPlan::PickUsername),
             AdminRegister if expected == Method::GET => HeadDecision::Forward(Forward {
                 path_and_query: path.into_owned(),
                 body: None,
@@ -421,6 +434,9 @@ impl Policy {
         body: &[u8],
         token: Option<&AccessToken>,
     ) -> Result<Forward, Refusal> {
+        if plan == BodyPlan::PickUsername {
+            return sso::pick(self, body);
+        }
         let object = parse_object(body).map_err(|e| {
             let rule = if e.errcode == "M_NOT_JSON" {
                 "not_json"
@@ -522,6 +538,7 @@ impl Policy {
                     appservice: None,
                 })
             }
+            BodyPlan::PickUsername => sso::pick(self, body),
         }
     }
 }

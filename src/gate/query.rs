@@ -4,6 +4,9 @@
 //! percent-decodes names and values, and keeps blank values. The gate reads a
 //! query the same way, decides on what it read, and forwards a query it wrote
 //! itself, so the two can never disagree.
+//!
+//! An HTML form body (`application/x-www-form-urlencoded`) is read by the
+//! same parser, strictly ([`Query::parse_form`]).
 
 use std::borrow::Cow;
 
@@ -30,6 +33,27 @@ impl Query {
             })
             .collect();
         Query { pairs }
+    }
+
+    /// Parses an `application/x-www-form-urlencoded` body as Twisted does
+    /// (the separators and decoding of [`Query::parse`]; an item without
+    /// `=` is dropped, as Twisted drops it), refusing what a reader could
+    /// take two ways: a name or value that is not UTF-8 once decoded.
+    pub fn parse_form(body: &[u8]) -> Result<Query, NotUtf8> {
+        let mut pairs = Vec::new();
+        for item in body.split(|&b| b == b'&' || b == b';') {
+            let Some(equals) = item.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            let (name, value) = (&item[..equals], &item[equals + 1..]);
+            pairs.push((decode_strict(name)?, decode_strict(value)?));
+        }
+        Ok(Query { pairs })
+    }
+
+    /// Every (name, value) pair, in order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.pairs.iter().map(|(n, v)| (n.as_str(), v.as_str()))
     }
 
     /// Every value given for `name`, in order.
@@ -61,6 +85,19 @@ fn decode_component(raw: &str) -> String {
         raw.into()
     };
     String::from_utf8_lossy(&percent_decode(spaced.as_bytes())).into_owned()
+}
+
+/// A form field whose name or value is not UTF-8 once decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a form field is not UTF-8")]
+pub struct NotUtf8;
+
+fn decode_strict(raw: &[u8]) -> Result<String, NotUtf8> {
+    let spaced: Vec<u8> = raw
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    String::from_utf8(percent_decode(&spaced)).map_err(|_| NotUtf8)
 }
 
 /// Percent-encodes a query component: everything but unreserved characters.
@@ -95,6 +132,26 @@ mod tests {
         assert_eq!(Query::parse(None), Query::default());
         assert_eq!(Query::parse(Some("")), Query::default());
         assert_eq!(Query::parse(Some("&&;")), Query::default());
+    }
+
+    #[test]
+    fn forms_are_read_like_twisted_and_refused_when_not_utf8() {
+        let form =
+            Query::parse_form(b"username=Al+ice;use_email=a%40b&flag&=x&use_email=").unwrap();
+        let pairs: Vec<(&str, &str)> = form.pairs().collect();
+        assert_eq!(
+            pairs,
+            vec![
+                ("username", "Al ice"),
+                ("use_email", "a@b"),
+                ("", "x"),
+                ("use_email", "")
+            ]
+        );
+        assert_eq!(Query::parse_form(b"username=%FF"), Err(NotUtf8));
+        assert_eq!(Query::parse_form(b"username=\xc3"), Err(NotUtf8));
+        assert_eq!(Query::parse_form(b"%C3=x"), Err(NotUtf8));
+        assert_eq!(Query::parse_form(b"").unwrap(), Query::default());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 
-use super::{BoxError, Forward, GateBody, GateRequestBody, Refusal};
+use super::{BoxError, Forward, GateBody, GateRequestBody, GuardedRoute, Refusal};
 use crate::error::MatrixError;
 
 /// The client's body as far as the gate read it.
@@ -84,8 +84,11 @@ const BODY_HEADERS: [header::HeaderName; 5] = [
     header::EXPECT,
 ];
 
+/// The request the homeserver receives: the client's head with the
+/// decided path, query and body (a form on the SSO picker, else JSON).
 pub(super) fn canonical_request<B>(
     parts: &http::request::Parts,
+    route: GuardedRoute,
     forward: Forward,
 ) -> Result<Request<GateRequestBody<B>>, Refusal> {
     let uri = forward.path_and_query.parse::<Uri>().map_err(|_| {
@@ -132,10 +135,12 @@ pub(super) fn canonical_request<B>(
     }
     if length > 0 || parts.method == Method::POST {
         let headers = request.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let content_type = if route == GuardedRoute::PickUsername {
+            "application/x-www-form-urlencoded"
+        } else {
+            "application/json"
+        };
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     Ok(request)

@@ -66,6 +66,13 @@ pub enum GuardedRoute {
     TokenValidity(ApiVersion),
     /// `/_synapse/admin/v1/register` (shared-secret registration)
     AdminRegister,
+    /// `GET, POST /_synapse/client/pick_username/account_details`: the SSO
+    /// username picker's form (`GET`) and the pick itself (`POST`), which
+    /// names the localpart of an account made after an SSO login.
+    PickUsername,
+    /// `GET /_synapse/client/pick_username/check?username=`: the picker's
+    /// availability check.
+    PickUsernameCheck,
     /// Something inside the registration namespace that is none of the
     /// above: refused, never passed through.
     Unknown,
@@ -94,6 +101,8 @@ impl GuardedRoute {
             )
             .into(),
             GuardedRoute::AdminRegister => "/_synapse/admin/v1/register".into(),
+            GuardedRoute::PickUsername => "/_synapse/client/pick_username/account_details".into(),
+            GuardedRoute::PickUsernameCheck => "/_synapse/client/pick_username/check".into(),
             GuardedRoute::Unknown => "/".into(),
         }
     }
@@ -107,6 +116,8 @@ impl GuardedRoute {
             GuardedRoute::RequestToken(_, Medium::Msisdn) => "msisdn_request_token",
             GuardedRoute::TokenValidity(_) => "token_validity",
             GuardedRoute::AdminRegister => "admin_register",
+            GuardedRoute::PickUsername => "pick_username",
+            GuardedRoute::PickUsernameCheck => "pick_username_check",
             GuardedRoute::Unknown => "unknown_registration_route",
         }
     }
@@ -115,9 +126,13 @@ impl GuardedRoute {
 /// Classifies a raw request path (without query). `None` means pass-through.
 ///
 /// The common case — a path without `%` and without the letters of
-/// "register" in any case — is decided without allocating.
+/// "register" or "pick_username" in any case — is decided without
+/// allocating.
 pub fn classify(raw_path: &str) -> Option<GuardedRoute> {
-    if !raw_path.contains('%') && !contains_ascii_ci(raw_path.as_bytes(), b"register") {
+    if !raw_path.contains('%')
+        && !contains_ascii_ci(raw_path.as_bytes(), b"register")
+        && !contains_ascii_ci(raw_path.as_bytes(), b"pick_username")
+    {
         return None;
     }
     let normalized = normalize(raw_path);
@@ -128,6 +143,13 @@ pub fn classify(raw_path: &str) -> Option<GuardedRoute> {
 fn classify_segments(s: &[&str]) -> Option<GuardedRoute> {
     match s {
         ["_synapse", "admin", _, "register", ..] => Some(GuardedRoute::AdminRegister),
+        // Synapse serves both picker resources as leaves (any tail reaches
+        // them); only the exact paths are known routes, the rest refused.
+        ["_synapse", "client", "pick_username", rest @ ..] => Some(match rest {
+            ["account_details"] => GuardedRoute::PickUsername,
+            ["check"] => GuardedRoute::PickUsernameCheck,
+            _ => GuardedRoute::Unknown,
+        }),
         ["_matrix", "client", version, "register", rest @ ..] => {
             Some(match (ApiVersion::parse(version), rest) {
                 (Some(v @ (ApiVersion::R0 | ApiVersion::V3 | ApiVersion::Unstable)), []) => {
@@ -296,6 +318,54 @@ mod tests {
             classify("/_matrix/client/v3/register/available/"),
             Some(GuardedRoute::Available(ApiVersion::V3))
         );
+    }
+
+    #[test]
+    fn sso_username_picker_is_guarded_in_every_spelling() {
+        let pick = Some(GuardedRoute::PickUsername);
+        let check = Some(GuardedRoute::PickUsernameCheck);
+        for path in [
+            "/_synapse/client/pick_username/account_details",
+            "/_synapse/client/pick_username/account_details/",
+            "//_synapse//client/pick_username///account_details",
+            "/_synapse/client/pick_username/account%5Fdetails",
+            "/_synapse/client/pick%255Fusername/account_details",
+            "/_synapse/client%2Fpick_username%2Faccount_details",
+            "/_synapse/client/./x/../pick_username/account_details",
+            "/_SYNAPSE/Client/PICK_USERNAME/Account_Details",
+            "/_synapse/client/pick_username/account_details;x=1",
+            "\\_synapse\\client\\pick_username\\account_details",
+            "/_synapse/client/pick_username/account_details%3Fusername=admin",
+            "/_synapse/client/pick_username/account_details%20",
+        ] {
+            assert_eq!(classify(path), pick, "{path}");
+        }
+        for path in [
+            "/_synapse/client/pick_username/check",
+            "/_synapse/client/pick_username/check/",
+            "/_synapse/client/pick_username/CHECK",
+            "/_synapse/client/pick_username/%63heck",
+            "/_synapse/client/pick_username/check%23x",
+        ] {
+            assert_eq!(classify(path), check, "{path}");
+        }
+        for path in [
+            "/_synapse/client/pick_username",
+            "/_synapse/client/pick_username/",
+            "/_synapse/client/pick_username/account_details/x",
+            "/_synapse/client/pick_username/check/x",
+            "/_synapse/client/pick_username/other",
+        ] {
+            assert_eq!(classify(path), Some(GuardedRoute::Unknown), "{path}");
+        }
+        for path in [
+            "/_synapse/client/new_user_consent",
+            "/_synapse/client/sso_register",
+            "/_synapse/client/oidc/callback",
+            "/_synapse/client/pick_idp",
+        ] {
+            assert_eq!(classify(path), None, "{path}");
+        }
     }
 
     #[test]

@@ -60,7 +60,12 @@ pub const EXIT_NOT_GUARDED: u8 = 1;
 pub const EXIT_CANNOT_RUN: u8 = 2;
 
 /// Every route the gate knows, each probed under every [`Variant`].
-pub const ROUTES: [GuardedRoute; 15] = [
+///
+/// The SSO picker's form (`…/pick_username/account_details`) is not probed:
+/// Synapse answers a pick without a session with an HTML page, which the
+/// probe cannot tell from a front proxy's; its check, under the same
+/// prefix, is.
+pub const ROUTES: [GuardedRoute; 16] = [
     GuardedRoute::Register(ApiVersion::R0),
     GuardedRoute::Register(ApiVersion::V3),
     GuardedRoute::Register(ApiVersion::Unstable),
@@ -76,6 +81,7 @@ pub const ROUTES: [GuardedRoute; 15] = [
     GuardedRoute::TokenValidity(ApiVersion::V1),
     GuardedRoute::TokenValidity(ApiVersion::Unstable),
     GuardedRoute::AdminRegister,
+    GuardedRoute::PickUsernameCheck,
 ];
 
 /// A registration body with a duplicate key (the gate always refuses it
@@ -357,21 +363,28 @@ impl Variant {
 
     /// The path of `canonical` spelled this way.
     fn spell(self, canonical: &str) -> String {
-        // Every canonical route path has exactly one `/register` segment.
-        let around_register = |replacement: &str| canonical.replacen("/register", replacement, 1);
+        // Every canonical route path has exactly one `/register` segment,
+        // or one `/pick_username`: the segment the variants spell around.
+        let pivot = if canonical.contains("/pick_username/") {
+            "/pick_username"
+        } else {
+            "/register"
+        };
+        let around_register = |replacement: &str| canonical.replacen(pivot, replacement, 1);
         match self {
             Variant::Canonical | Variant::OtherQuery => canonical.to_owned(),
             Variant::TrailingSlash => format!("{canonical}/"),
             Variant::DoubleSlashes => canonical.replace('/', "//"),
-            Variant::EscapedSlashUpper => around_register("%2Fregister"),
-            Variant::EscapedSlashLower => around_register("%2fregister"),
+            Variant::EscapedSlashUpper => around_register(&format!("%2F{}", &pivot[1..])),
+            Variant::EscapedSlashLower => around_register(&format!("%2f{}", &pivot[1..])),
             Variant::EverySlashEscaped => format!("/{}", canonical[1..].replace('/', "%2F")),
-            Variant::EscapedLetter => around_register("/r%65gister"),
-            Variant::DoubleEscapedLetter => around_register("/r%2565gister"),
+            // Both segments have an `e` to escape.
+            Variant::EscapedLetter => around_register(&pivot.replacen('e', "%65", 1)),
+            Variant::DoubleEscapedLetter => around_register(&pivot.replacen('e', "%2565", 1)),
             Variant::UpperCase => canonical.to_ascii_uppercase(),
-            Variant::DotSegments => around_register("/./probe/../register"),
-            Variant::EscapedDotSegment => around_register("/probe/%2e%2e/register"),
-            Variant::Params => around_register("/register;probe"),
+            Variant::DotSegments => around_register(&format!("/./probe/..{pivot}")),
+            Variant::EscapedDotSegment => around_register(&format!("/probe/%2e%2e{pivot}")),
+            Variant::Params => around_register(&format!("{pivot};probe")),
         }
     }
 }
@@ -448,7 +461,13 @@ fn request_for(route: GuardedRoute) -> HarmlessRequest {
         GuardedRoute::TokenValidity(_) => request("GET", "?token=probe&token=probe", "", None),
         // The nonce of shared-secret registration: a read.
         GuardedRoute::AdminRegister => request("GET", "", "?probe=1", None),
-        GuardedRoute::Unknown => request("GET", "", "", None),
+        // The name given twice, and no session cookie: the gate refuses
+        // the ambiguity; Synapse refuses a check without a session.
+        GuardedRoute::PickUsernameCheck => {
+            request("GET", "?username=probe&username=probe", "", None)
+        }
+        // Not probed (see `ROUTES`).
+        GuardedRoute::PickUsername | GuardedRoute::Unknown => request("GET", "", "", None),
     }
 }
 
@@ -1026,9 +1045,31 @@ mod tests {
                 );
             }
         }
+        for tail in ["account_details", "check", "other", "check/x"] {
+            let path = format!("/_synapse/client/pick_username/{tail}");
+            match classify(&path) {
+                // The form is left out on purpose (see `ROUTES`).
+                Some(GuardedRoute::Unknown | GuardedRoute::PickUsername) | None => {}
+                Some(route) => assert!(ROUTES.contains(&route), "{path}: {route:?}"),
+            }
+        }
         for route in ROUTES {
             assert_eq!(classify(&route.canonical_path()), Some(route));
         }
+    }
+
+    #[test]
+    fn the_picker_check_is_probed_in_every_spelling() {
+        let targets: std::collections::HashSet<String> = spellings()
+            .into_iter()
+            .filter(|s| s.route == GuardedRoute::PickUsernameCheck)
+            .map(|s| s.target)
+            .collect();
+        assert_eq!(targets.len(), VARIANTS.len());
+        assert!(targets
+            .contains("/_synapse/client/pick_us%65rname/check?username=probe&username=probe"));
+        assert!(targets
+            .contains("/_synapse%2Fclient%2Fpick_username%2Fcheck?username=probe&username=probe"));
     }
 
     /// What the gate's policy does with a probe (no rate limit involved).

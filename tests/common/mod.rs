@@ -49,8 +49,10 @@ impl Recorded {
 ///
 /// Answers: `/slow?ms=N` waits N ms before answering; `/_matrix/client/v3/sync`
 /// waits for its `timeout` parameter (a long-poll); `/download?bytes=N`
-/// streams N bytes; `POST /echo` answers with the request body; every other
-/// request gets `200 {"ok":true}`.
+/// streams N bytes; `POST /echo` answers with the request body; a pick at
+/// the SSO username picker is accepted the way Synapse accepts one (`302`
+/// to `/_synapse/client/sso_register`); every other request gets
+/// `200 {"ok":true}`.
 pub struct FakeHomeserver {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Recorded>>>,
@@ -223,6 +225,14 @@ async fn answer(
             response
                 .headers_mut()
                 .insert("x-hop", "dropped".parse().unwrap());
+            response
+        }
+        "/_synapse/client/pick_username/account_details" if parts.method == Method::POST => {
+            let mut response = json(StatusCode::FOUND, String::new());
+            response.headers_mut().remove("content-type");
+            response
+                .headers_mut()
+                .insert("location", "/_synapse/client/sso_register".parse().unwrap());
             response
         }
         "/echo" | "/_matrix/media/v3/upload" => {
