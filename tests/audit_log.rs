@@ -31,7 +31,6 @@ async fn every_decision_is_one_audit_line_without_secrets() {
         Method::POST,
         &gate.url("/_matrix/client/v3/register"),
         &[
-            ("authorization", auth.as_str()),
             ("user-agent", "Element/1.11 (test)"),
             ("x-test-status", "200"),
         ],
@@ -48,6 +47,14 @@ async fn every_decision_is_one_audit_line_without_secrets() {
         &with_secrets("bob"),
     )
     .await;
+    // A bridge's registration carries its token.
+    send(
+        Method::POST,
+        &gate.url("/_matrix/client/v3/register"),
+        &[("authorization", auth.as_str()), ("x-test-status", "200")],
+        r#"{"type":"m.login.application_service","username":"_bridge_a"}"#,
+    )
+    .await;
     // Pass-through traffic is not audited.
     send(Method::GET, &gate.url("/_matrix/client/versions"), &[], "").await;
 
@@ -59,7 +66,7 @@ async fn every_decision_is_one_audit_line_without_secrets() {
         .map(|l| serde_json::from_str(l).unwrap())
         .filter(|v: &serde_json::Value| v["target"] == "matrix_gatekeeper::audit")
         .collect();
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
     let allowed = &lines[0];
     assert_eq!(allowed["decision"], "allowed");
     assert_eq!(allowed["route"], "register");
@@ -75,6 +82,10 @@ async fn every_decision_is_one_audit_line_without_secrets() {
     assert_eq!(lines[1]["upstream_status"], 0);
     assert_eq!(lines[2]["decision"], "rate_limited");
     assert_eq!(lines[2]["rule"], "registrations_per_ip");
+    assert_eq!(lines[3]["decision"], "allowed");
+    assert_eq!(lines[3]["kind"], "appservice");
+    assert_eq!(lines[3]["appservice"], "unverified");
+    assert_eq!(lines[3]["username"], "_bridge_a");
 }
 
 /// The JSON log lines `filter` lets through while `run` runs; a subscriber
