@@ -20,12 +20,17 @@
 //! parameter given twice, a `requestToken` body without any field, and a
 //! `GET` of the shared-secret nonce.
 //!
+//! Besides, one read per base URL asks whether the homeserver delegates
+//! registration to an OAuth 2.0 server, where the gate does not stand
+//! ([`delegation`]): a warning in the report, not a verdict.
+//!
 //! The client is a minimal HTTP/1.1 client of its own (`wire`), so that
 //! every spelling goes on the wire exactly as written (general-purpose
 //! clients normalize dot segments or refuse some escapes), over plain TCP
 //! for `http://` and over TLS, verified against the public roots and any
 //! `--ca-file`, for `https://`.
 
+mod delegation;
 mod report;
 mod spelling;
 mod wire;
@@ -40,11 +45,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::config::HumanDuration;
+pub use delegation::{Delegation, DelegationCheck, AUTH_METADATA_PATHS};
 pub use report::{AnsweredBy, ProbeResult, Report, Summary};
 pub use spelling::{
     spellings, Spelling, Variant, REGISTER_BODY, REQUEST_TOKEN_BODY, ROUTES, VARIANTS,
 };
-use wire::{AnswerHead, Transport};
+use wire::{Answer, AnswerHead, Read, Transport};
 
 /// How long one probe may take (connect, send, answer head) by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -242,6 +248,16 @@ impl BaseUrl {
         })
     }
 
+    /// A path and query with the URL's prefix put before it.
+    fn target(&self, path_and_query: &str) -> String {
+        format!("{}{path_and_query}", self.prefix)
+    }
+
+    /// The full URL of `target` (prefix included) at this base URL.
+    fn url_of(&self, target: &str) -> String {
+        format!("{}://{}{target}", self.scheme.as_str(), self.authority)
+    }
+
     /// The name the server's certificate must be valid for, also sent as
     /// SNI: the host part of `host_header` (`--host`) when given, since a
     /// tunnel's or an address's certificate is the public name's; else the
@@ -311,9 +327,17 @@ pub async fn run(urls: &[BaseUrl], options: &Options) -> Report {
         .any(|url| url.scheme == Scheme::Https)
         .then(|| wire::tls_connector(&options.extra_roots));
     let mut tasks = JoinSet::new();
+    let mut checks = JoinSet::new();
     let mut index = 0usize;
-    for base in urls {
+    for (position, base) in urls.iter().enumerate() {
         let transport = Arc::new(transport_for(base, options, tls.as_ref()));
+        {
+            let (base, options, transport) = (base.clone(), options.clone(), transport.clone());
+            checks.spawn(async move {
+                let check = delegation::check(&base, &options, &transport).await;
+                (position, check)
+            });
+        }
         for spelling in &spellings {
             let base = base.clone();
             let spelling = spelling.clone();
@@ -338,9 +362,16 @@ pub async fn run(urls: &[BaseUrl], options: &Options) -> Report {
             results[position] = Some(result);
         }
     }
+    let mut delegation: Vec<Option<DelegationCheck>> = vec![None; urls.len()];
+    while let Some(joined) = checks.join_next().await {
+        if let Ok((position, check)) = joined {
+            delegation[position] = Some(check);
+        }
+    }
     Report {
         urls: urls.iter().map(|u| u.text.clone()).collect(),
         probes: results.into_iter().flatten().collect(),
+        delegation: delegation.into_iter().flatten().collect(),
     }
 }
 
@@ -397,12 +428,12 @@ async fn probe_one(
     options: &Options,
     transport: &Result<Transport, String>,
 ) -> ProbeResult {
-    let target = format!("{}{}", base.prefix, spelling.target);
+    let target = base.target(&spelling.target);
     let mut result = ProbeResult {
         route: spelling.route.canonical_path().into_owned(),
         spelling: spelling.variant.name().to_owned(),
         method: spelling.method,
-        url: format!("{}://{}{target}", base.scheme.as_str(), base.authority),
+        url: base.url_of(&target),
         base_url: base.text.clone(),
         answered_by: AnsweredBy::Nothing,
         status: None,
@@ -419,23 +450,49 @@ async fn probe_one(
             return result;
         }
     };
-    let host = options.host.as_deref().unwrap_or(&base.authority);
-    let request = wire::request_bytes(spelling.method, &target, host, spelling.body);
-    let exchange = wire::send(&base.host, base.port, transport, &request);
-    match tokio::time::timeout(options.timeout, exchange).await {
-        Ok(Ok(head)) => {
+    let request = Request {
+        method: spelling.method,
+        target: &target,
+        body: spelling.body,
+    };
+    match exchange(base, &request, options, transport, Read::Head).await {
+        Ok(answer) => {
+            let head = answer.head;
             result.answered_by = classify_answer(&head);
             result.status = Some(head.status);
             result.marker = head.marker;
             result.server = head.server;
             result.content_type = head.content_type;
         }
-        Ok(Err(error)) => result.error = Some(error),
-        Err(_) => {
-            result.error = Some(format!("no answer within {:?}", options.timeout));
-        }
+        Err(error) => result.error = Some(error),
     }
     result
+}
+
+/// One request to a base URL.
+struct Request<'a> {
+    method: &'static str,
+    /// Path and query, the base URL's prefix included.
+    target: &'a str,
+    body: Option<&'static str>,
+}
+
+/// Sends `request` to `base` and reads the answer as `read` says, within
+/// the run's timeout.
+async fn exchange(
+    base: &BaseUrl,
+    request: &Request<'_>,
+    options: &Options,
+    transport: &Transport,
+    read: Read,
+) -> Result<Answer, String> {
+    let host = options.host.as_deref().unwrap_or(&base.authority);
+    let bytes = wire::request_bytes(request.method, request.target, host, request.body);
+    let sent = wire::send(&base.host, base.port, transport, &bytes, read);
+    match tokio::time::timeout(options.timeout, sent).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("no answer within {:?}", options.timeout)),
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,12 @@
 //! The probe's findings: who answered each probe, the counts, the verdict
-//! (the exit status), and the report as a table or as JSON.
+//! (the exit status), the warnings that do not change it (registration
+//! delegated to an OAuth 2.0 server), and the report as a table or as JSON.
 
 use std::fmt::{self, Write as _};
 
 use serde::Serialize;
 
-use super::{EXIT_CANNOT_RUN, EXIT_GUARDED, EXIT_NOT_GUARDED};
+use super::{DelegationCheck, EXIT_CANNOT_RUN, EXIT_GUARDED, EXIT_NOT_GUARDED};
 
 /// Who answered a probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -74,6 +75,9 @@ pub struct Report {
     pub urls: Vec<String>,
     /// One result per URL and spelling.
     pub probes: Vec<ProbeResult>,
+    /// Per URL, whether the homeserver delegates registration to an
+    /// OAuth 2.0 server.
+    pub delegation: Vec<DelegationCheck>,
 }
 
 /// Counts of a report.
@@ -142,8 +146,18 @@ impl Report {
         }
     }
 
+    /// Findings that do not change the exit status: each URL whose
+    /// homeserver delegates registration to an OAuth 2.0 server.
+    pub fn warnings(&self) -> Vec<String> {
+        self.delegation
+            .iter()
+            .filter_map(DelegationCheck::warning)
+            .collect()
+    }
+
     /// The report as JSON: the URLs, every probe, the counts, the labels of
-    /// the probes that were not guarded, and the exit status.
+    /// the probes that were not guarded, what each URL said about
+    /// delegation, the warnings, and the exit status.
     pub fn to_json(&self) -> String {
         #[derive(Serialize)]
         struct Json<'a> {
@@ -152,6 +166,8 @@ impl Report {
             summary: Summary,
             not_guarded: Vec<String>,
             unreachable: Vec<&'a str>,
+            delegation: &'a [DelegationCheck],
+            warnings: Vec<String>,
             exit_status: u8,
         }
         let json = Json {
@@ -163,6 +179,8 @@ impl Report {
                 .map(|p| format!("{} at {}", p.label, p.base_url))
                 .collect(),
             unreachable: self.unreachable(),
+            delegation: &self.delegation,
+            warnings: self.warnings(),
             exit_status: self.exit_status(),
         };
         // Plain strings and numbers: serializing cannot fail.
@@ -243,6 +261,13 @@ impl fmt::Display for Report {
             )?;
             for p in not_guarded {
                 writeln!(f, "  {} at {}  ({})", p.label, p.base_url, p.url)?;
+            }
+        }
+        // Where nothing answered, the delegation read failed too: that URL's
+        // line below says so once.
+        for check in &self.delegation {
+            if !unreachable.contains(&check.base_url.as_str()) {
+                writeln!(f, "{}", check.line())?;
             }
         }
         for url in unreachable {
