@@ -572,20 +572,46 @@ async fn an_https_url_whose_handshake_fails_is_a_probe_that_could_not_run() {
     gate.shutdown().await;
 }
 
+/// The metadata answer of a homeserver that does not delegate, at `path`.
+fn not_delegated_at(path: &'static str) -> FixedAnswer {
+    FixedAnswer {
+        path,
+        status: 404,
+        json: NOT_DELEGATED,
+    }
+}
+
+/// Probes through a gate a homeserver that gives the `fixed` metadata
+/// answers: the base URL, the report, its JSON, and the paths of the
+/// metadata reads the homeserver received. Whatever the metadata says, the
+/// verdict is the gate's (every spelling answered by it, none reaching the
+/// homeserver).
+async fn probe_through_a_gate_to(
+    fixed: &[FixedAnswer],
+) -> (String, Report, serde_json::Value, Vec<String>) {
+    let hs = FakeHomeserver::start_answering(fixed).await;
+    let gate = Gate::start(&hs.url(), "").await;
+    let base = gate.url("");
+    let report = probe_urls(std::slice::from_ref(&base)).await;
+    assert_eq!(report.exit_status(), EXIT_GUARDED, "{report}");
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("JSON");
+    assert_eq!(json["exit_status"], 0);
+    let (probes, reads) = registration_probes_and_metadata_reads(&hs);
+    assert!(probes.is_empty(), "{probes:?}");
+    gate.shutdown().await;
+    (base, report, json, reads)
+}
+
 #[tokio::test]
 async fn a_homeserver_that_delegates_registration_to_an_oauth_server_is_named_with_a_warning() {
-    let hs = FakeHomeserver::start_answering(&[FixedAnswer {
+    // A warning, not a verdict on the gate's placement (checked by the
+    // helper): every spelling of /register is still answered by the gate.
+    let (base, report, json, reads) = probe_through_a_gate_to(&[FixedAnswer {
         path: AUTH_METADATA,
         status: 200,
         json: MAS_METADATA,
     }])
     .await;
-    let gate = Gate::start(&hs.url(), "").await;
-    let base = gate.url("");
-    let report = probe_urls(std::slice::from_ref(&base)).await;
-    // A warning, not a verdict on the gate's placement: every spelling of
-    // /register is still answered by the gate.
-    assert_eq!(report.exit_status(), EXIT_GUARDED, "{report}");
     let text = report.to_string();
     let warning = format!(
         "WARNING: registration at {base} is delegated to the OAuth 2.0 server \
@@ -594,9 +620,7 @@ async fn a_homeserver_that_delegates_registration_to_an_oauth_server_is_named_wi
          through /register, and the gate does not guard them ({base}{AUTH_METADATA} answered 200)"
     );
     assert!(text.contains(&warning), "{text}");
-    let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("JSON");
     assert_eq!(json["warnings"], serde_json::json!([warning]));
-    assert_eq!(json["exit_status"], 0);
     assert_eq!(
         json["delegation"],
         serde_json::json!([{
@@ -608,21 +632,14 @@ async fn a_homeserver_that_delegates_registration_to_an_oauth_server_is_named_wi
             "account_management_uri": "https://auth.example.org/account/",
         }])
     );
-    // The gate passed the read through untouched; the stable path answered,
-    // so the unstable one was not asked.
-    let (probes, reads) = registration_probes_and_metadata_reads(&hs);
-    assert!(probes.is_empty(), "{probes:?}");
+    // The gate passed the read through; the stable path answered, so the
+    // unstable one was not asked.
     assert_eq!(reads, [AUTH_METADATA]);
-    gate.shutdown().await;
 
     // An older homeserver publishes the metadata under the unstable path
     // only: asked after the stable path's 404.
     let older = FakeHomeserver::start_answering(&[
-        FixedAnswer {
-            path: AUTH_METADATA,
-            status: 404,
-            json: NOT_DELEGATED,
-        },
+        not_delegated_at(AUTH_METADATA),
         FixedAnswer {
             path: AUTH_METADATA_UNSTABLE,
             status: 200,
@@ -649,23 +666,11 @@ async fn a_homeserver_that_delegates_registration_to_an_oauth_server_is_named_wi
 
 #[tokio::test]
 async fn a_homeserver_that_does_not_delegate_registration_gets_no_warning() {
-    let hs = FakeHomeserver::start_answering(&[
-        FixedAnswer {
-            path: AUTH_METADATA,
-            status: 404,
-            json: NOT_DELEGATED,
-        },
-        FixedAnswer {
-            path: AUTH_METADATA_UNSTABLE,
-            status: 404,
-            json: NOT_DELEGATED,
-        },
+    let (base, report, json, reads) = probe_through_a_gate_to(&[
+        not_delegated_at(AUTH_METADATA),
+        not_delegated_at(AUTH_METADATA_UNSTABLE),
     ])
     .await;
-    let gate = Gate::start(&hs.url(), "").await;
-    let base = gate.url("");
-    let report = probe_urls(std::slice::from_ref(&base)).await;
-    assert_eq!(report.exit_status(), EXIT_GUARDED, "{report}");
     let text = report.to_string();
     assert!(!text.contains("WARNING"), "{text}");
     assert!(
@@ -675,7 +680,6 @@ async fn a_homeserver_that_does_not_delegate_registration_gets_no_warning() {
         )),
         "{text}"
     );
-    let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("JSON");
     assert_eq!(json["warnings"], serde_json::json!([]));
     assert_eq!(
         json["delegation"],
@@ -687,9 +691,6 @@ async fn a_homeserver_that_does_not_delegate_registration_gets_no_warning() {
             "errcode": "M_UNRECOGNIZED",
         }])
     );
-    // Both paths asked, stable first; no registration probe got through.
-    let (probes, reads) = registration_probes_and_metadata_reads(&hs);
-    assert!(probes.is_empty(), "{probes:?}");
+    // Both paths asked, stable first.
     assert_eq!(reads, [AUTH_METADATA, AUTH_METADATA_UNSTABLE]);
-    gate.shutdown().await;
 }

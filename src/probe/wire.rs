@@ -199,7 +199,6 @@ where
     // A TLS stream holds written bytes until flushed.
     stream.flush().await.map_err(|e| format!("sending: {e}"))?;
     let mut buffer: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut response = httparse::Response::new(&mut headers);
@@ -250,18 +249,13 @@ where
         if buffer.len() > MAX_HEAD_BYTES {
             return Err("answer head too large".to_owned());
         }
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading: {e}"))?;
-        if n == 0 {
+        if read_more(&mut stream, &mut buffer).await? == 0 {
             return Err(if buffer.is_empty() {
                 "connection closed without an answer".to_owned()
             } else {
                 "connection closed in the answer head".to_owned()
             });
         }
-        buffer.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -275,7 +269,6 @@ async fn read_body<S>(
 where
     S: AsyncRead + Unpin,
 {
-    let mut chunk = [0u8; 4096];
     loop {
         if let Some(body) = complete_body(&buffer, framing)? {
             return Ok(body);
@@ -283,18 +276,28 @@ where
         if buffer.len() > MAX_BODY_BYTES {
             return Err("answer body too large".to_owned());
         }
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading: {e}"))?;
-        if n == 0 {
+        if read_more(stream, &mut buffer).await? == 0 {
             return match framing {
                 Framing::Close => Ok(buffer),
                 _ => Err("connection closed in the answer body".to_owned()),
             };
         }
-        buffer.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Reads what the stream has next onto `buffer`: the number of bytes
+/// read, `0` at its end.
+async fn read_more<S>(stream: &mut S, buffer: &mut Vec<u8>) -> Result<usize, String>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; 4096];
+    let n = stream
+        .read(&mut chunk)
+        .await
+        .map_err(|e| format!("reading: {e}"))?;
+    buffer.extend_from_slice(&chunk[..n]);
+    Ok(n)
 }
 
 /// The body, if `buffer` holds all of it.
