@@ -140,6 +140,11 @@ Exit status: 0 every probe was answered by the gate; 1 some spelling reached
 something else (named in the output) or got no answer; 2 the probe could not
 run (a bad argument, or nothing answered at a URL).
 
+Each URL is also asked for GET /_matrix/client/v1/auth_metadata: a homeserver
+that delegates registration to an OAuth 2.0 server (Matrix Authentication
+Service) is named in a WARNING line, as the gate does not guard it there;
+the exit status stays as above.
+
 HTTPS: certificates are checked against the public roots built in (and
 --ca-file), for the URL's host or --host's. A failed handshake counts as no
 answer; a URL where none succeeds is named with the reason (exit status 2).

@@ -2,8 +2,10 @@
 //! stand-in homeserver: through the gate every spelling is answered by the
 //! gate (enforce and shadow mode, rate limits included); through a front
 //! that sends some spellings around the gate exactly those are named; the
-//! homeserver reached directly receives nothing that could register; and
-//! the marker header is on guarded answers only.
+//! homeserver reached directly receives nothing that could register; the
+//! marker header is on guarded answers only; and a homeserver that delegates
+//! registration to an OAuth 2.0 server (Matrix Authentication Service) is
+//! named with a warning.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::net::SocketAddr;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{get, post_json, raw_exchange, FakeHomeserver, Gate, Recorded};
+use common::{get, post_json, raw_exchange, FakeHomeserver, FixedAnswer, Gate, Recorded};
 use matrix_gatekeeper::probe::{
     self, spellings, AnsweredBy, BaseUrl, Options, Report, Variant, EXIT_CANNOT_RUN, EXIT_GUARDED,
     EXIT_NOT_GUARDED, ROUTES, VARIANTS,
@@ -33,6 +35,40 @@ async fn probe_urls(urls: &[String]) -> Report {
 
 fn probes_per_url() -> usize {
     ROUTES.len() * VARIANTS.len()
+}
+
+/// Where a homeserver publishes its OAuth 2.0 server's metadata: the stable
+/// path, and the one servers used before it was specified.
+const AUTH_METADATA: &str = "/_matrix/client/v1/auth_metadata";
+const AUTH_METADATA_UNSTABLE: &str = "/_matrix/client/unstable/org.matrix.msc2965/auth_metadata";
+
+/// A homeserver without OAuth 2.0 delegation answers both paths this way.
+const NOT_DELEGATED: &str = r#"{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}"#;
+
+/// The metadata of a Matrix Authentication Service at auth.example.org, as
+/// a homeserver that delegates to it serves it.
+const MAS_METADATA: &str = r#"{"issuer":"https://auth.example.org/",
+  "authorization_endpoint":"https://auth.example.org/authorize",
+  "token_endpoint":"https://auth.example.org/oauth2/token",
+  "registration_endpoint":"https://auth.example.org/oauth2/registration",
+  "revocation_endpoint":"https://auth.example.org/oauth2/revoke",
+  "account_management_uri":"https://auth.example.org/account/",
+  "response_types_supported":["code"],"response_modes_supported":["query","fragment"],
+  "grant_types_supported":["authorization_code","refresh_token"],
+  "code_challenge_methods_supported":["S256"],"prompt_values_supported":["create"]}"#;
+
+/// What a homeserver received besides the `auth_metadata` reads, and the
+/// paths of those reads in the order received (each a bodyless `GET`).
+fn registration_probes_and_metadata_reads(hs: &FakeHomeserver) -> (Vec<Recorded>, Vec<String>) {
+    let (reads, probes): (Vec<Recorded>, Vec<Recorded>) = hs
+        .requests()
+        .into_iter()
+        .partition(|r| r.target == AUTH_METADATA || r.target == AUTH_METADATA_UNSTABLE);
+    for read in &reads {
+        assert_eq!(read.method, "GET", "{read:?}");
+        assert!(read.body.is_empty(), "{read:?}");
+    }
+    (probes, reads.into_iter().map(|r| r.target).collect())
 }
 
 /// A front proxy with too narrow a rule, like a regex location that only
@@ -164,8 +200,11 @@ async fn through_the_gate_every_spelling_is_answered_by_the_gate() {
         "the limits were reached"
     );
     assert_eq!(report.exit_status(), EXIT_GUARDED);
-    // The gate refuses every probe: the homeserver saw none of them.
-    hs.assert_saw_nothing("probes through the gate");
+    // The gate refuses every probe: the homeserver saw none of them, only
+    // the read of its OAuth 2.0 metadata, which the gate passes through.
+    let (probes, reads) = registration_probes_and_metadata_reads(&hs);
+    assert!(probes.is_empty(), "{probes:?}");
+    assert_eq!(reads, [AUTH_METADATA]);
     let text = report.to_string();
     assert!(
         text.contains("208 probes at 1 URL(s): 208 answered by the gate"),
@@ -187,9 +226,10 @@ async fn a_shadow_mode_gate_still_answers_every_spelling() {
         assert_eq!(result.marker.as_deref(), Some("would_refuse"), "{result:?}");
         assert_eq!(result.status, Some(200), "{result:?}");
     }
-    let seen = hs.requests();
+    let (seen, reads) = registration_probes_and_metadata_reads(&hs);
     assert_eq!(seen.len(), probes_per_url());
     assert_harmless(&seen);
+    assert_eq!(reads, [AUTH_METADATA]);
     gate.shutdown().await;
 }
 
@@ -237,9 +277,10 @@ async fn spellings_that_walk_around_the_gate_are_named() {
 
     // What reached the homeserver is exactly what walked around the gate,
     // and none of it could register.
-    let seen = hs.requests();
+    let (seen, reads) = registration_probes_and_metadata_reads(&hs);
     assert_eq!(seen.len(), expected.len());
     assert_harmless(&seen);
+    assert_eq!(reads, [AUTH_METADATA]);
     gate.shutdown().await;
 }
 
@@ -249,9 +290,10 @@ async fn probes_sent_straight_to_a_homeserver_are_harmless() {
     let report = probe_urls(&[hs.url()]).await;
     assert_eq!(report.exit_status(), EXIT_NOT_GUARDED);
     assert_eq!(report.not_guarded().count(), probes_per_url());
-    let seen = hs.requests();
+    let (seen, reads) = registration_probes_and_metadata_reads(&hs);
     assert_eq!(seen.len(), probes_per_url());
     assert_harmless(&seen);
+    assert_eq!(reads, [AUTH_METADATA]);
     // Every spelling went on the wire as written, dot segments and escapes
     // included.
     let targets: Vec<&str> = seen.iter().map(|r| r.target.as_str()).collect();
@@ -484,7 +526,11 @@ async fn the_command_exits_with_the_verdict_and_speaks_json() {
     }
     // Every probe of the guarded run was refused by the gate; only the
     // bypassing ones reached the homeserver.
-    assert_harmless(&hs.requests());
+    let (seen, reads) = registration_probes_and_metadata_reads(&hs);
+    assert_harmless(&seen);
+    // One read per run that reached the homeserver (the guarded run, the
+    // bypassed run with --json, and the table).
+    assert_eq!(reads, [AUTH_METADATA; 3]);
     gate.shutdown().await;
 }
 
@@ -517,6 +563,136 @@ async fn an_https_url_whose_handshake_fails_is_a_probe_that_could_not_run() {
         stdout.contains(&format!("NOTHING ANSWERED at {https_url} (TLS handshake: ")),
         "{stdout}"
     );
-    hs.assert_saw_nothing("probes that never got past TLS");
+    // Only the plain URL's run reached the homeserver, and only with the
+    // metadata read.
+    let (probes, reads) = registration_probes_and_metadata_reads(&hs);
+    assert!(
+        probes.is_empty(),
+        "probes that never got past TLS: {probes:?}"
+    );
+    assert_eq!(reads, [AUTH_METADATA]);
     gate.shutdown().await;
+}
+
+/// The metadata answer of a homeserver that does not delegate, at `path`.
+fn not_delegated_at(path: &'static str) -> FixedAnswer {
+    FixedAnswer {
+        path,
+        status: 404,
+        json: NOT_DELEGATED,
+    }
+}
+
+/// Probes through a gate a homeserver that gives the `fixed` metadata
+/// answers: the base URL, the report, its JSON, and the paths of the
+/// metadata reads the homeserver received. Whatever the metadata says, the
+/// verdict is the gate's (every spelling answered by it, none reaching the
+/// homeserver).
+async fn probe_through_a_gate_to(
+    fixed: &[FixedAnswer],
+) -> (String, Report, serde_json::Value, Vec<String>) {
+    let hs = FakeHomeserver::start_answering(fixed).await;
+    let gate = Gate::start(&hs.url(), "").await;
+    let base = gate.url("");
+    let report = probe_urls(std::slice::from_ref(&base)).await;
+    assert_eq!(report.exit_status(), EXIT_GUARDED, "{report}");
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).expect("JSON");
+    assert_eq!(json["exit_status"], 0);
+    let (probes, reads) = registration_probes_and_metadata_reads(&hs);
+    assert!(probes.is_empty(), "{probes:?}");
+    gate.shutdown().await;
+    (base, report, json, reads)
+}
+
+#[tokio::test]
+async fn a_homeserver_that_delegates_registration_to_an_oauth_server_is_named_with_a_warning() {
+    // A warning, not a verdict on the gate's placement (checked by the
+    // helper): every spelling of /register is still answered by the gate.
+    let (base, report, json, reads) = probe_through_a_gate_to(&[FixedAnswer {
+        path: AUTH_METADATA,
+        status: 200,
+        json: MAS_METADATA,
+    }])
+    .await;
+    let text = report.to_string();
+    let warning = format!(
+        "WARNING: registration at {base} is delegated to the OAuth 2.0 server \
+         https://auth.example.org/ (Matrix Authentication Service or another): accounts are \
+         made on its own pages (account management at https://auth.example.org/account/), not \
+         through /register, and the gate does not guard them ({base}{AUTH_METADATA} answered 200)"
+    );
+    assert!(text.contains(&warning), "{text}");
+    assert_eq!(json["warnings"], serde_json::json!([warning]));
+    assert_eq!(
+        json["delegation"],
+        serde_json::json!([{
+            "base_url": base,
+            "url": format!("{base}{AUTH_METADATA}"),
+            "status": 200,
+            "outcome": "delegated",
+            "issuer": "https://auth.example.org/",
+            "account_management_uri": "https://auth.example.org/account/",
+        }])
+    );
+    // The gate passed the read through; the stable path answered, so the
+    // unstable one was not asked.
+    assert_eq!(reads, [AUTH_METADATA]);
+
+    // An older homeserver publishes the metadata under the unstable path
+    // only: asked after the stable path's 404.
+    let older = FakeHomeserver::start_answering(&[
+        not_delegated_at(AUTH_METADATA),
+        FixedAnswer {
+            path: AUTH_METADATA_UNSTABLE,
+            status: 200,
+            json: r#"{"issuer":"https://auth.example.org/"}"#,
+        },
+    ])
+    .await;
+    let report = probe_urls(&[older.url()]).await;
+    let text = report.to_string();
+    assert!(
+        text.contains(&format!(
+            "WARNING: registration at {} is delegated to the OAuth 2.0 server \
+             https://auth.example.org/ (Matrix Authentication Service or another): accounts are \
+             made on its own pages, not through /register, and the gate does not guard them \
+             ({}{AUTH_METADATA_UNSTABLE} answered 200)",
+            older.url(),
+            older.url()
+        )),
+        "{text}"
+    );
+    let (_, reads) = registration_probes_and_metadata_reads(&older);
+    assert_eq!(reads, [AUTH_METADATA, AUTH_METADATA_UNSTABLE]);
+}
+
+#[tokio::test]
+async fn a_homeserver_that_does_not_delegate_registration_gets_no_warning() {
+    let (base, report, json, reads) = probe_through_a_gate_to(&[
+        not_delegated_at(AUTH_METADATA),
+        not_delegated_at(AUTH_METADATA_UNSTABLE),
+    ])
+    .await;
+    let text = report.to_string();
+    assert!(!text.contains("WARNING"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "registration at {base} is not delegated to an OAuth 2.0 server \
+             ({base}{AUTH_METADATA_UNSTABLE} answered 404 M_UNRECOGNIZED)"
+        )),
+        "{text}"
+    );
+    assert_eq!(json["warnings"], serde_json::json!([]));
+    assert_eq!(
+        json["delegation"],
+        serde_json::json!([{
+            "base_url": base,
+            "url": format!("{base}{AUTH_METADATA_UNSTABLE}"),
+            "status": 404,
+            "outcome": "not_delegated",
+            "errcode": "M_UNRECOGNIZED",
+        }])
+    );
+    // Both paths asked, stable first.
+    assert_eq!(reads, [AUTH_METADATA, AUTH_METADATA_UNSTABLE]);
 }

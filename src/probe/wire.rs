@@ -1,6 +1,6 @@
 //! The probe's own HTTP/1.1 client: one request per connection, written
 //! byte for byte as spelled, over plain TCP or TLS, and the head of the
-//! answer read back.
+//! answer read back (and, for the few reads that need it, a bounded body).
 //!
 //! General-purpose clients normalize dot segments or refuse some escapes,
 //! which would hide exactly the spellings the probe is about; this one puts
@@ -23,6 +23,10 @@ use crate::gate::MARKER_HEADER;
 /// The largest answer head read; anything longer is not a Matrix answer.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// The largest answer body read: an OAuth 2.0 server's metadata is a few
+/// kilobytes.
+const MAX_BODY_BYTES: usize = 256 * 1024;
+
 /// The only application protocol offered: the exchange is HTTP/1.1, so a
 /// server that would pick HTTP/2 must not be allowed to.
 const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
@@ -33,6 +37,31 @@ pub(super) struct AnswerHead {
     pub(super) marker: Option<String>,
     pub(super) server: Option<String>,
     pub(super) content_type: Option<String>,
+}
+
+/// How much of an answer to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Read {
+    /// The head only: who answered, and how.
+    Head,
+    /// The head and the body (at most [`MAX_BODY_BYTES`]).
+    HeadAndBody,
+}
+
+/// An answer: its head, and its body when asked for (else empty).
+pub(super) struct Answer {
+    pub(super) head: AnswerHead,
+    pub(super) body: Vec<u8>,
+}
+
+/// How an answer's body ends.
+enum Framing {
+    /// After this many bytes.
+    Length(usize),
+    /// With a zero-size chunk.
+    Chunked,
+    /// When the server closes the connection (the request asked it to).
+    Close,
 }
 
 /// How the bytes reach a base URL.
@@ -131,18 +160,19 @@ pub(super) fn request_bytes(method: &str, target: &str, host: &str, body: Option
 }
 
 /// Connects (with a TLS handshake for `https://`), sends `request`, and
-/// reads the answer's head.
+/// reads the answer's head, and its body when `read` says so.
 pub(super) async fn send(
     host: &str,
     port: u16,
     transport: &Transport,
     request: &[u8],
-) -> Result<AnswerHead, String> {
+    read: Read,
+) -> Result<Answer, String> {
     let tcp = TcpStream::connect((host, port))
         .await
         .map_err(|error| error.to_string())?;
     match transport {
-        Transport::Plain => exchange(tcp, request).await,
+        Transport::Plain => exchange(tcp, request, read).await,
         Transport::Tls {
             connector,
             server_name,
@@ -151,13 +181,14 @@ pub(super) async fn send(
                 .connect(server_name.clone(), tcp)
                 .await
                 .map_err(|error| format!("TLS handshake: {error}"))?;
-            exchange(tls, request).await
+            exchange(tls, request, read).await
         }
     }
 }
 
-/// Sends `request` and reads the answer's head (skipping `1xx` heads).
-async fn exchange<S>(mut stream: S, request: &[u8]) -> Result<AnswerHead, String>
+/// Sends `request` and reads the answer's head (skipping `1xx` heads), then
+/// its body if `read` asks for it.
+async fn exchange<S>(mut stream: S, request: &[u8], read: Read) -> Result<Answer, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -168,7 +199,6 @@ where
     // A TLS stream holds written bytes until flushed.
     stream.flush().await.map_err(|e| format!("sending: {e}"))?;
     let mut buffer: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut response = httparse::Response::new(&mut headers);
@@ -186,12 +216,32 @@ where
                         .find(|h| h.name.eq_ignore_ascii_case(name))
                         .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
                 };
-                return Ok(AnswerHead {
+                let head = AnswerHead {
                     status,
                     marker: header(MARKER_HEADER),
                     server: header("server"),
                     content_type: header("content-type"),
-                });
+                };
+                if read == Read::Head {
+                    return Ok(Answer {
+                        head,
+                        body: Vec::new(),
+                    });
+                }
+                let chunked = header("transfer-encoding")
+                    .is_some_and(|value| value.to_ascii_lowercase().contains("chunked"));
+                let framing = match header("content-length") {
+                    _ if chunked => Framing::Chunked,
+                    Some(length) => Framing::Length(
+                        length
+                            .parse()
+                            .map_err(|_| format!("bad Content-Length {length:?}"))?,
+                    ),
+                    None => Framing::Close,
+                };
+                buffer.drain(..length);
+                let body = read_body(&mut stream, buffer, &framing).await?;
+                return Ok(Answer { head, body });
             }
             Ok(httparse::Status::Partial) => {}
             Err(error) => return Err(format!("not an HTTP answer ({error})")),
@@ -199,24 +249,113 @@ where
         if buffer.len() > MAX_HEAD_BYTES {
             return Err("answer head too large".to_owned());
         }
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("reading: {e}"))?;
-        if n == 0 {
+        if read_more(&mut stream, &mut buffer).await? == 0 {
             return Err(if buffer.is_empty() {
                 "connection closed without an answer".to_owned()
             } else {
                 "connection closed in the answer head".to_owned()
             });
         }
-        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Reads the rest of a body whose first bytes are `buffer`, up to
+/// [`MAX_BODY_BYTES`].
+async fn read_body<S>(
+    stream: &mut S,
+    mut buffer: Vec<u8>,
+    framing: &Framing,
+) -> Result<Vec<u8>, String>
+where
+    S: AsyncRead + Unpin,
+{
+    loop {
+        if let Some(body) = complete_body(&buffer, framing)? {
+            return Ok(body);
+        }
+        if buffer.len() > MAX_BODY_BYTES {
+            return Err("answer body too large".to_owned());
+        }
+        if read_more(stream, &mut buffer).await? == 0 {
+            return match framing {
+                Framing::Close => Ok(buffer),
+                _ => Err("connection closed in the answer body".to_owned()),
+            };
+        }
+    }
+}
+
+/// Reads what the stream has next onto `buffer`: the number of bytes
+/// read, `0` at its end.
+async fn read_more<S>(stream: &mut S, buffer: &mut Vec<u8>) -> Result<usize, String>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; 4096];
+    let n = stream
+        .read(&mut chunk)
+        .await
+        .map_err(|e| format!("reading: {e}"))?;
+    buffer.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+/// The body, if `buffer` holds all of it.
+fn complete_body(buffer: &[u8], framing: &Framing) -> Result<Option<Vec<u8>>, String> {
+    match framing {
+        Framing::Length(length) => {
+            Ok((buffer.len() >= *length).then(|| buffer[..*length].to_vec()))
+        }
+        Framing::Close => Ok(None),
+        Framing::Chunked => {
+            let mut body = Vec::new();
+            let mut rest = buffer;
+            loop {
+                let (start, size) = match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete(found)) => found,
+                    Ok(httparse::Status::Partial) => return Ok(None),
+                    Err(_) => return Err("bad chunk in the answer body".to_owned()),
+                };
+                let size = usize::try_from(size)
+                    .ok()
+                    .filter(|size| *size <= MAX_BODY_BYTES)
+                    .ok_or("answer body too large")?;
+                if size == 0 {
+                    // Trailers, if any, are of no use here.
+                    return Ok(Some(body));
+                }
+                // The chunk and the CRLF after it.
+                let Some(data) = rest.get(start..start + size + 2) else {
+                    return Ok(None);
+                };
+                body.extend_from_slice(&data[..size]);
+                rest = &rest[start + size + 2..];
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_end_as_their_framing_says() {
+        let length = Framing::Length(5);
+        assert_eq!(complete_body(b"hel", &length), Ok(None));
+        assert_eq!(
+            complete_body(b"hello", &length),
+            Ok(Some(b"hello".to_vec()))
+        );
+        let chunked = Framing::Chunked;
+        assert_eq!(complete_body(b"3\r\nhel\r\n", &chunked), Ok(None));
+        assert_eq!(
+            complete_body(b"3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\n\r\n", &chunked),
+            Ok(Some(b"hello".to_vec()))
+        );
+        assert!(complete_body(b"zz\r\n", &chunked).is_err());
+        assert_eq!(complete_body(b"anything", &Framing::Close), Ok(None));
+    }
 
     #[test]
     fn the_host_part_drops_the_port_and_brackets() {

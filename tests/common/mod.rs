@@ -52,15 +52,32 @@ impl Recorded {
 /// streams N bytes; `POST /echo` answers with the request body; a pick at
 /// the SSO username picker is accepted the way Synapse accepts one (`302`
 /// to `/_synapse/client/sso_register`); every other request gets
-/// `200 {"ok":true}`.
+/// `200 {"ok":true}`, unless the homeserver was started with a
+/// [`FixedAnswer`] for its path.
 pub struct FakeHomeserver {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Recorded>>>,
     _stop: oneshot::Sender<()>,
 }
 
+/// An answer the fake homeserver gives to every request for one exact path
+/// (query ignored), whatever the method: a status and a JSON body.
+#[derive(Debug, Clone, Copy)]
+pub struct FixedAnswer {
+    pub path: &'static str,
+    pub status: u16,
+    pub json: &'static str,
+}
+
 impl FakeHomeserver {
     pub async fn start() -> FakeHomeserver {
+        FakeHomeserver::start_answering(&[]).await
+    }
+
+    /// A fake homeserver that gives `fixed` answers to their paths, and
+    /// answers every other request as [`FakeHomeserver::start`]'s does.
+    pub async fn start_answering(fixed: &[FixedAnswer]) -> FakeHomeserver {
+        let fixed: Arc<[FixedAnswer]> = fixed.into();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Recorded>>> = Arc::default();
@@ -73,10 +90,12 @@ impl FakeHomeserver {
                     _ = &mut stop_rx => return,
                 };
                 let record = record.clone();
+                let fixed = fixed.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let record = record.clone();
-                        async move { Ok::<_, Infallible>(answer(req, record).await) }
+                        let fixed = fixed.clone();
+                        async move { Ok::<_, Infallible>(answer(req, record, &fixed).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -130,6 +149,7 @@ fn query_param(target: &str, name: &str) -> Option<u64> {
 async fn answer(
     req: Request<Incoming>,
     record: Arc<Mutex<Vec<Recorded>>>,
+    fixed: &[FixedAnswer],
 ) -> Response<http_body_util::Either<Full<Bytes>, http_body_util::StreamBody<StreamOfBytes>>> {
     let (parts, body) = req.into_parts();
     let target = parts
@@ -196,6 +216,10 @@ async fn answer(
             r#"{"errcode":"M_USER_IN_USE","error":"taken"}"#
         };
         return json(status, text.to_owned());
+    }
+    if let Some(fixed) = fixed.iter().find(|fixed| fixed.path == path) {
+        let status = StatusCode::from_u16(fixed.status).unwrap();
+        return json(status, fixed.json.to_owned());
     }
     match path.as_str() {
         "/slow" => {
