@@ -176,6 +176,7 @@ fn main() -> ExitCode {
         Command::Check { config } => match load_or_exit(config.as_ref()) {
             Ok(config) => {
                 print!("{}", config.to_toml());
+                println!("# {}", app_services_summary(&config));
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -468,21 +469,27 @@ fn healthcheck(url: &str) -> ExitCode {
     })
 }
 
-/// Says at start how bridges' registrations are treated.
-fn log_app_services(config: &Config) {
+/// How bridges' registrations are treated, in one line: what the
+/// start-up log and `check` say.
+fn app_services_summary(config: &Config) -> String {
     let services = &config.homeserver.app_services;
     if services.is_empty() {
-        tracing::info!(
-            "application services: no registration file configured; bridge registrations \
-             (m.login.application_service with a token) are forwarded for the homeserver to \
-             check the token, and count against attempts_per_ip \
-             (set homeserver.app_service_config_files to check them here and exempt them)"
-        );
+        "application services: no registration file configured; bridge registrations \
+         (m.login.application_service with a token) are forwarded for the homeserver to \
+         check the token, and count against attempts_per_ip \
+         (set homeserver.app_service_config_files to check them here and exempt them)"
+            .to_owned()
     } else {
-        tracing::info!(
-            count = services.len(),
-            ids = %services.ids().join(","),
-            "application services: bridge registrations checked against their registration files"
-        );
+        format!(
+            "application services: {} registration file(s) ({}); bridge registrations are \
+             checked against them (token, user namespace)",
+            services.len(),
+            services.ids().join(", ")
+        )
     }
+}
+
+/// Says at start how bridges' registrations are treated.
+fn log_app_services(config: &Config) {
+    tracing::info!("{}", app_services_summary(config));
 }

@@ -123,9 +123,15 @@ fn check_of_the_example_prints_the_effective_config() {
         printed.contains(r#"server_name = "example.org""#),
         "{printed}"
     );
-    // What it prints is itself a valid configuration.
+    // What it prints is itself a valid configuration (and a closing
+    // comment on bridges).
     let again = matrix_gatekeeper::Config::from_toml(&printed).expect("printed config loads");
-    assert_eq!(again.to_toml(), printed);
+    let (toml, comment) = printed.split_at(printed.rfind("# application services").unwrap());
+    assert_eq!(again.to_toml(), toml);
+    assert!(
+        comment.ends_with('\n') && comment.lines().count() == 1,
+        "{comment}"
+    );
 }
 
 #[test]
@@ -355,6 +361,37 @@ fn check_shows_passwords_with_delimiters_and_webhook_urls_redacted() {
         printed.contains("webhook_url = \"http://relay:8080\""),
         "{printed}"
     );
+}
+
+#[test]
+fn check_says_how_bridges_are_treated_and_never_prints_their_tokens() {
+    let output = check(&example_path());
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("# application services: no registration file configured"),
+        "{}",
+        stdout(&output)
+    );
+    let bridge = std::env::temp_dir().join(format!("mgk-cli-bridge-{}.yaml", std::process::id()));
+    std::fs::write(
+        &bridge,
+        "id: telegram\nurl: null\nas_token: as-s3cret\nhs_token: hs-s3cret\n\
+         sender_localpart: telegrambot\nnamespaces:\n  users:\n    - regex: '@telegram_.*'\n",
+    )
+    .unwrap();
+    let config = TempConfig::new(&format!(
+        "[homeserver]\napp_service_config_files = [{:?}]\n",
+        bridge.display().to_string()
+    ));
+    let output = check(config.path());
+    let printed = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        printed.contains("# application services: 1 registration file(s) (telegram)"),
+        "{printed}"
+    );
+    assert!(!printed.contains("s3cret"), "{printed}");
+    let _ = std::fs::remove_file(bridge);
 }
 
 #[test]
