@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -32,14 +32,19 @@ use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequ
 
 use crate::admin::AdminState;
 use crate::admin_api::{AdminApi, AdminToken};
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::error::MatrixError;
 use crate::fast_path::{linger, Ending, FastPath, Rewind};
 use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
 use crate::lists::Stamp;
-use crate::notify::{Event, Notifier};
+use crate::notify::Notifier;
 use crate::telemetry::Metrics;
 use crate::upstream::{unforwardable, Upstream};
+
+mod reload;
+
+use reload::{list_files, reload_on_change, reload_on_signal, FileStamp};
+pub use reload::{Hangups, Reloader};
 
 /// The exact service production runs: credentials marked sensitive (so no
 /// log or debug output prints them), then the gate in front of the pooled
@@ -77,140 +82,6 @@ pub fn build_stack(config: &Config) -> (GatekeeperService, RegistrationGateLayer
             metrics,
         ));
     (service, gate)
-}
-
-/// Re-reads the configuration file and swaps the gate's policy.
-#[derive(Debug, Clone)]
-pub struct Reloader {
-    gate: RegistrationGateLayer,
-    path: Option<PathBuf>,
-    /// The configuration the process started with: the values of the
-    /// restart-only keys in force.
-    running: Arc<Config>,
-    /// The list files the configuration in force reads (`deny_lists`,
-    /// `denied_domain_lists`), watched with the file.
-    lists: Arc<Mutex<Vec<PathBuf>>>,
-    /// The admin API's token, read again at every reload.
-    admin_token: AdminToken,
-}
-
-/// A watched file: its path, and its modification time and length (`None`
-/// while it cannot be read).
-type FileStamp = (PathBuf, Stamp);
-
-/// The list files and application service files a configuration reads.
-fn list_files(config: &Config) -> Vec<PathBuf> {
-    config
-        .client_ip
-        .deny_lists
-        .paths()
-        .chain(config.email.denied_domain_lists.paths())
-        .map(PathBuf::from)
-        .chain(config.homeserver.app_service_config_files.iter().cloned())
-        .collect()
-}
-
-impl Reloader {
-    /// Loads and validates the file; on success the new policy takes effect
-    /// for the next request, on failure the old one stays.
-    pub fn reload(&self) -> Result<(), ConfigError> {
-        let Some(path) = &self.path else {
-            tracing::info!("no configuration file to reload (embedded configuration)");
-            return Ok(());
-        };
-        let result = Config::from_file(path);
-        self.gate.metrics().reload(result.is_ok());
-        let config = match result {
-            Ok(config) => config,
-            Err(error) => {
-                tracing::error!(%error, "configuration reload refused; the previous configuration stays");
-                self.gate.notifier().send(Event::ReloadFailed {
-                    error: error.to_string(),
-                });
-                return Err(error);
-            }
-        };
-        // Compared with what runs, not with the last file read: a second
-        // reload warns again, and a reverted file does not.
-        for key in self.running.restart_only_changes(&config) {
-            tracing::warn!(key, "changed, but takes effect only after a restart");
-        }
-        self.gate.reload(&config);
-        *self.lists.lock().unwrap_or_else(PoisonError::into_inner) = list_files(&config);
-        // Validation read the file a moment ago; should it fail now, the
-        // token in force stays rather than switching the API off.
-        match config.admin.token() {
-            Ok(token) => self.admin_token.set(token),
-            Err(error) => {
-                tracing::error!(%error, "admin token not re-read; the previous one stays")
-            }
-        }
-        tracing::info!(path = %path.display(), "configuration reloaded");
-        Ok(())
-    }
-
-    /// The configuration file and the list files in force, stamped; empty
-    /// without a configuration file.
-    fn watched(&self) -> Vec<FileStamp> {
-        let Some(path) = &self.path else {
-            return Vec::new();
-        };
-        let lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
-        std::iter::once(path)
-            .chain(lists.iter())
-            .map(|path| (path.clone(), crate::lists::stamp(path)))
-            .collect()
-    }
-
-    /// What [`Reloader::watched`] would have answered when the files of
-    /// `config` were read: the configuration file's stamp from
-    /// `config_stamp`, the lists' from `config` itself.
-    fn watched_when_read(&self, config: &Config, config_stamp: Stamp) -> Vec<FileStamp> {
-        let Some(path) = &self.path else {
-            return Vec::new();
-        };
-        let lists = config.client_ip.deny_lists.stamps();
-        let lists = lists.chain(config.email.denied_domain_lists.stamps());
-        std::iter::once((path.clone(), config_stamp))
-            .chain(lists.map(|(path, stamp)| (PathBuf::from(path), stamp)))
-            .chain(config.homeserver.app_services.stamps().cloned())
-            .collect()
-    }
-}
-
-/// SIGHUPs, caught from the moment [`Hangups::listen`] was called: from
-/// then on a SIGHUP no longer ends the process (its default action), and
-/// one that arrives before the server runs still reloads once it does.
-#[derive(Debug)]
-pub struct Hangups {
-    #[cfg(unix)]
-    signal: tokio::signal::unix::Signal,
-}
-
-impl Hangups {
-    /// Starts catching SIGHUP. Must be called inside a Tokio runtime, which
-    /// need not be the one the server runs on.
-    pub fn listen() -> io::Result<Hangups> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            Ok(Hangups {
-                signal: signal(SignalKind::hangup())?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Hangups {})
-    }
-
-    /// The next SIGHUP (`None`: no more will come).
-    async fn recv(&mut self) -> Option<()> {
-        #[cfg(unix)]
-        {
-            self.signal.recv().await
-        }
-        #[cfg(not(unix))]
-        std::future::pending().await
-    }
 }
 
 /// A bound, not yet running gatekeeper.
@@ -723,44 +594,6 @@ async fn admin_loop(listener: TcpListener, state: AdminState) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
-    }
-}
-
-async fn reload_on_signal(reloader: Reloader, mut hangups: Hangups) {
-    while hangups.recv().await.is_some() {
-        tracing::info!("SIGHUP: reloading the configuration");
-        reload_off_the_runtime(&reloader).await;
-    }
-}
-
-/// Reloads on a blocking thread: reading and compiling large deny lists
-/// takes a while, and a worker of the runtime (the only one, with
-/// `workers = 1`) must keep serving meanwhile.
-async fn reload_off_the_runtime(reloader: &Reloader) {
-    let reloader = reloader.clone();
-    if let Err(error) = tokio::task::spawn_blocking(move || reloader.reload()).await {
-        tracing::error!(%error, "configuration reload did not finish");
-    }
-}
-
-async fn reload_on_change(reloader: Reloader, read: Option<Vec<FileStamp>>) {
-    let mut seen = read.unwrap_or_else(|| reloader.watched());
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        tick.tick().await;
-        let now = reloader.watched();
-        // A configuration file that is gone (being replaced) is waited for.
-        let present = now.first().is_some_and(|(_, stamp)| stamp.is_some());
-        if present && now != seen {
-            tracing::info!("configuration or list file changed: reloading");
-            reload_off_the_runtime(&reloader).await;
-            // A reload that names other list files watches those from now
-            // on; otherwise the stamps taken before it stand, so a change
-            // made during the reload is still seen.
-            let after = reloader.watched();
-            let same_files = after.iter().map(|(p, _)| p).eq(now.iter().map(|(p, _)| p));
-            seen = if same_files { now } else { after };
-        }
     }
 }
 
