@@ -29,9 +29,10 @@ use std::process::Output;
 
 use common::{FakeHomeserver, Gate};
 use matrix_gatekeeper::probe::{self, Report};
+use matrix_gatekeeper::gate::routes::{classify, GuardedRoute};
 use proxy_harness::{
     check, deploy, free_port, probe_proxy, Backends, Problems, Proxy, Rewrite, Seen, HOST,
-    ORDER_DEPENDENT_SNIPPET, SYNAPSE_DOCUMENTED_LOCATION,
+    ORDER_DEPENDENT_SNIPPET, PICK_SPELLINGS, SYNAPSE_DOCUMENTED_LOCATION,
 };
 
 impl Seen for FakeHomeserver {
@@ -132,6 +133,18 @@ fn assert_caught(name: &str, problems: &Problems, expected: &str) {
         "{name}: the check missed the bypass (wanted a finding with {expected:?}), found:\n  {}",
         problems.join("\n  ")
     );
+}
+
+#[test]
+fn every_picker_spelling_the_check_sends_is_a_pick_to_the_gate() {
+    for target in PICK_SPELLINGS {
+        let path = target.split_once('?').map_or(*target, |(path, _)| path);
+        assert_eq!(
+            classify(path),
+            Some(GuardedRoute::PickUsername),
+            "{target}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- nginx
@@ -362,10 +375,19 @@ async fn traefik_bypass_escaped_slash_past_a_slash_only_rule_is_caught() {
         &problems,
         "client port: POST /_matrix%2Fclient%2Fv3%2Fregister reached the homeserver",
     );
+    // The old rule knew only `register`: the SSO picker went to Synapse.
+    assert_caught(
+        "slash-only rule",
+        &problems,
+        "client port: POST /_synapse/client/pick_username/account_details reached the homeserver",
+    );
     assert_probe_names(
         "slash-only rule",
         &report,
-        &["v3/register (every / as %2F)"],
+        &[
+            "v3/register (every / as %2F)",
+            "_synapse/client/pick_username/check (canonical)",
+        ],
     );
 }
 
@@ -544,8 +566,22 @@ async fn nginx_over_tls_the_probe_checks_certificates_and_finds_both_ports_guard
             assert_eq!(row["answered_by"], "front", "{row}");
         }
     }
-    assert!(stand.client_hs.requests().is_empty());
+    // Through the gate, the homeserver sees only the probe's reads of the
+    // delegation metadata, which the gate passes through.
+    let reached: Vec<String> = stand
+        .client_hs
+        .requests()
+        .into_iter()
+        .map(|r| r.target)
+        .collect();
+    assert!(
+        reached
+            .iter()
+            .all(|t| probe::AUTH_METADATA_PATHS.contains(&t.as_str())),
+        "{reached:?}"
+    );
     assert!(stand.federation_hs.requests().is_empty());
+    stand.client_hs.clear();
 
     // The test CA is not a public root: without it no handshake succeeds,
     // and the probe says why instead of counting a verdict.
