@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{FakeHomeserver, Gate};
-use matrix_gatekeeper::probe::{self, Report};
 use matrix_gatekeeper::gate::routes::{classify, GuardedRoute};
+use matrix_gatekeeper::probe::{self, Report};
 use proxy_harness::{
     check, deploy, free_port, probe_proxy, Backends, Problems, Proxy, Rewrite, Seen, HOST,
     ORDER_DEPENDENT_SNIPPET, PICK_SPELLINGS, SYNAPSE_DOCUMENTED_LOCATION,
@@ -139,11 +139,7 @@ fn assert_caught(name: &str, problems: &Problems, expected: &str) {
 fn every_picker_spelling_the_check_sends_is_a_pick_to_the_gate() {
     for target in PICK_SPELLINGS {
         let path = target.split_once('?').map_or(*target, |(path, _)| path);
-        assert_eq!(
-            classify(path),
-            Some(GuardedRoute::PickUsername),
-            "{target}"
-        );
+        assert_eq!(classify(path), Some(GuardedRoute::PickUsername), "{target}");
     }
 }
 
