@@ -19,7 +19,7 @@ pub(crate) const AS_TOKEN: &str = "e2e-as-token-testbridge";
 
 /// The registration file, for Synapse and the gate alike; `scenario` keeps
 /// the files of scenarios running at once apart.
-pub(crate) fn registration_file(scenario: &str) -> std::path::PathBuf {
+fn registration_file(scenario: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!(
         "mgk-e2e-testbridge-{scenario}-{}.yaml",
         std::process::id()
@@ -35,6 +35,18 @@ pub(crate) fn registration_file(scenario: &str) -> std::path::PathBuf {
     )
     .unwrap();
     path
+}
+
+/// Synapse with the bridge's registration file (made for `scenario`, see
+/// [`registration_file`]) in its `app_service_config_files`, and the file.
+pub(crate) async fn synapse_with_bridge(scenario: &str) -> (Synapse, std::path::PathBuf) {
+    let file = registration_file(scenario);
+    let synapse = Synapse::start(&format!(
+        "app_service_config_files: [\"{}\"]",
+        file.display()
+    ))
+    .await;
+    (synapse, file)
 }
 
 /// The gate in front of `synapse`, with `files` (TOML array items) as its
@@ -82,12 +94,7 @@ pub(crate) async fn user_exists(synapse: &Synapse, localpart: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_registers_its_puppets_through_the_gate_and_wrong_requests_stop_there() {
-    let file = registration_file("direct");
-    let synapse = Synapse::start(&format!(
-        "app_service_config_files: [\"{}\"]",
-        file.display()
-    ))
-    .await;
+    let (synapse, file) = synapse_with_bridge("direct").await;
     let gate = gate_with(&synapse, &format!("{:?}", file.display().to_string()), "").await;
     let base = gate.url("");
 

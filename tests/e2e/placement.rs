@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use matrix_gatekeeper::probe;
 
-use crate::appservice::{gate_with, register_puppet, registration_file, user_exists, AS_TOKEN};
+use crate::appservice::{gate_with, register_puppet, synapse_with_bridge, user_exists, AS_TOKEN};
 use crate::common::{Gate, Listeners};
 use crate::proxy_harness::{
     deploy, probe_proxy, Backends, Proxy, Rewrite, ORDER_DEPENDENT_SNIPPET,
@@ -82,12 +82,7 @@ async fn the_shipped_nginx_layout_holds_and_the_known_bypass_registers_a_refused
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_registers_its_puppets_through_the_shipped_nginx_layout() {
-    let file = registration_file("placement");
-    let synapse = Synapse::start(&format!(
-        "app_service_config_files: [\"{}\"]",
-        file.display()
-    ))
-    .await;
+    let (synapse, file) = synapse_with_bridge("placement").await;
     let gate = gate_with(
         &synapse,
         &format!("{:?}", file.display().to_string()),

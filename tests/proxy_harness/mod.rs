@@ -628,31 +628,29 @@ pub async fn check(
     }
     if let Some(federation_port) = federation_port {
         let client_api = ["/_matrix/client/versions", "/_matrix/client/v3/login"];
-        for path in REGISTRATION_SPELLINGS.iter().chain(client_api.iter()) {
+        let json_requests = REGISTRATION_SPELLINGS
+            .iter()
+            .chain(client_api.iter())
+            .map(|path| {
+                let method = if path.contains("regist") {
+                    "POST"
+                } else {
+                    "GET"
+                };
+                (method, *path, "application/json", body)
+            });
+        let picks = PICK_SPELLINGS
+            .iter()
+            .map(|path| ("POST", *path, PICK_FORM, PICK_BODY));
+        for (method, path, content_type, body) in json_requests.chain(picks) {
             let before = seen();
-            let method = if path.contains("regist") {
-                "POST"
-            } else {
-                "GET"
-            };
-            match request(federation_port, method, path, body).await {
+            match request_typed(federation_port, method, path, content_type, body).await {
                 Ok(answer) if seen() != before => problems.push(format!(
                     "federation port: {method} {path} reached a homeserver ({} {})",
                     answer.status, answer.body
                 )),
                 Ok(_) => {}
                 Err(e) => problems.push(format!("federation port: {method} {path}: {e}")),
-            }
-        }
-        for path in PICK_SPELLINGS {
-            let before = seen();
-            match request_typed(federation_port, "POST", path, PICK_FORM, PICK_BODY).await {
-                Ok(answer) if seen() != before => problems.push(format!(
-                    "federation port: POST {path} reached a homeserver ({} {})",
-                    answer.status, answer.body
-                )),
-                Ok(_) => {}
-                Err(e) => problems.push(format!("federation port: POST {path}: {e}")),
             }
         }
         for path in ["/_matrix/federation/v1/version", "/_matrix/key/v2/server"] {
