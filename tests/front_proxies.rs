@@ -2,8 +2,9 @@
 //! front of the real gate and stand-in homeservers (one for Synapse's client
 //! listener, one for its federation listener), on free loopback ports.
 //!
-//! Each layout must send every registration spelling to the gate (the
-//! gate's own refusal comes back, the homeservers see nothing) and ordinary
+//! Each layout must send every registration spelling, and every spelling
+//! of a pick at Synapse's SSO username picker, to the gate (the gate's own
+//! refusal comes back, the homeservers see nothing) and ordinary
 //! traffic to the homeserver, and its federation port must serve nothing
 //! but federation and keys. The layouts in which a registration was seen to
 //! reach Synapse in practice are rebuilt here too, and the same check must

@@ -1,7 +1,7 @@
 //! Real front proxies (nginx, Caddy, Traefik) started from the shipped
 //! configurations, and the check that every registration spelling sent
-//! through them reaches the gate while ordinary traffic reaches the
-//! homeserver.
+//! through them (the SSO username picker's included) reaches the gate while
+//! ordinary traffic reaches the homeserver.
 //!
 //! The shipped files name fixed addresses: the gate at 127.0.0.1:8009,
 //! Synapse's client listener at 127.0.0.1:8008, its federation listener at
