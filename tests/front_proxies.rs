@@ -2,8 +2,9 @@
 //! front of the real gate and stand-in homeservers (one for Synapse's client
 //! listener, one for its federation listener), on free loopback ports.
 //!
-//! Each layout must send every registration spelling to the gate (the
-//! gate's own refusal comes back, the homeservers see nothing) and ordinary
+//! Each layout must send every registration spelling, and every spelling
+//! of a pick at Synapse's SSO username picker, to the gate (the gate's own
+//! refusal comes back, the homeservers see nothing) and ordinary
 //! traffic to the homeserver, and its federation port must serve nothing
 //! but federation and keys. The layouts in which a registration was seen to
 //! reach Synapse in practice are rebuilt here too, and the same check must
@@ -28,10 +29,11 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{FakeHomeserver, Gate};
+use matrix_gatekeeper::gate::routes::{classify, GuardedRoute};
 use matrix_gatekeeper::probe::{self, Report};
 use proxy_harness::{
     check, deploy, free_port, probe_proxy, Backends, Problems, Proxy, Rewrite, Seen, HOST,
-    ORDER_DEPENDENT_SNIPPET, SYNAPSE_DOCUMENTED_LOCATION,
+    ORDER_DEPENDENT_SNIPPET, PICK_SPELLINGS, SYNAPSE_DOCUMENTED_LOCATION,
 };
 
 impl Seen for FakeHomeserver {
@@ -132,6 +134,14 @@ fn assert_caught(name: &str, problems: &Problems, expected: &str) {
         "{name}: the check missed the bypass (wanted a finding with {expected:?}), found:\n  {}",
         problems.join("\n  ")
     );
+}
+
+#[test]
+fn every_picker_spelling_the_check_sends_is_a_pick_to_the_gate() {
+    for target in PICK_SPELLINGS {
+        let path = target.split_once('?').map_or(*target, |(path, _)| path);
+        assert_eq!(classify(path), Some(GuardedRoute::PickUsername), "{target}");
+    }
 }
 
 // ---------------------------------------------------------------- nginx
@@ -362,10 +372,19 @@ async fn traefik_bypass_escaped_slash_past_a_slash_only_rule_is_caught() {
         &problems,
         "client port: POST /_matrix%2Fclient%2Fv3%2Fregister reached the homeserver",
     );
+    // The old rule knew only `register`: the SSO picker went to Synapse.
+    assert_caught(
+        "slash-only rule",
+        &problems,
+        "client port: POST /_synapse/client/pick_username/account_details reached the homeserver",
+    );
     assert_probe_names(
         "slash-only rule",
         &report,
-        &["v3/register (every / as %2F)"],
+        &[
+            "v3/register (every / as %2F)",
+            "_synapse/client/pick_username/check (canonical)",
+        ],
     );
 }
 
@@ -544,8 +563,22 @@ async fn nginx_over_tls_the_probe_checks_certificates_and_finds_both_ports_guard
             assert_eq!(row["answered_by"], "front", "{row}");
         }
     }
-    assert!(stand.client_hs.requests().is_empty());
+    // Through the gate, the homeserver sees only the probe's reads of the
+    // delegation metadata, which the gate passes through.
+    let reached: Vec<String> = stand
+        .client_hs
+        .requests()
+        .into_iter()
+        .map(|r| r.target)
+        .collect();
+    assert!(
+        reached
+            .iter()
+            .all(|t| probe::AUTH_METADATA_PATHS.contains(&t.as_str())),
+        "{reached:?}"
+    );
     assert!(stand.federation_hs.requests().is_empty());
+    stand.client_hs.clear();
 
     // The test CA is not a public root: without it no handshake succeeds,
     // and the probe says why instead of counting a verdict.

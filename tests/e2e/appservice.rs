@@ -14,11 +14,16 @@ use crate::common::{get, send, Answer, Gate, Listeners};
 use crate::synapse::{Synapse, SERVER_NAME};
 use crate::REGISTER;
 
-const AS_TOKEN: &str = "e2e-as-token-testbridge";
+/// The bridge's `as_token`.
+pub(crate) const AS_TOKEN: &str = "e2e-as-token-testbridge";
 
-/// The registration file, for Synapse and the gate alike.
-fn registration_file() -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("mgk-e2e-testbridge-{}.yaml", std::process::id()));
+/// The registration file, for Synapse and the gate alike; `scenario` keeps
+/// the files of scenarios running at once apart.
+fn registration_file(scenario: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "mgk-e2e-testbridge-{scenario}-{}.yaml",
+        std::process::id()
+    ));
     std::fs::write(
         &path,
         format!(
@@ -32,12 +37,26 @@ fn registration_file() -> std::path::PathBuf {
     path
 }
 
-async fn gate_with(synapse: &Synapse, files: &str) -> Gate {
+/// Synapse with the bridge's registration file (made for `scenario`, see
+/// [`registration_file`]) in its `app_service_config_files`, and the file.
+pub(crate) async fn synapse_with_bridge(scenario: &str) -> (Synapse, std::path::PathBuf) {
+    let file = registration_file(scenario);
+    let synapse = Synapse::start(&format!(
+        "app_service_config_files: [\"{}\"]",
+        file.display()
+    ))
+    .await;
+    (synapse, file)
+}
+
+/// The gate in front of `synapse`, with `files` (TOML array items) as its
+/// `app_service_config_files` and tight per-client limits, and `extra` TOML.
+pub(crate) async fn gate_with(synapse: &Synapse, files: &str, extra: &str) -> Gate {
     let config = matrix_gatekeeper::Config::from_toml(&format!(
         "[upstream]\nurl = \"{}\"\n[homeserver]\nserver_name = \"{SERVER_NAME}\"\n\
          app_service_config_files = [{files}]\n\
          [rate_limit]\nattempts_per_ip = {{ count = 3, period = \"1h\" }}\n\
-         registrations_per_ip = {{ count = 1, period = \"1h\" }}\n",
+         registrations_per_ip = {{ count = 1, period = \"1h\" }}\n{extra}",
         synapse.url()
     ))
     .unwrap();
@@ -45,7 +64,7 @@ async fn gate_with(synapse: &Synapse, files: &str) -> Gate {
 }
 
 /// A puppet registration, the token in the header or in the query.
-async fn register_puppet(base: &str, name: &str, token: &str, in_query: bool) -> Answer {
+pub(crate) async fn register_puppet(base: &str, name: &str, token: &str, in_query: bool) -> Answer {
     let body = json!({"type": "m.login.application_service", "username": name}).to_string();
     let bearer = format!("Bearer {token}");
     let mut headers = vec![("content-type", "application/json")];
@@ -60,7 +79,7 @@ async fn register_puppet(base: &str, name: &str, token: &str, in_query: bool) ->
 
 /// Whether Synapse has a profile for the localpart (it gives every new
 /// user one; its availability check answers M_EXCLUSIVE in a namespace).
-async fn user_exists(synapse: &Synapse, localpart: &str) -> bool {
+pub(crate) async fn user_exists(synapse: &Synapse, localpart: &str) -> bool {
     let answer = get(&format!(
         "{}/_matrix/client/v3/profile/@{localpart}:{SERVER_NAME}",
         synapse.url()
@@ -75,13 +94,8 @@ async fn user_exists(synapse: &Synapse, localpart: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_registers_its_puppets_through_the_gate_and_wrong_requests_stop_there() {
-    let file = registration_file();
-    let synapse = Synapse::start(&format!(
-        "app_service_config_files: [\"{}\"]",
-        file.display()
-    ))
-    .await;
-    let gate = gate_with(&synapse, &format!("{:?}", file.display().to_string())).await;
+    let (synapse, file) = synapse_with_bridge("direct").await;
+    let gate = gate_with(&synapse, &format!("{:?}", file.display().to_string()), "").await;
     let base = gate.url("");
 
     for (name, in_query) in [("_testbridge_gate1", false), ("_testbridge_gate2", true)] {
@@ -146,7 +160,7 @@ async fn a_bridge_registers_its_puppets_through_the_gate_and_wrong_requests_stop
 
     // Without the file the gate forwards, and Synapse itself refuses a
     // wrong token and a foreign name; a right one registers.
-    let fileless = gate_with(&synapse, "").await;
+    let fileless = gate_with(&synapse, "", "").await;
     let base = fileless.url("");
     for (name, token, status, errcode) in [
         (

@@ -1,7 +1,7 @@
 //! Real front proxies (nginx, Caddy, Traefik) started from the shipped
 //! configurations, and the check that every registration spelling sent
-//! through them reaches the gate while ordinary traffic reaches the
-//! homeserver.
+//! through them (the SSO username picker's included) reaches the gate while
+//! ordinary traffic reaches the homeserver.
 //!
 //! The shipped files name fixed addresses: the gate at 127.0.0.1:8009,
 //! Synapse's client listener at 127.0.0.1:8008, its federation listener at
@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use matrix_gatekeeper::gate::MARKER_HEADER;
 use matrix_gatekeeper::probe::{self, BaseUrl, Options, Report};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -49,6 +50,29 @@ pub const REGISTRATION_SPELLINGS: &[&str] = &[
     "/_matrix/client/x/../v3/register",
     "/_matrix/federation/../client/v3/register",
     "/_matrix/client/v3/register;x=1",
+];
+
+/// Spellings of `POST /_synapse/client/pick_username/account_details`, the
+/// SSO username picker's form, that the gate classifies as a pick. Each
+/// carries the form `username=admin`, a name the gate refuses as taken.
+pub const PICK_SPELLINGS: &[&str] = &[
+    "/_synapse/client/pick_username/account_details",
+    "/_synapse/client/pick_username/account_details/",
+    "//_synapse//client//pick_username//account_details",
+    "/_SYNAPSE/CLIENT/PICK_USERNAME/ACCOUNT_DETAILS",
+    "/_synapse/client/Pick_Username/account_details",
+    "/_synapse/client%2Fpick_username%2Faccount_details",
+    "/_synapse%2Fclient%2Fpick_username%2Faccount_details",
+    "/%5Fsynapse/client/pick_username/account_details",
+    "/_synapse/client/pick_us%65rname/account_details",
+    "/_synapse/client/pick%255Fusername/account_details",
+    "/_synapse/client/pick_username/account%5Fdetails",
+    "/_synapse/client/./x/../pick_username/account_details",
+    "/_synapse/client/x/%2e%2e/pick_username/account_details",
+    "/_matrix/../_synapse/client/pick_username/account_details",
+    "/_synapse/client/pick_username;x=1/account_details",
+    "/_synapse/client/pick_username/account_details;x=1",
+    "/_synapse/client/pick_username/account_details?username=alice",
 ];
 
 /// Synapse's documented reverse-proxy location, as many servers have it.
@@ -432,6 +456,12 @@ impl Answer {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The gate's decision on a guarded route ([`MARKER_HEADER`]), if the
+    /// gate answered.
+    pub fn gate_decision(&self) -> Option<&str> {
+        self.header(MARKER_HEADER)
+    }
+
     /// The gate's own refusal: a Matrix error with its CORS header.
     pub fn is_gate_refusal(&self) -> bool {
         self.header("access-control-allow-origin") == Some("*")
@@ -441,16 +471,29 @@ impl Answer {
     }
 }
 
-/// Sends one HTTP/1.1 request with the target written exactly as given.
+/// Sends one HTTP/1.1 request with the target written exactly as given and
+/// a JSON body.
 pub async fn request(
     addr: SocketAddr,
     method: &str,
     target: &str,
     body: &str,
 ) -> std::io::Result<Answer> {
+    request_typed(addr, method, target, "application/json", body).await
+}
+
+/// Sends one HTTP/1.1 request with the target written exactly as given and
+/// a body of this content type.
+pub async fn request_typed(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<Answer> {
     let mut stream = TcpStream::connect(addr).await?;
     let head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n\
+        "{method} {target} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {content_type}\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -503,6 +546,10 @@ fn parse_answer(raw: &[u8]) -> Option<Answer> {
     })
 }
 
+/// The picker's form as a browser sends it.
+const PICK_FORM: &str = "application/x-www-form-urlencoded";
+const PICK_BODY: &str = "username=admin&use_display_name=true";
+
 /// Counts the requests a stand-in homeserver received.
 pub trait Seen {
     fn seen(&self) -> usize;
@@ -513,10 +560,12 @@ pub type Problems = Vec<String>;
 
 /// The check. On the client port every registration spelling must come back
 /// as the gate's own refusal (or be refused by the proxy itself with a 400)
-/// and reach neither homeserver, while `GET /_matrix/client/versions`
+/// and every spelling of the SSO picker's form as the gate's refusal, and
+/// reach neither homeserver, while `GET /_matrix/client/versions`
 /// reaches the client homeserver. On the federation port (when given) no
-/// registration spelling and no client API request may reach a homeserver,
-/// while federation and key requests reach the federation homeserver.
+/// registration or picker spelling and no client API request may reach a
+/// homeserver, while federation and key requests reach the federation
+/// homeserver.
 pub async fn check(
     client_port: SocketAddr,
     federation_port: Option<SocketAddr>,
@@ -555,6 +604,21 @@ pub async fn check(
             Err(e) => problems.push(format!("client port: POST {path}: {e}")),
         }
     }
+    for path in PICK_SPELLINGS {
+        let before = seen();
+        match request_typed(client_port, "POST", path, PICK_FORM, PICK_BODY).await {
+            Ok(answer) if seen() != before => problems.push(format!(
+                "client port: POST {path} reached the homeserver ({} {})",
+                answer.status, answer.body
+            )),
+            Ok(answer) if answer.gate_decision() != Some("refused") => problems.push(format!(
+                "client port: POST {path} answered {} {:?}, not the gate's refusal",
+                answer.status, answer.body
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("client port: POST {path}: {e}")),
+        }
+    }
     let before = client_hs.seen();
     match request(client_port, "GET", "/_matrix/client/versions", "").await {
         Ok(answer) if answer.status == 200 && client_hs.seen() > before => {}
@@ -564,14 +628,23 @@ pub async fn check(
     }
     if let Some(federation_port) = federation_port {
         let client_api = ["/_matrix/client/versions", "/_matrix/client/v3/login"];
-        for path in REGISTRATION_SPELLINGS.iter().chain(client_api.iter()) {
+        let json_requests = REGISTRATION_SPELLINGS
+            .iter()
+            .chain(client_api.iter())
+            .map(|path| {
+                let method = if path.contains("regist") {
+                    "POST"
+                } else {
+                    "GET"
+                };
+                (method, *path, "application/json", body)
+            });
+        let picks = PICK_SPELLINGS
+            .iter()
+            .map(|path| ("POST", *path, PICK_FORM, PICK_BODY));
+        for (method, path, content_type, body) in json_requests.chain(picks) {
             let before = seen();
-            let method = if path.contains("regist") {
-                "POST"
-            } else {
-                "GET"
-            };
-            match request(federation_port, method, path, body).await {
+            match request_typed(federation_port, method, path, content_type, body).await {
                 Ok(answer) if seen() != before => problems.push(format!(
                     "federation port: {method} {path} reached a homeserver ({} {})",
                     answer.status, answer.body
