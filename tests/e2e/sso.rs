@@ -373,4 +373,7 @@ async fn sso_sign_up_through_the_gate_refuses_reserved_picks_and_binds_the_regis
     assert_refusal_page(&limited, 429, "rate_limited");
     assert!(limited.headers.contains_key("retry-after"));
     assert_eq!(profile(&synapse, "secondperson").await.status, 404);
+    for name in ["admin", "adm1n", "support"] {
+        assert_eq!(profile(&synapse, name).await.status, 404, "{name} made");
+    }
 }
