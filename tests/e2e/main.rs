@@ -13,6 +13,7 @@ mod placement;
 #[path = "../proxy_harness/mod.rs"]
 mod proxy_harness;
 mod spec_fuzz;
+mod sso;
 mod synapse;
 
 use std::time::{Duration, Instant};
@@ -29,8 +30,14 @@ const PASSWORD: &str = "e2e-password-1";
 
 /// The gate in front of `synapse`, with extra gate TOML.
 async fn gate_for(synapse: &Synapse, extra: &str) -> Gate {
+    gate_for_upstream(&synapse.url(), extra).await
+}
+
+/// The gate in front of a homeserver that may not run yet (one that must
+/// be told the gate's URL), with extra gate TOML.
+async fn gate_for_upstream(upstream: &str, extra: &str) -> Gate {
     Gate::start(
-        &synapse.url(),
+        upstream,
         &format!("[homeserver]\nserver_name = \"{SERVER_NAME}\"\n{extra}"),
     )
     .await

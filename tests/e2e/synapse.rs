@@ -1,8 +1,10 @@
 //! A real Synapse for the end-to-end tests.
 //!
 //! The first use creates a Python venv under the build directory
-//! (`target/e2e-venv`) and installs pinned `matrix-synapse`, `matrix-nio` and
-//! `schemathesis` (the spec fuzzer) from PyPI; later runs reuse it. Each
+//! (`target/e2e-venv`) and installs pinned `matrix-synapse` (with its OIDC
+//! extra), `matrix-nio`, `schemathesis` (the spec fuzzer) and
+//! `oidc-provider-mock` (an OpenID provider with a login form) from PyPI;
+//! later runs reuse it. Each
 //! [`Synapse`] is a private homeserver on a free loopback port with its own
 //! sqlite database, killed when the value is dropped (also on a failing
 //! test), and by its own watchdog if the test process dies.
@@ -15,9 +17,11 @@ use std::time::{Duration, Instant};
 
 /// The pinned packages.
 pub const PACKAGES: &[&str] = &[
-    "matrix-synapse==1.163.2",
+    "matrix-synapse[oidc]==1.163.2",
+    "authlib==1.9.10",
     "matrix-nio==0.26.0",
     "schemathesis==4.32.5",
+    "oidc-provider-mock==0.3.4",
 ];
 
 /// The server name every test homeserver uses.
@@ -58,7 +62,8 @@ fn signing_key() -> &'static Path {
     })
 }
 
-fn free_port() -> u16 {
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -77,7 +82,12 @@ impl Synapse {
     /// Starts Synapse with the base test configuration plus `extra_yaml`
     /// (top-level keys; a key given here replaces the base one).
     pub async fn start(extra_yaml: &str) -> Synapse {
-        let port = free_port();
+        Synapse::start_on(free_port(), extra_yaml).await
+    }
+
+    /// [`Synapse::start`] on a chosen port: for a homeserver that must know
+    /// the gate's URL (`public_baseurl`) while the gate is given its own.
+    pub async fn start_on(port: u16, extra_yaml: &str) -> Synapse {
         let dir = std::env::temp_dir().join(format!("mgk-synapse-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("media")).unwrap();
@@ -187,7 +197,8 @@ impl Synapse {
     }
 }
 
-async fn try_get(url: &str) -> Result<u16, ()> {
+/// The status of one `GET`, or `Err` when nothing answered.
+pub async fn try_get(url: &str) -> Result<u16, ()> {
     use http_body_util::Empty;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Empty<bytes::Bytes>>();
