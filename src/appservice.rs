@@ -25,6 +25,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::Deserialize;
 
+use crate::admin_api::constant_time_eq;
 use crate::lists::{stamp, Stamp};
 
 /// An application service file that cannot be used.
@@ -249,17 +250,6 @@ fn parse(path: &Path, text: &[u8], server_name: &str) -> Result<AppService, AppS
         users,
         rate_limited: file.rate_limited,
     })
-}
-
-/// Compares every byte of the longer input, whatever differs first.
-fn constant_time_eq(expected: &[u8], presented: &[u8]) -> bool {
-    let mut difference = u8::from(expected.len() != presented.len());
-    for i in 0..expected.len().max(presented.len()) {
-        let a = expected.get(i).copied().unwrap_or(0);
-        let b = presented.get(i).copied().unwrap_or(0xff);
-        difference |= a ^ b;
-    }
-    difference == 0
 }
 
 #[cfg(test)]
