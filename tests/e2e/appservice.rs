@@ -4,12 +4,16 @@
 //! outside its namespace are refused by the gate before Synapse. Without
 //! the registration file in the gate, the same requests go to Synapse,
 //! which refuses them itself: what the gate's file-less mode relies on.
+//! The gate's own copy of the file, narrowed and reloaded, stops a puppet
+//! that Synapse's wider copy would still let it create.
 
 use std::sync::Arc;
 
 use http::Method;
+use matrix_gatekeeper::Config;
 use serde_json::json;
 
+use crate::common::binary::{toml_path, Scratch};
 use crate::common::{get, send, Answer, Gate, Listeners};
 use crate::synapse::{Synapse, SERVER_NAME};
 use crate::REGISTER;
@@ -17,23 +21,26 @@ use crate::REGISTER;
 /// The bridge's `as_token`.
 pub(crate) const AS_TOKEN: &str = "e2e-as-token-testbridge";
 
-/// The registration file, for Synapse and the gate alike; `scenario` keeps
-/// the files of scenarios running at once apart.
+/// The bridge's registration file, its user namespace the localparts
+/// matching the regex `users`.
+fn registration_yaml(users: &str) -> String {
+    format!(
+        "id: testbridge\nurl: null\nas_token: {AS_TOKEN}\nhs_token: e2e-hs-token\n\
+         sender_localpart: _testbridge_bot\nrate_limited: false\nnamespaces:\n  users:\n    \
+         - exclusive: true\n      regex: '@{users}:{}'\n  aliases: []\n  rooms: []\n",
+        SERVER_NAME.replace('.', "\\.")
+    )
+}
+
+/// The registration file (namespace `_testbridge_.*`), for Synapse and the
+/// gate alike; `scenario` keeps the files of scenarios running at once
+/// apart.
 fn registration_file(scenario: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!(
         "mgk-e2e-testbridge-{scenario}-{}.yaml",
         std::process::id()
     ));
-    std::fs::write(
-        &path,
-        format!(
-            "id: testbridge\nurl: null\nas_token: {AS_TOKEN}\nhs_token: e2e-hs-token\n\
-             sender_localpart: _testbridge_bot\nrate_limited: false\nnamespaces:\n  users:\n    \
-             - exclusive: true\n      regex: '@_testbridge_.*:{}'\n  aliases: []\n  rooms: []\n",
-            SERVER_NAME.replace('.', "\\.")
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, registration_yaml("_testbridge_.*")).unwrap();
     path
 }
 
@@ -49,17 +56,22 @@ pub(crate) async fn synapse_with_bridge(scenario: &str) -> (Synapse, std::path::
     (synapse, file)
 }
 
-/// The gate in front of `synapse`, with `files` (TOML array items) as its
-/// `app_service_config_files` and tight per-client limits, and `extra` TOML.
-pub(crate) async fn gate_with(synapse: &Synapse, files: &str, extra: &str) -> Gate {
-    let config = matrix_gatekeeper::Config::from_toml(&format!(
+/// The gate's configuration in front of `synapse`, with `files` (TOML
+/// array items) as its `app_service_config_files` and tight per-client
+/// limits, and `extra` TOML.
+fn gate_toml(synapse: &Synapse, files: &str, extra: &str) -> String {
+    format!(
         "[upstream]\nurl = \"{}\"\n[homeserver]\nserver_name = \"{SERVER_NAME}\"\n\
          app_service_config_files = [{files}]\n\
          [rate_limit]\nattempts_per_ip = {{ count = 3, period = \"1h\" }}\n\
          registrations_per_ip = {{ count = 1, period = \"1h\" }}\n{extra}",
         synapse.url()
-    ))
-    .unwrap();
+    )
+}
+
+/// The gate as [`gate_toml`] configures it, with an admin listener.
+pub(crate) async fn gate_with(synapse: &Synapse, files: &str, extra: &str) -> Gate {
+    let config = Config::from_toml(&gate_toml(synapse, files, extra)).unwrap();
     Gate::start_full(config, true, None).await
 }
 
@@ -95,7 +107,7 @@ pub(crate) async fn user_exists(synapse: &Synapse, localpart: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_registers_its_puppets_through_the_gate_and_wrong_requests_stop_there() {
     let (synapse, file) = synapse_with_bridge("direct").await;
-    let gate = gate_with(&synapse, &format!("{:?}", file.display().to_string()), "").await;
+    let gate = gate_with(&synapse, &toml_path(&file), "").await;
     let base = gate.url("");
 
     for (name, in_query) in [("_testbridge_gate1", false), ("_testbridge_gate2", true)] {
@@ -188,4 +200,38 @@ async fn a_bridge_registers_its_puppets_through_the_gate_and_wrong_requests_stop
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     assert!(user_exists(&synapse, "_testbridge_fileless").await);
     let _ = std::fs::remove_file(file);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_file_narrowed_on_reload_stops_puppets_outside_it_before_synapse() {
+    // Synapse keeps its own copy with the wide namespace: whatever the gate
+    // lets through, Synapse would register.
+    let (synapse, synapse_file) = synapse_with_bridge("reload").await;
+    let scratch = Scratch::new("e2e-bridge-reload");
+    let gate_file = scratch.write("bridge.yaml", &registration_yaml("_testbridge_.*"));
+    let text = gate_toml(&synapse, &toml_path(&gate_file), "");
+    let config_path = scratch.write("gatekeeper.toml", &text);
+    let config = Config::from_toml(&text).unwrap();
+    let gate = Gate::start_full(config, true, Some(config_path)).await;
+    let base = gate.url("");
+    let answer = register_puppet(&base, "_testbridge_b0", AS_TOKEN, false).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert!(user_exists(&synapse, "_testbridge_b0").await);
+
+    scratch.write("bridge.yaml", &registration_yaml("_testbridge_a.*"));
+    gate.reloader.reload().unwrap();
+
+    let answer = register_puppet(&base, "_testbridge_b1", AS_TOKEN, false).await;
+    answer.assert_error(400, "M_EXCLUSIVE");
+    assert_eq!(answer.headers["x-matrix-gatekeeper"], "refused");
+    assert!(!user_exists(&synapse, "_testbridge_b1").await);
+    let answer = register_puppet(&base, "_testbridge_a1", AS_TOKEN, true).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(
+        answer.json()["user_id"],
+        format!("@_testbridge_a1:{SERVER_NAME}")
+    );
+    assert_eq!(answer.headers["x-matrix-gatekeeper"], "allowed");
+    assert!(user_exists(&synapse, "_testbridge_a1").await);
+    let _ = std::fs::remove_file(synapse_file);
 }
