@@ -431,6 +431,14 @@ impl Answer {
         self.json()["errcode"].as_str().unwrap_or("").to_owned()
     }
 
+    /// The gate's decision on a guarded route (its marker header), if the
+    /// gate answered.
+    pub fn gate_decision(&self) -> Option<&str> {
+        self.headers
+            .get(matrix_gatekeeper::gate::MARKER_HEADER)
+            .and_then(|v| v.to_str().ok())
+    }
+
     /// Asserts a Matrix error answer with this status and errcode.
     pub fn assert_error(&self, status: u16, errcode: &str) {
         assert_eq!(self.status.as_u16(), status, "status of {:?}", self.body);
