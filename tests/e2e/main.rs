@@ -3,12 +3,16 @@
 //! finally did by asking Synapse directly, not only the gate's answer.
 //!
 //! Run alone with `cargo test --test e2e`. The first run installs Synapse
-//! and matrix-nio into `target/e2e-venv` (needs PyPI).
+//! and matrix-nio into `target/e2e-venv` (needs PyPI) and builds Dendrite
+//! into `target/dendrite` (needs Go and the Go module proxy).
 
 mod appservice;
 #[path = "../common/mod.rs"]
 mod common;
 mod corpus;
+mod dendrite;
+mod dendrite_appservice;
+mod homeserver_process;
 mod placement;
 #[path = "../proxy_harness/mod.rs"]
 mod proxy_harness;

@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 
 use matrix_gatekeeper::probe;
 
-use crate::appservice::{gate_with, register_puppet, synapse_with_bridge, user_exists, AS_TOKEN};
+use crate::appservice::{
+    gate_with, register_puppet, synapse_with_bridge, toml_item, user_exists, AS_TOKEN,
+};
 use crate::common::{Gate, Listeners};
 use crate::proxy_harness::{
     deploy, probe_proxy, Backends, Proxy, Rewrite, ORDER_DEPENDENT_SNIPPET,
@@ -83,12 +85,7 @@ async fn the_shipped_nginx_layout_holds_and_the_known_bypass_registers_a_refused
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridge_registers_its_puppets_through_the_shipped_nginx_layout() {
     let (synapse, file) = synapse_with_bridge("placement").await;
-    let gate = gate_with(
-        &synapse,
-        &format!("{:?}", file.display().to_string()),
-        TRUST_NGINX,
-    )
-    .await;
+    let gate = gate_with(&synapse.url(), &toml_item(&file), TRUST_NGINX).await;
     let (rewrite, proxy) =
         nginx_in_front(&synapse, &gate, &deploy("nginx/registration-only.conf")).await;
     let through = format!("http://{}", rewrite.client());
@@ -107,14 +104,14 @@ async fn a_bridge_registers_its_puppets_through_the_shipped_nginx_layout() {
         );
         assert_eq!(answer.json()["user_id"], format!("@{name}:{SERVER_NAME}"));
         assert_eq!(answer.headers["x-matrix-gatekeeper"], "allowed");
-        assert!(user_exists(&synapse, &name).await, "{name}");
+        assert!(user_exists(&synapse.url(), &name).await, "{name}");
     }
     // A wrong token stops at the gate, in front of Synapse.
     let answer =
         register_puppet(&through, "_testbridge_placedx", "e2e-as-token-wrong", false).await;
     answer.assert_error(401, "M_UNKNOWN_TOKEN");
     assert_eq!(answer.headers["x-matrix-gatekeeper"], "refused");
-    assert!(!user_exists(&synapse, "_testbridge_placedx").await);
+    assert!(!user_exists(&synapse.url(), "_testbridge_placedx").await);
     let metrics = gate.metrics().await;
     assert!(
         metrics
