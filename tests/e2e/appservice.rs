@@ -156,8 +156,9 @@ pub(crate) async fn wrong_requests_are_refused(base: &str, homeserver: &str, by_
 }
 
 /// Registers `count` puppets `_testbridge_p0`… through the gate at `base`,
-/// eight at a time, each expected to succeed at once.
-pub(crate) async fn register_burst(base: &str, count: usize) {
+/// eight at a time, each expected to succeed at once, and checks that the
+/// homeserver at `homeserver` made the first, a middle and the last.
+pub(crate) async fn register_burst(base: &str, homeserver: &str, count: usize) {
     let base = Arc::new(base.to_owned());
     let mut burst = tokio::task::JoinSet::new();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -178,6 +179,30 @@ pub(crate) async fn register_burst(base: &str, count: usize) {
     while let Some(done) = burst.join_next().await {
         done.unwrap();
     }
+    for n in [0, count / 2 - 1, count - 1] {
+        let name = format!("_testbridge_p{n}");
+        assert!(user_exists(homeserver, &name).await, "{name}");
+    }
+}
+
+/// Asserts that the gate counted `count` registrations of the bridge.
+pub(crate) async fn assert_registrations_counted(gate: &Gate, count: u64) {
+    let metrics = gate.metrics().await;
+    let line =
+        format!("gatekeeper_appservice_registrations_total{{appservice=\"testbridge\"}} {count}\n");
+    assert!(metrics.contains(&line), "{metrics}");
+}
+
+/// Without the registration file the gate forwards a bridge's
+/// registrations: the homeserver at `homeserver` itself refuses a wrong
+/// token and a foreign name, and registers a right one.
+pub(crate) async fn without_the_file_the_homeserver_decides(homeserver: &str) {
+    let fileless = gate_with(homeserver, "", "").await;
+    let base = fileless.url("");
+    wrong_requests_are_refused(&base, homeserver, false).await;
+    let answer = register_puppet(&base, "_testbridge_fileless", AS_TOKEN, true).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert!(user_exists(homeserver, "_testbridge_fileless").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,24 +217,11 @@ async fn a_bridge_registers_its_puppets_through_the_gate_and_wrong_requests_stop
 
     // A burst of 500 puppets, eight at a time, with limits of 3 attempts
     // and 1 registration per client: a bridge is not throttled.
-    register_burst(&base, 500).await;
-    for n in [0, 249, 499] {
-        assert!(user_exists(&synapse.url(), &format!("_testbridge_p{n}")).await);
-    }
-    let metrics = gate.metrics().await;
-    assert!(
-        metrics
-            .contains("gatekeeper_appservice_registrations_total{appservice=\"testbridge\"} 502\n"),
-        "{metrics}"
-    );
+    register_burst(&base, &synapse.url(), 500).await;
+    assert_registrations_counted(&gate, 502).await;
 
     // Without the file the gate forwards, and Synapse itself refuses a
     // wrong token and a foreign name; a right one registers.
-    let fileless = gate_with(&synapse.url(), "", "").await;
-    let base = fileless.url("");
-    wrong_requests_are_refused(&base, &synapse.url(), false).await;
-    let answer = register_puppet(&base, "_testbridge_fileless", AS_TOKEN, true).await;
-    assert_eq!(answer.status, 200, "{:?}", answer.body);
-    assert!(user_exists(&synapse.url(), "_testbridge_fileless").await);
+    without_the_file_the_homeserver_decides(&synapse.url()).await;
     let _ = std::fs::remove_file(file);
 }
