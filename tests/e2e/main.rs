@@ -1,14 +1,19 @@
-//! End-to-end: the gate in front of a real Synapse, driven by a real client
-//! (matrix-nio) and by raw requests. Every scenario checks what Synapse
-//! finally did by asking Synapse directly, not only the gate's answer.
+//! End-to-end: the gate in front of a real Synapse (and, for bridges, a
+//! real Dendrite), driven by a real client (matrix-nio) and by raw
+//! requests. Every scenario checks what the homeserver finally did by
+//! asking it directly, not only the gate's answer.
 //!
 //! Run alone with `cargo test --test e2e`. The first run installs Synapse
-//! and matrix-nio into `target/e2e-venv` (needs PyPI).
+//! and matrix-nio into `target/e2e-venv` (needs PyPI) and builds Dendrite
+//! into `target/dendrite` (needs Go and the Go module proxy).
 
 mod appservice;
 #[path = "../common/mod.rs"]
 mod common;
 mod corpus;
+mod dendrite;
+mod dendrite_appservice;
+mod homeserver_process;
 mod placement;
 #[path = "../proxy_harness/mod.rs"]
 mod proxy_harness;

@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 
 use matrix_gatekeeper::probe;
 
-use crate::appservice::{gate_with, register_puppet, synapse_with_bridge, user_exists, AS_TOKEN};
-use crate::common::binary::toml_path;
+use crate::appservice::{
+    gate_with, register_puppet, synapse_with_bridge, toml_item, user_exists, AS_TOKEN,
+};
 use crate::common::{Gate, Listeners};
 use crate::proxy_harness::{
     deploy, probe_proxy, Backends, Proxy, Rewrite, ORDER_DEPENDENT_SNIPPET,
@@ -120,7 +121,7 @@ async fn a_bridge_registers_its_puppets_through_every_shipped_nginx_and_caddy_la
     ];
     for (n, layout) in layouts.into_iter().enumerate() {
         // A fresh gate per layout: its limits and counter start at zero.
-        let gate = gate_with(&synapse, &toml_path(&file), TRUST_PROXY).await;
+        let gate = gate_with(&synapse.url(), &toml_item(&file), TRUST_PROXY).await;
         let (rewrite, proxy) = proxy_in_front(&synapse, &gate, Front::shipped(layout)).await;
         let through = format!("http://{}", rewrite.client());
 
@@ -138,14 +139,14 @@ async fn a_bridge_registers_its_puppets_through_every_shipped_nginx_and_caddy_la
             );
             assert_eq!(answer.json()["user_id"], format!("@{name}:{SERVER_NAME}"));
             assert_eq!(answer.gate_decision(), Some("allowed"), "{layout}");
-            assert!(user_exists(&synapse, &name).await, "{layout}, {name}");
+            assert!(user_exists(&synapse.url(), &name).await, "{layout}, {name}");
         }
         // A wrong token stops at the gate, in front of Synapse.
         let name = format!("_testbridge_placed{n}_x");
         let answer = register_puppet(&through, &name, "e2e-as-token-wrong", false).await;
         assert_eq!(answer.gate_decision(), Some("refused"), "{layout}");
         answer.assert_error(401, "M_UNKNOWN_TOKEN");
-        assert!(!user_exists(&synapse, &name).await, "{layout}");
+        assert!(!user_exists(&synapse.url(), &name).await, "{layout}");
         let metrics = gate.metrics().await;
         assert!(
             metrics.contains(

@@ -11,9 +11,10 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+
+use crate::homeserver_process::HomeserverProcess;
 
 /// The pinned packages.
 pub const PACKAGES: &[&str] = &[
@@ -74,8 +75,7 @@ pub fn free_port() -> u16 {
 /// A running Synapse.
 pub struct Synapse {
     pub port: u16,
-    child: Child,
-    dir: PathBuf,
+    _process: HomeserverProcess,
 }
 
 impl Synapse {
@@ -143,52 +143,21 @@ impl Synapse {
         }
         let config = dir.join("homeserver.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let log = std::fs::File::create(dir.join("synapse.log")).unwrap();
-        let child = Command::new(python())
+        let mut command = Command::new(python());
+        command
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/tests/e2e/py/run_synapse.py"
             ))
-            .arg(&config)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start synapse");
-        let mut synapse = Synapse { port, child, dir };
-        synapse.wait_ready().await;
-        synapse
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let url = format!("{}/_matrix/client/versions", self.url());
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("synapse exited with {status}; log:\n{}", self.log_tail());
-            }
-            if let Ok(Ok(answer)) =
-                tokio::time::timeout(Duration::from_secs(2), try_get(&url)).await
-            {
-                if answer == 200 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "synapse did not become ready; log:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            .arg(&config);
+        let mut process = HomeserverProcess::spawn("synapse", command, &dir);
+        process
+            .wait_ready(&format!("http://127.0.0.1:{port}"))
+            .await;
+        Synapse {
+            port,
+            _process: process,
         }
-    }
-
-    /// The last lines of Synapse's log.
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("synapse.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     /// The homeserver's own base URL (bypassing the gate).
@@ -207,16 +176,4 @@ pub async fn try_get(url: &str) -> Result<u16, ()> {
         .await
         .map_err(|_| ())?;
     Ok(response.status().as_u16())
-}
-
-impl Drop for Synapse {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("synapse log kept in {}", self.dir.display());
-        }
-    }
 }
