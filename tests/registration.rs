@@ -133,8 +133,8 @@ async fn username_less_probe_passes() {
 }
 
 #[tokio::test]
-async fn guest_upgrade_may_name_an_all_digit_localpart() {
-    let (hs, gate) = setup("").await;
+async fn guest_upgrade_may_name_an_all_digit_localpart_while_guests_are_allowed() {
+    let (hs, gate) = setup("[guest]\naccess = \"allow\"\n").await;
     let answer = post_json(
         &gate.url(REGISTER),
         r#"{"username":"12345","guest_access_token":"tok","password":"x"}"#,
@@ -142,6 +142,25 @@ async fn guest_upgrade_may_name_an_all_digit_localpart() {
     .await;
     assert_eq!(answer.status, 200);
     assert_eq!(hs.only_request().json()["guest_access_token"], "tok");
+}
+
+/// With guests denied no guest account exists to upgrade, and a homeserver
+/// without guest upgrades (Conduit ignores the field) would register the
+/// all-digit name: the token grants nothing.
+#[tokio::test]
+async fn a_guest_token_names_no_all_digit_localpart_while_guests_are_denied() {
+    let (hs, gate) = setup("").await;
+    for token in ["\"tok\"", "\"\""] {
+        post_json(
+            &gate.url(REGISTER),
+            &format!(
+                r#"{{"username":"12345","guest_access_token":{token},"password":"x","auth":{{"type":"m.login.dummy"}}}}"#
+            ),
+        )
+        .await
+        .assert_error(400, "M_INVALID_USERNAME");
+    }
+    hs.assert_saw_nothing("an all-digit name with a guest token, guests denied");
 }
 
 #[tokio::test]

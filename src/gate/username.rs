@@ -125,9 +125,10 @@ impl UsernamePolicy {
     }
 
     /// Checks a requested username. On success returns the mapped localpart
-    /// the homeserver must receive. `guest_upgrade` is true when the body
-    /// carries a `guest_access_token`: such a request may name its own
-    /// all-digit localpart (the homeserver checks the token).
+    /// the homeserver must receive. `guest_upgrade` is true for a guest
+    /// upgrade the policy grants (a non-empty `guest_access_token` while
+    /// guests are allowed): such a request may name its own all-digit
+    /// localpart (the homeserver checks the token).
     pub fn check(&self, requested: &str, guest_upgrade: bool) -> Result<String, UsernameRule> {
         let (mapped, verdict) = self.judge(requested, guest_upgrade);
         verdict?;

@@ -517,9 +517,16 @@ impl Policy {
                     return Err(appservice::token_on_user_registration());
                 }
                 // Synapse treats a null token as no token (`is None`), so
-                // only a string token makes this a guest upgrade.
-                let guest_upgrade =
-                    matches!(object.get("guest_access_token"), Some(Value::String(_)));
+                // only a non-empty string token makes this a guest upgrade.
+                // And only while guests are allowed: with guests denied no
+                // guest account can exist to upgrade (when the gate is the
+                // only way in), and a homeserver without guest upgrades
+                // (Conduit ignores the token) would register the name.
+                let guest_upgrade = self.guest_access == GuestAccess::Allow
+                    && matches!(
+                        object.get("guest_access_token"),
+                        Some(Value::String(token)) if !token.is_empty()
+                    );
                 let username = match object.get("username") {
                     None => None,
                     Some(Value::String(requested)) => {
