@@ -156,6 +156,14 @@ async fn wrong_tokens_foreign_names_and_missing_tokens_are_refused_before_the_ho
             401,
             "M_MISSING_TOKEN",
         ),
+        // Decoded into what no header could forward: no service's token.
+        (
+            "?access_token=as%0Atoken",
+            None,
+            puppet("_bridge_a"),
+            401,
+            "M_UNKNOWN_TOKEN",
+        ),
     ] {
         let answer = register(&gate, query, token, &body).await;
         answer.assert_error(status, errcode);
@@ -242,4 +250,35 @@ async fn a_changed_registration_file_is_read_on_reload_and_a_broken_one_keeps_th
             .status,
         200
     );
+}
+
+/// On the routes that make accounts, the only credential the homeserver
+/// receives is a bridge token the gate checked: a guest registration's or
+/// an SSO pick's `Authorization` header is not forwarded (Conduit lets a
+/// valid `as_token` skip its registration checks).
+#[tokio::test]
+async fn a_token_on_a_guest_registration_or_a_pick_is_not_forwarded() {
+    let hs = FakeHomeserver::start().await;
+    let config = Config::from_toml(&config(&hs, &[], "[guest]\naccess = \"allow\"\n")).unwrap();
+    let gate = Gate::start_with(config).await;
+    let answer = register(&gate, "?kind=guest", Some(TOKEN), "{}").await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let bearer = format!("Bearer {TOKEN}");
+    let answer = send(
+        Method::POST,
+        &gate.url("/_synapse/client/pick_username/account_details"),
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("authorization", bearer.as_str()),
+            ("cookie", "username_mapping_session=s"),
+        ],
+        "username=alice",
+    )
+    .await;
+    assert_eq!(answer.status, 302, "{:?}", answer.body);
+    let seen = hs.requests();
+    assert_eq!(seen.len(), 2);
+    for request in seen {
+        assert_eq!(request.header("authorization"), None, "{}", request.target);
+    }
 }

@@ -83,6 +83,18 @@ fn missing_token(message: &str) -> Refusal {
     )
 }
 
+/// The refusal of a token that is no service's.
+pub fn unknown_token() -> Refusal {
+    Refusal::new(
+        "appservice_token",
+        MatrixError::new(
+            StatusCode::UNAUTHORIZED,
+            "M_UNKNOWN_TOKEN",
+            "Unrecognised access token.",
+        ),
+    )
+}
+
 /// The access token of a `POST …/register`, read as the homeserver reads
 /// it: one `Authorization: Bearer` header or one `access_token` query
 /// parameter. Both at once, two of either, or another scheme is refused
@@ -104,6 +116,11 @@ pub fn registration_token(
                 return Err(missing_token(
                     "The access_token parameter is given more than once.",
                 ));
+            }
+            // It is forwarded as a header: a token no header can carry
+            // (decoded control characters, non-ASCII) is no service's.
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(unknown_token());
             }
             Ok(Some(AccessToken(token.to_owned())))
         }
@@ -181,14 +198,7 @@ pub fn decide(
         }
     } else {
         let Some(service) = services.by_token(&token.0) else {
-            return Err(Refusal::new(
-                "appservice_token",
-                MatrixError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "M_UNKNOWN_TOKEN",
-                    "Unrecognised access token.",
-                ),
-            ));
+            return Err(unknown_token());
         };
         if !service.covers(&format!("@{name}:{server_name}")) {
             return Err(Refusal::new(
@@ -247,6 +257,15 @@ mod tests {
                 Err("M_MISSING_TOKEN"),
                 "{headers:?} {query:?}"
             );
+        }
+        // Decoded into what no header can carry: no service's token.
+        for query in [
+            "access_token=a%0Ab",
+            "access_token=%C3%A9",
+            "access_token=a%20b",
+            "access_token=",
+        ] {
+            assert_eq!(token(&[], Some(query)), Err("M_UNKNOWN_TOKEN"), "{query}");
         }
         assert_eq!(
             format!("{:?}", AccessToken("s3cret".into())),

@@ -496,6 +496,10 @@ where
                 Err(refusal) => {
                     // The gate cannot write this request: refuse even in
                     // shadow mode, since nothing canonical exists to forward.
+                    // Dropping a permit keeps its units: give them back.
+                    if let Some(permit) = permit {
+                        permit.settle(false);
+                    }
                     audit.outcome = Outcome::Refused;
                     audit.rule = refusal.rule;
                     audit.emit(&metrics);
@@ -592,7 +596,8 @@ where
         return Err(Stop::Refuse(banned()));
     }
     let registration = is_registration(route, &parts.method);
-    let token = if registration {
+    // Only `POST …/register` takes a bridge's token.
+    let token = if registration && matches!(route, GuardedRoute::Register(_)) {
         appservice::registration_token(&parts.headers, parts.uri.query()).map_err(Stop::Refuse)?
     } else {
         None

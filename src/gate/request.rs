@@ -118,19 +118,20 @@ pub(super) fn canonical_request<B>(
             }
         }
     }
-    // A bridge's token, however it came, reaches the homeserver in one
-    // form (the query the gate wrote has none).
+    // On a route that makes accounts the only credential forwarded is the
+    // token the gate checked: a bridge's, however it came, as one Bearer
+    // header (the query the gate wrote has none). A guest registration's
+    // or a pick's token reaches no homeserver (Conduit lets a valid
+    // `as_token` skip its registration checks).
+    if matches!(
+        route,
+        GuardedRoute::Register(_) | GuardedRoute::PickUsername
+    ) {
+        headers.remove(header::AUTHORIZATION);
+    }
     if let Some(grant) = &forward.appservice {
-        let bearer = HeaderValue::from_str(&format!("Bearer {}", grant.token.0)).map_err(|_| {
-            Refusal::new(
-                "access_token",
-                MatrixError::new(
-                    http::StatusCode::UNAUTHORIZED,
-                    "M_UNKNOWN_TOKEN",
-                    "Unrecognised access token.",
-                ),
-            )
-        })?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", grant.token.0))
+            .map_err(|_| super::appservice::unknown_token())?;
         headers.insert(header::AUTHORIZATION, bearer);
     }
     if length > 0 || parts.method == Method::POST {
