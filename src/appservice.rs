@@ -26,19 +26,16 @@ use regex::Regex;
 use serde::Deserialize;
 
 use crate::admin_api::constant_time_eq;
-use crate::lists::{stamp, Stamp};
+use crate::lists::{read, ListError, Stamp};
 
 /// An application service file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AppServiceError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The path as configured.
-        path: String,
-        /// What the operating system said.
-        source: std::io::Error,
-    },
+    /// The file could not be read whole: unreadable, cut short (no final
+    /// line break: a namespace regex cut mid-line is a wider namespace),
+    /// or changed while read.
+    #[error(transparent)]
+    File(#[from] ListError),
     /// The file is not a registration file the gate can use.
     #[error("{path}: {message}")]
     Invalid {
@@ -133,11 +130,7 @@ impl AppServices {
         let mut services = Vec::with_capacity(paths.len());
         let mut stamps = Vec::with_capacity(paths.len());
         for path in paths {
-            let before = stamp(path);
-            let text = std::fs::read(path).map_err(|source| AppServiceError::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let (text, before) = read(&path.display().to_string())?;
             let service = parse(path, &text, server_name)?;
             if services.iter().any(|s: &AppService| s.id == service.id) {
                 return Err(invalid(
@@ -335,6 +328,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("another file's as_token"), "{error}");
+        // A file being written in place, cut mid-line: an unquoted regex
+        // cut short is a wider namespace, so the file is refused.
+        std::fs::write(&two, BRIDGE.trim_end_matches('\n')).unwrap();
+        let error = AppServices::load(std::slice::from_ref(&two), "example.org")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("does not end with a line break"), "{error}");
+        assert!(!error.contains("s3cret"), "{error}");
         let _ = std::fs::remove_file(one);
         let _ = std::fs::remove_file(two);
     }

@@ -132,8 +132,8 @@ pub fn stamp(path: &Path) -> Stamp {
 }
 
 /// The file's bytes and its stamp, refused when the file is cut short or
-/// changes while it is read.
-fn read(path: &str) -> Result<(Vec<u8>, Stamp), ListError> {
+/// changes while it is read (list files, and application service files).
+pub(crate) fn read(path: &str) -> Result<(Vec<u8>, Stamp), ListError> {
     read_with(path, |path| std::fs::read(path))
 }
 
