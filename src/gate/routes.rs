@@ -129,10 +129,7 @@ impl GuardedRoute {
 /// "register" or "pick_username" in any case — is decided without
 /// allocating.
 pub fn classify(raw_path: &str) -> Option<GuardedRoute> {
-    if !raw_path.contains('%')
-        && !contains_ascii_ci(raw_path.as_bytes(), b"register")
-        && !contains_ascii_ci(raw_path.as_bytes(), b"pick_username")
-    {
+    if !may_name_a_guarded_route(raw_path.as_bytes()) {
         return None;
     }
     let normalized = normalize(raw_path);
@@ -246,10 +243,20 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-fn contains_ascii_ci(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
+/// Whether a raw path could name a guarded route in some spelling: it has
+/// an escape, or `register` or `pick_username` in any case. One pass over
+/// the path, the pass-through fast path's only cost here.
+fn may_name_a_guarded_route(path: &[u8]) -> bool {
+    let starts_ci = |at: usize, word: &[u8]| {
+        path.get(at..at + word.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    };
+    path.iter().enumerate().any(|(at, byte)| match byte {
+        b'%' => true,
+        b'r' | b'R' => starts_ci(at, b"register"),
+        b'p' | b'P' => starts_ci(at, b"pick_username"),
+        _ => false,
+    })
 }
 
 #[cfg(test)]
