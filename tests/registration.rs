@@ -134,7 +134,8 @@ async fn username_less_probe_passes() {
 
 #[tokio::test]
 async fn guest_upgrade_may_name_an_all_digit_localpart_while_guests_are_allowed() {
-    let (hs, gate) = setup("[guest]\naccess = \"allow\"\n").await;
+    let (hs, gate) =
+        setup("[homeserver]\nguest_upgrades = true\n[guest]\naccess = \"allow\"\n").await;
     let answer = post_json(
         &gate.url(REGISTER),
         r#"{"username":"12345","guest_access_token":"tok","password":"x"}"#,
@@ -161,6 +162,29 @@ async fn a_guest_token_names_no_all_digit_localpart_while_guests_are_denied() {
         .assert_error(400, "M_INVALID_USERNAME");
     }
     hs.assert_saw_nothing("an all-digit name with a guest token, guests denied");
+}
+
+/// In front of a homeserver without guest upgrades (the default: Dendrite
+/// and the Conduit family have none, and Conduit registers the all-digit
+/// name from such a body), the token grants nothing even with guests
+/// allowed; guests themselves still pass.
+#[tokio::test]
+async fn a_guest_token_names_no_all_digit_localpart_without_guest_upgrades() {
+    let (hs, gate) = setup("[guest]\naccess = \"allow\"\n").await;
+    for username in ["12345", "007"] {
+        post_json(
+            &gate.url(REGISTER),
+            &format!(
+                r#"{{"username":"{username}","guest_access_token":"tok","password":"x","auth":{{"type":"m.login.dummy"}}}}"#
+            ),
+        )
+        .await
+        .assert_error(400, "M_INVALID_USERNAME");
+    }
+    hs.assert_saw_nothing("an all-digit name with a guest token, no guest upgrades");
+    let guest = post_json(&gate.url(&format!("{REGISTER}?kind=guest")), "{}").await;
+    assert_eq!(guest.status, 200);
+    assert_eq!(hs.only_request().target, format!("{REGISTER}?kind=guest"));
 }
 
 #[tokio::test]

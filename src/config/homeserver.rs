@@ -17,6 +17,12 @@ pub struct HomeserverConfig {
     /// The application service registration files the homeserver reads
     /// (bridges), so that the gate lets their registrations through.
     pub app_service_config_files: Vec<PathBuf>,
+    /// Whether the homeserver upgrades a guest account to a full one when
+    /// a registration carries the guest's `guest_access_token` (Synapse
+    /// does; Dendrite and the Conduit family do not). Only then may such a
+    /// registration name an all-digit localpart, and only while guests are
+    /// allowed.
+    pub guest_upgrades: bool,
     /// Those files, read (not part of the file's text).
     #[serde(skip)]
     pub app_services: AppServices,
@@ -27,6 +33,7 @@ impl Default for HomeserverConfig {
         HomeserverConfig {
             server_name: "example.org".to_owned(),
             app_service_config_files: Vec::new(),
+            guest_upgrades: false,
             app_services: AppServices::default(),
         }
     }

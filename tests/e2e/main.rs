@@ -330,6 +330,67 @@ async fn guests_get_a_bare_guest_account_when_allowed_and_nothing_when_denied() 
     assert!(!account_exists(&synapse, "guestname").await);
 }
 
+/// Synapse upgrades a guest to a full account when the registration names
+/// the guest's own numeric localpart and carries its `guest_access_token`.
+/// The gate lets that all-digit name through only with `[homeserver]
+/// guest_upgrades = true` and guests allowed; by default it refuses it,
+/// and the guest stays a guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_upgrades_through_the_gate_only_where_upgrades_are_declared() {
+    let synapse = Synapse::start("").await;
+    let guests = "[guest]\naccess = \"allow\"\n";
+    let upgrading = gate_for(&synapse, &format!("guest_upgrades = true\n{guests}")).await;
+    let default = gate_for(&synapse, guests).await;
+    let upgrade = |gate: String, number: String, token: String| async move {
+        post_json(
+            &format!("{gate}{REGISTER}"),
+            &json!({
+                "username": number,
+                "password": PASSWORD,
+                "guest_access_token": token,
+                "auth": {"type": "m.login.dummy"},
+            })
+            .to_string(),
+        )
+        .await
+    };
+    let is_guest = |token: String| {
+        let url = format!("{}/_matrix/client/v3/account/whoami", synapse.url());
+        async move {
+            let answer = send(
+                Method::GET,
+                &url,
+                &[("authorization", &format!("Bearer {token}"))],
+                "",
+            )
+            .await;
+            assert_eq!(answer.status, 200, "{:?}", answer.body);
+            answer.json()["is_guest"] == true
+        }
+    };
+    for (gate, upgrades) in [(&default, false), (&upgrading, true)] {
+        let guest = post_json(&gate.url(&format!("{REGISTER}?kind=guest")), "{}").await;
+        assert_eq!(guest.status, 200, "{:?}", guest.body);
+        let json = guest.json();
+        let user_id = json["user_id"].as_str().unwrap().to_owned();
+        let token = json["access_token"].as_str().unwrap().to_owned();
+        let number = localpart_of(&user_id).to_owned();
+        assert!(is_guest(token.clone()).await);
+        let answer = upgrade(gate.url(""), number.clone(), token.clone()).await;
+        if upgrades {
+            assert_eq!(answer.status, 200, "{:?}", answer.body);
+            assert_eq!(answer.json()["user_id"], user_id.as_str());
+            let full = answer.json()["access_token"].as_str().unwrap().to_owned();
+            assert!(!is_guest(full).await, "{user_id} is still a guest");
+            assert!(can_log_in(&synapse, &number).await);
+        } else {
+            answer.assert_error(400, "M_INVALID_USERNAME");
+            assert!(is_guest(token).await, "{user_id} was upgraded");
+            assert!(!can_log_in(&synapse, &number).await);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_and_reserved_names_never_become_accounts() {
     let synapse = Synapse::start("").await;

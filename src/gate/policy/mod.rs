@@ -141,6 +141,8 @@ pub struct Policy {
     pub username: UsernamePolicy,
     enabled: bool,
     guest_access: GuestAccess,
+    /// Whether the homeserver upgrades guests (`[homeserver] guest_upgrades`).
+    guest_upgrades: bool,
     allow_admin_register: bool,
     /// Largest registration body accepted.
     pub max_body_bytes: usize,
@@ -161,6 +163,7 @@ impl Policy {
             username: UsernamePolicy::new(&config.username, &config.homeserver.server_name),
             enabled: config.registration.enabled,
             guest_access: config.guest.access,
+            guest_upgrades: config.homeserver.guest_upgrades,
             allow_admin_register: config.registration.allow_admin_register,
             max_body_bytes: config.registration.max_body_bytes,
             deny_networks: config.client_ip.deny.iter().map(|n| n.0).collect(),
@@ -518,11 +521,13 @@ impl Policy {
                 }
                 // Synapse treats a null token as no token (`is None`), so
                 // only a non-empty string token makes this a guest upgrade.
-                // And only while guests are allowed: with guests denied no
-                // guest account can exist to upgrade (when the gate is the
-                // only way in), and a homeserver without guest upgrades
-                // (Conduit ignores the token) would register the name.
-                let guest_upgrade = self.guest_access == GuestAccess::Allow
+                // And only where one is real: while guests are allowed (with
+                // guests denied no guest account can exist to upgrade, when
+                // the gate is the only way in) and in front of a homeserver
+                // that upgrades guests (Dendrite and Conduit ignore the
+                // token, and Conduit would register the all-digit name).
+                let guest_upgrade = self.guest_upgrades
+                    && self.guest_access == GuestAccess::Allow
                     && matches!(
                         object.get("guest_access_token"),
                         Some(Value::String(token)) if !token.is_empty()

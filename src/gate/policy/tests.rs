@@ -106,7 +106,20 @@ fn username_refusals() {
         code(r#"{"username":"1234","guest_access_token":"t"}"#),
         "M_INVALID_USERNAME"
     );
-    let guests = policy("[guest]\naccess = \"allow\"\n");
+    // Guests allowed, but a homeserver without guest upgrades (the
+    // default): the token changes nothing either.
+    let no_upgrades = policy("[guest]\naccess = \"allow\"\n");
+    let refusal = no_upgrades
+        .body(user, br#"{"username":"1234","guest_access_token":"t"}"#)
+        .unwrap_err();
+    assert_eq!(refusal.error.errcode, "M_INVALID_USERNAME");
+    // Upgrades, but guests denied: no guest to upgrade.
+    let denied = policy("[homeserver]\nguest_upgrades = true\n");
+    let refusal = denied
+        .body(user, br#"{"username":"1234","guest_access_token":"t"}"#)
+        .unwrap_err();
+    assert_eq!(refusal.error.errcode, "M_INVALID_USERNAME");
+    let guests = policy("[homeserver]\nguest_upgrades = true\n[guest]\naccess = \"allow\"\n");
     assert!(guests
         .body(user, br#"{"username":"1234","guest_access_token":"t"}"#)
         .is_ok());
