@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use matrix_gatekeeper::config::{AdminConfig, Config, ConfigError, Secrets, UpstreamConfig};
+use matrix_gatekeeper::config::{AdminConfig, Config, ConfigError, GuestAccess, Secrets};
 use matrix_gatekeeper::explain::{
     explain_with, look_up_dnsbl, read_gate, AdminTarget, GateRead, Live, Question,
 };
@@ -13,6 +13,7 @@ use matrix_gatekeeper::lists::Stamp;
 use matrix_gatekeeper::probe;
 use matrix_gatekeeper::server::{shutdown_signal, Hangups, Server};
 use matrix_gatekeeper::telemetry::init_logging;
+use matrix_gatekeeper::upstream::identify;
 
 /// Exit status for a configuration that cannot be used (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -380,7 +381,7 @@ fn serve(
             );
         }
         log_app_services(&config);
-        tokio::spawn(warn_if_homeserver_unreachable(config.upstream.clone()));
+        tokio::spawn(look_at_the_homeserver(config.clone()));
         server.run(shutdown).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
@@ -388,23 +389,56 @@ fn serve(
 }
 
 /// One TCP connection to the homeserver at start: a gate whose homeserver is
-/// down still starts (the homeserver may come up later), but says so.
-async fn warn_if_homeserver_unreachable(upstream: UpstreamConfig) {
+/// down still starts (the homeserver may come up later), but says so. With
+/// guests allowed it then asks what the homeserver is, and says when
+/// `[homeserver] guest_upgrades` does not fit it.
+async fn look_at_the_homeserver(config: Config) {
+    let upstream = &config.upstream;
     let url = &upstream.url;
     let host = url.host().unwrap_or("127.0.0.1");
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = url.port_u16().unwrap_or(80);
     let connect = tokio::net::TcpStream::connect((host, port));
     let problem = match tokio::time::timeout(upstream.connect_timeout.0, connect).await {
-        Ok(Ok(_)) => return,
-        Ok(Err(error)) => error.to_string(),
-        Err(_) => format!("no connection within {:?}", upstream.connect_timeout.0),
+        Ok(Ok(_)) => None,
+        Ok(Err(error)) => Some(error.to_string()),
+        Err(_) => Some(format!(
+            "no connection within {:?}",
+            upstream.connect_timeout.0
+        )),
     };
-    tracing::warn!(
-        upstream = %url,
-        error = %problem,
-        "the homeserver cannot be reached yet; requests get 502 until it can"
+    if let Some(problem) = problem {
+        tracing::warn!(
+            upstream = %url,
+            error = %problem,
+            "the homeserver cannot be reached yet; requests get 502 until it can"
+        );
+        return;
+    }
+    // What the homeserver is matters only to a guest upgrade, which the
+    // gate grants only while guests are allowed: otherwise it asks nothing.
+    if config.guest.access != GuestAccess::Allow {
+        return;
+    }
+    let guest_upgrades = config.homeserver.guest_upgrades;
+    let Some(software) = identify::identify(url, upstream.connect_timeout.0).await else {
+        tracing::info!(
+            guest_upgrades,
+            "the homeserver does not say what it is (no federation /version, no Synapse \
+             server_version); [homeserver] guest_upgrades is used as set"
+        );
+        return;
+    };
+    tracing::info!(
+        homeserver = %software.name,
+        version = %software.version,
+        "the homeserver says what it is"
     );
+    match identify::advice(&software, guest_upgrades, config.guest.access) {
+        Some(identify::Advice::Warn(message)) => tracing::warn!("{message}"),
+        Some(identify::Advice::Hint(message)) => tracing::info!("{message}"),
+        None => {}
+    }
 }
 
 /// `probe`: checks the arguments, runs the probes, prints the report.

@@ -36,6 +36,7 @@ use crate::error::{source_chain, ErrorChain, MatrixError};
 use crate::gate::BoxError;
 use crate::telemetry::{Metrics, UpstreamError};
 
+pub mod identify;
 pub(crate) mod idle;
 pub(crate) mod pool;
 

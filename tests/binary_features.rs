@@ -17,7 +17,7 @@ use common::binary::{field, toml_path, Scratch, Served, LISTEN_ANY};
 use common::dns_responder::DnsResponder;
 use common::redis_server::RedisServer;
 use common::webhook::{next_event, next_event_json, receiver};
-use common::{eventually, send, Answer, FakeHomeserver};
+use common::{eventually, send, Answer, FakeHomeserver, FixedAnswer};
 use http::Method;
 
 const REGISTER: &str = "/_matrix/client/v3/register";
@@ -658,4 +658,120 @@ async fn a_reload_asked_for_while_the_gate_starts_neither_kills_it_nor_is_lost()
         hs.only_request().header("x-forwarded-for"),
         Some("192.0.2.1")
     );
+}
+
+/// With guests allowed, `serve` asks the homeserver what it is at start
+/// (federation `/version`, then Synapse's `server_version`) and says when
+/// `[homeserver] guest_upgrades` does not fit it; with guests denied it
+/// asks nothing.
+#[tokio::test]
+async fn the_start_up_log_says_when_guest_upgrades_do_not_fit_the_homeserver() {
+    let conduit = FakeHomeserver::start_answering(&[FixedAnswer {
+        path: "/_matrix/federation/v1/version",
+        status: 200,
+        json: r#"{"server":{"name":"Conduit","version":"0.10.12"}}"#,
+    }])
+    .await;
+    // Synapse with only the client API on the gate's listener.
+    let synapse = FakeHomeserver::start_answering(&[
+        FixedAnswer {
+            path: "/_matrix/federation/v1/version",
+            status: 404,
+            json: r#"{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}"#,
+        },
+        FixedAnswer {
+            path: "/_synapse/admin/v1/server_version",
+            status: 200,
+            json: r#"{"server_version":"1.163.2"}"#,
+        },
+    ])
+    .await;
+    // Answers `{"ok":true}` to everything: names nothing.
+    let silent = FakeHomeserver::start().await;
+    let dir = Scratch::new("identify");
+    let start = |name: &str, hs: &FakeHomeserver, rest: &str| {
+        let config = dir.write(
+            &format!("{name}.toml"),
+            &format!("[server]\n{LISTEN_ANY}{}{rest}", upstream(hs)),
+        );
+        async move { Served::start(&config).await }
+    };
+    let guests = "[guest]\naccess = \"allow\"\n";
+    let upgrades = "[homeserver]\nguest_upgrades = true\n";
+
+    let gate = start("conduit", &conduit, &format!("{guests}{upgrades}")).await;
+    let said = gate
+        .wait_for_line(0, "the homeserver's name", |l| {
+            l.contains("the homeserver says what it is")
+        })
+        .await;
+    assert_eq!(
+        field(&said, "homeserver").as_deref(),
+        Some("Conduit"),
+        "{said}"
+    );
+    assert_eq!(
+        field(&said, "version").as_deref(),
+        Some("0.10.12"),
+        "{said}"
+    );
+    let warning = gate
+        .wait_for_line(0, "the warning", |l| {
+            l.contains("guest_upgrades = true, but the homeserver says it is Conduit")
+        })
+        .await;
+    assert!(warning.contains("WARN"), "{warning}");
+    drop(gate);
+
+    let gate = start("synapse", &synapse, guests).await;
+    let said = gate
+        .wait_for_line(0, "the homeserver's name", |l| {
+            l.contains("the homeserver says what it is")
+        })
+        .await;
+    assert_eq!(
+        field(&said, "homeserver").as_deref(),
+        Some("Synapse"),
+        "{said}"
+    );
+    assert_eq!(
+        field(&said, "version").as_deref(),
+        Some("1.163.2"),
+        "{said}"
+    );
+    gate.wait_for_line(0, "the hint", |l| {
+        l.contains("set [homeserver] guest_upgrades = true to let guests upgrade")
+    })
+    .await;
+    // Synapse with upgrades declared: named, and nothing to say about it.
+    let gate = start("synapse-upgrades", &synapse, &format!("{guests}{upgrades}")).await;
+    gate.wait_for_line(0, "the homeserver's name", |l| {
+        l.contains("the homeserver says what it is")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !gate.log().contains("guest_upgrades = true, but"),
+        "{}",
+        gate.log()
+    );
+    assert!(
+        !gate.log().contains("to let guests upgrade"),
+        "{}",
+        gate.log()
+    );
+
+    let gate = start("silent", &silent, &format!("{guests}{upgrades}")).await;
+    gate.wait_for_line(0, "the note", |l| {
+        l.contains("the homeserver does not say what it is")
+    })
+    .await;
+    drop(gate);
+
+    // Guests denied: no question is asked.
+    conduit.clear();
+    let gate = start("denied", &conduit, upgrades).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    conduit.assert_saw_nothing("a gate with guests denied");
+    assert!(!gate.log().contains("says what it is"), "{}", gate.log());
 }

@@ -338,6 +338,17 @@ async fn guests_get_a_bare_guest_account_when_allowed_and_nothing_when_denied() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_upgrades_through_the_gate_only_where_upgrades_are_declared() {
     let synapse = Synapse::start("").await;
+    // Its client listener has no federation API: the gate learns what it
+    // is from Synapse's own server_version.
+    let url: http::Uri = synapse.url().parse().unwrap();
+    let software = matrix_gatekeeper::upstream::identify::identify(&url, Duration::from_secs(5))
+        .await
+        .expect("Synapse says what it is");
+    assert_eq!(software.name, "Synapse");
+    assert!(software.upgrades_guests());
+    // `1.163.2`, with a git suffix when Synapse finds itself in a checkout.
+    let pinned = synapse::PACKAGES[0].split("==").nth(1).unwrap();
+    assert!(software.version.starts_with(pinned), "{software:?}");
     let guests = "[guest]\naccess = \"allow\"\n";
     let upgrading = gate_for(&synapse, &format!("guest_upgrades = true\n{guests}")).await;
     let default = gate_for(&synapse, guests).await;
