@@ -660,6 +660,17 @@ async fn a_reload_asked_for_while_the_gate_starts_neither_kills_it_nor_is_lost()
     );
 }
 
+/// Waits for the start-up line naming the homeserver, and checks it.
+async fn assert_named(gate: &Served, name: &str, version: &str) {
+    let said = gate
+        .wait_for_line(0, "the homeserver's name", |l| {
+            l.contains("the homeserver says what it is")
+        })
+        .await;
+    assert_eq!(field(&said, "homeserver").as_deref(), Some(name), "{said}");
+    assert_eq!(field(&said, "version").as_deref(), Some(version), "{said}");
+}
+
 /// With guests allowed, `serve` asks the homeserver what it is at start
 /// (federation `/version`, then Synapse's `server_version`) and says when
 /// `[homeserver] guest_upgrades` does not fit it; with guests denied it
@@ -700,21 +711,7 @@ async fn the_start_up_log_says_when_guest_upgrades_do_not_fit_the_homeserver() {
     let upgrades = "[homeserver]\nguest_upgrades = true\n";
 
     let gate = start("conduit", &conduit, &format!("{guests}{upgrades}")).await;
-    let said = gate
-        .wait_for_line(0, "the homeserver's name", |l| {
-            l.contains("the homeserver says what it is")
-        })
-        .await;
-    assert_eq!(
-        field(&said, "homeserver").as_deref(),
-        Some("Conduit"),
-        "{said}"
-    );
-    assert_eq!(
-        field(&said, "version").as_deref(),
-        Some("0.10.12"),
-        "{said}"
-    );
+    assert_named(&gate, "Conduit", "0.10.12").await;
     let warning = gate
         .wait_for_line(0, "the warning", |l| {
             l.contains("guest_upgrades = true, but the homeserver says it is Conduit")
@@ -724,21 +721,7 @@ async fn the_start_up_log_says_when_guest_upgrades_do_not_fit_the_homeserver() {
     drop(gate);
 
     let gate = start("synapse", &synapse, guests).await;
-    let said = gate
-        .wait_for_line(0, "the homeserver's name", |l| {
-            l.contains("the homeserver says what it is")
-        })
-        .await;
-    assert_eq!(
-        field(&said, "homeserver").as_deref(),
-        Some("Synapse"),
-        "{said}"
-    );
-    assert_eq!(
-        field(&said, "version").as_deref(),
-        Some("1.163.2"),
-        "{said}"
-    );
+    assert_named(&gate, "Synapse", "1.163.2").await;
     gate.wait_for_line(0, "the hint", |l| {
         l.contains("set [homeserver] guest_upgrades = true to let guests upgrade")
     })
