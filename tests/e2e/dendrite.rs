@@ -88,12 +88,16 @@ fn replace_line(config: &mut String, from: &str, to: &str) {
 /// A running Dendrite.
 pub struct Dendrite {
     pub port: u16,
+    /// Its directory: configuration, key and sqlite databases.
+    dir: PathBuf,
     _process: HomeserverProcess,
 }
 
 impl Dendrite {
     /// Starts Dendrite named [`SERVER_NAME`], registration open, federation
-    /// off, with `app_service_files` as its application services.
+    /// off, with `app_service_files` as its application services, and
+    /// passwords hashed with bcrypt's lowest cost (4, as Synapse's
+    /// `bcrypt_rounds: 4` in these tests).
     ///
     /// Its own `/register` limiter is off: it keys on the one
     /// `X-Forwarded-For` address the gate sends (5 requests per 500 ms by
@@ -143,6 +147,7 @@ impl Dendrite {
                 "  config_files: []".into(),
                 format!("  config_files: [{}]", files.join(", ")),
             ),
+            ("  bcrypt_cost: 10".into(), "  bcrypt_cost: 4".into()),
         ] {
             replace_line(&mut config, &from, &to);
         }
@@ -169,6 +174,7 @@ impl Dendrite {
             .await;
         Dendrite {
             port,
+            dir,
             _process: process,
         }
     }
@@ -176,5 +182,10 @@ impl Dendrite {
     /// The homeserver's own base URL (bypassing the gate).
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The sqlite database holding its accounts (`userapi_accounts`).
+    pub fn accounts_database(&self) -> PathBuf {
+        self.dir.join("dendrite_userapi.db")
     }
 }
