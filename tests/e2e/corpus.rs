@@ -176,7 +176,7 @@ const SPECIAL_CHARS: &[char] = &[
 ];
 
 /// The deterministic corpus.
-fn corpus() -> Vec<(String, &'static str)> {
+pub(crate) fn corpus() -> Vec<(String, &'static str)> {
     let mut c = Corpus {
         names: Vec::new(),
         seen: HashSet::new(),
@@ -572,7 +572,7 @@ impl SynapseVerdict {
 }
 
 /// Which of Synapse's checks produced an `M_INVALID_USERNAME` message.
-fn synapse_rule(message: &str) -> &'static str {
+pub(crate) fn synapse_rule(message: &str) -> &'static str {
     if message.starts_with("User ID can only contain") {
         "characters"
     } else if message.starts_with("User ID cannot be empty") {
@@ -588,7 +588,7 @@ fn synapse_rule(message: &str) -> &'static str {
     }
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 async fn post(client: &HttpClient, url: &str, body: String) -> (u16, serde_json::Value) {
     let request = http::Request::builder()
@@ -743,7 +743,7 @@ fn oracle(names: &[String]) -> Oracle {
 // === the report ===
 
 /// A name as it can be read in a report: escaped, long ones shortened.
-fn show(name: &str) -> String {
+pub(crate) fn show(name: &str) -> String {
     let chars = name.chars().count();
     if chars > 40 {
         let head: String = name.chars().take(24).collect();

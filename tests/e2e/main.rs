@@ -11,6 +11,7 @@ mod appservice;
 #[path = "../common/mod.rs"]
 mod common;
 mod corpus;
+mod corpus_dendrite;
 mod dendrite;
 mod dendrite_appservice;
 mod homeserver_process;

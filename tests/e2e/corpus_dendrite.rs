@@ -1,0 +1,919 @@
+//! The username corpus through the gate in front of a real Dendrite, and
+//! Dendrite's verdicts beside Synapse's.
+//!
+//! Every name of [`corpus`] (the deterministic corpus of the Synapse
+//! differential, more than 10,000 names) is registered for real through the
+//! gate (default policy) with dummy auth, one fresh request per name. Names
+//! that map to the same localpart go one after the other in corpus order, so
+//! the first creates the account and the later ones are duplicates, which
+//! Dendrite answers `400 M_USER_IN_USE`. Then Dendrite is asked directly,
+//! not through the gate, whether an account exists for every name the gate
+//! refused, under the localpart the gate maps it to and under the raw name
+//! (which Dendrite lower-cases itself): `/register/available` first, and a
+//! password login for the names that check cannot judge. Its account table
+//! is read last. No account may exist for a refused name, every account
+//! must be one a forwarded registration reported creating, and each
+//! created localpart must be the gate's mapped name.
+//!
+//! The same first registration step (`{"username", "password"}`, no auth)
+//! is sent directly to Dendrite and to a real Synapse, for the mapped name
+//! of every forwarded registration and for every raw corpus name, and every
+//! name the two servers answer differently goes to
+//! `target/e2e-report/username-corpus-dendrite.md`, grouped by kind.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use matrix_gatekeeper::config::UsernameConfig;
+use matrix_gatekeeper::gate::username::{map_case, UsernamePolicy, UsernameRule};
+use matrix_gatekeeper::gate::MARKER_HEADER;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::corpus::{corpus, show, synapse_rule, HttpClient};
+use crate::dendrite::Dendrite;
+use crate::synapse::{self, Synapse, SERVER_NAME};
+use crate::{gate_for_upstream, query_escape, REGISTER};
+
+/// Requests in flight against each server.
+const CONCURRENCY: usize = 8;
+/// Longest wait for one answer; a hang fails the test.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The password of every registration, probe and login.
+const PASSWORD: &str = "e2e-dendrite-corpus-1";
+
+// === requests ===
+
+/// One answer: status, JSON body (`Null` if none) and the gate's marker.
+#[derive(Debug, Clone)]
+struct Reply {
+    status: u16,
+    json: Value,
+    marker: Option<String>,
+}
+
+impl Reply {
+    fn field(&self, key: &str) -> &str {
+        self.json[key].as_str().unwrap_or("")
+    }
+
+    fn errcode(&self) -> &str {
+        self.field("errcode")
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "{} {} {:?}",
+            self.status,
+            self.errcode(),
+            self.field("error")
+        )
+    }
+}
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(CONCURRENCY)
+        .build_http()
+}
+
+async fn call(client: &HttpClient, method: Method, url: &str, body: Option<String>) -> Reply {
+    let mut request = http::Request::builder().method(method).uri(url);
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    let exchange = async {
+        let response = client
+            .request(request)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        let status = response.status().as_u16();
+        let marker = response
+            .headers()
+            .get(MARKER_HEADER)
+            .map(|v| v.to_str().unwrap_or("?").to_owned());
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, marker, body)
+    };
+    let (status, marker, body) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no answer from {url} within {REQUEST_TIMEOUT:?}"));
+    Reply {
+        status,
+        json: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        marker,
+    }
+}
+
+/// `f` over every item, [`CONCURRENCY`] at a time; results in item order.
+async fn each<T, R, F, Fut>(items: Vec<T>, f: F) -> Vec<R>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    let f = Arc::new(f);
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    let count = items.len();
+    for (index, item) in items.into_iter().enumerate() {
+        let (f, permits) = (f.clone(), permits.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            (index, f(item).await)
+        });
+    }
+    let mut results: Vec<Option<R>> = (0..count).map(|_| None).collect();
+    while let Some(done) = tasks.join_next().await {
+        let (index, result) = done.unwrap();
+        results[index] = Some(result);
+    }
+    results.into_iter().map(Option::unwrap).collect()
+}
+
+// === first registration steps ===
+
+/// A server's answer to a first registration step.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    /// `401` with flows: the name passed; UIA would continue.
+    Accepted,
+    /// Anything else: status, errcode and which check refused it.
+    Refused {
+        status: u16,
+        errcode: String,
+        rule: &'static str,
+    },
+}
+
+impl Step {
+    fn of(reply: &Reply) -> Step {
+        if reply.status == 401 && reply.json["flows"].is_array() {
+            return Step::Accepted;
+        }
+        Step::Refused {
+            status: reply.status,
+            errcode: reply.errcode().to_owned(),
+            rule: rule_of(reply.field("error")),
+        }
+    }
+
+    fn accepted(&self) -> bool {
+        *self == Step::Accepted
+    }
+
+    /// Status and errcode: what a client acts on.
+    fn answer(&self) -> (u16, &str) {
+        match self {
+            Step::Accepted => (401, ""),
+            Step::Refused {
+                status, errcode, ..
+            } => (*status, errcode),
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Step::Accepted => "401 (accepted)".into(),
+            Step::Refused {
+                status,
+                errcode,
+                rule,
+            } => format!("{status} {errcode} ({rule})"),
+        }
+    }
+}
+
+/// Which check produced a refusal message, Synapse's or Dendrite's.
+fn rule_of(message: &str) -> &'static str {
+    match synapse_rule(message) {
+        "other message" => {}
+        rule => return rule,
+    }
+    if message.starts_with("username can only contain") {
+        "characters"
+    } else if message.starts_with("username cannot start with a '_'") {
+        "leading underscore"
+    } else if message.starts_with("username exceeds the maximum length") {
+        "too long"
+    } else if message == "Invalid username" {
+        "over 512 characters"
+    } else {
+        "other message"
+    }
+}
+
+/// Every username's first step on the server at `base`.
+async fn first_steps(base: String, usernames: Vec<String>) -> Vec<Step> {
+    let client = client();
+    let url = Arc::new(format!("{base}{REGISTER}"));
+    each(usernames, move |username| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let body = json!({ "username": username, "password": PASSWORD }).to_string();
+            Step::of(&call(&client, Method::POST, &url, Some(body)).await)
+        }
+    })
+    .await
+}
+
+// === registrations through the gate ===
+
+/// One complete registration through the gate for each name; names that
+/// map to the same localpart one after the other, in corpus order.
+async fn register_all(gate_url: String, names: &[String]) -> Vec<Reply> {
+    let mut groups: Vec<Vec<(usize, String)>> = Vec::new();
+    let mut group_of: HashMap<String, usize> = HashMap::new();
+    for (index, name) in names.iter().enumerate() {
+        let group = *group_of.entry(map_case(name)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[group].push((index, name.clone()));
+    }
+    let client = client();
+    let url = Arc::new(format!("{gate_url}{REGISTER}"));
+    let done = each(groups, move |group| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let mut replies = Vec::new();
+            for (index, name) in group {
+                let body = json!({
+                    "username": name,
+                    "password": PASSWORD,
+                    "auth": { "type": "m.login.dummy" },
+                })
+                .to_string();
+                replies.push((index, call(&client, Method::POST, &url, Some(body)).await));
+            }
+            replies
+        }
+    })
+    .await;
+    let mut replies: Vec<Option<Reply>> = vec![None; names.len()];
+    for (index, reply) in done.into_iter().flatten() {
+        replies[index] = Some(reply);
+    }
+    replies.into_iter().map(Option::unwrap).collect()
+}
+
+/// What became of one name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fate {
+    /// The gate answered itself (marker `refused`) with this errcode.
+    Refused(String),
+    /// Forwarded; Dendrite created this user ID.
+    Created(String),
+    /// Forwarded; an earlier name with the same localpart created it, and
+    /// Dendrite answered `M_USER_IN_USE`.
+    Duplicate,
+    /// Forwarded; Dendrite refused it with this answer.
+    DendriteRefused(String),
+}
+
+// === existence, asked of Dendrite directly ===
+
+/// Whether Dendrite holds an account under a name, and how that was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Existence {
+    /// `/register/available`: 200 (`false`) or `400 M_USER_IN_USE` (`true`).
+    Available(bool),
+    /// The availability check could not judge it (its answer); a password
+    /// login then answered 200 (`true`) or 403 (`false`).
+    Login(String, bool),
+    /// Neither could judge it: both answers.
+    Unjudged(String, String),
+}
+
+impl Existence {
+    fn exists(&self) -> bool {
+        matches!(self, Existence::Available(true) | Existence::Login(_, true))
+    }
+
+    fn kind(&self) -> String {
+        match self {
+            Existence::Available(exists) => format!("available: exists={exists}"),
+            Existence::Login(check, exists) => {
+                format!("available {check} → login: exists={exists}")
+            }
+            Existence::Unjudged(check, login) => {
+                format!("unjudged: available {check}, login {login}")
+            }
+        }
+    }
+}
+
+async fn existence(base: String, queries: Vec<String>) -> Vec<Existence> {
+    let client = client();
+    let base = Arc::new(base);
+    each(queries, move |query| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let url = format!(
+                "{base}/_matrix/client/v3/register/available?username={}",
+                query_escape(&query)
+            );
+            // A name too long for a URI (http's limit: 65,534 bytes) is
+            // asked by login only.
+            let check_label = if url.len() < 65_000 {
+                let check = call(&client, Method::GET, &url, None).await;
+                match (check.status, check.errcode()) {
+                    (200, _) if check.json["available"] == true => {
+                        return Existence::Available(false)
+                    }
+                    (400, "M_USER_IN_USE") => return Existence::Available(true),
+                    _ => format!("{} {}", check.status, check.errcode()),
+                }
+            } else {
+                "not asked (URI too long)".to_owned()
+            };
+            let body = json!({
+                "type": "m.login.password",
+                "identifier": { "type": "m.id.user", "user": query },
+                "password": PASSWORD,
+            })
+            .to_string();
+            let login_url = format!("{base}/_matrix/client/v3/login");
+            let login = call(&client, Method::POST, &login_url, Some(body)).await;
+            match login.status {
+                200 => Existence::Login(check_label, true),
+                403 => Existence::Login(check_label, false),
+                _ => Existence::Unjudged(check_label, login.label()),
+            }
+        }
+    })
+    .await
+}
+
+/// Go's `strings.ToLower`, as Dendrite lower-cases: each character's simple
+/// lower-case mapping, so U+0130 becomes a plain `i` (Python and the gate
+/// give `i` + U+0307) and no final-sigma rule.
+fn go_lower(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c == '\u{0130}' {
+                return 'i';
+            }
+            let mut lower = c.to_lowercase();
+            match (lower.next(), lower.next()) {
+                (Some(one), None) => one,
+                _ => c,
+            }
+        })
+        .collect()
+}
+
+/// The localparts Dendrite may look up for a name it is asked about: the
+/// name lower-cased or as given (login tries both), and the localpart of
+/// a full `@localpart:server` user ID.
+fn looked_up(query: &str) -> Vec<String> {
+    let lower = go_lower(query);
+    let mut localparts = vec![lower.clone(), query.to_owned()];
+    if let Some((localpart, _)) = lower.strip_prefix('@').and_then(|id| id.split_once(':')) {
+        localparts.push(localpart.to_owned());
+    }
+    localparts
+}
+
+/// Every localpart in Dendrite's account table, read with sqlite3.
+fn dendrite_accounts(dendrite: &Dendrite) -> Vec<String> {
+    let output = std::process::Command::new(synapse::python())
+        .args([
+            "-c",
+            "import json, sqlite3, sys\n\
+             db = sqlite3.connect(sys.argv[1])\n\
+             print(json.dumps([r[0] for r in db.execute('SELECT localpart FROM userapi_accounts')]))",
+        ])
+        .arg(dendrite.accounts_database())
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "reading Dendrite's accounts: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+// === Dendrite beside Synapse ===
+
+/// Why Dendrite and Synapse answer a first step for `name` differently.
+fn category(name: &str) -> &'static str {
+    let user_id_bytes = 1 + go_lower(name).len() + 1 + SERVER_NAME.len();
+    let all_digits = !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit());
+    if name.chars().count() > 512 {
+        "over 512 characters"
+    } else if user_id_bytes > 255 {
+        "user ID over 255 bytes"
+    } else if user_id_bytes == 255 {
+        "user ID of 255 bytes"
+    } else if name.parse::<i64>().is_ok() && !all_digits {
+        "signed integer"
+    } else if all_digits {
+        "all digits beyond int64"
+    } else if name.contains('\u{0130}') {
+        "U+0130"
+    } else {
+        "UNEXPLAINED"
+    }
+}
+
+/// What a category means.
+fn explain(category: &str) -> &'static str {
+    match category {
+        "over 512 characters" => {
+            "Synapse refuses a `username` over 512 characters before lower-casing it \
+             (`M_UNKNOWN`), Dendrite as too long (`M_BAD_JSON`)"
+        }
+        "user ID over 255 bytes" => {
+            "both refuse the length; Dendrite answers `M_BAD_JSON`, Synapse \
+             `M_INVALID_USERNAME`"
+        }
+        "user ID of 255 bytes" => {
+            "Dendrite refuses a user ID longer than 254 bytes (`400 M_BAD_JSON`), one byte \
+             short of the spec's 255, which Synapse and the gate allow"
+        }
+        "signed integer" => {
+            "Dendrite refuses every name Go's `strconv.ParseInt` reads as a 64-bit integer, \
+             sign included (`-1`, `+1`), as numeric; Synapse only all-digit names"
+        }
+        "all digits beyond int64" => {
+            "Synapse refuses every all-digit name; Dendrite only those that fit a signed \
+             64-bit integer, so it accepts larger numbers"
+        }
+        "U+0130" => {
+            "Go's `strings.ToLower` maps U+0130 (İ) to a plain `i`; Python's `str.lower()` \
+             and the gate give `i` + U+0307, outside the grammar"
+        }
+        _ => "not explained by the known differences",
+    }
+}
+
+/// Failure sections: a title and its lines, written to the report and
+/// collected for the assertion.
+#[derive(Default)]
+struct Sections {
+    report: String,
+    failures: Vec<String>,
+}
+
+impl Sections {
+    fn add(&mut self, title: &str, lines: Vec<String>) {
+        let _ = writeln!(self.report, "### {title}: {}\n", lines.len());
+        for line in lines.iter().take(200) {
+            let _ = writeln!(self.report, "- {line}");
+        }
+        let _ = writeln!(self.report);
+        if !lines.is_empty() {
+            let head: Vec<String> = lines.iter().take(20).cloned().collect();
+            self.failures
+                .push(format!("{title}: {}\n  {}", lines.len(), head.join("\n  ")));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_in_front_of_dendrite_creates_only_accepted_names_as_mapped() {
+    let started = Instant::now();
+    let names: Vec<String> = corpus().into_iter().map(|(name, _)| name).collect();
+    let n = names.len();
+    assert!(n >= 10_000, "corpus has {n} names");
+    let policy = UsernamePolicy::new(&UsernameConfig::default(), SERVER_NAME);
+    let verdicts: Vec<Result<String, UsernameRule>> =
+        names.iter().map(|name| policy.check(name, false)).collect();
+
+    // First steps for both servers: every raw name, then every mapped name
+    // the gate forwards that is not a raw name too.
+    let mut probes = names.clone();
+    let mut probe_of: HashMap<String, usize> = (0..n).map(|i| (names[i].clone(), i)).collect();
+    for mapped in verdicts.iter().flatten() {
+        if !probe_of.contains_key(mapped) {
+            probe_of.insert(mapped.clone(), probes.len());
+            probes.push(mapped.clone());
+        }
+    }
+
+    let (dendrite, synapse) = tokio::join!(Dendrite::start(&[]), Synapse::start(""));
+    let startup_time = started.elapsed();
+    let own = dendrite_accounts(&dendrite);
+    let gate = gate_for_upstream(&dendrite.url(), "").await;
+    // The registrations and both servers' first steps, side by side.
+    let ((replies, register_time), (dendrite_steps, dendrite_time), (synapse_steps, synapse_time)) = tokio::join!(
+        async {
+            let t = Instant::now();
+            (register_all(gate.url(""), &names).await, t.elapsed())
+        },
+        async {
+            let t = Instant::now();
+            (
+                first_steps(dendrite.url(), probes.clone()).await,
+                t.elapsed(),
+            )
+        },
+        async {
+            let t = Instant::now();
+            (
+                first_steps(synapse.url(), probes.clone()).await,
+                t.elapsed(),
+            )
+        },
+    );
+    drop(synapse);
+
+    // What became of each name.
+    let mut sections = Sections::default();
+    let mut fates = Vec::with_capacity(n);
+    let mut created: HashMap<String, usize> = HashMap::new();
+    let (mut gate_mismatch, mut mapping_bugs, mut twice) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut orphan_in_use, mut unexplained_refusals) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let reply = &replies[i];
+        let fate = match (reply.marker.as_deref(), reply.status, reply.errcode()) {
+            (Some("refused"), _, errcode) => Fate::Refused(errcode.to_owned()),
+            (Some("allowed"), 200, _) => Fate::Created(reply.field("user_id").to_owned()),
+            (Some("allowed"), 400, "M_USER_IN_USE") => Fate::Duplicate,
+            (Some("allowed"), ..) => Fate::DendriteRefused(reply.label()),
+            (marker, ..) => Fate::DendriteRefused(format!("marker {marker:?}: {}", reply.label())),
+        };
+        let agrees = match (&verdicts[i], &fate) {
+            (Err(rule), Fate::Refused(errcode)) => rule.error().errcode == errcode,
+            (Ok(_), Fate::Refused(_)) | (Err(_), _) => false,
+            (Ok(_), _) => reply.marker.as_deref() == Some("allowed"),
+        };
+        if !agrees {
+            gate_mismatch.push(format!(
+                "{} -> policy {:?}, gate {} {}",
+                show(&names[i]),
+                verdicts[i],
+                reply.marker.as_deref().unwrap_or("(no marker)"),
+                reply.label()
+            ));
+        }
+        if let (Ok(mapped), Fate::Created(user_id)) = (&verdicts[i], &fate) {
+            if *user_id != format!("@{mapped}:{SERVER_NAME}") {
+                mapping_bugs.push(format!(
+                    "{} -> gate {mapped:?}, Dendrite {user_id}",
+                    show(&names[i])
+                ));
+            }
+            if let Some(first) = created.insert(crate::localpart_of(user_id).to_owned(), i) {
+                twice.push(format!(
+                    "{user_id}: {} and {}",
+                    show(&names[first]),
+                    show(&names[i])
+                ));
+            }
+        }
+        if let (Ok(mapped), Fate::Duplicate) = (&verdicts[i], &fate) {
+            if !created.get(mapped).is_some_and(|&first| first < i) {
+                orphan_in_use.push(format!("{} as {mapped:?}", show(&names[i])));
+            }
+        }
+        if let (Ok(mapped), Fate::DendriteRefused(answer)) = (&verdicts[i], &fate) {
+            // Dendrite's own refusal: its first step refuses the name too.
+            if dendrite_steps[probe_of[mapped]].accepted() {
+                unexplained_refusals.push(format!("{} as {mapped:?}: {answer}", show(&names[i])));
+            }
+        }
+        fates.push(fate);
+    }
+
+    // Existence, asked of Dendrite directly, for every refused name under
+    // its mapped and its raw form.
+    let refused: Vec<usize> = (0..n).filter(|&i| verdicts[i].is_err()).collect();
+    let mut queries: Vec<String> = Vec::new();
+    let mut query_of: HashMap<String, usize> = HashMap::new();
+    for &i in &refused {
+        for query in [map_case(&names[i]), names[i].clone()] {
+            query_of.entry(query.clone()).or_insert_with(|| {
+                queries.push(query);
+                queries.len() - 1
+            });
+        }
+    }
+    let existence_started = Instant::now();
+    let found = existence(dendrite.url(), queries.clone()).await;
+    let existence_time = existence_started.elapsed();
+    let mut lookups: BTreeMap<String, usize> = BTreeMap::new();
+    for answer in &found {
+        *lookups.entry(answer.kind()).or_default() += 1;
+    }
+    // The account table: Dendrite's own accounts (there before the first
+    // registration) and the created ones, nothing else.
+    let accounts = dendrite_accounts(&dendrite);
+    let table: HashSet<&String> = accounts.iter().collect();
+    let mut table_diff: Vec<String> = accounts
+        .iter()
+        .filter(|a| !created.contains_key(*a) && !own.contains(*a))
+        .map(|a| format!("@{a} is in the table, no registration reported creating it"))
+        .collect();
+    table_diff.extend(
+        created
+            .keys()
+            .chain(&own)
+            .filter(|c| !table.contains(c))
+            .map(|c| format!("@{c} was created, the table lacks it")),
+    );
+    if table.len() != accounts.len() {
+        table_diff.push(format!(
+            "{} rows, {} localparts",
+            accounts.len(),
+            table.len()
+        ));
+    }
+    // Each account a refused name's lookups reach must be one an accepted
+    // name created, or Dendrite's own; and Dendrite's answer must agree
+    // with its table.
+    let (mut refused_accounts, mut attributed) = (Vec::new(), Vec::new());
+    let mut refused_with_account = HashSet::new();
+    for &i in &refused {
+        let mapped = map_case(&names[i]);
+        let forms: &[(&str, &String)] = if mapped == names[i] {
+            &[("mapped", &mapped)]
+        } else {
+            &[("mapped", &mapped), ("raw", &names[i])]
+        };
+        for (form, query) in forms {
+            let answer = &found[query_of[*query]];
+            let hits: Vec<String> = looked_up(query)
+                .into_iter()
+                .filter(|l| table.contains(l))
+                .collect();
+            if hits.is_empty() && answer.exists() {
+                refused_with_account.insert(i);
+                refused_accounts.push(format!(
+                    "{} ({form} {}): Dendrite says it exists ({}), its table has none of {:?}",
+                    show(&names[i]),
+                    show(query),
+                    answer.kind(),
+                    looked_up(query)
+                ));
+            }
+            for hit in hits {
+                let by = match created.get(&hit) {
+                    Some(&creator) => format!("created by {}", show(&names[creator])),
+                    None if own.contains(&hit) => "Dendrite's own".to_owned(),
+                    None => {
+                        refused_with_account.insert(i);
+                        refused_accounts.push(format!(
+                            "{} ({form} {}) -> @{hit} ({})",
+                            show(&names[i]),
+                            show(query),
+                            answer.kind()
+                        ));
+                        continue;
+                    }
+                };
+                attributed.push(format!(
+                    "{} ({form} {}) -> @{hit} ({}), {by}",
+                    show(&names[i]),
+                    show(query),
+                    answer.kind()
+                ));
+            }
+        }
+    }
+
+    // Dendrite beside Synapse, name by name.
+    let forwarded: HashSet<usize> = verdicts.iter().flatten().map(|m| probe_of[m]).collect();
+    let mut differences: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+    let mut forwarded_synapse_refuses = Vec::new();
+    let mut other_rule_only = 0usize;
+    for p in 0..probes.len() {
+        let (d, s) = (&dendrite_steps[p], &synapse_steps[p]);
+        if forwarded.contains(&p) && !s.accepted() {
+            forwarded_synapse_refuses.push(format!(
+                "{} -> Synapse {}",
+                show(&probes[p]),
+                s.label()
+            ));
+        }
+        if d.answer() == s.answer() {
+            other_rule_only += usize::from(d != s);
+            continue;
+        }
+        let kind = match (d.accepted(), s.accepted()) {
+            (false, true) => "Dendrite refuses, Synapse accepts",
+            (true, false) => "Dendrite accepts, Synapse refuses",
+            _ => "both refuse with different answers",
+        };
+        differences
+            .entry((kind, category(&probes[p])))
+            .or_default()
+            .push(p);
+    }
+    let role = |p: usize| -> String {
+        let mut roles = Vec::new();
+        if forwarded.contains(&p) {
+            roles.push("the gate forwards it".to_owned());
+        }
+        match verdicts.get(p) {
+            Some(Ok(mapped)) if *mapped != probes[p] => {
+                roles.push(format!("the gate forwards it as {}", show(mapped)))
+            }
+            Some(Err(rule)) => roles.push(format!("the gate refuses it ({})", rule.name())),
+            _ => {}
+        }
+        roles.join("; ")
+    };
+    // Raw names one server alone accepts and the gate refuses.
+    let mut protects: BTreeMap<&str, [usize; 2]> = BTreeMap::new();
+    for i in 0..n {
+        if let Err(rule) = &verdicts[i] {
+            let row = protects.entry(rule.name()).or_default();
+            row[0] += usize::from(dendrite_steps[i].accepted());
+            row[1] += usize::from(synapse_steps[i].accepted());
+        }
+    }
+
+    // The report.
+    let count = |f: fn(&Fate) -> bool| fates.iter().filter(|fate| f(fate)).count();
+    let gate_refused = count(|f| matches!(f, Fate::Refused(_)));
+    let created_count = count(|f| matches!(f, Fate::Created(_)));
+    let duplicates = count(|f| matches!(f, Fate::Duplicate));
+    let dendrite_refused = count(|f| matches!(f, Fate::DendriteRefused(_)));
+    let mut r = String::new();
+    let _ = writeln!(
+        r,
+        "# Username corpus through the gate: Dendrite {}, and Dendrite vs Synapse {}\n",
+        crate::dendrite::VERSION,
+        synapse::PACKAGES[0].trim_start_matches("matrix-synapse[oidc]==")
+    );
+    let _ = writeln!(
+        r,
+        "Gate with its default configuration (`server_name = \"{SERVER_NAME}\"`), Dendrite \
+         (sqlite, bcrypt cost 4, open registration) behind it. Every name registered through \
+         the gate with dummy auth; existence asked of Dendrite directly.\n"
+    );
+    let _ = writeln!(r, "| | names |\n|---|---|");
+    for (what, value) in [
+        ("corpus", n),
+        ("refused by the gate", gate_refused),
+        ("forwarded to Dendrite", n - gate_refused),
+        ("created by Dendrite", created_count),
+        (
+            "duplicates (`M_USER_IN_USE`: an earlier name created the localpart)",
+            duplicates,
+        ),
+        ("refused by Dendrite itself", dendrite_refused),
+        (
+            "accounts for names the gate refused (must be 0)",
+            refused_with_account.len(),
+        ),
+        ("accounts in Dendrite's table", accounts.len()),
+    ] {
+        let _ = writeln!(r, "| {what} | {value} |");
+    }
+    let _ = writeln!(
+        r,
+        "\nDendrite's own accounts, there before the first registration: {}.",
+        own.iter()
+            .map(|a| format!("`@{a}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut by_rule: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, verdict) in verdicts.iter().enumerate() {
+        let key = match (verdict, &fates[i]) {
+            (Err(rule), _) => format!("gate: {} ({})", rule.error().errcode, rule.name()),
+            (Ok(_), Fate::DendriteRefused(answer)) => format!("Dendrite: {answer}"),
+            _ => continue,
+        };
+        *by_rule.entry(key).or_default() += 1;
+    }
+    let _ = writeln!(r, "\nRefusals:\n\n| by | names |\n|---|---|");
+    for (key, value) in &by_rule {
+        let _ = writeln!(r, "| {} | {value} |", key.replace('|', "\\|"));
+    }
+    let _ = writeln!(
+        r,
+        "\nExistence of the refused names ({} refused names; {} distinct lookups, mapped and \
+         raw form):\n\n| answer | lookups |\n|---|---|",
+        refused.len(),
+        queries.len()
+    );
+    for (kind, value) in &lookups {
+        let _ = writeln!(r, "| {} | {value} |", kind.replace('|', "\\|"));
+    }
+    let _ = writeln!(
+        r,
+        "\nAccounts that a refused name's lookups reach (Dendrite lower-cases the raw name \
+         itself, and reads `@localpart:server`), each an accepted name's or Dendrite's own: \
+         {}\n",
+        attributed.len()
+    );
+    for line in attributed.iter().take(50) {
+        let _ = writeln!(r, "- {line}");
+    }
+    let _ = writeln!(
+        r,
+        "\n## What each server alone accepts that the gate refuses\n\n\
+         Raw corpus names, first step sent directly:\n\n\
+         | gate rule | Dendrite accepts | Synapse accepts |\n|---|---|---|"
+    );
+    for (rule, [d, s]) in &protects {
+        let _ = writeln!(r, "| {rule} | {d} | {s} |");
+    }
+    let _ = writeln!(
+        r,
+        "\n## Dendrite vs Synapse, first step\n\n{} usernames ({n} raw corpus names and {} \
+         mapped names the gate forwards that are no raw name), each sent to both. Answers \
+         differ (status or errcode) for {}; {other_rule_only} more get the same status and \
+         errcode from a different check.\n\n| kind | category | usernames | meaning |\n|---|---|---|---|",
+        probes.len(),
+        probes.len() - n,
+        differences.values().map(Vec::len).sum::<usize>()
+    );
+    for ((kind, category), list) in &differences {
+        let _ = writeln!(
+            r,
+            "| {kind} | {category} | {} | {} |",
+            list.len(),
+            explain(category)
+        );
+    }
+    for ((kind, category), list) in &differences {
+        let _ = writeln!(r, "\n### {kind}: {category} ({})\n", list.len());
+        for &p in list {
+            let _ = writeln!(
+                r,
+                "- {}: Dendrite {}, Synapse {}; {}",
+                show(&probes[p]),
+                dendrite_steps[p].label(),
+                synapse_steps[p].label(),
+                role(p)
+            );
+        }
+    }
+    let _ = writeln!(r, "\n## Failures\n");
+    sections.report = r;
+    sections.add("ACCOUNT FOR A NAME THE GATE REFUSED", refused_accounts);
+    sections.add(
+        "the gate's verdict differs from its UsernamePolicy",
+        gate_mismatch,
+    );
+    sections.add(
+        "a created user ID is not the gate's mapped name",
+        mapping_bugs,
+    );
+    sections.add("a localpart created twice", twice);
+    sections.add(
+        "Dendrite's account table differs from the created accounts",
+        table_diff,
+    );
+    sections.add(
+        "M_USER_IN_USE without an earlier name creating it",
+        orphan_in_use,
+    );
+    sections.add(
+        "refused by Dendrite on registration, accepted by its first step",
+        unexplained_refusals,
+    );
+    sections.add(
+        "the gate forwards a name Synapse refuses",
+        forwarded_synapse_refuses,
+    );
+    let dir = synapse::target_dir().join("e2e-report");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("username-corpus-dendrite.md");
+    std::fs::write(&path, &sections.report).unwrap();
+
+    eprintln!(
+        "dendrite username corpus: {n} names; gate refused {gate_refused}, forwarded {}, \
+         created {created_count}, duplicates {duplicates}, refused by Dendrite \
+         {dendrite_refused}; accounts for refused names {}; Dendrite and Synapse differ on {} \
+         of {} usernames ({}); start {startup_time:.1?}, registrations {register_time:.1?}, \
+         Dendrite steps {dendrite_time:.1?}, Synapse steps {synapse_time:.1?}, existence \
+         {existence_time:.1?} ({} lookups), total {:.1?}; report {}",
+        n - gate_refused,
+        refused_with_account.len(),
+        differences.values().map(Vec::len).sum::<usize>(),
+        probes.len(),
+        differences
+            .iter()
+            .map(|((kind, category), list)| format!("{kind} / {category}: {}", list.len()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        queries.len(),
+        started.elapsed(),
+        path.display()
+    );
+    assert!(
+        sections.failures.is_empty(),
+        "the gate in front of Dendrite (see {}):\n{}",
+        path.display(),
+        sections.failures.join("\n")
+    );
+}
