@@ -21,7 +21,8 @@ use crate::corpus::{synapse_rule, HttpClient};
 use crate::dendrite::Dendrite;
 use crate::{query_escape, synapse, REGISTER};
 
-/// Requests in flight against each server.
+/// Requests in flight in each batch (registrations through the gate, each
+/// server's first steps, existence lookups); up to three batches run at once.
 const CONCURRENCY: usize = 8;
 /// Longest wait for one answer; a hang fails the test.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -359,7 +360,8 @@ pub(super) fn dendrite_accounts(dendrite: &Dendrite) -> Vec<String> {
             "-c",
             "import json, sqlite3, sys\n\
              db = sqlite3.connect(sys.argv[1])\n\
-             print(json.dumps([r[0] for r in db.execute('SELECT localpart FROM userapi_accounts')]))",
+             rows = db.execute('SELECT localpart FROM userapi_accounts')\n\
+             print(json.dumps([row[0] for row in rows]))",
         ])
         .arg(dendrite.accounts_database())
         .output()
