@@ -59,12 +59,32 @@ enum Fate {
     DendriteRefused(String),
 }
 
+/// A string quoted with every character outside printable ASCII escaped
+/// (`"\u{212a}elvin"`: KELVIN SIGN would read as a `K`).
+fn quote(text: &str) -> String {
+    let mut quoted = String::from("\"");
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            ' '..='~' => quoted.push(c),
+            _ => {
+                let _ = write!(quoted, "\\u{{{:x}}}", c as u32);
+            }
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
 /// A name as it can be read in a report: escaped; a long one as its runs
 /// of one character (`"a"×244 + "\u{212a}"`), or shortened.
 fn show(name: &str) -> String {
     let chars = name.chars().count();
     if chars <= 40 {
-        return format!("{name:?}");
+        return quote(name);
     }
     let mut runs: Vec<(char, usize)> = Vec::new();
     for c in name.chars() {
@@ -73,17 +93,19 @@ fn show(name: &str) -> String {
             _ => runs.push((c, 1)),
         }
     }
+    let size = format!("{chars} chars, {} bytes", name.len());
     if runs.len() > 4 {
-        return crate::corpus::show(name);
+        let head: String = name.chars().take(24).collect();
+        return format!("{}… ({size})", quote(&head));
     }
     let parts: Vec<String> = runs
         .iter()
         .map(|&(c, count)| match count {
-            1 => format!("{:?}", c.to_string()),
-            _ => format!("{:?}×{count}", c.to_string()),
+            1 => quote(&c.to_string()),
+            _ => format!("{}×{count}", quote(&c.to_string())),
         })
         .collect();
-    format!("{} ({} bytes)", parts.join(" + "), name.len())
+    format!("{} ({size})", parts.join(" + "))
 }
 
 // === Dendrite beside Synapse ===
@@ -327,11 +349,15 @@ async fn the_gate_in_front_of_dendrite_creates_only_accepted_names_as_mapped() {
             if hits.is_empty() && answer.exists() {
                 refused_with_account.insert(i);
                 refused_accounts.push(format!(
-                    "{} ({form} {}): Dendrite says it exists ({}), its table has none of {:?}",
+                    "{} ({form} {}): Dendrite says it exists ({}), its table has none of {}",
                     show(&names[i]),
                     show(query),
                     answer.kind(),
                     looked_up(query)
+                        .iter()
+                        .map(|l| show(l))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
             for hit in hits {

@@ -1,7 +1,8 @@
-//! End-to-end: the gate in front of a real Synapse (and, for bridges, a
-//! real Dendrite), driven by a real client (matrix-nio) and by raw
-//! requests. Every scenario checks what the homeserver finally did by
-//! asking it directly, not only the gate's answer.
+//! End-to-end: the gate in front of a real Synapse (and, for bridges and
+//! the username corpus, a real Dendrite), driven by a real client
+//! (matrix-nio) and by raw requests. Every scenario checks what the
+//! homeserver finally did by asking it directly, not only the gate's
+//! answer.
 //!
 //! Run alone with `cargo test --test e2e`. The first run installs Synapse
 //! and matrix-nio into `target/e2e-venv` (needs PyPI) and builds Dendrite
