@@ -8,15 +8,18 @@
 //! into `target/dendrite` (needs Go and the Go module proxy).
 
 mod appservice;
+mod conduit;
 #[path = "../common/mod.rs"]
 mod common;
 mod corpus;
 mod dendrite;
 mod dendrite_appservice;
+mod dendrite_scenarios;
 mod homeserver_process;
 mod placement;
 #[path = "../proxy_harness/mod.rs"]
 mod proxy_harness;
+mod scenarios;
 mod spec_fuzz;
 mod sso;
 mod synapse;
