@@ -1,16 +1,18 @@
-//! End-to-end: the gate in front of a real Synapse (and, for bridges, a
-//! real Dendrite), driven by a real client (matrix-nio) and by raw
-//! requests. Every scenario checks what the homeserver finally did by
-//! asking it directly, not only the gate's answer.
+//! End-to-end: the gate in front of a real Synapse, a real Dendrite (the
+//! homeserver-generic scenarios of `scenarios/`, and bridges) and, when
+//! `MGK_E2E_CONDUIT` names a binary, a real Conduit, driven by a real
+//! client (matrix-nio) and by raw requests. Every scenario checks what the
+//! homeserver finally did by asking it directly, not only the gate's
+//! answer.
 //!
 //! Run alone with `cargo test --test e2e`. The first run installs Synapse
 //! and matrix-nio into `target/e2e-venv` (needs PyPI) and builds Dendrite
 //! into `target/dendrite` (needs Go and the Go module proxy).
 
 mod appservice;
-mod conduit;
 #[path = "../common/mod.rs"]
 mod common;
+mod conduit;
 mod corpus;
 mod dendrite;
 mod dendrite_appservice;

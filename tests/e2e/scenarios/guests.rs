@@ -47,10 +47,7 @@ async fn assert_guest(hs: &Homeserver, token: &str) -> String {
 /// letters and digits.
 fn assert_guest_id(hs: &Homeserver, user_id: &str) {
     let localpart = localpart_of(user_id);
-    assert!(
-        user_id.ends_with(&format!(":{SERVER_NAME}")),
-        "{user_id}"
-    );
+    assert!(user_id.ends_with(&format!(":{SERVER_NAME}")), "{user_id}");
     match hs.flavour {
         Flavour::Dendrite => assert!(
             localpart.parse::<u64>().is_ok(),
@@ -173,11 +170,7 @@ pub async fn a_guest_token_upgrades_nothing(hs: &Homeserver) {
     }
 
     // Directly: a made-up token.
-    let direct = post_json(
-        &format!("{}{REGISTER}", hs.url()),
-        &numeric("12345", "x"),
-    )
-    .await;
+    let direct = post_json(&format!("{}{REGISTER}", hs.url()), &numeric("12345", "x")).await;
     match hs.flavour {
         Flavour::Dendrite => {
             assert_answer(&direct, 400, "M_INVALID_USERNAME", "12345 directly");
@@ -214,7 +207,10 @@ pub async fn a_guest_token_upgrades_nothing(hs: &Homeserver) {
     )
     .await;
     assert_eq!(renamed.status, 200, "{:?}", renamed.body);
-    assert_eq!(renamed.json()["user_id"], format!("@upgraded:{SERVER_NAME}"));
+    assert_eq!(
+        renamed.json()["user_id"],
+        format!("@upgraded:{SERVER_NAME}")
+    );
     assert_ne!(renamed.json()["user_id"], guest_id);
     assert_eq!(assert_guest(hs, token).await, guest_id);
     assert!(!hs.can_log_in(localpart_of(guest_id)).await);

@@ -104,7 +104,11 @@ pub async fn refused_names_never_become_accounts(hs: &Homeserver) {
             Registers("12345"),
         ),
         // Not all digits for the gate, but a number for Dendrite.
-        ("-123", Refuses(400, "M_INVALID_USERNAME"), Registers("-123")),
+        (
+            "-123",
+            Refuses(400, "M_INVALID_USERNAME"),
+            Registers("-123"),
+        ),
         (
             &long,
             Refuses(400, "M_BAD_JSON"),

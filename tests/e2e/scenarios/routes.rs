@@ -47,7 +47,11 @@ pub async fn availability_is_answered_by_the_gate_or_for_the_mapped_name(hs: &Ho
     for name in ["takenname", "TakenName", "TAKENNAME"] {
         let answer = available(&base, name).await;
         assert_answer(&answer, 400, "M_USER_IN_USE", name);
-        assert_eq!(marker(&answer), "allowed", "{name}: the homeserver's answer");
+        assert_eq!(
+            marker(&answer),
+            "allowed",
+            "{name}: the homeserver's answer"
+        );
     }
     for name in ["admin", "Admin", "adm1n"] {
         let answer = available(&base, name).await;
@@ -65,7 +69,12 @@ pub async fn availability_is_answered_by_the_gate_or_for_the_mapped_name(hs: &Ho
     assert_answer(&direct, 400, "M_USER_IN_USE", "a whole user ID, directly");
 
     let answer = available(&strict.url(""), "TakenName").await;
-    assert_refused_by_gate(&answer, 400, "M_INVALID_USERNAME", "TakenName, case = reject");
+    assert_refused_by_gate(
+        &answer,
+        400,
+        "M_INVALID_USERNAME",
+        "TakenName, case = reject",
+    );
     assert_available(&available(&strict.url(""), "freename").await, "freename");
 
     for name in ["freename", "freemixed", "admin", "adm1n", "12345"] {
