@@ -13,9 +13,9 @@
 //! Where Conduit answers differently from Dendrite the scenarios branch on
 //! it and say why: it registers all-digit names and names with a leading
 //! `_`, has no guest upgrades and no switch for guests (a guest is made
-//! whenever registration is open, under a random name), has no
-//! registration limiter, and counts 255 bytes for a user ID as the spec
-//! does.
+//! whenever registration is open, under a random name), forgets a UIA
+//! session once it completed, and counts 255 bytes for a user ID as the
+//! spec does.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

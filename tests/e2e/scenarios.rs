@@ -176,8 +176,10 @@ impl Homeserver {
     /// localpart plus one), so a guest made directly before and after
     /// brackets `during`: their numbers differ by one more than the guests
     /// made in between. Conduit names guests at random; its database is
-    /// asked how many password-less accounts it holds (guests, and users
-    /// deactivated, of which the scenarios make none).
+    /// asked how many password-less accounts it holds: guests, and users
+    /// deactivated or registered without a password (Conduit makes such an
+    /// account, an access token and all, and calls it a guest in `whoami`),
+    /// of which the scenarios make none.
     pub async fn guests_made_during<F: Future>(&self, during: F) -> (F::Output, u64) {
         match self.flavour {
             Flavour::Dendrite => {
