@@ -151,6 +151,14 @@ async fn conduit_a_guest_token_upgrades_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conduit_a_user_without_a_password() {
+    let Some((_conduit, hs)) = conduit("conduit_a_user_without_a_password").await else {
+        return;
+    };
+    guests::a_user_without_a_password(&hs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conduit_availability_is_answered_by_the_gate_or_for_the_mapped_name() {
     let Some((_conduit, hs)) =
         conduit("conduit_availability_is_answered_by_the_gate_or_for_the_mapped_name").await

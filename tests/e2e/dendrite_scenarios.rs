@@ -44,6 +44,12 @@ async fn dendrite_a_guest_token_upgrades_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dendrite_a_user_without_a_password() {
+    let (_dendrite, hs) = dendrite().await;
+    guests::a_user_without_a_password(&hs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dendrite_availability_is_answered_by_the_gate_or_for_the_mapped_name() {
     let (_dendrite, hs) = dendrite().await;
     routes::availability_is_answered_by_the_gate_or_for_the_mapped_name(&hs).await;

@@ -215,3 +215,42 @@ pub async fn a_guest_token_upgrades_nothing(hs: &Homeserver) {
     assert_eq!(assert_guest(hs, token).await, guest_id);
     assert!(!hs.can_log_in(localpart_of(guest_id)).await);
 }
+
+/// A complete user registration without a password, sent to the homeserver
+/// directly. Measured: Dendrite refuses it (`400 M_MISSING_PARAM`, "Missing
+/// password") and makes nothing; Conduit 0.10 makes the account under the
+/// chosen name with an access token and no password, which its own
+/// `whoami` calls a guest and which cannot log in again
+/// (`403 M_USER_DEACTIVATED`). Through the gate such a request is a user
+/// registration (its name checked, whatever `[guest] access` says): on
+/// Conduit it makes a named, guest-like account even with guests denied.
+pub async fn a_user_without_a_password(hs: &Homeserver) {
+    let body = json!({"username": "nopassword", "auth": {"type": "m.login.dummy"}}).to_string();
+    let (answer, made) = hs
+        .guests_made_during(post_json(&format!("{}{REGISTER}", hs.url()), &body))
+        .await;
+    match hs.flavour {
+        Flavour::Dendrite => {
+            assert_answer(&answer, 400, "M_MISSING_PARAM", "no password");
+            assert_eq!(made, 0);
+            assert!(!hs.exists("nopassword").await);
+        }
+        Flavour::Conduit => {
+            assert_eq!(answer.status, 200, "{:?}", answer.body);
+            assert_eq!(
+                answer.json()["user_id"],
+                format!("@nopassword:{SERVER_NAME}")
+            );
+            assert_eq!(made, 1, "one password-less account");
+            let token = answer.json()["access_token"].as_str().unwrap().to_owned();
+            assert_eq!(
+                assert_guest(hs, &token).await,
+                format!("@nopassword:{SERVER_NAME}")
+            );
+            assert!(hs.exists("nopassword").await);
+            assert!(!hs.can_log_in("nopassword").await);
+            let login = hs.login("nopassword", PASSWORD).await;
+            assert_answer(&login, 403, "M_USER_DEACTIVATED", "a password-less login");
+        }
+    }
+}
