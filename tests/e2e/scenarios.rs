@@ -114,7 +114,6 @@ impl Homeserver {
         let answer = self.login(localpart, PASSWORD).await;
         match (answer.status.as_u16(), answer.errcode().as_str()) {
             (200, _) => true,
-            (403, "M_USER_DEACTIVATED") => false,
             (403, _) => false,
             (400, "M_INVALID_USERNAME") if self.flavour == Flavour::Conduit => false,
             other => panic!(

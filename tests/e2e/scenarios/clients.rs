@@ -41,9 +41,9 @@ async fn audit_line(gate: &Served, sent: &str) -> Value {
 /// homeserver made: the gate's audit line (the binary's JSON log, as an
 /// operator reads it) names the mapped name, with the name as sent beside
 /// it, and the homeserver's user ID has that localpart — for a mixed-case
-/// name, a KELVIN SIGN (which both the gate and the homeserver lower-case
-/// to `k`), and a name changed by a later UIA step. A refused name is
-/// logged under its mapped form and made by nobody.
+/// name, a name with a KELVIN SIGN (which the gate maps to an ASCII `k`),
+/// and a name changed by a later UIA step. A refused name is logged under
+/// its mapped form and made by nobody.
 pub async fn the_audited_name_is_the_account_made(hs: &Homeserver) {
     let dir = Scratch::new(&format!("audit-{}", hs.name()));
     let gate = serve_in_front_of(hs, &dir).await;
