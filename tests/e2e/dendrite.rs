@@ -94,10 +94,10 @@ pub struct Dendrite {
 }
 
 impl Dendrite {
-    /// Starts Dendrite named [`SERVER_NAME`], registration open, federation
-    /// off, with `app_service_files` as its application services, and
-    /// passwords hashed with bcrypt's lowest cost (4, as Synapse's
-    /// `bcrypt_rounds: 4` in these tests).
+    /// Starts Dendrite named [`SERVER_NAME`], registration open, guests
+    /// allowed, federation off, with `app_service_files` as its application
+    /// services, and passwords hashed with bcrypt's lowest cost (4, as
+    /// Synapse's `bcrypt_rounds: 4` in these tests).
     ///
     /// Its own `/register` limiter is off: it keys on the one
     /// `X-Forwarded-For` address the gate sends (5 requests per 500 ms by
@@ -142,6 +142,12 @@ impl Dendrite {
             (
                 "  registration_disabled: true".into(),
                 "  registration_disabled: false".into(),
+            ),
+            // Guests are allowed, as generated: the scenarios count the
+            // guests Dendrite makes.
+            (
+                "  guests_disabled: false".into(),
+                "  guests_disabled: false".into(),
             ),
             (
                 "  config_files: []".into(),

@@ -1,6 +1,7 @@
-//! End-to-end: the gate in front of a real Synapse (and, for bridges and
-//! the username corpus, a real Dendrite), driven by a real client
-//! (matrix-nio) and by raw requests. Every scenario checks what the
+//! End-to-end: the gate in front of a real Synapse, a real Dendrite (the
+//! homeserver-generic scenarios of `scenarios/`, bridges and the username
+//! corpus) and, when `MGK_E2E_CONDUIT` names a binary, a real Conduit,
+//! driven by a real client (matrix-nio) and by raw requests. Every scenario checks what the
 //! homeserver finally did by asking it directly, not only the gate's
 //! answer.
 //!
@@ -11,14 +12,17 @@
 mod appservice;
 #[path = "../common/mod.rs"]
 mod common;
+mod conduit;
 mod corpus;
 mod corpus_dendrite;
 mod dendrite;
 mod dendrite_appservice;
+mod dendrite_scenarios;
 mod homeserver_process;
 mod placement;
 #[path = "../proxy_harness/mod.rs"]
 mod proxy_harness;
+mod scenarios;
 mod spec_fuzz;
 mod sso;
 mod synapse;
