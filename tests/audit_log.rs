@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{post_json, send, Captured, FakeHomeserver, Gate};
+use common::{post_json, send, Captured, FakeHomeserver, FixedAnswer, Gate};
 use http::Method;
 
 #[tokio::test]
@@ -27,7 +27,7 @@ async fn every_decision_is_one_audit_line_without_secrets() {
             r#"{{"username":"{name}","password":"{secret_password}","auth":{{"type":"m.login.registration_token","token":"{secret_token}","session":"s"}}}}"#
         )
     };
-    send(
+    let registered = send(
         Method::POST,
         &gate.url("/_matrix/client/v3/register"),
         &[
@@ -37,6 +37,13 @@ async fn every_decision_is_one_audit_line_without_secrets() {
         with_secrets("Alice"),
     )
     .await;
+    // The homeserver's answer, read for its user_id, reaches the client
+    // byte for byte.
+    assert_eq!(registered.status, 200);
+    assert_eq!(
+        std::str::from_utf8(&registered.body).unwrap(),
+        r#"{"user_id":"@someone:example.org","access_token":"t","device_id":"D"}"#
+    );
     post_json(
         &gate.url("/_matrix/client/v3/register"),
         &with_secrets("admin"),
@@ -76,16 +83,66 @@ async fn every_decision_is_one_audit_line_without_secrets() {
     assert_eq!(allowed["key"], "127.0.0.1");
     assert_eq!(allowed["user_agent"], "Element/1.11 (test)");
     assert_eq!(allowed["upstream_status"], 200);
+    // The account the homeserver says it made (here not the name asked
+    // for: what a homeserver answering a completed session again does).
+    assert_eq!(allowed["user_id"], "@someone:example.org");
     assert!(allowed["timestamp"].is_string());
     assert_eq!(lines[1]["decision"], "refused");
     assert_eq!(lines[1]["rule"], "reserved");
     assert_eq!(lines[1]["upstream_status"], 0);
+    assert!(lines[1].get("user_id").is_none(), "{}", lines[1]);
     assert_eq!(lines[2]["decision"], "rate_limited");
     assert_eq!(lines[2]["rule"], "registrations_per_ip");
     assert_eq!(lines[3]["decision"], "allowed");
     assert_eq!(lines[3]["kind"], "appservice");
     assert_eq!(lines[3]["appservice"], "unverified");
     assert_eq!(lines[3]["username"], "_bridge_a");
+    assert_eq!(lines[3]["user_id"], "@someone:example.org");
+}
+
+/// A UIA step (`401`) is not read, and has no `user_id`; a `2xx` answer
+/// too large to be a registration's is `502` to the client, and its audit
+/// line still says what the homeserver answered.
+#[tokio::test]
+async fn only_a_successful_registration_answer_is_read_and_only_a_small_one() {
+    let huge: &'static str = Box::leak(
+        format!(
+            r#"{{"user_id":"@big:example.org","pad":"{}"}}"#,
+            "x".repeat(70_000)
+        )
+        .into_boxed_str(),
+    );
+    let hs = FakeHomeserver::start_answering(&[FixedAnswer {
+        path: "/_matrix/client/v3/register",
+        status: 200,
+        json: huge,
+    }])
+    .await;
+    let gate = Gate::start(&hs.url(), "").await;
+    let lines = audit_lines(async {
+        let step = send(
+            Method::POST,
+            &gate.url("/_matrix/client/r0/register"),
+            &[("x-test-status", "401")],
+            r#"{"username":"stepper"}"#,
+        )
+        .await;
+        assert_eq!(step.status, 401);
+        assert_eq!(step.json()["session"], "sess");
+        let big = post_json(
+            &gate.url("/_matrix/client/v3/register"),
+            r#"{"username":"big"}"#,
+        )
+        .await;
+        big.assert_error(502, "M_UNKNOWN");
+    })
+    .await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["upstream_status"], 401);
+    assert!(lines[0].get("user_id").is_none(), "{}", lines[0]);
+    assert_eq!(lines[1]["decision"], "allowed");
+    assert_eq!(lines[1]["upstream_status"], 200);
+    assert!(lines[1].get("user_id").is_none(), "{}", lines[1]);
 }
 
 /// The JSON log lines `filter` lets through while `run` runs; a subscriber

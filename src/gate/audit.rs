@@ -5,13 +5,19 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use http::{Request, Response};
-use http_body_util::Either;
+use bytes::Bytes;
+use http::{header, Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full, Limited};
 use tower::Service;
 
-use super::{mark, GateRequestBody, GateResponseBody, GateState, GuardedRoute, RequestedName};
+use super::{
+    mark, BoxError, GateRequestBody, GateResponseBody, GateState, GuardedRoute, RequestedName,
+};
 use crate::client_ip::ClientKey;
+use crate::error::MatrixError;
 use crate::telemetry::{Metrics, Outcome};
 
 /// The one audit record of a registration decision.
@@ -33,6 +39,10 @@ pub(super) struct Audit {
     pub(super) appservice: Option<Arc<str>>,
     /// Whether a DNSBL check failed (counted even when allowed).
     pub(super) dnsbl_failed: bool,
+    /// The user ID the homeserver's `2xx` answer to a registration names:
+    /// the account it made (or, for a UIA session it had completed before,
+    /// gave again).
+    pub(super) user_id: Option<String>,
 }
 
 /// Longest client-chosen text (a username, a user agent) an audit line
@@ -91,6 +101,7 @@ impl Audit {
             list = self.list.as_deref(),
             dnsbl_zone = self.dnsbl_zone.as_deref(),
             appservice = self.appservice.as_deref(),
+            user_id = self.user_id.as_deref().map(audit_text).as_deref(),
             "registration decision"
         );
     }
@@ -121,6 +132,8 @@ impl Forwarded {
     ) -> Result<Response<GateResponseBody<RB>>, S::Error>
     where
         S: Service<Request<GateRequestBody<B>>, Response = Response<RB>>,
+        RB: Body<Data = Bytes>,
+        RB::Error: Into<BoxError>,
     {
         let result = inner.call(request).await;
         // Synapse accepts an SSO username pick with a redirect to the next
@@ -139,8 +152,58 @@ impl Forwarded {
             self.metrics.appservice_registration(appservice);
         }
         self.audit.status = result.as_ref().ok().map(|r| r.status().as_u16());
+        let response = match result {
+            Ok(response) if success && matches!(self.audit.route, GuardedRoute::Register(_)) => {
+                let (response, user_id) = read_account(response).await;
+                self.audit.user_id = user_id;
+                response
+            }
+            other => other?.map(Either::Left),
+        };
         self.audit.emit(&self.metrics);
         let outcome = self.audit.outcome;
-        Ok(mark(result?.map(Either::Left), outcome))
+        Ok(mark(response, outcome))
     }
+}
+
+/// Largest registration answer read for its `user_id`.
+const MAX_ACCOUNT_ANSWER_BYTES: usize = 64 * 1024;
+
+/// How long the body of a registration answer may take once its headers
+/// have come.
+const ACCOUNT_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads a successful registration answer whole (they are a few hundred
+/// bytes) for the `user_id` the homeserver made, and hands the same bytes
+/// on to the client. An answer too large, cut short or too slow is
+/// `502`: the account may exist, and the audit line says the homeserver's
+/// status.
+async fn read_account<RB>(
+    response: Response<RB>,
+) -> (Response<GateResponseBody<RB>>, Option<String>)
+where
+    RB: Body<Data = Bytes>,
+    RB::Error: Into<BoxError>,
+{
+    let (mut parts, body) = response.into_parts();
+    let read = Limited::new(body, MAX_ACCOUNT_ANSWER_BYTES).collect();
+    let Ok(Ok(collected)) = tokio::time::timeout(ACCOUNT_ANSWER_TIMEOUT, read).await else {
+        tracing::warn!("the homeserver's answer to a registration could not be read whole");
+        let refusal = MatrixError::new(
+            http::StatusCode::BAD_GATEWAY,
+            "M_UNKNOWN",
+            "The homeserver's answer could not be read.",
+        )
+        .into_response();
+        return (refusal.map(Either::Right), None);
+    };
+    let bytes = collected.to_bytes();
+    let user_id = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|answer| answer.get("user_id")?.as_str().map(str::to_owned));
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    (
+        Response::from_parts(parts, Either::Right(Full::new(bytes))),
+        user_id,
+    )
 }

@@ -325,7 +325,8 @@ where
     S::Error: Send + 'static,
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
-    RB: Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
 {
     type Response = Response<GateResponseBody<RB>>;
     type Error = S::Error;
@@ -452,7 +453,8 @@ where
     S::Error: Send + 'static,
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
-    RB: Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
 {
     let shadow = state.mode == GateMode::Shadow;
     let (parts, body) = request.into_parts();
@@ -481,6 +483,7 @@ where
         list: None,
         dnsbl_zone: None,
         dnsbl_failed: false,
+        user_id: None,
         appservice: None,
     };
     let mut body = Some(body);

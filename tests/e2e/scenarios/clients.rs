@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::{Homeserver, PASSWORD};
+use super::{Flavour, Homeserver, PASSWORD};
 use crate::common::binary::{Scratch, Served, LISTEN_ANY};
 use crate::common::post_json;
 use crate::synapse::{self, SERVER_NAME};
@@ -42,8 +42,10 @@ async fn audit_line(gate: &Served, sent: &str) -> Value {
 /// operator reads it) names the mapped name, with the name as sent beside
 /// it, and the homeserver's user ID has that localpart — for a mixed-case
 /// name, a name with a KELVIN SIGN (which the gate maps to an ASCII `k`),
-/// and a name changed by a later UIA step. A refused name is logged under
-/// its mapped form and made by nobody.
+/// and a name changed by a later UIA step; its `user_id` is the account
+/// the homeserver's answer names, also when a finished session is sent
+/// again with another name. A refused name is logged under its mapped form
+/// and made by nobody.
 pub async fn the_audited_name_is_the_account_made(hs: &Homeserver) {
     let dir = Scratch::new(&format!("audit-{}", hs.name()));
     let gate = serve_in_front_of(hs, &dir).await;
@@ -59,6 +61,7 @@ pub async fn the_audited_name_is_the_account_made(hs: &Homeserver) {
         assert_eq!(line["upstream_status"], 200, "{line}");
         assert_eq!(line["username"], mapped, "{line}");
         assert_eq!(line["username"], localpart_of(&user_id), "{line} {user_id}");
+        assert_eq!(line["user_id"], user_id.as_str(), "{line}");
         assert!(hs.exists(mapped).await, "{sent:?}");
         assert!(hs.can_log_in(mapped).await, "{sent:?}");
     }
@@ -84,8 +87,38 @@ pub async fn the_audited_name_is_the_account_made(hs: &Homeserver) {
     let line = audit_line(&gate, "SecondAudit").await;
     assert_eq!(line["username"], "secondaudit", "{line}");
     assert_eq!(line["username"], localpart_of(&user_id), "{line} {user_id}");
+    assert_eq!(line["user_id"], user_id.as_str(), "{line}");
     assert!(hs.exists("secondaudit").await);
     assert!(!hs.exists("firstaudit").await);
+
+    // The completed session once more, with another good name: Dendrite
+    // answers with the account it made before, and the audit line says so
+    // (`user_id`), though the name asked for was another; Conduit refuses
+    // the finished session.
+    let replay = post_json(
+        &register,
+        &json!({
+            "username": "ReplayAudit",
+            "password": PASSWORD,
+            "auth": {"type": "m.login.dummy", "session": session},
+        })
+        .to_string(),
+    )
+    .await;
+    let line = audit_line(&gate, "ReplayAudit").await;
+    assert_eq!(line["username"], "replayaudit", "{line}");
+    match hs.flavour {
+        Flavour::Dendrite => {
+            assert_eq!(replay.status, 200, "{:?}", replay.body);
+            assert_eq!(replay.json()["user_id"], user_id.as_str());
+            assert_eq!(line["user_id"], user_id.as_str(), "{line}");
+        }
+        Flavour::Conduit => {
+            assert_eq!(replay.status, 403, "{:?}", replay.body);
+            assert!(line.get("user_id").is_none(), "{line}");
+        }
+    }
+    assert!(!hs.exists("replayaudit").await);
 
     let refused = crate::register_dummy(&gate.url(""), "Admin", &[]).await;
     refused.assert_error(400, "M_USER_IN_USE");
