@@ -168,16 +168,16 @@ async fn register_dummy(base: &str, username: &str, extra_headers: &[(&str, &str
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn matrix_nio_registers_syncs_and_logs_in_through_the_gate() {
-    let synapse = Synapse::start("").await;
-    let gate = gate_for(&synapse, "").await;
+/// matrix-nio registers `NioUser` with [`PASSWORD`] through the gate at
+/// `base`, syncs and logs in again; fails unless it registered, logged in
+/// and synced as `@niouser`.
+pub(crate) async fn nio_registers_syncs_and_logs_in(base: &str, homeserver: &str) {
     let output = tokio::process::Command::new(synapse::python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/e2e/py/nio_register.py"
         ))
-        .arg(gate.url(""))
+        .arg(base)
         .arg("NioUser")
         .arg(PASSWORD)
         .output()
@@ -186,7 +186,7 @@ async fn matrix_nio_registers_syncs_and_logs_in_through_the_gate() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "nio failed: {stdout}\n{}",
+        "{homeserver}: nio failed: {stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -194,6 +194,13 @@ async fn matrix_nio_registers_syncs_and_logs_in_through_the_gate() {
     assert_eq!(result["registered"], expected.as_str());
     assert_eq!(result["logged_in"], expected.as_str());
     assert_eq!(result["synced"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_nio_registers_syncs_and_logs_in_through_the_gate() {
+    let synapse = Synapse::start("").await;
+    let gate = gate_for(&synapse, "").await;
+    nio_registers_syncs_and_logs_in(&gate.url(""), "synapse").await;
     assert!(account_exists(&synapse, "niouser").await);
 }
 

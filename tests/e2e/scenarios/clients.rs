@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use super::{Flavour, Homeserver, PASSWORD};
 use crate::common::binary::{Scratch, Served, LISTEN_ANY};
 use crate::common::post_json;
-use crate::synapse::{self, SERVER_NAME};
+use crate::synapse::SERVER_NAME;
 use crate::{localpart_of, REGISTER};
 
 /// The binary serving in front of `hs` with JSON logs.
@@ -136,29 +136,7 @@ pub async fn the_audited_name_is_the_account_made(hs: &Homeserver) {
 /// homeserver made is `@niouser`, the gate's mapped name.
 pub async fn matrix_nio_registers_syncs_and_logs_in(hs: &Homeserver) {
     let gate = hs.gate("").await;
-    let output = tokio::process::Command::new(synapse::python())
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/e2e/py/nio_register.py"
-        ))
-        .arg(gate.url(""))
-        .arg("NioUser")
-        .arg(PASSWORD)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{}: nio failed: {stdout}\n{}",
-        hs.name(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
-    let expected = format!("@niouser:{SERVER_NAME}");
-    assert_eq!(result["registered"], expected.as_str());
-    assert_eq!(result["logged_in"], expected.as_str());
-    assert_eq!(result["synced"], true);
+    crate::nio_registers_syncs_and_logs_in(&gate.url(""), hs.name()).await;
     assert!(hs.exists("niouser").await);
     assert!(hs.can_log_in("niouser").await);
 }
