@@ -15,6 +15,7 @@ mod common;
 mod conduit;
 mod corpus;
 mod corpus_dendrite;
+mod corpus_homeserver;
 mod dendrite;
 mod dendrite_appservice;
 mod dendrite_scenarios;
