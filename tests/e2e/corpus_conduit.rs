@@ -9,12 +9,14 @@
 //! exists under the mapped and the raw form (`/register/available`, which
 //! lower-cases the name and reads a full `@localpart:server` user ID, then a
 //! password login; a name its login cannot read as a user ID either, one
-//! with a `:` or too long, stays unjudged there, and the table decides);
+//! with a `:` say, stays unjudged there, and the table decides);
 //! Conduit's own user list, the keys of its `userid_password` table, read
 //! from its sqlite file before and after. No account may exist for a
 //! refused name, every new account must be one a forwarded registration
 //! reported creating, and each created localpart must be the gate's mapped
-//! name.
+//! name. Afterwards Conduit is asked about the raw form of every forwarded
+//! name the gate changed (`Alice`, `K\u{212a}elvin`): its own lower-casing
+//! must reach the account made under the gate's mapped name.
 //!
 //! Conduit checks on the first registration step whether the name is taken
 //! (Dendrite does not), so its first steps go to a second Conduit, started
@@ -27,14 +29,21 @@
 //! on two cores (registrations about 20 s, with argon2id; Synapse's first
 //! steps about 25 s alongside them).
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use matrix_gatekeeper::gate::username::map_case;
+use matrix_gatekeeper::config::UsernameConfig;
+use matrix_gatekeeper::gate::username::{map_case, UsernamePolicy};
 
 use crate::conduit::{Conduit, BINARY_VARIABLE};
-use crate::corpus_homeserver::{self, sqlite_strings, Step, Target};
-use crate::synapse::{Synapse, SERVER_NAME};
+use crate::corpus::corpus;
+use crate::corpus_homeserver::{self, show, sqlite_strings, Step, Target};
+use crate::scenarios::Homeserver;
+use crate::synapse::{self, Synapse, SERVER_NAME};
+
+/// The report's file name in `target/e2e-report`.
+const REPORT: &str = "username-corpus-conduit.md";
 
 /// Why Conduit and Synapse answer a first step for `name` differently.
 fn category(name: &str, conduit: &Step, synapse: &Step) -> &'static str {
@@ -94,6 +103,62 @@ fn conduit_accounts(database: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Asks Conduit, after the run, about the raw form of every forwarded name
+/// that differs from the name the gate forwarded (upper case, KELVIN SIGN):
+/// Conduit lower-cases a name itself, so `/register/available` must answer
+/// it taken, by the account made under the gate's mapped name. Appends the
+/// count and any other answer to the report, and fails on one.
+async fn raw_forms_reach_the_mapped_accounts(conduit: &Conduit, report: &Path) {
+    let policy = UsernamePolicy::new(&UsernameConfig::default(), SERVER_NAME);
+    let accounts = conduit_accounts(conduit.database());
+    let hs = Homeserver::conduit(conduit.url(), conduit.database().to_path_buf());
+    let (mut asked, mut elsewhere) = (0, Vec::new());
+    for (name, _) in corpus() {
+        let Ok(mapped) = policy.check(&name, false) else {
+            continue;
+        };
+        if mapped == name || !accounts.contains(&mapped) {
+            continue;
+        }
+        asked += 1;
+        let answer = hs.availability(&name).await;
+        if (answer.status.as_u16(), answer.errcode().as_str()) != (400, "M_USER_IN_USE") {
+            elsewhere.push(format!(
+                "{} (the gate forwards {}): {} {}",
+                show(&name),
+                show(&mapped),
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            ));
+        }
+    }
+    let mut text = std::fs::read_to_string(report).unwrap();
+    let _ = writeln!(
+        text,
+        "## Raw forms of the forwarded names, asked of Conduit\n\n\
+         {asked} forwarded names differ from the name the gate forwards. Asked directly after \
+         the registrations, Conduit's `/register/available` answers the raw form taken for {}: \
+         its own lower-casing reaches the account made under the gate's mapped name. Any \
+         other answer: {}\n",
+        asked - elsewhere.len(),
+        elsewhere.len()
+    );
+    for line in &elsewhere {
+        let _ = writeln!(text, "- {line}");
+    }
+    std::fs::write(report, text).unwrap();
+    eprintln!(
+        "conduit username corpus: {asked} raw forms of forwarded names asked, {} not taken",
+        elsewhere.len()
+    );
+    assert!(
+        elsewhere.is_empty(),
+        "Conduit lower-cases a forwarded name otherwise than the gate (see {}):\n{}",
+        report.display(),
+        elsewhere.join("\n")
+    );
+}
+
 /// The version a `conduit` binary reports (`conduit 0.10.12`).
 fn version(binary: &Path) -> String {
     let output = std::process::Command::new(binary)
@@ -150,7 +215,9 @@ async fn the_gate_in_front_of_conduit_creates_only_accepted_names_as_mapped() {
         category,
         explain,
         list_alone: true,
-        report: "username-corpus-conduit.md",
+        report: REPORT,
     };
     corpus_homeserver::run(target, synapse, started).await;
+    let report = synapse::target_dir().join("e2e-report").join(REPORT);
+    raw_forms_reach_the_mapped_accounts(&conduit, &report).await;
 }

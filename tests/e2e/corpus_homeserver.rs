@@ -40,7 +40,8 @@ use crate::gate_for_upstream;
 use crate::synapse::{self, Synapse, SERVER_NAME};
 use probes::{existence, first_steps, looked_up, register_all};
 pub(crate) use probes::{go_lower, sqlite_strings, Step};
-use show::{show, timed, Sections};
+pub(crate) use show::show;
+use show::{timed, Sections};
 
 mod probes;
 mod show;

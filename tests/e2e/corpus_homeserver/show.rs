@@ -27,7 +27,7 @@ pub(super) fn quote(text: &str) -> String {
 
 /// A name as it can be read in a report: escaped; a long one as its runs
 /// of one character (`"a"×244 + "\u{212a}"`), or shortened.
-pub(super) fn show(name: &str) -> String {
+pub(crate) fn show(name: &str) -> String {
     let chars = name.chars().count();
     if chars <= 40 {
         return quote(name);
