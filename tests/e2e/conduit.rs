@@ -94,6 +94,11 @@ impl Conduit {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// Its sqlite database: its users are the keys of `userid_password`.
+    pub fn database(&self) -> &Path {
+        &self.database
+    }
 }
 
 /// A fresh Conduit and its handle for the scenarios, or `None` (and a note

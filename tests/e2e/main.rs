@@ -1,7 +1,8 @@
 //! End-to-end: the gate in front of a real Synapse, a real Dendrite (the
 //! homeserver-generic scenarios of `scenarios/`, bridges and the username
-//! corpus) and, when `MGK_E2E_CONDUIT` names a binary, a real Conduit,
-//! driven by a real client (matrix-nio) and by raw requests. Every scenario checks what the
+//! corpus) and, when `MGK_E2E_CONDUIT` names a binary, a real Conduit (the
+//! same scenarios and the username corpus), driven by a real client
+//! (matrix-nio) and by raw requests. Every scenario checks what the
 //! homeserver finally did by asking it directly, not only the gate's
 //! answer.
 //!
@@ -14,7 +15,9 @@ mod appservice;
 mod common;
 mod conduit;
 mod corpus;
+mod corpus_conduit;
 mod corpus_dendrite;
+mod corpus_homeserver;
 mod dendrite;
 mod dendrite_appservice;
 mod dendrite_scenarios;

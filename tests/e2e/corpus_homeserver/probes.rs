@@ -1,9 +1,11 @@
-//! The requests of the Dendrite corpus test: registrations through the
-//! gate, first registration steps, and existence lookups on Dendrite, each
-//! run with bounded concurrency and a timeout.
+//! The requests of the corpus tests: registrations through the gate,
+//! first registration steps, and existence lookups on the homeserver, each
+//! run with bounded concurrency and a timeout; and the homeserver's account
+//! table, read from its sqlite database.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +20,6 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 use crate::corpus::{synapse_rule, HttpClient};
-use crate::dendrite::Dendrite;
 use crate::{query_escape, synapse, REGISTER};
 
 /// Requests in flight in each batch (registrations through the gate, each
@@ -27,7 +28,7 @@ const CONCURRENCY: usize = 8;
 /// Longest wait for one answer; a hang fails the test.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The password of every registration, probe and login.
-const PASSWORD: &str = "e2e-dendrite-corpus-1";
+const PASSWORD: &str = "e2e-homeserver-corpus-1";
 
 // === requests ===
 
@@ -126,7 +127,7 @@ where
 
 /// A server's answer to a first registration step.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Step {
+pub(crate) enum Step {
     /// `401` with flows: the name passed; UIA would continue.
     Accepted,
     /// Anything else: status, errcode and which check refused it.
@@ -149,12 +150,12 @@ impl Step {
         }
     }
 
-    pub(super) fn accepted(&self) -> bool {
+    pub(crate) fn accepted(&self) -> bool {
         *self == Step::Accepted
     }
 
     /// Status and errcode: what a client acts on.
-    pub(super) fn answer(&self) -> (u16, &str) {
+    pub(crate) fn answer(&self) -> (u16, &str) {
         match self {
             Step::Accepted => (401, ""),
             Step::Refused {
@@ -163,7 +164,7 @@ impl Step {
         }
     }
 
-    pub(super) fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Step::Accepted => "401 (accepted)".into(),
             Step::Refused {
@@ -175,7 +176,8 @@ impl Step {
     }
 }
 
-/// Which check produced a refusal message, Synapse's or Dendrite's.
+/// Which check produced a refusal message: Synapse's, Dendrite's or
+/// Conduit's (which puts its errcode before its message).
 fn rule_of(message: &str) -> &'static str {
     match synapse_rule(message) {
         "other message" => {}
@@ -189,6 +191,10 @@ fn rule_of(message: &str) -> &'static str {
         "too long"
     } else if message == "Invalid username" {
         "over 512 characters"
+    } else if message.ends_with("Username is invalid.") {
+        "invalid user ID"
+    } else if message.ends_with("Desired user ID is already taken.") {
+        "taken"
     } else {
         "other message"
     }
@@ -248,15 +254,17 @@ pub(super) async fn register_all(gate_url: String, names: &[String]) -> Vec<Repl
     replies.into_iter().map(Option::unwrap).collect()
 }
 
-// === existence, asked of Dendrite directly ===
+// === existence, asked of the homeserver directly ===
 
-/// Whether Dendrite holds an account under a name, and how that was found.
+/// Whether the homeserver holds an account under a name, and how that was
+/// found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Existence {
     /// `/register/available`: 200 (`false`) or `400 M_USER_IN_USE` (`true`).
     Available(bool),
     /// The availability check could not judge it (its answer); a password
-    /// login then answered 200 (`true`) or 403 (`false`).
+    /// login then answered 200 or `403 M_USER_DEACTIVATED` (`true`: Conduit's
+    /// answer for an account without a password) or another 403 (`false`).
     Login(String, bool),
     /// Neither could judge it: both answers.
     Unjudged(String, String),
@@ -312,9 +320,9 @@ pub(super) async fn existence(base: String, queries: Vec<String>) -> Vec<Existen
             .to_string();
             let login_url = format!("{base}/_matrix/client/v3/login");
             let login = call(&client, Method::POST, &login_url, Some(body)).await;
-            match login.status {
-                200 => Existence::Login(check_label, true),
-                403 => Existence::Login(check_label, false),
+            match (login.status, login.errcode()) {
+                (200, _) | (403, "M_USER_DEACTIVATED") => Existence::Login(check_label, true),
+                (403, _) => Existence::Login(check_label, false),
                 _ => Existence::Unjudged(check_label, login.label()),
             }
         }
@@ -325,7 +333,7 @@ pub(super) async fn existence(base: String, queries: Vec<String>) -> Vec<Existen
 /// Go's `strings.ToLower`, as Dendrite lower-cases: each character's simple
 /// lower-case mapping, so U+0130 becomes a plain `i` (Python and the gate
 /// give `i` + U+0307) and no final-sigma rule.
-pub(super) fn go_lower(name: &str) -> String {
+pub(crate) fn go_lower(name: &str) -> String {
     name.chars()
         .map(|c| {
             if c == '\u{0130}' {
@@ -340,11 +348,11 @@ pub(super) fn go_lower(name: &str) -> String {
         .collect()
 }
 
-/// The localparts Dendrite may look up for a name it is asked about: the
-/// name lower-cased or as given (login tries both), and the localpart of
-/// a full `@localpart:server` user ID.
-pub(super) fn looked_up(query: &str) -> Vec<String> {
-    let lower = go_lower(query);
+/// The localparts a homeserver may look up for a name it is asked about:
+/// the name lower-cased its way (`lower`) or as given (Dendrite's login
+/// tries both), and the localpart of a full `@localpart:server` user ID.
+pub(super) fn looked_up(query: &str, lower: fn(&str) -> String) -> Vec<String> {
+    let lower = lower(query);
     let mut localparts = vec![lower.clone(), query.to_owned()];
     if let Some((localpart, _)) = lower.strip_prefix('@').and_then(|id| id.split_once(':')) {
         localparts.push(localpart.to_owned());
@@ -353,22 +361,26 @@ pub(super) fn looked_up(query: &str) -> Vec<String> {
     localparts
 }
 
-/// Every localpart in Dendrite's account table, read with sqlite3.
-pub(super) fn dendrite_accounts(dendrite: &Dendrite) -> Vec<String> {
+/// The first column of every row `sql` selects from the sqlite database
+/// at `database`, read with Python's sqlite3; blobs are read as UTF-8.
+pub(crate) fn sqlite_strings(database: &Path, sql: &str) -> Vec<String> {
     let output = std::process::Command::new(synapse::python())
         .args([
             "-c",
             "import json, sqlite3, sys\n\
-             db = sqlite3.connect(sys.argv[1])\n\
-             rows = db.execute('SELECT localpart FROM userapi_accounts')\n\
-             print(json.dumps([row[0] for row in rows]))",
+             db = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True)\n\
+             rows = db.execute(sys.argv[2])\n\
+             print(json.dumps([row[0].decode() if isinstance(row[0], bytes) else row[0] \
+             for row in rows]))",
         ])
-        .arg(dendrite.accounts_database())
+        .arg(database)
+        .arg(sql)
         .output()
         .expect("run python");
     assert!(
         output.status.success(),
-        "reading Dendrite's accounts: {}",
+        "reading {}: {}",
+        database.display(),
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
