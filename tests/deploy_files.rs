@@ -1,6 +1,6 @@
 //! Every file in `deploy/` parses, and the gate configuration inside each
-//! deployment passes `matrix-gatekeeper check`. No container engine runs
-//! in this test suite: images and manifests are checked as files.
+//! deployment passes `matrix-gatekeeper check`. Here images and manifests
+//! are checked as files; `tests/container.rs` builds and runs the image.
 
 use std::path::{Path, PathBuf};
 
