@@ -147,7 +147,14 @@ fn podman() -> Command {
 /// directory; nothing in the machine's own container storage.
 fn storage_conf() -> String {
     let graphroot = work_dir().join("storage");
-    let runroot = std::env::temp_dir().join("mgk-container-runroot");
+    // One run-time directory per storage: two checkouts' tests must not
+    // share podman's locks and state.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(&graphroot, &mut hasher);
+    let runroot = std::env::temp_dir().join(format!(
+        "mgk-container-runroot-{:016x}",
+        std::hash::Hasher::finish(&hasher)
+    ));
     format!(
         "# podman's storage for tests/container.rs (through CONTAINERS_STORAGE_CONF).\n\
          [storage]\ndriver = \"overlay\"\ngraphroot = {:?}\nrunroot = {:?}\n",
