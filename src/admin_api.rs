@@ -33,7 +33,8 @@ use crate::error::{json_response, MatrixError};
 use crate::gate::json::parse_object;
 use crate::gate::RegistrationGateLayer;
 use crate::lockdown;
-use crate::ratelimit::{Budget, CountedAs};
+use crate::networks::NetworkVerdict;
+use crate::ratelimit::{Budget, CountedAs, Subject};
 
 /// The path prefix of the API.
 pub const PREFIX: &str = "/v1/";
@@ -226,7 +227,12 @@ impl AdminApi {
         };
         let key = self.gate.client_key(ip);
         let limiter = self.gate.limiter();
-        let budgets = match limiter.inspect(key).await {
+        let network = self.gate.network(ip);
+        let subject = Subject {
+            client: key,
+            asn: network.as_ref().and_then(|(_, _, counted)| *counted),
+        };
+        let budgets = match limiter.inspect(subject).await {
             Ok(budgets) => budgets,
             Err(error) => return store_failed(&error.to_string()),
         };
@@ -244,6 +250,13 @@ impl AdminApi {
             "store": if limiter.uses_redis() { "redis" } else { "memory" },
             "limits": limits,
             "temporary_ban": ban,
+            "network": network.map(|(network, verdict, _)| json!({
+                "asn": network.asn,
+                "as_name": network.as_name.as_deref(),
+                "country": network.country.as_ref().map(|c| c.as_str()),
+                "trusted": verdict == NetworkVerdict::Trusted,
+                "refused_by": verdict.rule(),
+            })),
         }))
     }
 

@@ -28,6 +28,8 @@ use crate::client_ip::ClientAddress;
 use crate::config::{Config, GateMode, LimitSpec, OnDnsblError};
 use crate::gate::policy::{Forward, HeadDecision, Policy, RequestedName};
 use crate::gate::routes::{ApiVersion, GuardedRoute, Medium};
+use crate::networks::{Network, NetworkVerdict, Networks};
+use crate::ratelimit::LimitKind;
 
 /// What to explain.
 #[derive(Debug, Clone, Default)]
@@ -73,6 +75,20 @@ pub struct Explanation {
     pub gate: GateRead,
     /// The client address asked about.
     pub ip: Option<IpAddr>,
+    /// What the network databases say of the client (`None`: no `--ip`, or
+    /// no network database configured).
+    pub network: Option<NetworkSeen>,
+}
+
+/// The client's network as the gate sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSeen {
+    /// ASN, name and country, each as far as the databases know.
+    pub network: Network,
+    /// `allow_asns` lists its ASN.
+    pub trusted: bool,
+    /// The ASN the per-network limits count it under.
+    pub counted_asn: Option<u32>,
 }
 
 /// The gate's decision.
@@ -156,6 +172,20 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
             }
         },
     );
+    let networks = Networks::new(config);
+    let network = question.ip.filter(|_| networks.is_configured()).map(|ip| {
+        let network = networks.lookup(ip);
+        let verdict = networks.verdict(&network);
+        (
+            NetworkSeen {
+                trusted: verdict == NetworkVerdict::Trusted,
+                counted_asn: networks.counted_asn(&network, verdict),
+                network,
+            },
+            verdict,
+        )
+    });
+    let counted_asn = network.as_ref().and_then(|(seen, _)| seen.counted_asn);
     let limit = |name: &'static str, refunded: &'static str| {
         let spec = config
             .rate_limit
@@ -163,10 +193,12 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
             .into_iter()
             .find(|(key, _)| *key == name)
             .and_then(|(_, spec)| spec);
-        let key = if name == "registrations_global" {
-            "*".to_owned()
-        } else {
-            client_key.clone()
+        let key = match LimitKind::named(name) {
+            Some(kind) if kind.is_global() => "*".to_owned(),
+            Some(kind) if kind.is_per_network() => {
+                counted_asn.map_or_else(|| "-".to_owned(), |asn| format!("AS{asn}"))
+            }
+            _ => client_key.clone(),
         };
         AppliedLimit {
             name,
@@ -192,6 +224,7 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
         on_dnsbl_error: config.reputation.on_dnsbl_error,
         gate: live.gate.clone(),
         ip: question.ip,
+        network: network.as_ref().map(|(seen, _)| seen.clone()),
     };
     if let Err(refusal) = policy.client(question.ip, question.user_agent.as_deref()) {
         explanation.decision = refused(refusal);
@@ -203,6 +236,17 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
             return explanation;
         }
     }
+    if let Some(rule) = network.and_then(|(_, verdict)| verdict.rule()) {
+        explanation.decision = refused(crate::gate::Refusal::new(
+            rule,
+            crate::error::MatrixError::forbidden(
+                "Registration is not available from your network.",
+            ),
+        ));
+        return explanation;
+    }
+    // A per-network limit counts only a client with a network.
+    let per_network = |name: &str| !name.ends_with("_per_asn") || counted_asn.is_some();
     if explanation.registration && gate.is_some_and(|g| g.lockdown.closed) {
         explanation.decision = refused(crate::gate::closed());
         return explanation;
@@ -237,6 +281,9 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
         return explanation;
     }
     explanation.limits.push(limit("attempts_per_ip", "never"));
+    if per_network("attempts_per_asn") {
+        explanation.limits.push(limit("attempts_per_asn", "never"));
+    }
     if let Some(limited) = exhausted(&explanation.limits) {
         explanation.decision = limited;
         return explanation;
@@ -251,8 +298,9 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
         HeadDecision::Forward(forward) => forward,
         HeadDecision::ReadBody(plan) => {
             if question.guest {
+                let guests = explanation.limits.len();
                 explanation.limits.push(limit("guests_per_ip", "never"));
-                if let Some(limited) = exhausted(&explanation.limits[1..]) {
+                if let Some(limited) = exhausted(&explanation.limits[guests..]) {
                     explanation.decision = limited;
                     return explanation;
                 }
@@ -282,6 +330,11 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
     explanation
         .limits
         .push(limit("registrations_global", unless_success));
+    if per_network("registrations_per_asn") {
+        explanation
+            .limits
+            .push(limit("registrations_per_asn", unless_success));
+    }
     // Both units are reserved together: the longest wait refuses.
     if let Some(limited) = exhausted(&explanation.limits[reserved..]) {
         explanation.decision = limited;
@@ -439,6 +492,9 @@ impl fmt::Display for Explanation {
                 "mode: shadow (a refused request is forwarded as sent, and only logged)"
             )?;
         }
+        if let Some(seen) = &self.network {
+            self.fmt_network(f, seen)?;
+        }
         self.fmt_live_rules(f)?;
         self.fmt_limits(f)?;
         match &self.gate {
@@ -556,6 +612,28 @@ impl Explanation {
     }
 
     /// The limits, with what is left of each when it was read.
+    /// The line on the client's network.
+    fn fmt_network(&self, f: &mut fmt::Formatter<'_>, seen: &NetworkSeen) -> fmt::Result {
+        let network = &seen.network;
+        write!(f, "network: ")?;
+        match (network.asn, &network.as_name) {
+            (Some(asn), Some(name)) => write!(f, "AS{asn} ({name})")?,
+            (Some(asn), None) => write!(f, "AS{asn}")?,
+            (None, _) => write!(f, "no ASN known")?,
+        }
+        match network.country {
+            Some(country) => write!(f, ", country {country}")?,
+            None => write!(f, ", no country known")?,
+        }
+        if seen.trusted {
+            write!(
+                f,
+                "; trusted (allow_asns): no country rule or per-network limit"
+            )?;
+        }
+        writeln!(f)
+    }
+
     fn fmt_limits(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.limits.is_empty() {
             return writeln!(f, "limits: none (refused before any limit counts)");
@@ -578,10 +656,9 @@ impl Explanation {
                 limit.name, spec.count, spec.period, limit.key, limit.refunded
             )?;
             if let Some(budget) = &limit.live {
-                let shared = budget
-                    .counted_as
-                    .as_deref()
-                    .filter(|k| *k != "*" && Some(*k) != limit.own_key.as_deref());
+                let shared = budget.counted_as.as_deref().filter(|k| {
+                    *k != "*" && *k != limit.key && Some(*k) != limit.own_key.as_deref()
+                });
                 if let Some(shared) = shared {
                     write!(f, ", counted under the shared key {shared}")?;
                 }

@@ -29,6 +29,7 @@ mod fast_path;
 pub mod gate;
 pub mod lists;
 pub mod lockdown;
+pub mod networks;
 pub mod notify;
 pub mod probe;
 pub mod ratelimit;

@@ -44,6 +44,7 @@ pub use reputation::{DnsServer, DnsblZone, OnDnsblError, ReputationConfig};
 pub use server::{AdminAddr, ListenAddrs, ServerConfig};
 pub use upstream::UpstreamConfig;
 pub use username::{CaseMode, UsernameConfig, DEFAULT_RESERVED};
+pub(crate) use values::parse_str;
 pub use values::{DenyPattern, HumanDuration};
 
 /// The example configuration shipped in `config/`, embedded so the binary can
@@ -155,6 +156,20 @@ impl Config {
             self.admin.token()?;
         }
         self.reputation.validate()?;
+        if self.reputation.asn_database.is_none() {
+            let limits = &self.rate_limit;
+            for (key, limit) in [
+                ("registrations_per_asn", limits.registrations_per_asn),
+                ("attempts_per_asn", limits.attempts_per_asn),
+            ] {
+                if limit.is_some() {
+                    return Err(ConfigError::invalid(
+                        format!("rate_limit.{key}"),
+                        "needs reputation.asn_database to know a client's network",
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 

@@ -33,6 +33,14 @@ pub struct RateLimitConfig {
     /// Completed registrations for the whole server.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub registrations_global: Option<LimitSpec>,
+    /// Completed registrations per network (autonomous system); needs
+    /// `[reputation] asn_database`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registrations_per_asn: Option<LimitSpec>,
+    /// Every `POST …/register` per network (autonomous system); needs
+    /// `[reputation] asn_database`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts_per_asn: Option<LimitSpec>,
     /// Most clients tracked in memory; beyond it new clients share coarser keys.
     pub max_tracked_clients: usize,
     /// Redis URL for `store = "redis"`; with `redis_cluster`, a
@@ -62,6 +70,8 @@ impl Default for RateLimitConfig {
             availability_checks_per_ip: None,
             token_requests_per_ip: None,
             registrations_global: None,
+            registrations_per_asn: None,
+            attempts_per_asn: None,
             max_tracked_clients: 1_000_000,
             redis_url: None,
             redis_url_file: None,
@@ -74,7 +84,7 @@ impl Default for RateLimitConfig {
 
 impl RateLimitConfig {
     /// Every limit with its configuration name.
-    pub fn limits(&self) -> [(&'static str, Option<LimitSpec>); 6] {
+    pub fn limits(&self) -> [(&'static str, Option<LimitSpec>); 8] {
         [
             ("registrations_per_ip", self.registrations_per_ip),
             ("attempts_per_ip", self.attempts_per_ip),
@@ -85,6 +95,8 @@ impl RateLimitConfig {
             ),
             ("token_requests_per_ip", self.token_requests_per_ip),
             ("registrations_global", self.registrations_global),
+            ("registrations_per_asn", self.registrations_per_asn),
+            ("attempts_per_asn", self.attempts_per_asn),
         ]
     }
 

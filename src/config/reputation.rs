@@ -1,4 +1,5 @@
-//! `[reputation]`: DNS blocklists asked about the client address.
+//! `[reputation]`: DNS blocklists asked about the client address, and the
+//! networks (ASN, country) it belongs to.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::error::ConfigError;
 use super::values::{parse_str, string_enum, HumanDuration};
+use crate::networks::{AsNumber, Country, NetworkDatabase};
 
 /// `[reputation]`: DNS blocklists (DNSBL) asked about the client address
 /// on the guarded routes.
@@ -24,6 +26,19 @@ pub struct ReputationConfig {
     pub dnsbl_timeout: HumanDuration,
     /// What a timeout or a failed lookup does.
     pub on_dnsbl_error: OnDnsblError,
+    /// An ASN database in MaxMind DB format (GeoLite2-ASN, DB-IP, IPinfo),
+    /// read when the configuration is loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asn_database: Option<NetworkDatabase>,
+    /// A country database in MaxMind DB format (GeoLite2-Country, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub country_database: Option<NetworkDatabase>,
+    /// Networks refused on every guarded route (`403 M_FORBIDDEN`).
+    pub deny_asns: Vec<AsNumber>,
+    /// Networks trusted: no country rule and no per-network limit applies.
+    pub allow_asns: Vec<AsNumber>,
+    /// Countries refused on every guarded route (`403 M_FORBIDDEN`).
+    pub deny_countries: Vec<Country>,
 }
 
 impl Default for ReputationConfig {
@@ -33,11 +48,21 @@ impl Default for ReputationConfig {
             dns_server: None,
             dnsbl_timeout: HumanDuration(Duration::from_millis(250)),
             on_dnsbl_error: OnDnsblError::Allow,
+            asn_database: None,
+            country_database: None,
+            deny_asns: Vec::new(),
+            allow_asns: Vec::new(),
+            deny_countries: Vec::new(),
         }
     }
 }
 
 impl ReputationConfig {
+    /// The network databases configured (ASN, then country).
+    pub fn databases(&self) -> impl Iterator<Item = &NetworkDatabase> {
+        self.asn_database.iter().chain(&self.country_database)
+    }
+
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         self.dnsbl_timeout
             .check_positive("reputation.dnsbl_timeout")?;
@@ -48,6 +73,31 @@ impl ReputationConfig {
                     format!("\"{}\" is listed twice", zone.0),
                 ));
             }
+        }
+        if self.asn_database.is_none() {
+            for (key, list) in [
+                ("deny_asns", &self.deny_asns),
+                ("allow_asns", &self.allow_asns),
+            ] {
+                if !list.is_empty() {
+                    return Err(ConfigError::invalid(
+                        format!("reputation.{key}"),
+                        "needs reputation.asn_database to know a client's network",
+                    ));
+                }
+            }
+        }
+        if let Some(asn) = self.deny_asns.iter().find(|a| self.allow_asns.contains(a)) {
+            return Err(ConfigError::invalid(
+                "reputation.allow_asns",
+                format!("{asn} is also in reputation.deny_asns"),
+            ));
+        }
+        if self.country_database.is_none() && !self.deny_countries.is_empty() {
+            return Err(ConfigError::invalid(
+                "reputation.deny_countries",
+                "needs reputation.country_database to know a client's country",
+            ));
         }
         Ok(())
     }

@@ -43,6 +43,8 @@ pub(super) struct Audit {
     /// the account it made (or, for a UIA session it had completed before,
     /// gave again).
     pub(super) user_id: Option<String>,
+    /// The client's network, when a network database knows it.
+    pub(super) network: Option<crate::networks::Network>,
 }
 
 /// Longest client-chosen text (a username, a user agent) an audit line
@@ -102,6 +104,9 @@ impl Audit {
             dnsbl_zone = self.dnsbl_zone.as_deref(),
             appservice = self.appservice.as_deref(),
             user_id = self.user_id.as_deref().map(audit_text).as_deref(),
+            asn = self.network.as_ref().and_then(|n| n.asn),
+            as_name = self.network.as_ref().and_then(|n| n.as_name.as_deref()).map(audit_text).as_deref(),
+            country = self.network.as_ref().and_then(|n| n.country).as_ref().map(|c| c.as_str()),
             "registration decision"
         );
     }

@@ -90,7 +90,9 @@ use crate::config::{Config, GateMode, OnDnsblError};
 use crate::dnsbl::{Dnsbl, DnsblCache, Verdict, ZoneHealth, HEALTH_CHECK_EVERY};
 use crate::error::MatrixError;
 use crate::lockdown::{Lockdown, CLOSED_MESSAGE};
+use crate::networks::{Network, Networks};
 use crate::notify::Notifier;
+use crate::ratelimit::Subject;
 use crate::ratelimit::{LimitKind, RateLimiter};
 use crate::telemetry::{Metrics, Outcome};
 
@@ -138,6 +140,8 @@ struct GateState {
     lockdown: Lockdown,
     bans: Bans,
     mode: GateMode,
+    /// The network databases and rules.
+    networks: Networks,
     /// DNSBL lookups (`None`: no zone configured).
     dnsbl: Option<Dnsbl>,
     /// Their answers, kept across reloads (keyed by zone, so a changed zone
@@ -162,6 +166,7 @@ impl GateState {
                 .map(|dnsbl| dnsbl.with_health(dnsbl_health.clone())),
             dnsbl_cache,
             dnsbl_health,
+            networks: Networks::new(config),
             policy: Policy::new(config),
             body_timeout: config.server.body_timeout.0,
             resolver: config.client_ip.resolver(),
@@ -268,6 +273,24 @@ impl RegistrationGateLayer {
     /// `client_ip` configuration.
     pub fn client_key(&self, client: IpAddr) -> ClientKey {
         self.with_resolver(|resolver| resolver.key(ClientAddress(client)))
+    }
+
+    /// What the network databases of the current configuration say of
+    /// `client`, the rules' verdict, and the ASN the per-network limits
+    /// count it under; `None` without a network database.
+    pub fn network(
+        &self,
+        client: IpAddr,
+    ) -> Option<(Network, crate::networks::NetworkVerdict, Option<u32>)> {
+        let state = self.state.load();
+        let networks = &state.networks;
+        if !networks.is_configured() {
+            return None;
+        }
+        let network = networks.lookup(client);
+        let verdict = networks.verdict(&network);
+        let counted = networks.counted_asn(&network, verdict);
+        Some((network, verdict, counted))
     }
 
     /// The registration lockdown the gate uses now.
@@ -485,6 +508,7 @@ where
         dnsbl_failed: false,
         user_id: None,
         appservice: None,
+        network: None,
     };
     let mut body = Some(body);
     let mut read: Option<Bytes> = None;
@@ -591,13 +615,13 @@ where
 {
     let policy = &state.policy;
     let limiter = &state.limiter;
-    let key = audit.key;
     policy
         .client(audit.client, audit.user_agent.as_deref())
         .map_err(Stop::Refuse)?;
     if audit.client.and_then(|ip| state.bans.find(ip)).is_some() {
         return Err(Stop::Refuse(banned()));
     }
+    let key = network_subject(&state.networks, audit)?;
     let registration = is_registration(route, &parts.method);
     // Only `POST …/register` takes a bridge's token.
     let token = if registration && matches!(route, GuardedRoute::Register(_)) {
@@ -612,9 +636,9 @@ where
     if registration && !deferred && state.lockdown.is_closed().await {
         return Err(Stop::Refuse(closed()));
     }
-    if let Some(kind) = counted_limit(route, &parts.method).filter(|_| !deferred) {
+    if let Some(kinds) = counted_limit(route, &parts.method).filter(|_| !deferred) {
         limiter
-            .acquire(&[kind], key)
+            .acquire(kinds, key)
             .await
             .map_err(Stop::Limit)?
             .settle(true);
@@ -676,7 +700,7 @@ where
             .is_none_or(AppServiceGrant::counts_attempts)
         {
             limiter
-                .acquire(&[LimitKind::AttemptsPerIp], key)
+                .acquire(ATTEMPTS, key)
                 .await
                 .map_err(Stop::Limit)?
                 .settle(true);
@@ -695,6 +719,7 @@ where
                     &[
                         LimitKind::RegistrationsPerIp,
                         LimitKind::RegistrationsGlobal,
+                        LimitKind::RegistrationsPerAsn,
                     ],
                     key,
                 )
@@ -718,6 +743,26 @@ where
         }
     }
     Ok((forward, permit))
+}
+
+/// Looks the client's network up (with a network database configured),
+/// writes it to the audit line, refuses it by the network rules, and
+/// returns what the limits count the request as.
+fn network_subject(networks: &Networks, audit: &mut Audit) -> Result<Subject, Stop> {
+    let mut subject = Subject::from(audit.key);
+    let Some(client) = audit.client.filter(|_| networks.is_configured()) else {
+        return Ok(subject);
+    };
+    let network: Network = networks.lookup(client);
+    let verdict = networks.verdict(&network);
+    subject.asn = networks.counted_asn(&network, verdict);
+    if !network.is_unknown() {
+        audit.network = Some(network);
+    }
+    match verdict.rule() {
+        Some(rule) => Err(Stop::Refuse(Refusal::new(rule, not_from_your_network()))),
+        None => Ok(subject),
+    }
 }
 
 /// Refuses a client a DNSBL lists (`dnsbl`), or one whose lookup failed
@@ -783,18 +828,20 @@ fn is_registration(route: GuardedRoute, method: &Method) -> bool {
     ) && method == Method::POST
 }
 
-/// The per-client limit a guarded request counts against before anything
-/// else is looked at.
-fn counted_limit(route: GuardedRoute, method: &Method) -> Option<LimitKind> {
+/// What every registration attempt counts against: its client's and its
+/// network's attempts.
+const ATTEMPTS: &[LimitKind] = &[LimitKind::AttemptsPerIp, LimitKind::AttemptsPerAsn];
+
+/// The limits a guarded request counts against before anything else is
+/// looked at.
+fn counted_limit(route: GuardedRoute, method: &Method) -> Option<&'static [LimitKind]> {
     match (route, method) {
-        (GuardedRoute::Register(_) | GuardedRoute::PickUsername, &Method::POST) => {
-            Some(LimitKind::AttemptsPerIp)
-        }
+        (GuardedRoute::Register(_) | GuardedRoute::PickUsername, &Method::POST) => Some(ATTEMPTS),
         (GuardedRoute::Available(_) | GuardedRoute::PickUsernameCheck, &Method::GET) => {
-            Some(LimitKind::AvailabilityChecksPerIp)
+            Some(&[LimitKind::AvailabilityChecksPerIp])
         }
         (GuardedRoute::RequestToken(..), &Method::POST)
-        | (GuardedRoute::TokenValidity(_), &Method::GET) => Some(LimitKind::TokenRequestsPerIp),
+        | (GuardedRoute::TokenValidity(_), &Method::GET) => Some(&[LimitKind::TokenRequestsPerIp]),
         _ => None,
     }
 }

@@ -147,6 +147,26 @@ fn read_with(
     path: &str,
     read_bytes: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
 ) -> Result<(Vec<u8>, Stamp), ListError> {
+    let (bytes, before) = unchanged_with(path, read_bytes)?;
+    if bytes.last().is_some_and(|&last| last != b'\n') {
+        return Err(ListError::CutShort {
+            path: path.to_owned(),
+        });
+    }
+    Ok((bytes, before))
+}
+
+/// The file's bytes and its stamp, refused when the file changes while it
+/// is read; for a file that is not text (a network database), whose own
+/// checks catch a cut.
+pub(crate) fn read_unchanged(path: &str) -> Result<(Vec<u8>, Stamp), ListError> {
+    unchanged_with(path, |path| std::fs::read(path))
+}
+
+fn unchanged_with(
+    path: &str,
+    read_bytes: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
+) -> Result<(Vec<u8>, Stamp), ListError> {
     let before = stamp(path.as_ref());
     let bytes = read_bytes(path.as_ref()).map_err(|source| ListError::Read {
         path: path.to_owned(),
@@ -154,11 +174,6 @@ fn read_with(
     })?;
     if stamp(path.as_ref()) != before {
         return Err(ListError::ChangedWhileRead {
-            path: path.to_owned(),
-        });
-    }
-    if bytes.last().is_some_and(|&last| last != b'\n') {
-        return Err(ListError::CutShort {
             path: path.to_owned(),
         });
     }

@@ -30,7 +30,7 @@ use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 
-use super::{Budget, CountedAs, LimitKind, LimitSpecs};
+use super::{Budget, CountedAs, LimitKind, LimitSpecs, Subject};
 use crate::client_ip::ClientKey;
 use crate::config::LimitSpec;
 
@@ -204,7 +204,8 @@ fn stored_key(counted_as: CountedAs) -> ClientKey {
     match counted_as {
         CountedAs::Own(key) | CountedAs::Coarse(key) => key,
         CountedAs::Overflow => OVERFLOW_KEY,
-        CountedAs::Server => LimitKind::RegistrationsGlobal.key_for(ClientKey(0)),
+        CountedAs::Server => ClientKey(0),
+        CountedAs::Network(asn) => ClientKey(u128::from(asn)),
     }
 }
 
@@ -251,7 +252,15 @@ impl<C: Clock + Clone> MemoryStore<C> {
     ) -> Self {
         let limits = LimitKind::ALL.map(|kind| {
             let spec = specs.get(kind)?;
-            let cap = if kind.is_global() { 1 } else { cap };
+            // Networks are as many as the ASN database names, a bounded
+            // set no client can add to: they are never made to share keys.
+            let cap = if kind.is_global() {
+                1
+            } else if kind.is_per_network() {
+                usize::MAX
+            } else {
+                cap
+            };
             let interval = spec.emission_interval().max(Duration::from_nanos(1));
             let burst = NonZeroU32::new(spec.count).unwrap_or(NonZeroU32::MIN);
             let quota = Quota::with_period(interval)?.allow_burst(burst);
@@ -281,15 +290,17 @@ impl<C: Clock + Clone> MemoryStore<C> {
     pub fn acquire(
         &self,
         kinds: &[LimitKind],
-        key: ClientKey,
+        subject: impl Into<Subject>,
     ) -> Result<(), (LimitKind, Duration)> {
+        let subject = subject.into();
         let mut taken: Vec<LimitKind> = Vec::with_capacity(kinds.len());
         let mut refused: Option<(LimitKind, Duration)> = None;
         for &kind in kinds {
-            let Some(limit) = &self.limits[kind as usize] else {
+            let (Some(limit), Some(key)) = (&self.limits[kind as usize], kind.key_for(subject))
+            else {
                 continue;
             };
-            match limit.limiter.check_key(&kind.key_for(key)) {
+            match limit.limiter.check_key(&key) {
                 Ok(()) => taken.push(kind),
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(self.clock.now());
@@ -302,17 +313,18 @@ impl<C: Clock + Clone> MemoryStore<C> {
         match refused {
             None => Ok(()),
             Some(refusal) => {
-                self.refund(&taken, key);
+                self.refund(&taken, subject);
                 Err(refusal)
             }
         }
     }
 
-    /// Gives back one unit of each of `kinds` for `key`.
-    pub fn refund(&self, kinds: &[LimitKind], key: ClientKey) {
+    /// Gives back one unit of each of `kinds` for `subject`.
+    pub fn refund(&self, kinds: &[LimitKind], subject: impl Into<Subject>) {
+        let subject = subject.into();
         for &kind in kinds {
-            if let Some(limit) = &self.limits[kind as usize] {
-                limit.table.0.refund(kind.key_for(key), limit.interval);
+            if let (Some(limit), Some(key)) = (&self.limits[kind as usize], kind.key_for(subject)) {
+                limit.table.0.refund(key, limit.interval);
             }
         }
     }
@@ -320,13 +332,14 @@ impl<C: Clock + Clone> MemoryStore<C> {
     /// The budget `key` has now under every configured limit (the
     /// server-wide one shared by all), read under the key each limit counts
     /// it under (see [`CountedAs`]); changes nothing.
-    pub fn inspect(&self, key: ClientKey) -> Vec<Budget> {
+    pub fn inspect(&self, subject: impl Into<Subject>) -> Vec<Budget> {
+        let subject = subject.into();
         let now = self.clock.now();
         LimitKind::ALL
             .iter()
             .filter_map(|&kind| {
                 let limit = self.limits[kind as usize].as_ref()?;
-                let counted_as = self.counted_as(kind, limit, key);
+                let counted_as = self.counted_as(kind, limit, subject)?;
                 let elapsed = now.duration_since(limit.start).as_u64();
                 let ahead = limit
                     .table
@@ -350,21 +363,26 @@ impl<C: Clock + Clone> MemoryStore<C> {
         LimitKind::ALL
             .iter()
             .zip(&self.limits)
-            .filter(|(kind, _)| !kind.is_global())
+            .filter(|(kind, _)| kind.is_per_client())
             .filter_map(|(&kind, limit)| {
                 let limit = limit.as_ref()?;
-                let counted_as = self.counted_as(kind, limit, key);
+                let counted_as = self.counted_as(kind, limit, key.into())?;
                 limit.table.0.remove(stored_key(counted_as));
                 Some((kind, counted_as))
             })
             .collect()
     }
 
-    fn counted_as(&self, kind: LimitKind, limit: &MemoryLimit<C>, key: ClientKey) -> CountedAs {
-        if kind.is_global() {
-            CountedAs::Server
+    fn counted_as(
+        &self,
+        kind: LimitKind,
+        limit: &MemoryLimit<C>,
+        subject: Subject,
+    ) -> Option<CountedAs> {
+        if kind.is_per_client() {
+            Some(limit.table.0.counted_as(subject.client))
         } else {
-            limit.table.0.counted_as(key)
+            CountedAs::own(kind, subject)
         }
     }
 

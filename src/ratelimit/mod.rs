@@ -10,6 +10,13 @@
 //! | `availability_checks_per_ip` | every `GET …/register/available` |
 //! | `token_requests_per_ip` | `requestToken` and token validity checks |
 //! | `registrations_per_ip`, `registrations_global` | completed registrations |
+//! | `attempts_per_asn` | every `POST …/register`, per network (ASN) |
+//! | `registrations_per_asn` | completed registrations, per network (ASN) |
+//!
+//! The per-network limits count a client under its autonomous system, as
+//! `[reputation] asn_database` names it; a client the database does not
+//! place in one (or one in `allow_asns`) is not counted by them at all and
+//! stays under the per-client limits alone.
 //!
 //! Completed registrations are counted by reservation: one unit of each is
 //! taken before a `POST …/register` is forwarded, and given back when the
@@ -51,11 +58,15 @@ pub enum LimitKind {
     TokenRequestsPerIp = 4,
     /// `registrations_global`
     RegistrationsGlobal = 5,
+    /// `registrations_per_asn`
+    RegistrationsPerAsn = 6,
+    /// `attempts_per_asn`
+    AttemptsPerAsn = 7,
 }
 
 impl LimitKind {
     /// How many kinds there are.
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 8;
 
     /// Every kind, in index order.
     pub const ALL: [LimitKind; Self::COUNT] = [
@@ -65,6 +76,8 @@ impl LimitKind {
         LimitKind::AvailabilityChecksPerIp,
         LimitKind::TokenRequestsPerIp,
         LimitKind::RegistrationsGlobal,
+        LimitKind::RegistrationsPerAsn,
+        LimitKind::AttemptsPerAsn,
     ];
 
     /// The configuration name.
@@ -76,7 +89,14 @@ impl LimitKind {
             LimitKind::AvailabilityChecksPerIp => "availability_checks_per_ip",
             LimitKind::TokenRequestsPerIp => "token_requests_per_ip",
             LimitKind::RegistrationsGlobal => "registrations_global",
+            LimitKind::RegistrationsPerAsn => "registrations_per_asn",
+            LimitKind::AttemptsPerAsn => "attempts_per_asn",
         }
+    }
+
+    /// The kind configured as `name` in `[rate_limit]`.
+    pub fn named(name: &str) -> Option<LimitKind> {
+        LimitKind::ALL.into_iter().find(|kind| kind.name() == name)
     }
 
     /// Whether the limit is server-wide rather than per client.
@@ -84,13 +104,48 @@ impl LimitKind {
         self == LimitKind::RegistrationsGlobal
     }
 
-    /// The key this limit counts `client` under.
-    pub fn key_for(self, client: ClientKey) -> ClientKey {
+    /// Whether the limit counts a network (ASN) rather than a client.
+    pub fn is_per_network(self) -> bool {
+        matches!(
+            self,
+            LimitKind::RegistrationsPerAsn | LimitKind::AttemptsPerAsn
+        )
+    }
+
+    /// Whether the limit counts each client (address or IPv6 prefix).
+    pub fn is_per_client(self) -> bool {
+        !self.is_global() && !self.is_per_network()
+    }
+
+    /// The key this limit counts `subject` under; `None` for a per-network
+    /// limit when the subject has no network (it is then not counted).
+    /// Every kind has a table of its own, so an ASN's key never meets a
+    /// client's.
+    pub fn key_for(self, subject: impl Into<Subject>) -> Option<ClientKey> {
+        let subject = subject.into();
         if self.is_global() {
-            ClientKey(0)
+            Some(ClientKey(0))
+        } else if self.is_per_network() {
+            subject.asn.map(|asn| ClientKey(u128::from(asn)))
         } else {
-            client
+            Some(subject.client)
         }
+    }
+}
+
+/// What a request is counted as: its client's key and, with an ASN
+/// database, the autonomous system its address belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Subject {
+    /// The client's key (address, or IPv6 prefix).
+    pub client: ClientKey,
+    /// The client's ASN, when the per-network limits count it.
+    pub asn: Option<u32>,
+}
+
+impl From<ClientKey> for Subject {
+    fn from(client: ClientKey) -> Self {
+        Subject { client, asn: None }
     }
 }
 
@@ -102,8 +157,10 @@ impl LimitSpecs {
     /// The limits of a configuration.
     pub fn from_config(config: &RateLimitConfig) -> Self {
         let mut specs = LimitSpecs::default();
-        for (kind, (_, spec)) in LimitKind::ALL.iter().zip(config.limits()) {
-            specs.0[*kind as usize] = spec;
+        for (name, spec) in config.limits() {
+            if let Some(kind) = LimitKind::named(name) {
+                specs.0[kind as usize] = spec;
+            }
         }
         specs
     }
@@ -130,15 +187,21 @@ pub enum CountedAs {
     Overflow,
     /// The one server-wide key (`registrations_global`).
     Server,
+    /// An autonomous system's key (the per-network limits).
+    Network(u32),
 }
 
 impl CountedAs {
     /// The key `kind` counts `client` under when nothing is shared.
-    pub fn own(kind: LimitKind, client: ClientKey) -> Self {
+    /// `None` for a per-network limit when the subject has no network.
+    pub fn own(kind: LimitKind, subject: impl Into<Subject>) -> Option<Self> {
+        let subject = subject.into();
         if kind.is_global() {
-            CountedAs::Server
+            Some(CountedAs::Server)
+        } else if kind.is_per_network() {
+            subject.asn.map(CountedAs::Network)
         } else {
-            CountedAs::Own(client)
+            Some(CountedAs::Own(subject.client))
         }
     }
 
@@ -152,7 +215,7 @@ impl CountedAs {
     /// key is not compared with the others (it is shared by design).
     fn width(self) -> u8 {
         match self {
-            CountedAs::Own(_) | CountedAs::Server => 0,
+            CountedAs::Own(_) | CountedAs::Server | CountedAs::Network(_) => 0,
             CountedAs::Coarse(_) => 1,
             CountedAs::Overflow => 2,
         }
@@ -161,21 +224,21 @@ impl CountedAs {
     /// The most widely shared key among per-client limits' `keys`; `own`
     /// when none is shared.
     pub fn widest(keys: impl IntoIterator<Item = CountedAs>, own: ClientKey) -> CountedAs {
-        keys.into_iter().filter(|k| *k != CountedAs::Server).fold(
-            CountedAs::Own(own),
-            |widest, k| {
+        keys.into_iter()
+            .filter(|k| !matches!(k, CountedAs::Server | CountedAs::Network(_)))
+            .fold(CountedAs::Own(own), |widest, k| {
                 if k.width() > widest.width() {
                     k
                 } else {
                     widest
                 }
-            },
-        )
+            })
     }
 }
 
 /// `198.51.100.23`, `2001:db8::` (a client's own key); `198.51.0.0/16`,
-/// `2001:db8::/32` (coarse); `overflow`; `*` (server-wide).
+/// `2001:db8::/32` (coarse); `overflow`; `*` (server-wide); `AS64496` (a
+/// network).
 impl std::fmt::Display for CountedAs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -184,6 +247,7 @@ impl std::fmt::Display for CountedAs {
             CountedAs::Coarse(key) => write!(f, "{key}/32"),
             CountedAs::Overflow => f.write_str("overflow"),
             CountedAs::Server => f.write_str("*"),
+            CountedAs::Network(asn) => write!(f, "AS{asn}"),
         }
     }
 }
@@ -292,7 +356,7 @@ enum Taken {
 pub struct Permit {
     limiter: RateLimiter,
     kinds: Vec<LimitKind>,
-    key: ClientKey,
+    subject: Subject,
     taken: Taken,
 }
 
@@ -306,10 +370,10 @@ impl Permit {
         }
         match self.taken {
             Taken::Nothing => {}
-            Taken::Local => self.limiter.inner.local.refund(&self.kinds, self.key),
+            Taken::Local => self.limiter.inner.local.refund(&self.kinds, self.subject),
             Taken::Redis(reservation) => {
                 if let Some(redis) = &self.limiter.inner.redis {
-                    redis.refund_in_background(&self.kinds, self.key, reservation);
+                    redis.refund_in_background(&self.kinds, self.subject, reservation);
                 }
             }
         }
@@ -451,17 +515,23 @@ impl RateLimiter {
         self.inner.specs.get(kind).is_some()
     }
 
-    /// Takes one unit of each of `kinds` for `key`, all or nothing.
-    pub async fn acquire(&self, kinds: &[LimitKind], key: ClientKey) -> Result<Permit, Limited> {
+    /// Takes one unit of each of `kinds` for `subject`, all or nothing. A
+    /// per-network limit does not count a subject without a network.
+    pub async fn acquire(
+        &self,
+        kinds: &[LimitKind],
+        subject: impl Into<Subject>,
+    ) -> Result<Permit, Limited> {
+        let subject = subject.into();
         let kinds: Vec<LimitKind> = kinds
             .iter()
             .copied()
-            .filter(|k| self.is_configured(*k))
+            .filter(|k| self.is_configured(*k) && k.key_for(subject).is_some())
             .collect();
         let permit = |taken| Permit {
             limiter: self.clone(),
             kinds: kinds.clone(),
-            key,
+            subject,
             taken,
         };
         if kinds.is_empty() {
@@ -469,7 +539,7 @@ impl RateLimiter {
         }
         let inner = &self.inner;
         if let Some(redis) = &inner.redis {
-            match redis.acquire(&kinds, key).await {
+            match redis.acquire(&kinds, subject).await {
                 Ok(result) => {
                     if inner.degraded.swap(false, Ordering::Relaxed) {
                         tracing::info!("redis rate-limit store is back; shared limits restored");
@@ -507,7 +577,7 @@ impl RateLimiter {
         }
         inner
             .local
-            .acquire(&kinds, key)
+            .acquire(&kinds, subject)
             .map(|()| permit(Taken::Local))
             .map_err(|(limit, retry_after)| Limited { limit, retry_after })
     }
@@ -557,12 +627,18 @@ impl RateLimiter {
         }
     }
 
-    /// The budget `key` has now under every configured limit (the
-    /// server-wide one shared by all), from the store decisions use (Redis, or memory); changes nothing.
-    pub async fn inspect(&self, key: ClientKey) -> Result<Vec<Budget>, redis::StoreError> {
+    /// The budget `subject` has now under every configured limit (the
+    /// server-wide one shared by all; the per-network ones when it has a
+    /// network), from the store decisions use (Redis, or memory); changes
+    /// nothing.
+    pub async fn inspect(
+        &self,
+        subject: impl Into<Subject>,
+    ) -> Result<Vec<Budget>, redis::StoreError> {
+        let subject = subject.into();
         match &self.inner.redis {
-            Some(redis) => redis.inspect(key).await,
-            None => Ok(self.inner.local.inspect(key)),
+            Some(redis) => redis.inspect(subject).await,
+            None => Ok(self.inner.local.inspect(subject)),
         }
     }
 
@@ -581,7 +657,7 @@ impl RateLimiter {
                 redis.reset(key).await?;
                 Ok(local
                     .into_iter()
-                    .map(|(kind, _)| (kind, CountedAs::own(kind, key)))
+                    .map(|(kind, _)| (kind, CountedAs::Own(key)))
                     .collect())
             }
             None => Ok(local),

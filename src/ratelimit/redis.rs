@@ -36,7 +36,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{FromRedisValue, RedisError, Script, ScriptInvocation};
 use tokio::sync::{Notify, RwLock};
 
-use super::{Budget, CountedAs, LimitKind, LimitSpecs};
+use super::{Budget, CountedAs, LimitKind, LimitSpecs, Subject};
 use crate::client_ip::ClientKey;
 use crate::config::LimitSpec;
 
@@ -350,19 +350,20 @@ impl RedisStore {
         }
     }
 
-    fn decision(&self, kinds: &[LimitKind], key: ClientKey) -> Decision {
+    fn decision(&self, kinds: &[LimitKind], subject: Subject) -> Decision {
         let mut decision = Decision {
             kinds: Vec::with_capacity(kinds.len()),
             keys: Vec::with_capacity(kinds.len()),
             limits: Vec::with_capacity(kinds.len()),
         };
         for &kind in kinds {
-            let Some(spec) = self.specs.get(kind) else {
+            let (Some(spec), Some(key)) = (self.specs.get(kind), self.shared.key(kind, subject))
+            else {
                 continue;
             };
             let interval_us = spec.emission_interval().as_micros().max(1) as u64;
             decision.kinds.push(kind);
-            decision.keys.push(self.shared.key(kind, key));
+            decision.keys.push(key);
             decision.limits.push((interval_us, spec.count));
         }
         decision
@@ -373,9 +374,9 @@ impl RedisStore {
     pub async fn acquire(
         &self,
         kinds: &[LimitKind],
-        key: ClientKey,
+        subject: Subject,
     ) -> Result<Result<Reservation, (LimitKind, Duration)>, StoreError> {
-        let decision = self.decision(kinds, key);
+        let decision = self.decision(kinds, subject);
         if decision.keys.is_empty() {
             return Ok(Ok(Reservation { epoch: 0 }));
         }
@@ -397,10 +398,10 @@ impl RedisStore {
     pub async fn refund(
         &self,
         kinds: &[LimitKind],
-        key: ClientKey,
+        subject: impl Into<Subject>,
         reservation: Reservation,
     ) -> Result<RefundOutcome, StoreError> {
-        let decision = self.decision(kinds, key);
+        let decision = self.decision(kinds, subject.into());
         if decision.keys.is_empty() {
             return Ok(RefundOutcome::Refunded);
         }
@@ -419,10 +420,10 @@ impl RedisStore {
     pub fn refund_in_background(
         &self,
         kinds: &[LimitKind],
-        key: ClientKey,
+        subject: Subject,
         reservation: Reservation,
     ) {
-        let decision = self.decision(kinds, key);
+        let decision = self.decision(kinds, subject);
         if decision.keys.is_empty() {
             return;
         }
@@ -452,18 +453,23 @@ impl RedisStore {
     /// The budget `key` has now under every configured limit (the
     /// server-wide one shared by all), read in one round trip within
     /// `redis_timeout`; changes nothing.
-    pub async fn inspect(&self, key: ClientKey) -> Result<Vec<Budget>, StoreError> {
-        let limits: Vec<(LimitKind, LimitSpec)> = LimitKind::ALL
+    pub async fn inspect(&self, subject: Subject) -> Result<Vec<Budget>, StoreError> {
+        let limits: Vec<(LimitKind, LimitSpec, CountedAs, String)> = LimitKind::ALL
             .iter()
-            .filter_map(|&kind| Some((kind, self.specs.get(kind)?)))
+            .filter_map(|&kind| {
+                Some((
+                    kind,
+                    self.specs.get(kind)?,
+                    // Redis keeps every client under its own key: no cap.
+                    CountedAs::own(kind, subject)?,
+                    self.shared.key(kind, subject)?,
+                ))
+            })
             .collect();
         if limits.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = limits
-            .iter()
-            .map(|(kind, _)| self.shared.key(*kind, key))
-            .collect();
+        let keys: Vec<String> = limits.iter().map(|(.., key)| key.clone()).collect();
         let answer: Vec<i64> = self
             .run_script(&self.shared.inspect_script, &keys, &[] as &[u64])
             .await?;
@@ -476,11 +482,9 @@ impl RedisStore {
         Ok(limits
             .iter()
             .zip(tats)
-            .map(|((kind, spec), tat)| {
+            .map(|((kind, spec, counted_as, _), tat)| {
                 let ahead = u64::try_from(tat.saturating_sub(*now)).unwrap_or(0);
-                // Redis keeps every client under its own key: no cap.
-                let counted_as = CountedAs::own(*kind, key);
-                Budget::from_ahead(*kind, counted_as, *spec, Duration::from_micros(ahead))
+                Budget::from_ahead(*kind, *counted_as, *spec, Duration::from_micros(ahead))
             })
             .collect())
     }
@@ -489,8 +493,8 @@ impl RedisStore {
     /// not), within `redis_timeout`.
     pub async fn reset(&self, key: ClientKey) -> Result<(), StoreError> {
         let mut del = redis::cmd("DEL");
-        for kind in LimitKind::ALL.iter().filter(|kind| !kind.is_global()) {
-            del.arg(self.shared.key(*kind, key));
+        for kind in LimitKind::ALL.iter().filter(|kind| kind.is_per_client()) {
+            del.arg(self.shared.key(*kind, key.into()));
         }
         self.shared
             .send_in_time::<i64>(&Request::Command(&del))
@@ -542,12 +546,17 @@ enum Mode {
 }
 
 impl Shared {
-    fn key(&self, kind: LimitKind, key: ClientKey) -> String {
-        if kind.is_global() {
-            format!("{{{}}}:{}", self.prefix, kind.name())
+    /// The Redis key `kind` counts `subject` under (`None`: a per-network
+    /// limit and no network).
+    fn key(&self, kind: LimitKind, subject: Subject) -> Option<String> {
+        let (prefix, name) = (&self.prefix, kind.name());
+        Some(if kind.is_global() {
+            format!("{{{prefix}}}:{name}")
+        } else if kind.is_per_network() {
+            format!("{{{prefix}}}:{name}:AS{}", subject.asn?)
         } else {
-            format!("{{{}}}:{}:{:032x}", self.prefix, kind.name(), key.0)
-        }
+            format!("{{{prefix}}}:{name}:{:032x}", subject.client.0)
+        })
     }
 
     fn epoch_key(&self) -> String {

@@ -33,13 +33,15 @@ pub struct Reloader {
 /// while it cannot be read).
 pub(super) type FileStamp = (PathBuf, Stamp);
 
-/// The list files and application service files a configuration reads.
+/// The list files, network databases and application service files a
+/// configuration reads.
 pub(super) fn list_files(config: &Config) -> Vec<PathBuf> {
     config
         .client_ip
         .deny_lists
         .paths()
         .chain(config.email.denied_domain_lists.paths())
+        .chain(config.reputation.databases().map(|db| db.path()))
         .map(PathBuf::from)
         .chain(config.homeserver.app_service_config_files.iter().cloned())
         .collect()
@@ -106,6 +108,8 @@ impl Reloader {
         };
         let lists = config.client_ip.deny_lists.stamps();
         let lists = lists.chain(config.email.denied_domain_lists.stamps());
+        let databases = config.reputation.databases();
+        let lists = lists.chain(databases.map(|db| (db.path(), db.stamp())));
         std::iter::once((path.clone(), config_stamp))
             .chain(lists.map(|(path, stamp)| (PathBuf::from(path), stamp)))
             .chain(config.homeserver.app_services.stamps().cloned())

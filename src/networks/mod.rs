@@ -1,0 +1,352 @@
+//! Networks: the autonomous system (ASN) and the country a client address
+//! belongs to, read from databases in MaxMind DB format
+//! (`[reputation] asn_database`, `country_database`).
+//!
+//! Registration waves come from a handful of hosting networks spread over
+//! hundreds of subnets, so the operator can refuse a network or a country
+//! outright (`deny_asns`, `deny_countries`), trust one (`allow_asns`), and
+//! limit registrations per network (`[rate_limit] registrations_per_asn`,
+//! `attempts_per_asn`).
+//!
+//! A database is read whole into memory when the configuration is loaded
+//! (at start and at every reload, never on the request path), checked from
+//! end to end (its search tree and every record it points at) so that a
+//! corrupt or cut file is refused at load and a reload keeps the database
+//! in force, and guarded against a file written while it is read as list
+//! files are (see [`crate::lists`]). A lookup walks the search tree — at
+//! most 128 steps, no allocation but the network's name — and is made only
+//! on guarded routes.
+//!
+//! The records of GeoLite2-ASN and GeoLite2-Country are read, and the ones
+//! of DB-IP's free databases (the same layout) and IPinfo's (`asn` as
+//! `"AS64496"`, `as_name` or `name`, `country` or `country_code` as a code).
+//! An address in a database that holds nothing for it has no network: it
+//! is not refused by the network rules and not counted by the per-network
+//! limits.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use maxminddb::Reader;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::lists::{ListError, Stamp};
+
+mod record;
+
+pub use record::Network;
+
+/// A database that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    /// The file could not be read whole and unchanged.
+    #[error(transparent)]
+    Read(#[from] ListError),
+    /// The file is not a usable MaxMind DB database.
+    #[error("{path}: not a usable MaxMind DB database: {reason}")]
+    Invalid {
+        /// The path as configured.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+struct Loaded {
+    path: Arc<str>,
+    stamp: Stamp,
+    reader: Reader<Vec<u8>>,
+}
+
+/// A database file, loaded and checked; cheap to clone (shared).
+#[derive(Clone)]
+pub struct NetworkDatabase {
+    loaded: Arc<Loaded>,
+}
+
+impl NetworkDatabase {
+    /// Reads `path` whole and checks every part of it.
+    pub fn load(path: &str) -> Result<NetworkDatabase, DatabaseError> {
+        let (bytes, stamp) = crate::lists::read_unchanged(path)?;
+        let invalid = |error: maxminddb::MaxMindDbError| DatabaseError::Invalid {
+            path: path.to_owned(),
+            reason: error.to_string(),
+        };
+        let reader = Reader::from_source(bytes).map_err(invalid)?;
+        reader.verify().map_err(invalid)?;
+        Ok(NetworkDatabase {
+            loaded: Arc::new(Loaded {
+                path: Arc::from(path),
+                stamp,
+                reader,
+            }),
+        })
+    }
+
+    /// The path as configured.
+    pub fn path(&self) -> &str {
+        &self.loaded.path
+    }
+
+    /// The file's stamp when it was read (what the reload watcher compares).
+    pub fn stamp(&self) -> Stamp {
+        self.loaded.stamp
+    }
+
+    /// What the database says it is (`GeoLite2-ASN`, …).
+    pub fn database_type(&self) -> &str {
+        &self.loaded.reader.metadata().database_type
+    }
+
+    /// The record for `ip`: an IPv4-mapped IPv6 address is looked up as
+    /// the IPv4 address it carries. A failed lookup (an IPv6 address in an
+    /// IPv4-only database, a record of another shape) finds nothing.
+    fn record(&self, ip: IpAddr) -> Option<Network> {
+        let ip = ip.to_canonical();
+        let result = self.loaded.reader.lookup(ip).ok()?;
+        result.decode::<Network>().ok().flatten()
+    }
+}
+
+impl fmt::Debug for NetworkDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetworkDatabase")
+            .field("path", &self.path())
+            .field("type", &self.database_type())
+            .finish()
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkDatabase {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let path = String::deserialize(d)?;
+        NetworkDatabase::load(&path).map_err(|e| de::Error::custom(e.to_string()))
+    }
+}
+
+impl Serialize for NetworkDatabase {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.path())
+    }
+}
+
+/// An autonomous system number: `64496` or `"AS64496"` in the
+/// configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AsNumber(pub u32);
+
+impl std::str::FromStr for AsNumber {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Self, ()> {
+        let digits = text
+            .strip_prefix("AS")
+            .or_else(|| text.strip_prefix("as"))
+            .unwrap_or(text);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(());
+        }
+        digits.parse().map(AsNumber).map_err(drop)
+    }
+}
+
+impl fmt::Display for AsNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AS{}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for AsNumber {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct AsVisitor;
+        impl Visitor<'_> for AsVisitor {
+            type Value = AsNumber;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an AS number such as 64496 or \"AS64496\"")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<AsNumber, E> {
+                u32::try_from(n)
+                    .map(AsNumber)
+                    .map_err(|_| E::custom(format!("{n} is not an AS number (at most 4294967295)")))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<AsNumber, E> {
+                u64::try_from(n)
+                    .map_err(|_| E::custom(format!("{n} is not an AS number")))
+                    .and_then(|n| self.visit_u64(n))
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<AsNumber, E> {
+                text.parse().map_err(|()| {
+                    E::custom(format!(
+                        "expected an AS number such as 64496 or \"AS64496\", got {text:?}"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(AsVisitor)
+    }
+}
+
+impl Serialize for AsNumber {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.0)
+    }
+}
+
+/// An ISO 3166-1 alpha-2 country code, upper case (`"NL"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Country([u8; 2]);
+
+impl Country {
+    /// The code.
+    pub fn as_str(&self) -> &str {
+        // Two ASCII letters, by construction.
+        std::str::from_utf8(&self.0).unwrap_or("??")
+    }
+}
+
+impl std::str::FromStr for Country {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Self, ()> {
+        match text.as_bytes() {
+            &[a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => {
+                Ok(Country([a.to_ascii_uppercase(), b.to_ascii_uppercase()]))
+            }
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for Country {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Country {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::config::parse_str(d, "a two-letter country code such as \"NL\"")
+    }
+}
+
+impl Serialize for Country {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The network rules and databases of one configuration: what the gate asks
+/// about a client on the guarded routes.
+#[derive(Debug, Clone, Default)]
+pub struct Networks {
+    asn_database: Option<NetworkDatabase>,
+    country_database: Option<NetworkDatabase>,
+    deny_asns: Vec<u32>,
+    allow_asns: Vec<u32>,
+    deny_countries: Vec<Country>,
+    /// Whether a per-network limit is configured (else no ASN is counted).
+    counts_networks: bool,
+}
+
+/// What the network rules say about a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkVerdict {
+    /// Nothing against it.
+    Pass,
+    /// Its ASN is in `allow_asns`: no country rule and no per-network limit
+    /// applies.
+    Trusted,
+    /// Its ASN is in `deny_asns`.
+    DeniedAsn,
+    /// Its country is in `deny_countries`.
+    DeniedCountry,
+}
+
+impl NetworkVerdict {
+    /// The rule that refuses, for the audit line and the metric.
+    pub fn rule(self) -> Option<&'static str> {
+        match self {
+            NetworkVerdict::DeniedAsn => Some("denied_asn"),
+            NetworkVerdict::DeniedCountry => Some("denied_country"),
+            NetworkVerdict::Pass | NetworkVerdict::Trusted => None,
+        }
+    }
+}
+
+impl Networks {
+    /// The rules of `[reputation]`, and whether `[rate_limit]` counts
+    /// networks.
+    pub fn new(config: &crate::config::Config) -> Self {
+        let reputation = &config.reputation;
+        let limits = &config.rate_limit;
+        Networks {
+            asn_database: reputation.asn_database.clone(),
+            country_database: reputation.country_database.clone(),
+            deny_asns: reputation.deny_asns.iter().map(|a| a.0).collect(),
+            allow_asns: reputation.allow_asns.iter().map(|a| a.0).collect(),
+            deny_countries: reputation.deny_countries.clone(),
+            counts_networks: limits.registrations_per_asn.is_some()
+                || limits.attempts_per_asn.is_some(),
+        }
+    }
+
+    /// Whether any database is configured (else nothing is looked up).
+    pub fn is_configured(&self) -> bool {
+        self.asn_database.is_some() || self.country_database.is_some()
+    }
+
+    /// The network of `ip`: its ASN and name from the ASN database, its
+    /// country from the country database (either may be absent).
+    pub fn lookup(&self, ip: IpAddr) -> Network {
+        let mut network = self
+            .asn_database
+            .as_ref()
+            .and_then(|db| db.record(ip))
+            .map(Network::without_country)
+            .unwrap_or_default();
+        network.country = self
+            .country_database
+            .as_ref()
+            .and_then(|db| db.record(ip))
+            .and_then(|record| record.country);
+        network
+    }
+
+    /// What the rules say about `network`: a denied ASN first, then a
+    /// trusted one, then a denied country.
+    pub fn verdict(&self, network: &Network) -> NetworkVerdict {
+        match network.asn {
+            Some(asn) if self.deny_asns.contains(&asn) => NetworkVerdict::DeniedAsn,
+            Some(asn) if self.allow_asns.contains(&asn) => NetworkVerdict::Trusted,
+            _ => match network.country {
+                Some(country) if self.deny_countries.contains(&country) => {
+                    NetworkVerdict::DeniedCountry
+                }
+                _ => NetworkVerdict::Pass,
+            },
+        }
+    }
+
+    /// The ASN the per-network limits count `network` under: none when no
+    /// such limit is configured, the network is unknown, or trusted.
+    pub fn counted_asn(&self, network: &Network, verdict: NetworkVerdict) -> Option<u32> {
+        if !self.counts_networks || verdict == NetworkVerdict::Trusted {
+            return None;
+        }
+        network.asn
+    }
+}
+
+/// A map visitor's helper: skips a value the gate does not read.
+fn skip<'de, A: MapAccess<'de>>(map: &mut A) -> Result<(), A::Error> {
+    map.next_value::<IgnoredAny>().map(drop)
+}
+
+#[cfg(test)]
+#[path = "../../tests/common/mmdb.rs"]
+pub(crate) mod mmdb;
+
+#[cfg(test)]
+mod tests;
