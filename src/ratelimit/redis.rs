@@ -374,9 +374,9 @@ impl RedisStore {
     pub async fn acquire(
         &self,
         kinds: &[LimitKind],
-        subject: Subject,
+        subject: impl Into<Subject>,
     ) -> Result<Result<Reservation, (LimitKind, Duration)>, StoreError> {
-        let decision = self.decision(kinds, subject);
+        let decision = self.decision(kinds, subject.into());
         if decision.keys.is_empty() {
             return Ok(Ok(Reservation { epoch: 0 }));
         }
