@@ -439,3 +439,54 @@ async fn decisions_that_timed_out_in_a_stall_take_nothing_when_redis_wakes() {
     // sent earlier on the same connections) and changed nothing.
     assert_eq!(registrations(&[&deny, &local], 3).await, [200, 200, 429]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gates_share_one_network_limit_keyed_by_asn() {
+    use common::mmdb::{asn_record, Writer};
+    let redis = RedisServer::start().await;
+    let hs = FakeHomeserver::start().await;
+    let database = std::env::temp_dir().join(format!("mgk-redis-asn-{}.mmdb", std::process::id()));
+    Writer::new("GeoLite2-ASN")
+        .insert("198.51.100.0/24", asn_record(64496, "Example Hosting"))
+        .insert("2001:db8::/32", asn_record(64496, "Example Hosting"))
+        .write(&database);
+    let extra = format!(
+        "registrations_per_asn = {{ count = 2, period = \"1h\" }}\n\
+         [reputation]\nasn_database = {:?}\n",
+        database.display().to_string()
+    );
+    let a = Gate::start(&hs.url(), &config(&redis, "local", &extra)).await;
+    let b = Gate::start(&hs.url(), &config(&redis, "local", &extra)).await;
+    let from = |gate: &Gate, client: &'static str, status: u16| {
+        let url = gate.url(REGISTER);
+        async move {
+            let status = status.to_string();
+            send(
+                Method::POST,
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", client),
+                    ("x-test-status", status.as_str()),
+                ],
+                "{}",
+            )
+            .await
+            .status
+        }
+    };
+    // A UIA step is refunded; then one account through each replica, from
+    // different addresses of the network, spends its budget in Redis.
+    assert_eq!(from(&a, "198.51.100.1", 401).await, 401);
+    assert_eq!(from(&a, "198.51.100.1", 200).await, 200);
+    assert_eq!(from(&b, "2001:db8:5::1", 200).await, 200);
+    assert_eq!(from(&a, "198.51.100.2", 200).await, 429);
+    assert_eq!(from(&b, "198.51.100.3", 200).await, 429);
+    // An address of no network is counted by its own limits only.
+    assert_eq!(from(&b, "192.0.2.1", 200).await, 200);
+    assert_eq!(
+        redis.keys("{mgk}:registrations_per_asn:*").await,
+        ["{mgk}:registrations_per_asn:AS64496"]
+    );
+    let _ = std::fs::remove_file(&database);
+}

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod binary;
 pub mod dns_responder;
+pub mod mmdb;
 pub mod redis_server;
 pub mod webhook;
 
