@@ -16,7 +16,7 @@
 use std::net::IpAddr;
 
 /// A value of the data section.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
     /// A UTF-8 string.
     Str(String),
@@ -106,12 +106,13 @@ impl Writer {
         let mut networks: Vec<&(u128, u8, Value)> = self.networks.iter().collect();
         networks.sort_by_key(|(_, len, _)| *len);
         let mut values: Vec<&Value> = Vec::new();
+        let mut indices: std::collections::HashMap<&Value, usize> = Default::default();
         let mut nodes: Vec<[Record; 2]> = vec![[Record::Empty; 2]];
         // The IPv4 subtree exists even with no IPv4 network, so that the
         // alias below has a node to point at.
         let ipv4_root = walk(&mut nodes, 0, 96);
         for (bits, len, value) in networks {
-            let index = values.iter().position(|v| *v == value).unwrap_or_else(|| {
+            let index = *indices.entry(value).or_insert_with(|| {
                 values.push(value);
                 values.len() - 1
             });
