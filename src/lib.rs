@@ -34,6 +34,7 @@ pub mod probe;
 pub mod ratelimit;
 pub mod server;
 pub mod telemetry;
+mod tls;
 pub mod upstream;
 
 pub use config::Config;
