@@ -388,7 +388,11 @@ impl Metrics {
         for (name, list) in lists.iter() {
             if let Some(at) = list.last_success {
                 let age = now.duration_since(at).unwrap_or_default().as_secs();
-                let _ = writeln!(out, "gatekeeper_list_age_seconds{{list=\"{}\"}} {age}", label(name));
+                let _ = writeln!(
+                    out,
+                    "gatekeeper_list_age_seconds{{list=\"{}\"}} {age}",
+                    label(name)
+                );
             }
         }
         out.push_str("# HELP gatekeeper_list_stale 1 while a list fetched from a URL is older than list_max_age.\n");
@@ -401,7 +405,9 @@ impl Metrics {
                 u8::from(list.stale)
             );
         }
-        out.push_str("# HELP gatekeeper_list_fetches_total Fetches of lists from URLs by result.\n");
+        out.push_str(
+            "# HELP gatekeeper_list_fetches_total Fetches of lists from URLs by result.\n",
+        );
         out.push_str("# TYPE gatekeeper_list_fetches_total counter\n");
         for (name, list) in lists.iter() {
             for (result, n) in ["ok", "not_modified", "error"].iter().zip(list.fetches) {

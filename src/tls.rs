@@ -63,4 +63,3 @@ pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>, String> {
         .map(|name| name.to_owned())
         .map_err(|_| format!("{host:?} is neither a DNS name nor an IP address"))
 }
-

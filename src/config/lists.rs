@@ -146,10 +146,8 @@ mod tests {
     use crate::lists::{CopyState, ListEntry, Sidecar};
 
     fn state_dir(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "mgk-list-config-{}-{name}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("mgk-list-config-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -174,9 +172,18 @@ mod tests {
         .unwrap();
         assert_eq!(c.reputation.list_refresh.0, Duration::from_secs(1));
         for (text, key) in [
-            ("list_refresh = \"0s\"", "reputation.list_refresh: must be longer than zero"),
-            ("list_timeout = \"0ms\"", "reputation.list_timeout: must be longer than zero"),
-            ("list_max_bytes = 0", "reputation.list_max_bytes: must be more than zero"),
+            (
+                "list_refresh = \"0s\"",
+                "reputation.list_refresh: must be longer than zero",
+            ),
+            (
+                "list_timeout = \"0ms\"",
+                "reputation.list_timeout: must be longer than zero",
+            ),
+            (
+                "list_max_bytes = 0",
+                "reputation.list_max_bytes: must be more than zero",
+            ),
             (
                 "list_max_age = \"30m\"",
                 "reputation.list_max_age: \"30m\" is shorter than list_refresh (\"1h\")",
@@ -185,7 +192,10 @@ mod tests {
                 "on_stale_list = \"forget\"",
                 "reputation.on_stale_list: expected \"keep\" or \"drop\", got \"forget\"",
             ),
-            ("list_ca_file = \"/nonexistent/ca.pem\"", "reputation.list_ca_file: /nonexistent/ca.pem: "),
+            (
+                "list_ca_file = \"/nonexistent/ca.pem\"",
+                "reputation.list_ca_file: /nonexistent/ca.pem: ",
+            ),
         ] {
             let e = err(&format!("[reputation]\n{text}\n"));
             assert!(e.starts_with(key), "{text}: {e}");
@@ -201,11 +211,23 @@ mod tests {
              (https://***@lists.example.org/tor.txt?key=***): lists fetched from URLs are kept there"
         );
         let e = err("[email]\ndenied_domain_lists = [{ url = \"https://lists.example.org/d.txt\", optional = true }]\n");
-        assert!(e.starts_with("server.state_dir: needed by email.denied_domain_lists"), "{e}");
+        assert!(
+            e.starts_with("server.state_dir: needed by email.denied_domain_lists"),
+            "{e}"
+        );
         for (entry, message) in [
-            ("{ url = \"/etc/x.txt\" }", "url: expected an https:// or http:// URL"),
-            ("{ url = \"https://a.example/x\", optional = 1 }", "optional: expected true or false"),
-            ("{ url = \"https://a.example/x\", optinal = true }", "unknown field `optinal`"),
+            (
+                "{ url = \"/etc/x.txt\" }",
+                "url: expected an https:// or http:// URL",
+            ),
+            (
+                "{ url = \"https://a.example/x\", optional = 1 }",
+                "optional: expected true or false",
+            ),
+            (
+                "{ url = \"https://a.example/x\", optinal = true }",
+                "unknown field `optinal`",
+            ),
             ("{ optional = true }", "expected { url = "),
             ("\"https://\"", "not a URL"),
             ("\"\"", "expected a path or a URL"),
@@ -250,18 +272,26 @@ mod tests {
             e.starts_with("client_ip.deny_lists: https://***@lists.example.org/a.txt (copy "),
             "{e}"
         );
-        assert!(e.ends_with(":2: not an address or network: \"not an address\""), "{e}");
+        assert!(
+            e.ends_with(":2: not an address or network: \"not an address\""),
+            "{e}"
+        );
         assert!(!e.contains("s3cret"), "{e}");
         std::fs::write(&a.copy, "192.0.2.0/24\n").unwrap();
         // `check` prints the entries as written, secrets hidden, and what
         // it prints loads again.
         let printed = c.to_toml();
         assert!(!printed.contains("s3cret"), "{printed}");
-        assert!(printed.contains("https://***@lists.example.org/a.txt"), "{printed}");
+        assert!(
+            printed.contains("https://***@lists.example.org/a.txt"),
+            "{printed}"
+        );
         let again = Config::from_toml(&printed).unwrap();
         let entries = again.client_ip.deny_lists.entries();
         assert_eq!(entries.len(), 2);
-        assert!(matches!(&entries[1], ListEntry::Url(u) if u.optional && &*u.shown == "https://lists.example.org/b.txt"));
+        assert!(
+            matches!(&entries[1], ListEntry::Url(u) if u.optional && &*u.shown == "https://lists.example.org/b.txt")
+        );
         assert!(matches!(&entries[0], ListEntry::Url(u) if !u.optional));
         let _ = std::fs::remove_dir_all(&dir);
     }

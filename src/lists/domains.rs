@@ -181,7 +181,10 @@ impl DomainLists {
 impl fmt::Debug for DomainLists {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DomainLists")
-            .field("lists", &self.lists.iter().map(|l| &l.name).collect::<Vec<_>>())
+            .field(
+                "lists",
+                &self.lists.iter().map(|l| &l.name).collect::<Vec<_>>(),
+            )
             .field("domains", &self.domains.len())
             .finish()
     }

@@ -174,7 +174,8 @@ async fn blocking<T: Send + 'static>(
 
 fn write_sidecar(path: &Path, sidecar: &Sidecar) -> Result<(), String> {
     let json = serde_json::to_vec_pretty(sidecar).map_err(|error| error.to_string())?;
-    write_atomically(path, &json).map_err(|error| format!("cannot write {}: {error}", path.display()))
+    write_atomically(path, &json)
+        .map_err(|error| format!("cannot write {}: {error}", path.display()))
 }
 
 /// Writes `bytes` to a temporary name beside `path`, then renames it into
@@ -198,7 +199,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Connects (TLS for `https://`) and makes the request.
-async fn get(url: &UrlEntry, sidecar: &Sidecar, settings: &FetchSettings) -> Result<Answer, String> {
+async fn get(
+    url: &UrlEntry,
+    sidecar: &Sidecar,
+    settings: &FetchSettings,
+) -> Result<Answer, String> {
     let uri: http::Uri = url.url.parse().map_err(|_| "not a URL".to_owned())?;
     let https = uri.scheme_str() == Some("https");
     let host = uri.host().ok_or("no host in the URL")?;
@@ -366,8 +371,7 @@ fn percent_decode(text: &str) -> Vec<u8> {
 }
 
 fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
         let b = [
@@ -516,7 +520,10 @@ pub async fn refresh_lists<R, F>(
             if Instant::now() >= state.next_fetch {
                 match fetch_and_store(*kind, list, &current.settings).await {
                     Ok(fetched) => {
-                        state.last_success = Some(SystemTime::now());
+                        // As the configuration loader will read it.
+                        state.last_success = Sidecar::read(&list.sidecar)
+                            .last_success(&list.copy)
+                            .or(Some(SystemTime::now()));
                         state.have_copy = true;
                         state.next_fetch = Instant::now() + current.refresh;
                         let result = match fetched {
@@ -553,7 +560,11 @@ pub async fn refresh_lists<R, F>(
                 .and_then(|at| SystemTime::now().duration_since(at).ok());
             let stale = age.is_some_and(|age| age > current.max_age);
             if stale && !state.stale {
-                let action = if current.drop_stale { "dropped" } else { "kept" };
+                let action = if current.drop_stale {
+                    "dropped"
+                } else {
+                    "kept"
+                };
                 let age = age.unwrap_or_default().as_secs();
                 tracing::error!(
                     key = kind.key(),
@@ -630,7 +641,10 @@ mod tests {
 
     #[test]
     fn basic_credentials_are_base64_of_the_decoded_userinfo() {
-        assert_eq!(base64(b"Aladdin:open sesame"), "QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+        assert_eq!(
+            base64(b"Aladdin:open sesame"),
+            "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
         assert_eq!(base64(b"ab"), "YWI=");
         assert_eq!(base64(b"abc"), "YWJj");
         assert_eq!(percent_decode("a%3Ab%zz%4"), b"a:b%zz%4");

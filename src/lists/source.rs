@@ -56,9 +56,7 @@ impl std::fmt::Debug for UrlEntry {
 impl UrlEntry {
     fn parse(url: &str, optional: bool) -> Result<UrlEntry, String> {
         let shown = shown_url(url);
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|_| format!("not a URL: \"{shown}\""))?;
+        let uri: http::Uri = url.parse().map_err(|_| format!("not a URL: \"{shown}\""))?;
         if !matches!(uri.scheme_str(), Some("https" | "http")) || uri.host().is_none() {
             return Err(format!(
                 "expected an https:// or http:// URL with a host, got \"{shown}\""
