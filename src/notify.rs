@@ -338,5 +338,18 @@ mod tests {
         }
         .to_json(UNIX_EPOCH);
         assert!(body.contains(r#""error":"x: bad""#), "{body}");
+        let body = Event::ListStale {
+            key: "client_ip.deny_lists".into(),
+            list: "https://lists.example.org/tor.txt?key=***".into(),
+            age_seconds: 90_000,
+            action: "kept".into(),
+        }
+        .to_json(UNIX_EPOCH);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["event"], "list_stale");
+        assert_eq!(json["key"], "client_ip.deny_lists");
+        assert_eq!(json["list"], "https://lists.example.org/tor.txt?key=***");
+        assert_eq!(json["age_seconds"], 90_000);
+        assert_eq!(json["action"], "kept");
     }
 }
