@@ -35,6 +35,7 @@ pub mod probe;
 pub mod ratelimit;
 pub mod server;
 pub mod telemetry;
+mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -9,7 +9,7 @@ use matrix_gatekeeper::config::{AdminConfig, Config, ConfigError, GuestAccess, S
 use matrix_gatekeeper::explain::{
     explain_with, look_up_dnsbl, read_gate, AdminTarget, GateRead, Live, Question,
 };
-use matrix_gatekeeper::lists::Stamp;
+use matrix_gatekeeper::lists::{remote, CopyState, Stamp};
 use matrix_gatekeeper::probe;
 use matrix_gatekeeper::server::{shutdown_signal, Hangups, Server};
 use matrix_gatekeeper::telemetry::init_logging;
@@ -20,7 +20,8 @@ const EXIT_CONFIG: u8 = 64;
 /// Exit status when the listen addresses cannot be bound (EX_OSERR).
 const EXIT_BIND: u8 = 71;
 /// Exit status of `explain --admin` when the running gate's state could not
-/// be read (EX_UNAVAILABLE).
+/// be read, and of `serve` when a list fetched from a URL has no copy and
+/// cannot be fetched (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
@@ -178,6 +179,9 @@ fn main() -> ExitCode {
             Ok(config) => {
                 print!("{}", config.to_toml());
                 println!("# {}", app_services_summary(&config));
+                for note in remote_list_notes(&config) {
+                    println!("# {note}");
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -200,6 +204,9 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
+            for note in remote_list_notes(&config) {
+                eprintln!("explain: {note}");
+            }
             let question = Question {
                 username,
                 guest,
@@ -337,8 +344,25 @@ fn serve(
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
+    let mut config = config;
     runtime.block_on(async {
         let shutdown = shutdown_signal();
+        // A list fetched from a URL with no copy yet is fetched before the
+        // gate serves; one with a copy is refreshed in the background.
+        match remote::fetch_missing(&config).await {
+            Ok(false) => {}
+            Ok(true) => {
+                if let Err(error) = config.load_lists() {
+                    tracing::error!(%error, "invalid configuration");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot start without this list");
+                eprintln!("matrix-gatekeeper: {error}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
         let mut server = match Server::bind(&config).await {
             Ok(server) => server,
             Err(error) => {
@@ -521,6 +545,32 @@ fn app_services_summary(config: &Config) -> String {
             services.ids().join(", ")
         )
     }
+}
+
+/// What `check` and `explain` say of lists fetched from URLs that are not
+/// in force: neither fetches (they read the copies under `state_dir`).
+fn remote_list_notes(config: &Config) -> Vec<String> {
+    config
+        .remote_lists()
+        .into_iter()
+        .filter_map(|(kind, list)| {
+            let shown = &list.entry.shown;
+            match list.state {
+                CopyState::Loaded => None,
+                CopyState::Missing => Some(format!(
+                    "{}: {shown} has no copy in {} yet; it is read here as empty, and serve fetches it \
+                     before it starts",
+                    kind.key(),
+                    list.copy.parent().map_or_else(String::new, |d| d.display().to_string())
+                )),
+                CopyState::Dropped => Some(format!(
+                    "{}: {shown}'s copy is older than reputation.list_max_age and \
+                     on_stale_list = \"drop\": it is read here as empty",
+                    kind.key()
+                )),
+            }
+        })
+        .collect()
 }
 
 /// Says at start how bridges' registrations are treated.

@@ -1,6 +1,6 @@
 //! Webhook notifications of operational events: a lockdown starting or
 //! ending, the Redis store failing or recovering, a configuration reload
-//! refused.
+//! refused, a list fetched from a URL gone stale.
 //!
 //! Each event is one `POST` of a JSON object
 //! `{"event": …, "timestamp": RFC 3339, …figures}` to `[notify]
@@ -75,6 +75,18 @@ pub enum Event {
         /// Why.
         error: String,
     },
+    /// A list fetched from a URL has not been fetched successfully for
+    /// longer than `[reputation] list_max_age`.
+    ListStale {
+        /// The configuration key naming it (`client_ip.deny_lists`).
+        key: String,
+        /// The URL, as shown (no secret).
+        list: String,
+        /// Seconds since the last successful fetch.
+        age_seconds: u64,
+        /// `"kept"` (still used) or `"dropped"` (`on_stale_list = "drop"`).
+        action: String,
+    },
 }
 
 impl Event {
@@ -88,6 +100,7 @@ impl Event {
             Event::StoreDown { .. } => "store_down",
             Event::StoreUp => "store_up",
             Event::ReloadFailed { .. } => "reload_failed",
+            Event::ListStale { .. } => "list_stale",
         }
     }
 
@@ -113,6 +126,17 @@ impl Event {
             }
             Event::ManualLockdownStarted { until } => {
                 body.insert("until".into(), rfc3339(*until).into());
+            }
+            Event::ListStale {
+                key,
+                list,
+                age_seconds,
+                action,
+            } => {
+                body.insert("key".into(), key.as_str().into());
+                body.insert("list".into(), list.as_str().into());
+                body.insert("age_seconds".into(), (*age_seconds).into());
+                body.insert("action".into(), action.as_str().into());
             }
             Event::LockdownEnded | Event::ManualLockdownEnded | Event::StoreUp => {}
         }
@@ -314,5 +338,18 @@ mod tests {
         }
         .to_json(UNIX_EPOCH);
         assert!(body.contains(r#""error":"x: bad""#), "{body}");
+        let body = Event::ListStale {
+            key: "client_ip.deny_lists".into(),
+            list: "https://lists.example.org/tor.txt?key=***".into(),
+            age_seconds: 90_000,
+            action: "kept".into(),
+        }
+        .to_json(UNIX_EPOCH);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["event"], "list_stale");
+        assert_eq!(json["key"], "client_ip.deny_lists");
+        assert_eq!(json["list"], "https://lists.example.org/tor.txt?key=***");
+        assert_eq!(json["age_seconds"], 90_000);
+        assert_eq!(json["action"], "kept");
     }
 }

@@ -103,6 +103,27 @@ pub struct Metrics {
     dnsbl_errors: AtomicU64,
     /// Completed application service registrations, by service.
     appservice_registrations: Mutex<BTreeMap<std::sync::Arc<str>, u64>>,
+    /// Lists fetched from URLs, by URL as shown: the configured ones only.
+    lists: Mutex<BTreeMap<std::sync::Arc<str>, ListMetrics>>,
+}
+
+/// The result of one fetch of a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListFetch {
+    /// A list was received (changed or not).
+    Ok = 0,
+    /// `304 Not Modified`.
+    NotModified = 1,
+    /// Nothing usable: the last good copy stays.
+    Error = 2,
+}
+
+/// What the metrics show of one fetched list.
+#[derive(Debug, Default)]
+struct ListMetrics {
+    last_success: Option<std::time::SystemTime>,
+    stale: bool,
+    fetches: [u64; 3],
 }
 
 impl Metrics {
@@ -175,6 +196,37 @@ impl Metrics {
             .filter(|((r, o, l), _)| *r == route && *o == outcome.as_str() && *l == rule)
             .map(|(_, n)| *n)
             .sum()
+    }
+
+    /// Keeps the series of the lists named (the configured ones), drops
+    /// the others.
+    pub fn keep_lists(&self, names: impl Iterator<Item = std::sync::Arc<str>>) {
+        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+        let names: Vec<_> = names.collect();
+        lists.retain(|name, _| names.contains(name));
+        for name in names {
+            lists.entry(name).or_default();
+        }
+    }
+
+    /// Counts one fetch of the list `name`.
+    pub fn list_fetched(&self, name: &std::sync::Arc<str>, result: ListFetch) {
+        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+        lists.entry(name.clone()).or_default().fetches[result as usize] += 1;
+    }
+
+    /// When the list `name` was last fetched successfully, and whether it
+    /// is stale.
+    pub fn list_state(
+        &self,
+        name: &std::sync::Arc<str>,
+        last_success: Option<std::time::SystemTime>,
+        stale: bool,
+    ) {
+        let mut lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+        let list = lists.entry(name.clone()).or_default();
+        list.last_success = last_success;
+        list.stale = stale;
     }
 
     /// Counts one DNSBL check that failed (timeout, SERVFAIL, unusable
@@ -317,7 +369,55 @@ impl Metrics {
                 "gatekeeper_appservice_registrations_total{{appservice=\"{name}\"}} {n}"
             );
         }
+        drop(counts);
+        self.render_lists(&mut out);
         out
+    }
+
+    /// The series of lists fetched from URLs.
+    fn render_lists(&self, out: &mut String) {
+        let lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::SystemTime::now();
+        let label = |name: &str| {
+            name.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        out.push_str("# HELP gatekeeper_list_age_seconds Seconds since a list fetched from a URL was last fetched successfully.\n");
+        out.push_str("# TYPE gatekeeper_list_age_seconds gauge\n");
+        for (name, list) in lists.iter() {
+            if let Some(at) = list.last_success {
+                let age = now.duration_since(at).unwrap_or_default().as_secs();
+                let _ = writeln!(
+                    out,
+                    "gatekeeper_list_age_seconds{{list=\"{}\"}} {age}",
+                    label(name)
+                );
+            }
+        }
+        out.push_str("# HELP gatekeeper_list_stale 1 while a list fetched from a URL is older than list_max_age.\n");
+        out.push_str("# TYPE gatekeeper_list_stale gauge\n");
+        for (name, list) in lists.iter() {
+            let _ = writeln!(
+                out,
+                "gatekeeper_list_stale{{list=\"{}\"}} {}",
+                label(name),
+                u8::from(list.stale)
+            );
+        }
+        out.push_str(
+            "# HELP gatekeeper_list_fetches_total Fetches of lists from URLs by result.\n",
+        );
+        out.push_str("# TYPE gatekeeper_list_fetches_total counter\n");
+        for (name, list) in lists.iter() {
+            for (result, n) in ["ok", "not_modified", "error"].iter().zip(list.fetches) {
+                let _ = writeln!(
+                    out,
+                    "gatekeeper_list_fetches_total{{list=\"{}\",result=\"{result}\"}} {n}",
+                    label(name)
+                );
+            }
+        }
     }
 }
 

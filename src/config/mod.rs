@@ -20,6 +20,7 @@ mod email;
 mod error;
 mod guest;
 mod homeserver;
+mod lists;
 mod log;
 mod notify;
 mod rate_limit;
@@ -36,6 +37,7 @@ pub use email::{DomainGlob, EmailConfig};
 pub use error::ConfigError;
 pub use guest::{GuestAccess, GuestConfig};
 pub use homeserver::HomeserverConfig;
+pub use lists::{OnStaleList, DEFAULT_LIST_MAX_BYTES};
 pub use log::{check_log_filter, LogConfig, LogFormat};
 pub use notify::NotifyConfig;
 pub use rate_limit::{LimitSpec, OnStoreError, RateLimitConfig, StoreKind};
@@ -119,6 +121,7 @@ impl Config {
         config.rate_limit.read_url_file(secrets)?;
         config.homeserver.read_app_services(secrets)?;
         config.validate_with(secrets)?;
+        config.load_lists()?;
         Ok(config)
     }
 
@@ -170,6 +173,7 @@ impl Config {
                 }
             }
         }
+        self.reputation.validate_lists()?;
         Ok(())
     }
 

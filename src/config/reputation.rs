@@ -2,12 +2,14 @@
 //! networks (ASN, country) it belongs to.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::error::ConfigError;
+use super::lists::{OnStaleList, DEFAULT_LIST_MAX_BYTES};
 use super::values::{parse_str, string_enum, HumanDuration};
 use crate::networks::{AsNumber, Country, NetworkDatabase};
 
@@ -39,6 +41,22 @@ pub struct ReputationConfig {
     pub allow_asns: Vec<AsNumber>,
     /// Countries refused on every guarded route (`403 M_FORBIDDEN`).
     pub deny_countries: Vec<Country>,
+    /// How often a list fetched from a URL is fetched again.
+    pub list_refresh: HumanDuration,
+    /// Longest wait for one fetch of a list, from connecting to the last
+    /// byte.
+    pub list_timeout: HumanDuration,
+    /// Largest list fetched (bytes); a longer answer is refused.
+    pub list_max_bytes: u64,
+    /// A fetched list whose last successful fetch is older than this is
+    /// stale: reported, and kept or dropped by `on_stale_list`.
+    pub list_max_age: HumanDuration,
+    /// What a stale list does.
+    pub on_stale_list: OnStaleList,
+    /// PEM file of CA certificates trusted for list URLs besides the
+    /// built-in public roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub list_ca_file: Option<PathBuf>,
 }
 
 impl Default for ReputationConfig {
@@ -53,6 +71,12 @@ impl Default for ReputationConfig {
             deny_asns: Vec::new(),
             allow_asns: Vec::new(),
             deny_countries: Vec::new(),
+            list_refresh: HumanDuration::secs(3600),
+            list_timeout: HumanDuration::secs(30),
+            list_max_bytes: DEFAULT_LIST_MAX_BYTES,
+            list_max_age: HumanDuration::secs(86_400),
+            on_stale_list: OnStaleList::Keep,
+            list_ca_file: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `[server]`: where the gate listens, and how long it waits for clients.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
@@ -31,6 +32,10 @@ pub struct ServerConfig {
     pub watch_config: bool,
     /// Worker threads serving requests; 0 means one per CPU.
     pub workers: usize,
+    /// Where the gate keeps state across restarts: the copies of lists
+    /// fetched from URLs (`lists/`). Needed when a list is a URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +49,7 @@ impl Default for ServerConfig {
             admin_listen: None,
             watch_config: false,
             workers: 0,
+            state_dir: None,
         }
     }
 }

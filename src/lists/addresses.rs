@@ -6,10 +6,11 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use serde::de::{self, Deserializer};
+use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::{entries, read, shown, ListError, Stamp};
+use super::source::{load_entry, ListInfo};
+use super::{entries, shown, ListContext, ListEntry, ListError, RemoteList, Stamp};
 use crate::client_ip::{IpNet, NetworkError};
 
 /// A set of IPv4 and IPv6 addresses as sorted, disjoint, non-adjacent
@@ -135,61 +136,92 @@ fn in_ranges<T: Bound>(ranges: &[(T, T)], ip: T) -> bool {
     after > 0 && ranges[after - 1].1 >= ip
 }
 
-/// One loaded address list and the path it was read from.
+/// One loaded address list and where it came from.
 #[derive(Debug)]
 struct AddressList {
-    path: Arc<str>,
-    stamp: Stamp,
+    info: ListInfo,
     set: AddressSet,
 }
 
 /// The address lists of `[client_ip] deny_lists`, loaded; cheap to clone
 /// (shared).
+///
+/// Read from the configuration, the entries alone are known; the lists are
+/// read by [`AddressLists::load_with`], which the configuration loader
+/// calls once the whole configuration (and so `[server] state_dir`) is
+/// read.
 #[derive(Clone, Default)]
 pub struct AddressLists {
+    entries: Arc<[ListEntry]>,
     lists: Arc<[AddressList]>,
 }
 
 impl AddressLists {
     /// Reads and parses every file, in order.
     pub fn load(paths: &[String]) -> Result<AddressLists, ListError> {
-        let lists = paths
-            .iter()
-            .map(|path| {
-                let (bytes, stamp) = read(path)?;
-                Ok(AddressList {
-                    path: Arc::from(path.as_str()),
-                    stamp,
-                    set: AddressSet::parse(path, &bytes)?,
-                })
-            })
-            .collect::<Result<Vec<_>, ListError>>()?;
-        Ok(AddressLists {
-            lists: lists.into(),
-        })
+        let entries: Vec<ListEntry> = paths.iter().cloned().map(ListEntry::File).collect();
+        let mut lists = AddressLists {
+            entries: entries.into(),
+            lists: Arc::new([]),
+        };
+        lists.load_with(&ListContext::default())?;
+        Ok(lists)
     }
 
-    /// The first list that holds `ip`, named by its configured path.
+    /// Reads and parses every configured entry, in order: a file, or a
+    /// URL's copy under `context.state_dir`.
+    pub fn load_with(&mut self, context: &ListContext) -> Result<(), ListError> {
+        let lists = self
+            .entries
+            .iter()
+            .map(|entry| {
+                let (info, bytes) = load_entry(entry, context)?;
+                let set = AddressSet::parse(&info.label(), &bytes)?;
+                Ok(AddressList { info, set })
+            })
+            .collect::<Result<Vec<_>, ListError>>()?;
+        self.lists = lists.into();
+        Ok(())
+    }
+
+    /// The first list that holds `ip`, named by its configured path (a
+    /// URL as shown).
     pub fn find(&self, ip: IpAddr) -> Option<&Arc<str>> {
         self.lists
             .iter()
             .find(|list| list.set.contains(ip))
-            .map(|list| &list.path)
+            .map(|list| &list.info.name)
     }
 
-    /// The configured paths, in order.
+    /// The configured entries, in order.
+    pub fn entries(&self) -> &[ListEntry] {
+        &self.entries
+    }
+
+    /// The configured files (not the URLs' copies), in order.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.lists.iter().map(|list| &*list.path)
+        self.stamps().map(|(path, _)| path)
     }
 
-    /// The configured paths and their stamps when they were read.
+    /// The configured files (not the URLs' copies) and their stamps when
+    /// they were read.
     pub fn stamps(&self) -> impl Iterator<Item = (&str, Stamp)> {
-        self.lists.iter().map(|list| (&*list.path, list.stamp))
+        self.lists
+            .iter()
+            .filter_map(|list| list.info.file.as_ref())
+            .map(|(path, stamp)| (&**path, *stamp))
+    }
+
+    /// The lists fetched from URLs, as loaded.
+    pub fn remote(&self) -> impl Iterator<Item = &RemoteList> {
+        self.lists
+            .iter()
+            .filter_map(|list| list.info.remote.as_ref())
     }
 
     /// Whether no list is configured.
     pub fn is_empty(&self) -> bool {
-        self.lists.is_empty()
+        self.entries.is_empty()
     }
 }
 
@@ -200,7 +232,7 @@ impl fmt::Debug for AddressLists {
             .entries(
                 self.lists
                     .iter()
-                    .map(|list| (&list.path, format!("{} ranges", list.set.ranges()))),
+                    .map(|list| (&list.info.name, format!("{} ranges", list.set.ranges()))),
             )
             .finish()
     }
@@ -208,14 +240,17 @@ impl fmt::Debug for AddressLists {
 
 impl<'de> Deserialize<'de> for AddressLists {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let paths = Vec::<String>::deserialize(d)?;
-        AddressLists::load(&paths).map_err(|e| de::Error::custom(e.to_string()))
+        let entries = Vec::<ListEntry>::deserialize(d)?;
+        Ok(AddressLists {
+            entries: entries.into(),
+            lists: Arc::new([]),
+        })
     }
 }
 
 impl Serialize for AddressLists {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.paths())
+        s.collect_seq(self.entries.iter())
     }
 }
 

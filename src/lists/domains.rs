@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::de::{self, Deserializer};
+use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::{entries, read, shown, ListError, Stamp};
+use super::source::{load_entry, ListInfo};
+use super::{entries, shown, ListContext, ListEntry, ListError, RemoteList, Stamp};
 
 /// Longest domain name (RFC 1035, without the trailing dot).
 const MAX_DOMAIN_LEN: usize = 253;
@@ -27,40 +28,83 @@ fn normalized_domain(entry: &str) -> Option<String> {
     well_formed.then(|| domain.to_ascii_lowercase())
 }
 
+/// Adds the domains of one list (`index` in the configuration, `name`
+/// naming it in errors) to `domains`.
+fn add_domains(
+    name: &str,
+    bytes: &[u8],
+    index: u32,
+    domains: &mut HashMap<Box<str>, u32>,
+) -> Result<(), ListError> {
+    for (line, entry) in entries(bytes) {
+        let Some(domain) = normalized_domain(&entry) else {
+            return Err(ListError::NotADomain {
+                path: name.to_owned(),
+                line,
+                text: shown(&entry),
+            });
+        };
+        domains.entry(domain.into_boxed_str()).or_insert(index);
+    }
+    Ok(())
+}
+
+/// Checks that every line of a domain list is a domain or a comment.
+pub(super) fn check(name: &str, bytes: &[u8]) -> Result<(), ListError> {
+    for (line, entry) in entries(bytes) {
+        if normalized_domain(&entry).is_none() {
+            return Err(ListError::NotADomain {
+                path: name.to_owned(),
+                line,
+                text: shown(&entry),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The domain lists of `[email] denied_domain_lists`, loaded; cheap to
 /// clone (shared).
+///
+/// Read from the configuration, the entries alone are known; the lists are
+/// read by [`DomainLists::load_with`], which the configuration loader
+/// calls once the whole configuration (and so `[server] state_dir`) is
+/// read.
 #[derive(Clone, Default)]
 pub struct DomainLists {
-    paths: Arc<[(Arc<str>, Stamp)]>,
-    /// Every listed domain and the index of the first file listing it.
+    entries: Arc<[ListEntry]>,
+    lists: Arc<[ListInfo]>,
+    /// Every listed domain and the index of the first list holding it.
     domains: Arc<HashMap<Box<str>, u32>>,
 }
 
 impl DomainLists {
     /// Reads and parses every file, in order.
     pub fn load(paths: &[String]) -> Result<DomainLists, ListError> {
+        let entries: Vec<ListEntry> = paths.iter().cloned().map(ListEntry::File).collect();
+        let mut lists = DomainLists {
+            entries: entries.into(),
+            ..DomainLists::default()
+        };
+        lists.load_with(&ListContext::default())?;
+        Ok(lists)
+    }
+
+    /// Reads and parses every configured entry, in order: a file, or a
+    /// URL's copy under `context.state_dir`.
+    pub fn load_with(&mut self, context: &ListContext) -> Result<(), ListError> {
         let mut domains: HashMap<Box<str>, u32> = HashMap::new();
-        let mut stamps = Vec::with_capacity(paths.len());
-        for (index, path) in paths.iter().enumerate() {
+        let mut lists = Vec::with_capacity(self.entries.len());
+        for (index, entry) in self.entries.iter().enumerate() {
             let index = u32::try_from(index).unwrap_or(u32::MAX);
-            let (bytes, stamp) = read(path)?;
-            stamps.push((Arc::from(path.as_str()), stamp));
-            for (line, entry) in entries(&bytes) {
-                let Some(domain) = normalized_domain(&entry) else {
-                    return Err(ListError::NotADomain {
-                        path: path.clone(),
-                        line,
-                        text: shown(&entry),
-                    });
-                };
-                domains.entry(domain.into_boxed_str()).or_insert(index);
-            }
+            let (info, bytes) = load_entry(entry, context)?;
+            add_domains(&info.label(), &bytes, index, &mut domains)?;
+            lists.push(info);
         }
         domains.shrink_to_fit();
-        Ok(DomainLists {
-            paths: stamps.into(),
-            domains: Arc::new(domains),
-        })
+        self.lists = lists.into();
+        self.domains = Arc::new(domains);
+        Ok(())
     }
 
     /// The list that denies `domain` — listed itself, or a parent domain
@@ -84,21 +128,35 @@ impl DomainLists {
         let mut candidate = lowered;
         loop {
             if let Some(&index) = self.domains.get(candidate) {
-                return self.paths.get(index as usize).map(|(path, _)| path);
+                return self.lists.get(index as usize).map(|list| &list.name);
             }
             let (_, parent) = candidate.split_once('.')?;
             candidate = parent;
         }
     }
 
-    /// The configured paths, in order.
-    pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.paths.iter().map(|(path, _)| &**path)
+    /// The configured entries, in order.
+    pub fn entries(&self) -> &[ListEntry] {
+        &self.entries
     }
 
-    /// The configured paths and their stamps when they were read.
+    /// The configured files (not the URLs' copies), in order.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.stamps().map(|(path, _)| path)
+    }
+
+    /// The configured files (not the URLs' copies) and their stamps when
+    /// they were read.
     pub fn stamps(&self) -> impl Iterator<Item = (&str, Stamp)> {
-        self.paths.iter().map(|(path, stamp)| (&**path, *stamp))
+        self.lists
+            .iter()
+            .filter_map(|list| list.file.as_ref())
+            .map(|(path, stamp)| (&**path, *stamp))
+    }
+
+    /// The lists fetched from URLs, as loaded.
+    pub fn remote(&self) -> impl Iterator<Item = &RemoteList> {
+        self.lists.iter().filter_map(|list| list.remote.as_ref())
     }
 
     /// How many distinct domains are listed.
@@ -123,7 +181,10 @@ impl DomainLists {
 impl fmt::Debug for DomainLists {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DomainLists")
-            .field("paths", &self.paths().collect::<Vec<_>>())
+            .field(
+                "lists",
+                &self.lists.iter().map(|l| &l.name).collect::<Vec<_>>(),
+            )
             .field("domains", &self.domains.len())
             .finish()
     }
@@ -131,14 +192,17 @@ impl fmt::Debug for DomainLists {
 
 impl<'de> Deserialize<'de> for DomainLists {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let paths = Vec::<String>::deserialize(d)?;
-        DomainLists::load(&paths).map_err(|e| de::Error::custom(e.to_string()))
+        let entries = Vec::<ListEntry>::deserialize(d)?;
+        Ok(DomainLists {
+            entries: entries.into(),
+            ..DomainLists::default()
+        })
     }
 }
 
 impl Serialize for DomainLists {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.paths())
+        s.collect_seq(self.entries.iter())
     }
 }
 

@@ -37,9 +37,14 @@ use std::time::SystemTime;
 
 mod addresses;
 mod domains;
+pub mod remote;
+mod source;
 
 pub use addresses::{AddressLists, AddressSet};
 pub use domains::DomainLists;
+pub use source::{
+    lists_dir, shown_url, CopyState, ListContext, ListEntry, RemoteList, Sidecar, UrlEntry,
+};
 
 /// How much of a broken line an error message repeats.
 const SHOWN_LINE_MAX: usize = 80;
@@ -79,6 +84,13 @@ pub enum ListError {
         line: usize,
         /// The entry (comment removed, cut to a readable length).
         text: String,
+    },
+    /// A list is a URL, and there is no `[server] state_dir` to keep its
+    /// copy in.
+    #[error("{url}: a list fetched from a URL needs [server] state_dir, where its copy is kept")]
+    NoStateDir {
+        /// The URL, as shown.
+        url: String,
     },
     /// A line of a domain list is not a domain name.
     #[error("{path}:{line}: not a domain: {text:?}")]
@@ -137,6 +149,45 @@ pub(crate) fn read(path: &str) -> Result<(Vec<u8>, Stamp), ListError> {
     read_with(path, |path| std::fs::read(path))
 }
 
+/// [`read`], `label` naming the file in errors.
+fn read_labeled(path: &Path, label: &str) -> Result<(Vec<u8>, Stamp), ListError> {
+    read_with_label(path, label, |path| std::fs::read(path))
+}
+
+/// The kinds of list, each with the check its content must pass: the
+/// parser the configuration loader uses, and the last line break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    /// Addresses and networks (`[client_ip] deny_lists`).
+    Addresses,
+    /// E-mail domains (`[email] denied_domain_lists`).
+    Domains,
+}
+
+impl ListKind {
+    /// The configuration key that names lists of this kind.
+    pub fn key(self) -> &'static str {
+        match self {
+            ListKind::Addresses => "client_ip.deny_lists",
+            ListKind::Domains => "email.denied_domain_lists",
+        }
+    }
+
+    /// Checks a whole list (`name` names it in errors) as the
+    /// configuration loader would read it.
+    pub fn check(self, name: &str, bytes: &[u8]) -> Result<(), ListError> {
+        if bytes.last().is_some_and(|&last| last != b'\n') {
+            return Err(ListError::CutShort {
+                path: name.to_owned(),
+            });
+        }
+        match self {
+            ListKind::Addresses => AddressSet::parse(name, bytes).map(drop),
+            ListKind::Domains => domains::check(name, bytes),
+        }
+    }
+}
+
 /// [`read`], reading the bytes with `read_bytes`. A file written in place
 /// (not renamed into place) can be read half-written: a cut in the middle
 /// of a line can leave a valid entry that guards less (`10.0.0.0/2` of
@@ -147,10 +198,19 @@ fn read_with(
     path: &str,
     read_bytes: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
 ) -> Result<(Vec<u8>, Stamp), ListError> {
-    let (bytes, before) = unchanged_with(path, read_bytes)?;
+    read_with_label(path.as_ref(), path, read_bytes)
+}
+
+/// [`read_with`], `label` naming the file in errors.
+fn read_with_label(
+    file: &Path,
+    label: &str,
+    read_bytes: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
+) -> Result<(Vec<u8>, Stamp), ListError> {
+    let (bytes, before) = unchanged_with_label(file, label, read_bytes)?;
     if bytes.last().is_some_and(|&last| last != b'\n') {
         return Err(ListError::CutShort {
-            path: path.to_owned(),
+            path: label.to_owned(),
         });
     }
     Ok((bytes, before))
@@ -158,23 +218,24 @@ fn read_with(
 
 /// The file's bytes and its stamp, refused when the file changes while it
 /// is read; for a file that is not text (a network database), whose own
-/// checks catch a cut.
-pub(crate) fn read_unchanged(path: &str) -> Result<(Vec<u8>, Stamp), ListError> {
-    unchanged_with(path, |path| std::fs::read(path))
+/// checks catch a cut. `label` names the file in errors.
+pub(crate) fn read_unchanged(file: &Path, label: &str) -> Result<(Vec<u8>, Stamp), ListError> {
+    unchanged_with_label(file, label, |path| std::fs::read(path))
 }
 
-fn unchanged_with(
-    path: &str,
+fn unchanged_with_label(
+    file: &Path,
+    label: &str,
     read_bytes: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
 ) -> Result<(Vec<u8>, Stamp), ListError> {
-    let before = stamp(path.as_ref());
-    let bytes = read_bytes(path.as_ref()).map_err(|source| ListError::Read {
-        path: path.to_owned(),
+    let before = stamp(file);
+    let bytes = read_bytes(file).map_err(|source| ListError::Read {
+        path: label.to_owned(),
         source,
     })?;
-    if stamp(path.as_ref()) != before {
+    if stamp(file) != before {
         return Err(ListError::ChangedWhileRead {
-            path: path.to_owned(),
+            path: label.to_owned(),
         });
     }
     Ok((bytes, before))

@@ -69,7 +69,7 @@ pub struct NetworkDatabase {
 impl NetworkDatabase {
     /// Reads `path` whole and checks every part of it.
     pub fn load(path: &str) -> Result<NetworkDatabase, DatabaseError> {
-        let (bytes, stamp) = crate::lists::read_unchanged(path)?;
+        let (bytes, stamp) = crate::lists::read_unchanged(path.as_ref(), path)?;
         let invalid = |error: maxminddb::MaxMindDbError| DatabaseError::Invalid {
             path: path.to_owned(),
             reason: error.to_string(),

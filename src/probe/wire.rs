@@ -8,12 +8,8 @@
 //! exchange is the same code over any `AsyncRead + AsyncWrite`.
 
 use std::fmt::Write as _;
-use std::path::Path;
-use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -26,10 +22,6 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The largest answer body read: an OAuth 2.0 server's metadata is a few
 /// kilobytes.
 const MAX_BODY_BYTES: usize = 256 * 1024;
-
-/// The only application protocol offered: the exchange is HTTP/1.1, so a
-/// server that would pick HTTP/2 must not be allowed to.
-const ALPN_HTTP_1_1: &[u8] = b"http/1.1";
 
 /// The head of an answer.
 pub(super) struct AnswerHead {
@@ -77,46 +69,7 @@ pub(super) enum Transport {
     },
 }
 
-/// The TLS client configuration: the public roots (Mozilla's, built in,
-/// so the result does not depend on the machine's certificate store) and
-/// `extra_roots`, HTTP/1.1 as the only ALPN protocol.
-pub(super) fn tls_connector(
-    extra_roots: &[CertificateDer<'static>],
-) -> Result<TlsConnector, String> {
-    let mut roots = RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    // Each extra root was checked when the CA file was read
-    // ([`load_ca_file`]), so none is dropped here.
-    roots.add_parsable_certificates(extra_roots.iter().cloned());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|error| format!("TLS setup: {error}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_HTTP_1_1.to_vec()];
-    Ok(TlsConnector::from(Arc::new(config)))
-}
-
-/// The certificates of a PEM file, each one checked to be usable as a
-/// trust anchor.
-pub(super) fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|error| error.to_string())?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| format!("not PEM: {error}"))?;
-    if certificates.is_empty() {
-        return Err("no CERTIFICATE in it".to_owned());
-    }
-    let mut check = RootCertStore::empty();
-    for (index, certificate) in certificates.iter().enumerate() {
-        check
-            .add(certificate.clone())
-            .map_err(|error| format!("certificate {}: {error}", index + 1))?;
-    }
-    Ok(certificates)
-}
+pub(super) use crate::tls::{load_ca_file, tls_connector};
 
 /// The host part of `host[:port]`: a name, an IPv4 address, or an IPv6
 /// address with or without brackets.
@@ -131,13 +84,7 @@ pub(super) fn host_part(host_and_port: &str) -> &str {
     }
 }
 
-/// The name a certificate must be valid for, sent as SNI (an IP address is
-/// verified but not sent, as TLS has no SNI for addresses).
-pub(super) fn server_name(host: &str) -> Result<ServerName<'static>, String> {
-    ServerName::try_from(host)
-        .map(|name| name.to_owned())
-        .map_err(|_| format!("{host:?} is neither a DNS name nor an IP address"))
-}
+pub(super) use crate::tls::server_name;
 
 /// The request on the wire: one request per connection, the target exactly
 /// as spelled.

@@ -36,6 +36,7 @@ use crate::config::Config;
 use crate::error::MatrixError;
 use crate::fast_path::{linger, Ending, FastPath, Rewind};
 use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
+use crate::lists::remote::RemoteSet;
 use crate::lists::Stamp;
 use crate::notify::Notifier;
 use crate::telemetry::Metrics;
@@ -43,7 +44,7 @@ use crate::upstream::{unforwardable, Upstream};
 
 mod reload;
 
-use reload::{list_files, reload_on_change, reload_on_signal, FileStamp};
+use reload::{list_files, refresh_remote_lists, reload_on_change, reload_on_signal, FileStamp};
 pub use reload::{Hangups, Reloader};
 
 /// The exact service production runs: credentials marked sensitive (so no
@@ -136,6 +137,7 @@ impl Server {
                 path: None,
                 running: Arc::new(config.clone()),
                 lists: Arc::new(Mutex::new(list_files(config))),
+                remote_lists: Arc::new(watch::channel(RemoteSet::from_config(config)).0),
                 admin_token: AdminToken::new(config.admin.token().unwrap_or_else(|error| {
                     tracing::error!(%error, "admin API off");
                     None
@@ -229,6 +231,7 @@ impl Server {
                 hangups,
             )));
         }
+        background.push(tokio::spawn(refresh_remote_lists(self.reloader.clone())));
         if self.watch_config {
             background.push(tokio::spawn(reload_on_change(
                 self.reloader.clone(),

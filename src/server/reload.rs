@@ -11,8 +11,10 @@ use std::time::Duration;
 use crate::admin_api::AdminToken;
 use crate::config::{Config, ConfigError};
 use crate::gate::RegistrationGateLayer;
+use crate::lists::remote::{refresh_lists, RemoteSet};
 use crate::lists::Stamp;
 use crate::notify::Event;
+use tokio::sync::watch;
 
 /// Re-reads the configuration file and swaps the gate's policy.
 #[derive(Debug, Clone)]
@@ -27,6 +29,9 @@ pub struct Reloader {
     pub(super) lists: Arc<Mutex<Vec<PathBuf>>>,
     /// The admin API's token, read again at every reload.
     pub(super) admin_token: AdminToken,
+    /// The lists fetched from URLs in the configuration in force, for the
+    /// refresher; replaced at every reload.
+    pub(super) remote_lists: Arc<watch::Sender<RemoteSet>>,
 }
 
 /// A watched file: its path, and its modification time and length (`None`
@@ -34,7 +39,8 @@ pub struct Reloader {
 pub(super) type FileStamp = (PathBuf, Stamp);
 
 /// The list files, network databases and application service files a
-/// configuration reads.
+/// configuration reads (not the copies of lists fetched from URLs: the
+/// refresher reloads when it writes one).
 pub(super) fn list_files(config: &Config) -> Vec<PathBuf> {
     config
         .client_ip
@@ -74,6 +80,8 @@ impl Reloader {
         }
         self.gate.reload(&config);
         *self.lists.lock().unwrap_or_else(PoisonError::into_inner) = list_files(&config);
+        self.remote_lists
+            .send_replace(RemoteSet::from_config(&config));
         // Validation read the file a moment ago; should it fail now, the
         // token in force stays rather than switching the API off.
         match config.admin.token() {
@@ -167,6 +175,18 @@ async fn reload_off_the_runtime(reloader: &Reloader) {
     if let Err(error) = tokio::task::spawn_blocking(move || reloader.reload()).await {
         tracing::error!(%error, "configuration reload did not finish");
     }
+}
+
+/// Keeps the lists fetched from URLs fresh, reloading when one changed.
+pub(super) async fn refresh_remote_lists(reloader: Reloader) {
+    let set = reloader.remote_lists.subscribe();
+    let metrics = reloader.gate.metrics().clone();
+    let notifier = reloader.gate.notifier().clone();
+    refresh_lists(set, metrics, notifier, || {
+        let reloader = reloader.clone();
+        async move { reload_off_the_runtime(&reloader).await }
+    })
+    .await;
 }
 
 pub(super) async fn reload_on_change(reloader: Reloader, read: Option<Vec<FileStamp>>) {
