@@ -44,6 +44,8 @@ enum Mode {
     Endless,
     /// The head, then a line every 300 ms.
     Trickle,
+    /// `200` with these bytes (a database).
+    Bytes(Arc<Vec<u8>>),
 }
 
 /// An HTTPS server answering `GET` as its [`Mode`] says, recording each
@@ -169,6 +171,11 @@ async fn answer<S: tokio::io::AsyncWrite + Unpin>(
             loop {
                 out.write_all(lines.as_bytes()).await?;
             }
+        }
+        Mode::Bytes(bytes) => {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", bytes.len());
+            out.write_all(head.as_bytes()).await?;
+            out.write_all(&bytes).await
         }
         Mode::Trickle => {
             out.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
@@ -358,10 +365,14 @@ async fn a_fetched_list_refuses_follows_changes_and_outlives_bad_answers() {
         "https://{HOST}:{}/tor-exits.txt?key=***",
         server.addr.port()
     );
-    let metrics_text = metrics(&gate).await;
     let not_modified =
         format!("gatekeeper_list_fetches_total{{list=\"{shown}\",result=\"not_modified\"}}");
-    assert!(value(&metrics_text, &not_modified) >= 1, "{metrics_text}");
+    // The server saw the request before the gate counted its answer.
+    eventually(Duration::from_secs(5), "a 304 counted", || async {
+        value(&metrics(&gate).await, &not_modified) >= 1
+    })
+    .await;
+    let metrics_text = metrics(&gate).await;
     assert!(
         metrics_text.contains(&format!("gatekeeper_list_age_seconds{{list=\"{shown}\"}} ")),
         "{metrics_text}"
@@ -527,4 +538,58 @@ async fn a_stale_list_is_reported_and_dropped_until_it_is_fetched_again() {
         status_for(&gate, "203.0.113.9").await == 403
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_fetched_asn_database_refuses_its_networks_and_a_corrupt_one_keeps_the_last() {
+    use common::mmdb::{asn_record, Writer};
+    let database = |residential_asn: u32| {
+        let mut writer = Writer::new("GeoLite2-ASN");
+        writer
+            .insert("198.51.100.0/24", asn_record(64496, "Example Hosting"))
+            .insert(
+                "203.0.113.0/24",
+                asn_record(residential_asn, "Example Residential"),
+            );
+        Arc::new(writer.to_bytes())
+    };
+    let certificates = Certificates::make("database");
+    let server = ListServer::start(&certificates, Mode::Bytes(database(64497))).await;
+    let hs = FakeHomeserver::start().await;
+    let dir = Scratch::new("remote-database");
+    let state = dir.write("marker", "").parent().unwrap().join("state");
+    let url = server.url("/GeoLite2-ASN.mmdb?license_key=s3cret");
+    let config = config(
+        &dir,
+        &hs,
+        &certificates,
+        &state,
+        "",
+        &format!("asn_database = {url:?}\ndeny_asns = [64496]\n"),
+    );
+    // No copy yet: fetched, checked and in force before the gate serves.
+    let gate = Served::start(&config).await;
+    assert_eq!(status_for(&gate, "198.51.100.7").await, 403);
+    assert_eq!(status_for(&gate, "203.0.113.7").await, 200);
+
+    // A new database: the residential network moved into the denied AS.
+    let mark = gate.log_mark();
+    server.set(Mode::Bytes(database(64496)));
+    gate.wait_for_line(mark, "a reload after the database changed", |l| {
+        l.contains("configuration reloaded")
+    })
+    .await;
+    assert_eq!(status_for(&gate, "203.0.113.7").await, 403);
+
+    // A database cut short, and one that is no database, keep the last
+    // good copy.
+    let whole = database(64497);
+    server.set(Mode::Bytes(Arc::new(whole[..whole.len() - 40].to_vec())));
+    let line = wait_for_failure(&gate, "not a usable MaxMind DB database").await;
+    assert!(!line.contains("s3cret"), "{line}");
+    server.set(Mode::Bytes(Arc::new(b"203.0.113.0/24\n".to_vec())));
+    wait_for_failure(&gate, "not a usable MaxMind DB database").await;
+    assert_eq!(status_for(&gate, "203.0.113.7").await, 403);
+    assert_eq!(status_for(&gate, "192.0.2.1").await, 200);
+    assert!(!gate.log().contains("s3cret"));
 }

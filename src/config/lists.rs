@@ -95,6 +95,11 @@ impl Config {
                     .iter()
                     .map(|entry| (ListKind::Domains, entry)),
             )
+            .chain(
+                self.reputation
+                    .database_entries()
+                    .map(|(kind, database)| (kind, database.entry())),
+            )
             .find_map(|(kind, entry)| match entry {
                 crate::lists::ListEntry::Url(url) => Some((kind, url.shown.clone())),
                 crate::lists::ListEntry::File(_) => None,
@@ -117,6 +122,19 @@ impl Config {
             .denied_domain_lists
             .load_with(&context)
             .map_err(|e| ConfigError::invalid(ListKind::Domains.key(), e.to_string()))?;
+        for (kind, database) in [
+            (ListKind::AsnDatabase, &mut self.reputation.asn_database),
+            (
+                ListKind::CountryDatabase,
+                &mut self.reputation.country_database,
+            ),
+        ] {
+            if let Some(database) = database {
+                database
+                    .load_with(&context)
+                    .map_err(|e| ConfigError::invalid(kind.key(), e.to_string()))?;
+            }
+        }
         Ok(())
     }
 
@@ -131,6 +149,11 @@ impl Config {
                     .denied_domain_lists
                     .remote()
                     .map(|list| (ListKind::Domains, list.clone())),
+            )
+            .chain(
+                self.reputation
+                    .database_entries()
+                    .filter_map(|(kind, database)| Some((kind, database.remote()?.clone()))),
             )
             .collect()
     }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::error::ConfigError;
 use super::lists::{OnStaleList, DEFAULT_LIST_MAX_BYTES};
 use super::values::{parse_str, string_enum, HumanDuration};
+use crate::lists::ListKind;
 use crate::networks::{AsNumber, Country, NetworkDatabase};
 
 /// `[reputation]`: DNS blocklists (DNSBL) asked about the client address
@@ -84,7 +85,17 @@ impl Default for ReputationConfig {
 impl ReputationConfig {
     /// The network databases configured (ASN, then country).
     pub fn databases(&self) -> impl Iterator<Item = &NetworkDatabase> {
-        self.asn_database.iter().chain(&self.country_database)
+        self.database_entries().map(|(_, database)| database)
+    }
+
+    /// The network databases configured, with their kind.
+    pub fn database_entries(&self) -> impl Iterator<Item = (ListKind, &NetworkDatabase)> {
+        let asn = self
+            .asn_database
+            .iter()
+            .map(|db| (ListKind::AsnDatabase, db));
+        let country = self.country_database.iter();
+        asn.chain(country.map(|db| (ListKind::CountryDatabase, db)))
     }
 
     pub(super) fn validate(&self) -> Result<(), ConfigError> {

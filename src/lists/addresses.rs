@@ -175,7 +175,7 @@ impl AddressLists {
             .entries
             .iter()
             .map(|entry| {
-                let (info, bytes) = load_entry(entry, context)?;
+                let (info, bytes) = load_entry(entry, context, true)?;
                 let set = AddressSet::parse(&info.label(), &bytes)?;
                 Ok(AddressList { info, set })
             })

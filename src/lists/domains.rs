@@ -97,7 +97,7 @@ impl DomainLists {
         let mut lists = Vec::with_capacity(self.entries.len());
         for (index, entry) in self.entries.iter().enumerate() {
             let index = u32::try_from(index).unwrap_or(u32::MAX);
-            let (info, bytes) = load_entry(entry, context)?;
+            let (info, bytes) = load_entry(entry, context, true)?;
             add_domains(&info.label(), &bytes, index, &mut domains)?;
             lists.push(info);
         }

@@ -45,6 +45,7 @@ pub use domains::DomainLists;
 pub use source::{
     lists_dir, shown_url, CopyState, ListContext, ListEntry, RemoteList, Sidecar, UrlEntry,
 };
+pub(crate) use source::{load_entry, ListInfo};
 
 /// How much of a broken line an error message repeats.
 const SHOWN_LINE_MAX: usize = 80;
@@ -91,6 +92,15 @@ pub enum ListError {
     NoStateDir {
         /// The URL, as shown.
         url: String,
+    },
+    /// A network database (`[reputation] asn_database`,
+    /// `country_database`) is not a usable MaxMind DB file.
+    #[error("{path}: not a usable MaxMind DB database: {reason}")]
+    NotADatabase {
+        /// The path as configured (a URL as shown, with its copy).
+        path: String,
+        /// What is wrong with it.
+        reason: String,
     },
     /// A line of a domain list is not a domain name.
     #[error("{path}:{line}: not a domain: {text:?}")]
@@ -162,6 +172,10 @@ pub enum ListKind {
     Addresses,
     /// E-mail domains (`[email] denied_domain_lists`).
     Domains,
+    /// The ASN database (`[reputation] asn_database`).
+    AsnDatabase,
+    /// The country database (`[reputation] country_database`).
+    CountryDatabase,
 }
 
 impl ListKind {
@@ -170,12 +184,23 @@ impl ListKind {
         match self {
             ListKind::Addresses => "client_ip.deny_lists",
             ListKind::Domains => "email.denied_domain_lists",
+            ListKind::AsnDatabase => "reputation.asn_database",
+            ListKind::CountryDatabase => "reputation.country_database",
         }
+    }
+
+    /// Whether lists of this kind are text, one entry per line (else a
+    /// database, whose own structure shows a cut).
+    pub fn is_text(self) -> bool {
+        matches!(self, ListKind::Addresses | ListKind::Domains)
     }
 
     /// Checks a whole list (`name` names it in errors) as the
     /// configuration loader would read it.
     pub fn check(self, name: &str, bytes: &[u8]) -> Result<(), ListError> {
+        if !self.is_text() {
+            return crate::networks::check_database(name, bytes);
+        }
         if bytes.last().is_some_and(|&last| last != b'\n') {
             return Err(ListError::CutShort {
                 path: name.to_owned(),
@@ -184,6 +209,7 @@ impl ListKind {
         match self {
             ListKind::Addresses => AddressSet::parse(name, bytes).map(drop),
             ListKind::Domains => domains::check(name, bytes),
+            ListKind::AsnDatabase | ListKind::CountryDatabase => Ok(()),
         }
     }
 }

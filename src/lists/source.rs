@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::{read_labeled, ListError, Stamp};
+use super::{read_labeled, read_unchanged, ListError, Stamp};
 
 /// One configured list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,16 +235,16 @@ pub struct RemoteList {
 /// One loaded list: its name (the path, or the shown URL), the file
 /// watched for changes (a configured path), and its stamp.
 #[derive(Debug, Clone)]
-pub(super) struct ListInfo {
-    pub(super) name: Arc<str>,
-    pub(super) file: Option<(Arc<str>, Stamp)>,
-    pub(super) remote: Option<RemoteList>,
+pub(crate) struct ListInfo {
+    pub(crate) name: Arc<str>,
+    pub(crate) file: Option<(Arc<str>, Stamp)>,
+    pub(crate) remote: Option<RemoteList>,
 }
 
 impl ListInfo {
     /// How errors name the list: the path, or the URL as shown with its
     /// copy's path.
-    pub(super) fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match &self.remote {
             Some(remote) => format!("{} (copy {})", remote.entry.shown, remote.copy.display()),
             None => self.name.to_string(),
@@ -304,14 +304,20 @@ impl Sidecar {
 }
 
 /// Loads one entry: its description and its bytes (empty for a URL with
-/// no copy, or a dropped one).
-pub(super) fn load_entry(
+/// no copy, or a dropped one). A text list must end with a line break; a
+/// database (`text = false`) is checked by its own structure.
+pub(crate) fn load_entry(
     entry: &ListEntry,
     context: &ListContext,
+    text: bool,
 ) -> Result<(ListInfo, Vec<u8>), ListError> {
+    let read = |file: &Path, label: &str| match text {
+        true => read_labeled(file, label),
+        false => read_unchanged(file, label),
+    };
     match entry {
         ListEntry::File(path) => {
-            let (bytes, stamp) = read_labeled(Path::new(path), path)?;
+            let (bytes, stamp) = read(Path::new(path), path)?;
             let name: Arc<str> = Arc::from(path.as_str());
             Ok((
                 ListInfo {
@@ -345,7 +351,7 @@ pub(super) fn load_entry(
                 return Ok((info(remote), Vec::new()));
             }
             let label = format!("{} (copy {})", url.shown, copy.display());
-            let (bytes, _) = read_labeled(&copy, &label)?;
+            let (bytes, _) = read(&copy, &label)?;
             let age = Sidecar::read(&sidecar)
                 .last_success(&copy)
                 .and_then(|at| SystemTime::now().duration_since(at).ok());

@@ -8,12 +8,14 @@
 //! limit registrations per network (`[rate_limit] registrations_per_asn`,
 //! `attempts_per_asn`).
 //!
-//! A database is read whole into memory when the configuration is loaded
-//! (at start and at every reload, never on the request path), checked from
-//! end to end (its search tree and every record it points at) so that a
-//! corrupt or cut file is refused at load and a reload keeps the database
-//! in force, and guarded against a file written while it is read as list
-//! files are (see [`crate::lists`]). A lookup walks the search tree — at
+//! A database is a path or a URL, as a list is (see [`crate::lists`]: a
+//! URL is fetched into a copy under `[server] state_dir` and refreshed with
+//! the lists). It is read whole into memory when the configuration is
+//! loaded (at start and at every reload, never on the request path),
+//! checked from end to end (its search tree and every record it points at)
+//! so that a corrupt or cut file is refused at load — a reload then keeps
+//! the database in force, and the fetcher keeps the last good copy — and
+//! guarded against a file written while it is read as list files are. A lookup walks the search tree — at
 //! most 128 steps, no allocation but the network's name — and is made only
 //! on guarded routes.
 //!
@@ -32,72 +34,65 @@ use maxminddb::Reader;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::lists::{ListError, Stamp};
+use crate::lists::{load_entry, ListContext, ListEntry, ListError, ListInfo, RemoteList, Stamp};
 
 mod record;
 
 pub use record::Network;
 
-/// A database that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum DatabaseError {
-    /// The file could not be read whole and unchanged.
-    #[error(transparent)]
-    Read(#[from] ListError),
-    /// The file is not a usable MaxMind DB database.
-    #[error("{path}: not a usable MaxMind DB database: {reason}")]
-    Invalid {
-        /// The path as configured.
-        path: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-}
-
-struct Loaded {
-    path: Arc<str>,
-    stamp: Stamp,
-    reader: Reader<Vec<u8>>,
-}
-
-/// A database file, loaded and checked; cheap to clone (shared).
+/// A network database as configured (a path, or a URL fetched into a copy
+/// under `[server] state_dir`) and, once loaded, checked; cheap to clone
+/// (shared).
 #[derive(Clone)]
 pub struct NetworkDatabase {
-    loaded: Arc<Loaded>,
+    entry: ListEntry,
+    info: Option<ListInfo>,
+    /// `None` until loaded, and for a URL with no copy yet (an optional
+    /// one) or a stale copy dropped: the database then knows no address.
+    reader: Option<Arc<Reader<Vec<u8>>>>,
 }
 
 impl NetworkDatabase {
-    /// Reads `path` whole and checks every part of it.
-    pub fn load(path: &str) -> Result<NetworkDatabase, DatabaseError> {
-        let (bytes, stamp) = crate::lists::read_unchanged(path.as_ref(), path)?;
-        let invalid = |error: maxminddb::MaxMindDbError| DatabaseError::Invalid {
-            path: path.to_owned(),
-            reason: error.to_string(),
+    /// Reads the file at `path` whole and checks every part of it.
+    pub fn load(path: &str) -> Result<NetworkDatabase, ListError> {
+        let mut database = NetworkDatabase::from(ListEntry::File(path.to_owned()));
+        database.load_with(&ListContext::default())?;
+        Ok(database)
+    }
+
+    /// Reads the configured file, or a URL's copy under
+    /// `context.state_dir`, whole, and checks every part of it.
+    pub fn load_with(&mut self, context: &ListContext) -> Result<(), ListError> {
+        let (info, bytes) = load_entry(&self.entry, context, false)?;
+        self.reader = if bytes.is_empty() && info.remote.is_some() {
+            None
+        } else {
+            Some(Arc::new(open(&info.label(), bytes)?))
         };
-        let reader = Reader::from_source(bytes).map_err(invalid)?;
-        reader.verify().map_err(invalid)?;
-        Ok(NetworkDatabase {
-            loaded: Arc::new(Loaded {
-                path: Arc::from(path),
-                stamp,
-                reader,
-            }),
-        })
+        self.info = Some(info);
+        Ok(())
     }
 
-    /// The path as configured.
-    pub fn path(&self) -> &str {
-        &self.loaded.path
+    /// The entry as configured.
+    pub fn entry(&self) -> &ListEntry {
+        &self.entry
     }
 
-    /// The file's stamp when it was read (what the reload watcher compares).
-    pub fn stamp(&self) -> Stamp {
-        self.loaded.stamp
+    /// The configured file and its stamp when it was read (what the reload
+    /// watcher compares); `None` for a URL, whose refresher reloads.
+    pub fn file(&self) -> Option<(&str, Stamp)> {
+        let (path, stamp) = self.info.as_ref()?.file.as_ref()?;
+        Some((path, *stamp))
     }
 
-    /// What the database says it is (`GeoLite2-ASN`, …).
-    pub fn database_type(&self) -> &str {
-        &self.loaded.reader.metadata().database_type
+    /// The URL's copy, as loaded; `None` for a file.
+    pub fn remote(&self) -> Option<&RemoteList> {
+        self.info.as_ref()?.remote.as_ref()
+    }
+
+    /// What the database says it is (`GeoLite2-ASN`, …), once loaded.
+    pub fn database_type(&self) -> Option<&str> {
+        Some(&self.reader.as_ref()?.metadata().database_type)
     }
 
     /// The record for `ip`: an IPv4-mapped IPv6 address is looked up as
@@ -105,15 +100,43 @@ impl NetworkDatabase {
     /// IPv4-only database, a record of another shape) finds nothing.
     fn record(&self, ip: IpAddr) -> Option<Network> {
         let ip = ip.to_canonical();
-        let result = self.loaded.reader.lookup(ip).ok()?;
+        let result = self.reader.as_ref()?.lookup(ip).ok()?;
         result.decode::<Network>().ok().flatten()
     }
+}
+
+impl From<ListEntry> for NetworkDatabase {
+    fn from(entry: ListEntry) -> Self {
+        NetworkDatabase {
+            entry,
+            info: None,
+            reader: None,
+        }
+    }
+}
+
+/// A database's bytes, opened and checked from end to end: its metadata,
+/// its search tree and every record the tree points at.
+fn open(label: &str, bytes: Vec<u8>) -> Result<Reader<Vec<u8>>, ListError> {
+    let invalid = |error: maxminddb::MaxMindDbError| ListError::NotADatabase {
+        path: label.to_owned(),
+        reason: error.to_string(),
+    };
+    let reader = Reader::from_source(bytes).map_err(invalid)?;
+    reader.verify().map_err(invalid)?;
+    Ok(reader)
+}
+
+/// Checks a database's bytes as loading it would (the fetcher's check of
+/// a downloaded copy); `name` names it in errors.
+pub fn check_database(name: &str, bytes: &[u8]) -> Result<(), ListError> {
+    open(name, bytes.to_vec()).map(drop)
 }
 
 impl fmt::Debug for NetworkDatabase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NetworkDatabase")
-            .field("path", &self.path())
+            .field("entry", &self.entry)
             .field("type", &self.database_type())
             .finish()
     }
@@ -121,14 +144,13 @@ impl fmt::Debug for NetworkDatabase {
 
 impl<'de> Deserialize<'de> for NetworkDatabase {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let path = String::deserialize(d)?;
-        NetworkDatabase::load(&path).map_err(|e| de::Error::custom(e.to_string()))
+        ListEntry::deserialize(d).map(NetworkDatabase::from)
     }
 }
 
 impl Serialize for NetworkDatabase {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.path())
+        self.entry.serialize(s)
     }
 }
 

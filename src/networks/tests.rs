@@ -41,7 +41,7 @@ fn country_db() -> Writer {
 fn asn_and_country_are_found_for_ipv4_ipv6_and_mapped_addresses() {
     let asn = NetworkDatabase::load(&scratch("asn.mmdb", &asn_db().to_bytes())).unwrap();
     let country = NetworkDatabase::load(&scratch("c.mmdb", &country_db().to_bytes())).unwrap();
-    assert_eq!(asn.database_type(), "GeoLite2-ASN");
+    assert_eq!(asn.database_type(), Some("GeoLite2-ASN"));
     let hosting = asn.record(ip("198.51.100.7")).unwrap();
     assert_eq!(hosting.asn, Some(64496));
     assert_eq!(hosting.as_name.as_deref(), Some("Example Hosting"));

@@ -47,7 +47,13 @@ pub(super) fn list_files(config: &Config) -> Vec<PathBuf> {
         .deny_lists
         .paths()
         .chain(config.email.denied_domain_lists.paths())
-        .chain(config.reputation.databases().map(|db| db.path()))
+        .chain(
+            config
+                .reputation
+                .databases()
+                .filter_map(|db| db.file())
+                .map(|(path, _)| path),
+        )
         .map(PathBuf::from)
         .chain(config.homeserver.app_service_config_files.iter().cloned())
         .collect()
@@ -117,7 +123,7 @@ impl Reloader {
         let lists = config.client_ip.deny_lists.stamps();
         let lists = lists.chain(config.email.denied_domain_lists.stamps());
         let databases = config.reputation.databases();
-        let lists = lists.chain(databases.map(|db| (db.path(), db.stamp())));
+        let lists = lists.chain(databases.filter_map(|db| db.file()));
         std::iter::once((path.clone(), config_stamp))
             .chain(lists.map(|(path, stamp)| (PathBuf::from(path), stamp)))
             .chain(config.homeserver.app_services.stamps().cloned())
