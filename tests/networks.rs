@@ -265,6 +265,37 @@ async fn one_network_is_limited_across_its_addresses_and_prefixes() {
         .await
         .assert_error(429, "M_LIMIT_EXCEEDED");
 
+    // explain --admin reads what the network has left from the gate.
+    let file = dir.join("gate.toml");
+    std::fs::write(&file, &config).unwrap();
+    let admin_url = format!("http://{}", gate.admin.unwrap());
+    let file = file.display().to_string();
+    let args = [
+        "explain",
+        "--config",
+        &file,
+        "--ip",
+        "198.51.100.42",
+        "--admin",
+        &admin_url,
+    ];
+    let output = tokio::process::Command::new(BIN)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{out}");
+    for line in [
+        "decision: rate limited\nrule: registrations_per_asn\n",
+        "network: AS64496 (Example Hosting), country NL\n",
+        "  attempts_per_asn: 6 per 1h, key AS64496, refunded never; 1 of 6 left\n",
+        "  registrations_per_asn: 2 per 1h, key AS64496, refunded when the homeserver answers \
+         with anything but a 2xx; 0 of 2 left, next in ",
+    ] {
+        assert!(out.contains(line), "{line:?} not in\n{out}");
+    }
+
     // Every attempt from the AS counted against attempts_per_asn, refused
     // ones too: five so far, one left.
     let attempts =

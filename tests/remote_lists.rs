@@ -565,12 +565,28 @@ async fn a_fetched_asn_database_refuses_its_networks_and_a_corrupt_one_keeps_the
         &certificates,
         &state,
         "",
-        &format!("asn_database = {url:?}\ndeny_asns = [64496]\n"),
+        &format!(
+            "asn_database = {url:?}\ndeny_asns = [64496]\n\
+             [rate_limit]\nregistrations_per_asn = {{ count = 1, period = \"1h\" }}\n"
+        ),
     );
     // No copy yet: fetched, checked and in force before the gate serves.
     let gate = Served::start(&config).await;
     assert_eq!(status_for(&gate, "198.51.100.7").await, 403);
     assert_eq!(status_for(&gate, "203.0.113.7").await, 200);
+    // The residential network's one account, whichever address asks.
+    let register = |client: &'static str| {
+        let url = gate.url("/_matrix/client/v3/register");
+        async move {
+            let headers = [("x-forwarded-for", client), ("x-test-status", "200")];
+            send(Method::POST, &url, &headers, "{}")
+                .await
+                .status
+                .as_u16()
+        }
+    };
+    assert_eq!(register("203.0.113.7").await, 200);
+    assert_eq!(register("203.0.113.8").await, 429);
 
     // A new database: the residential network moved into the denied AS.
     let mark = gate.log_mark();

@@ -32,7 +32,7 @@ impl NotifyConfig {
                 return Err(ConfigError::invalid(
                     "notify.webhook_url",
                     format!(
-                        "only http:// is supported (the gate has no TLS client; use a local relay), got \"{}\"",
+                        "only http:// is supported (webhooks are sent without TLS; use a local relay), got \"{}\"",
                         super::url_origin(url)
                     ),
                 ));
