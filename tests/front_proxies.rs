@@ -25,7 +25,8 @@
 mod common;
 mod proxy_harness;
 
-use std::path::{Path, PathBuf};
+use common::certificates::Certificates;
+
 use std::process::Output;
 
 use common::{FakeHomeserver, Gate};
@@ -390,106 +391,6 @@ async fn traefik_bypass_escaped_slash_past_a_slash_only_rule_is_caught() {
 
 // ------------------------------------------------------------ over TLS
 
-/// A CA and a certificate it signed for [`HOST`], made with the `openssl`
-/// command in a directory of their own, removed when dropped.
-struct Certificates {
-    dir: PathBuf,
-    ca: PathBuf,
-    certificate: PathBuf,
-    key: PathBuf,
-}
-
-impl Certificates {
-    fn make() -> Certificates {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "probe-tls-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let openssl = |args: &[&str]| {
-            let output = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .expect("openssl is installed (scripts/test installs it)");
-            assert!(
-                output.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        };
-        let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-        openssl(
-            &[
-                &["req", "-x509", "-nodes", "-days", "1"][..],
-                &p256,
-                &["-subj", "/CN=matrix-gatekeeper test CA"],
-                &["-addext", "basicConstraints=critical,CA:TRUE"],
-                &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-                &["-keyout", "ca.key", "-out", "ca.pem"],
-            ]
-            .concat(),
-        );
-        let subject = format!("/CN={HOST}");
-        openssl(
-            &[
-                &["req", "-new", "-nodes"][..],
-                &p256,
-                &[
-                    "-subj",
-                    &subject,
-                    "-keyout",
-                    "server.key",
-                    "-out",
-                    "server.csr",
-                ],
-            ]
-            .concat(),
-        );
-        // Certificate verifiers read the name from subjectAltName only.
-        std::fs::write(
-            dir.join("server.ext"),
-            format!(
-                "subjectAltName=DNS:{HOST}\nbasicConstraints=CA:FALSE\n\
-                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-            ),
-        )
-        .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-set_serial",
-            "2",
-            "-days",
-            "1",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.pem",
-        ]);
-        Certificates {
-            ca: dir.join("ca.pem"),
-            certificate: dir.join("server.pem"),
-            key: dir.join("server.key"),
-            dir,
-        }
-    }
-}
-
-impl Drop for Certificates {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// `matrix-gatekeeper probe` with these arguments.
 async fn probe_command(args: &[&str]) -> Output {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_matrix-gatekeeper"))
@@ -517,7 +418,7 @@ fn https_urls(stand: &Stand) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_over_tls_the_probe_checks_certificates_and_finds_both_ports_guarded() {
     let stand = Stand::start().await;
-    let certificates = Certificates::make();
+    let certificates = Certificates::make(&format!("probe-tls-{}", free_port()), HOST);
     let conf = stand.rewrite.nginx_tls(
         &deploy("nginx/gate-in-front.conf"),
         &certificates.certificate,
@@ -614,7 +515,7 @@ async fn nginx_over_tls_the_probe_checks_certificates_and_finds_both_ports_guard
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_over_tls_a_bypass_is_named() {
     let stand = Stand::start().await;
-    let certificates = Certificates::make();
+    let certificates = Certificates::make(&format!("probe-tls-{}", free_port()), HOST);
     // The regex location before the old snippet, served over TLS.
     let server = format!(
         "server {{\n    listen 443 ssl;\n    ssl_certificate cert.pem;\n    \

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::certificates::Certificates;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -189,94 +191,6 @@ async fn answer<S: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
-/// A CA and a certificate it signed for [`HOST`], made with `openssl`.
-struct Certificates {
-    dir: PathBuf,
-    ca: PathBuf,
-    certificate: PathBuf,
-    key: PathBuf,
-}
-
-impl Certificates {
-    fn make(name: &str) -> Certificates {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("remote-lists-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let openssl = |args: &[&str]| {
-            let output = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .expect("openssl is installed (scripts/test installs it)");
-            assert!(
-                output.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        };
-        let p256 = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-        openssl(
-            &[
-                &["req", "-x509", "-nodes", "-days", "1"][..],
-                &p256,
-                &["-subj", "/CN=matrix-gatekeeper list test CA"],
-                &["-addext", "basicConstraints=critical,CA:TRUE"],
-                &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-                &["-keyout", "ca.key", "-out", "ca.pem"],
-            ]
-            .concat(),
-        );
-        openssl(
-            &[
-                &["req", "-new", "-nodes"][..],
-                &p256,
-                &["-subj", &format!("/CN={HOST}")],
-                &["-keyout", "server.key", "-out", "server.csr"],
-            ]
-            .concat(),
-        );
-        std::fs::write(
-            dir.join("server.ext"),
-            format!(
-                "subjectAltName=DNS:{HOST}\nbasicConstraints=CA:FALSE\n\
-                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-            ),
-        )
-        .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-set_serial",
-            "2",
-            "-days",
-            "1",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.pem",
-        ]);
-        Certificates {
-            ca: dir.join("ca.pem"),
-            certificate: dir.join("server.pem"),
-            key: dir.join("server.key"),
-            dir,
-        }
-    }
-}
-
-impl Drop for Certificates {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// A configuration serving `lists` (TOML entries) as `deny_lists`, lists
 /// refreshed every second, with `extra` appended.
 fn config(
@@ -338,7 +252,7 @@ async fn wait_for_failure(gate: &Served, what: &str) -> String {
 
 #[tokio::test]
 async fn a_fetched_list_refuses_follows_changes_and_outlives_bad_answers() {
-    let certificates = Certificates::make("follow");
+    let certificates = Certificates::make("remote-lists-follow", HOST);
     let server = ListServer::start(&certificates, Mode::List("203.0.113.9\n", "v1")).await;
     let hs = FakeHomeserver::start().await;
     let dir = Scratch::new("remote-follow");
@@ -420,7 +334,7 @@ async fn a_fetched_list_refuses_follows_changes_and_outlives_bad_answers() {
 
 #[tokio::test]
 async fn a_restart_reads_the_copy_without_the_server_and_no_copy_stops_the_start() {
-    let certificates = Certificates::make("restart");
+    let certificates = Certificates::make("remote-lists-restart", HOST);
     let server = ListServer::start(&certificates, Mode::List("203.0.113.9\n", "v1")).await;
     let url = server.url("/exits.txt");
     let hs = FakeHomeserver::start().await;
@@ -497,7 +411,7 @@ async fn a_restart_reads_the_copy_without_the_server_and_no_copy_stops_the_start
 
 #[tokio::test]
 async fn a_stale_list_is_reported_and_dropped_until_it_is_fetched_again() {
-    let certificates = Certificates::make("stale");
+    let certificates = Certificates::make("remote-lists-stale", HOST);
     let server = ListServer::start(&certificates, Mode::List("203.0.113.9\n", "v1")).await;
     let url = server.url("/exits.txt");
     let hs = FakeHomeserver::start().await;
@@ -553,7 +467,7 @@ async fn a_fetched_asn_database_refuses_its_networks_and_a_corrupt_one_keeps_the
             );
         Arc::new(writer.to_bytes())
     };
-    let certificates = Certificates::make("database");
+    let certificates = Certificates::make("remote-lists-database", HOST);
     let server = ListServer::start(&certificates, Mode::Bytes(database(64497))).await;
     let hs = FakeHomeserver::start().await;
     let dir = Scratch::new("remote-database");

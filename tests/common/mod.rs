@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod binary;
+pub mod certificates;
 pub mod dns_responder;
 pub mod mmdb;
 pub mod redis_server;
