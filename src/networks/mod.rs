@@ -265,7 +265,9 @@ impl Serialize for Country {
 pub struct Networks {
     asn_database: Option<NetworkDatabase>,
     country_database: Option<NetworkDatabase>,
+    /// Sorted.
     deny_asns: Vec<u32>,
+    /// Sorted.
     allow_asns: Vec<u32>,
     deny_countries: Vec<Country>,
     /// Whether a per-network limit is configured (else no ASN is counted).
@@ -306,8 +308,8 @@ impl Networks {
         Networks {
             asn_database: reputation.asn_database.clone(),
             country_database: reputation.country_database.clone(),
-            deny_asns: reputation.deny_asns.iter().map(|a| a.0).collect(),
-            allow_asns: reputation.allow_asns.iter().map(|a| a.0).collect(),
+            deny_asns: sorted(&reputation.deny_asns),
+            allow_asns: sorted(&reputation.allow_asns),
             deny_countries: reputation.deny_countries.clone(),
             counts_networks: limits.registrations_per_asn.is_some()
                 || limits.attempts_per_asn.is_some(),
@@ -340,8 +342,8 @@ impl Networks {
     /// trusted one, then a denied country.
     pub fn verdict(&self, network: &Network) -> NetworkVerdict {
         match network.asn {
-            Some(asn) if self.deny_asns.contains(&asn) => NetworkVerdict::DeniedAsn,
-            Some(asn) if self.allow_asns.contains(&asn) => NetworkVerdict::Trusted,
+            Some(asn) if self.deny_asns.binary_search(&asn).is_ok() => NetworkVerdict::DeniedAsn,
+            Some(asn) if self.allow_asns.binary_search(&asn).is_ok() => NetworkVerdict::Trusted,
             _ => match network.country {
                 Some(country) if self.deny_countries.contains(&country) => {
                     NetworkVerdict::DeniedCountry
@@ -359,6 +361,15 @@ impl Networks {
         }
         network.asn
     }
+}
+
+/// AS numbers sorted, for a lookup by bisection (an operator may deny
+/// thousands).
+fn sorted(numbers: &[AsNumber]) -> Vec<u32> {
+    let mut sorted: Vec<u32> = numbers.iter().map(|a| a.0).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted
 }
 
 /// A map visitor's helper: skips a value the gate does not read.
