@@ -101,7 +101,7 @@ fn bench(c: &mut Criterion) {
         country.display().to_string()
     ))
     .unwrap();
-    let networks = Networks::new(&config);
+    let networks = config.networks();
     let v4 = *inside.iter().find(|ip| ip.is_ipv4()).unwrap();
     let v6 = *inside.iter().find(|ip| ip.is_ipv6()).unwrap();
     assert!(networks.lookup(v4).asn.is_some() && networks.lookup(v6).asn.is_some());

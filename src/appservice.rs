@@ -25,8 +25,8 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::admin_api::constant_time_eq;
 use crate::lists::{read, ListError, Stamp};
+use crate::secret::constant_time_eq;
 
 /// An application service file that cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,6 @@
 #![warn(missing_docs)]
 
 pub mod admin;
-pub mod admin_api;
 pub mod appservice;
 pub mod bans;
 pub mod client_ip;
@@ -33,6 +32,7 @@ pub mod networks;
 pub mod notify;
 pub mod probe;
 pub mod ratelimit;
+pub mod secret;
 pub mod server;
 pub mod telemetry;
 mod tls;

@@ -349,7 +349,7 @@ fn serve(
         let shutdown = shutdown_signal();
         // A list fetched from a URL with no copy yet is fetched before the
         // gate serves; one with a copy is refreshed in the background.
-        match remote::fetch_missing(&config).await {
+        match remote::fetch_missing(&config.remote_set()).await {
             Ok(false) => {}
             Ok(true) => {
                 if let Err(error) = config.load_lists() {

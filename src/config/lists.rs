@@ -5,9 +5,9 @@
 use rustls::pki_types::CertificateDer;
 
 use super::error::ConfigError;
-use super::reputation::ReputationConfig;
-use super::values::string_enum;
+use super::reputation::{OnStaleList, ReputationConfig};
 use super::Config;
+use crate::lists::remote::{FetchSettings, RemoteSet};
 use crate::lists::{ListContext, ListKind, RemoteList};
 
 impl ReputationConfig {
@@ -52,22 +52,31 @@ impl ReputationConfig {
     }
 }
 
-/// Default `list_max_bytes`: 64 MiB, ten times a full FireHOL level 1-4
-/// list.
-pub const DEFAULT_LIST_MAX_BYTES: u64 = 64 * 1024 * 1024;
-
-string_enum!(
-    /// What a fetched list that has not been refreshed for longer than
-    /// `list_max_age` does.
-    OnStaleList {
-        /// Keep guarding with the last copy.
-        Keep => "keep",
-        /// Stop using it (the list is empty) until a fetch succeeds.
-        Drop => "drop",
-    } default Keep
-);
-
 impl Config {
+    /// How the lists of this configuration are fetched. An unreadable
+    /// `list_ca_file` (it was readable when the configuration was
+    /// checked) is logged, and only the built-in roots are trusted.
+    pub fn fetch_settings(&self) -> FetchSettings {
+        let reputation = &self.reputation;
+        let roots = reputation.list_roots().unwrap_or_else(|error| {
+            tracing::error!(%error, "reputation.list_ca_file not read; only the built-in roots are trusted");
+            Vec::new()
+        });
+        FetchSettings::new(reputation.list_timeout.0, reputation.list_max_bytes, &roots)
+    }
+
+    /// The lists of this configuration fetched from URLs, and how to
+    /// fetch them: what the refresher works from.
+    pub fn remote_set(&self) -> RemoteSet {
+        RemoteSet {
+            lists: self.remote_lists(),
+            refresh: self.reputation.list_refresh.0,
+            max_age: self.reputation.list_max_age.0,
+            drop_stale: self.reputation.on_stale_list == OnStaleList::Drop,
+            settings: std::sync::Arc::new(self.fetch_settings()),
+        }
+    }
+
     /// What loading the lists needs from the rest of the configuration.
     pub fn list_context(&self) -> ListContext {
         ListContext {
@@ -350,5 +359,67 @@ mod tests {
         let c = Config::from_toml(&toml("keep")).unwrap();
         assert!(c.email.denied_domain_lists.find("mailinator.com").is_some());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn configuration_errors_name_the_key_the_file_and_the_line() {
+        let addresses = crate::lists::scratch_file();
+        std::fs::write(&addresses, "192.0.2.0/24\n2001:db8::/32 # v6\n").unwrap();
+        let domains = crate::lists::scratch_file();
+        std::fs::write(&domains, "mailinator.com\n").unwrap();
+        let toml = format!(
+            "[client_ip]\ndeny_lists = [{:?}]\n[email]\ndenied_domain_lists = [{:?}]\n",
+            addresses.display().to_string(),
+            domains.display().to_string()
+        );
+        let config = Config::from_toml(&toml).unwrap();
+        assert!(config.client_ip.deny_lists.find(ip("192.0.2.9")).is_some());
+        assert!(config
+            .email
+            .denied_domain_lists
+            .find("x.mailinator.com")
+            .is_some());
+        // `check` prints the paths, and what it prints loads again.
+        let printed = config.to_toml();
+        assert!(
+            printed.contains(&format!("{:?}", addresses.display().to_string())),
+            "{printed}"
+        );
+        let again = Config::from_toml(&printed).unwrap();
+        assert!(again.client_ip.deny_lists.find(ip("2001:db8::1")).is_some());
+
+        std::fs::write(&addresses, "192.0.2.0/24\n\n10.0.0.0/8x\n").unwrap();
+        let error = Config::from_toml(&toml).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "client_ip.deny_lists: {}:3: not an address or network: \"10.0.0.0/8x\"",
+                addresses.display()
+            )
+        );
+        std::fs::write(&addresses, "192.0.2.0/24\n").unwrap();
+        std::fs::write(&domains, "ok.example\nnot a domain\n").unwrap();
+        let error = Config::from_toml(&toml).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "email.denied_domain_lists: {}:2: not a domain: \"not a domain\"",
+                domains.display()
+            )
+        );
+        std::fs::remove_file(&domains).unwrap();
+        let error = Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!(
+                "email.denied_domain_lists: cannot read {}: ",
+                domains.display()
+            )),
+            "{error}"
+        );
+        assert!(Config::from_toml("[client_ip]\ndeny_lists = [1]\n")
+            .unwrap_err()
+            .to_string()
+            .starts_with("client_ip.deny_lists"));
+        let _ = std::fs::remove_file(&addresses);
     }
 }

@@ -31,22 +31,25 @@ mod upstream;
 mod username;
 mod values;
 
+#[cfg(test)]
+mod networks_tests;
+
 pub use admin::AdminConfig;
 pub use client_ip::{ClientIpConfig, Network};
 pub use email::{DomainGlob, EmailConfig};
 pub use error::ConfigError;
 pub use guest::{GuestAccess, GuestConfig};
 pub use homeserver::HomeserverConfig;
-pub use lists::{OnStaleList, DEFAULT_LIST_MAX_BYTES};
 pub use log::{check_log_filter, LogConfig, LogFormat};
 pub use notify::NotifyConfig;
 pub use rate_limit::{LimitSpec, OnStoreError, RateLimitConfig, StoreKind};
 pub use registration::{GateMode, LockdownSpec, RegistrationConfig};
-pub use reputation::{DnsServer, DnsblZone, OnDnsblError, ReputationConfig};
+pub use reputation::{
+    DnsServer, DnsblZone, OnDnsblError, OnStaleList, ReputationConfig, DEFAULT_LIST_MAX_BYTES,
+};
 pub use server::{AdminAddr, ListenAddrs, ServerConfig};
 pub use upstream::UpstreamConfig;
 pub use username::{CaseMode, UsernameConfig, DEFAULT_RESERVED};
-pub(crate) use values::parse_str;
 pub use values::{DenyPattern, HumanDuration};
 
 /// The example configuration shipped in `config/`, embedded so the binary can

@@ -9,10 +9,9 @@ use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::error::ConfigError;
-use super::lists::{OnStaleList, DEFAULT_LIST_MAX_BYTES};
 use super::values::{parse_str, string_enum, HumanDuration};
 use crate::lists::ListKind;
-use crate::networks::{AsNumber, Country, NetworkDatabase};
+use crate::networks::{AsNumber, Country, NetworkDatabase, Networks};
 
 /// `[reputation]`: DNS blocklists (DNSBL) asked about the client address
 /// on the guarded routes.
@@ -79,6 +78,23 @@ impl Default for ReputationConfig {
             on_stale_list: OnStaleList::Keep,
             list_ca_file: None,
         }
+    }
+}
+
+impl super::Config {
+    /// The network rules and databases of this configuration, and whether
+    /// `[rate_limit]` counts networks.
+    pub fn networks(&self) -> Networks {
+        let reputation = &self.reputation;
+        let limits = &self.rate_limit;
+        Networks::new(
+            reputation.asn_database.clone(),
+            reputation.country_database.clone(),
+            &reputation.deny_asns,
+            &reputation.allow_asns,
+            reputation.deny_countries.clone(),
+            limits.registrations_per_asn.is_some() || limits.attempts_per_asn.is_some(),
+        )
     }
 }
 
@@ -200,4 +216,19 @@ string_enum!(
         /// Refuse the request with 403.
         Deny => "deny",
     } default Allow
+);
+
+/// Default `list_max_bytes`: 64 MiB, ten times a full FireHOL level 1-4
+/// list.
+pub const DEFAULT_LIST_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+string_enum!(
+    /// What a fetched list that has not been refreshed for longer than
+    /// `list_max_age` does.
+    OnStaleList {
+        /// Keep guarding with the last copy.
+        Keep => "keep",
+        /// Stop using it (the list is empty) until a fetch succeeds.
+        Drop => "drop",
+    } default Keep
 );

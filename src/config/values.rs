@@ -170,7 +170,7 @@ impl Serialize for DenyPattern {
 
 /// Reads a value with `FromStr` from a TOML string, the error naming what
 /// was `expected` (`an address such as "127.0.0.1:53"`) and what was given.
-pub(crate) fn parse_str<'de, D: Deserializer<'de>, T: std::str::FromStr>(
+pub(super) fn parse_str<'de, D: Deserializer<'de>, T: std::str::FromStr>(
     d: D,
     expected: &str,
 ) -> Result<T, D::Error> {

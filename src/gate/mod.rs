@@ -166,7 +166,7 @@ impl GateState {
                 .map(|dnsbl| dnsbl.with_health(dnsbl_health.clone())),
             dnsbl_cache,
             dnsbl_health,
-            networks: Networks::new(config),
+            networks: config.networks(),
             policy: Policy::new(config),
             body_timeout: config.server.body_timeout.0,
             resolver: config.client_ip.resolver(),

@@ -36,11 +36,13 @@ use std::path::Path;
 use std::time::SystemTime;
 
 mod addresses;
+mod database;
 mod domains;
 pub mod remote;
 mod source;
 
 pub use addresses::{AddressLists, AddressSet};
+pub(crate) use database::open_database;
 pub use domains::DomainLists;
 pub use source::{
     lists_dir, shown_url, CopyState, ListContext, ListEntry, RemoteList, Sidecar, UrlEntry,
@@ -199,7 +201,7 @@ impl ListKind {
     /// configuration loader would read it.
     pub fn check(self, name: &str, bytes: &[u8]) -> Result<(), ListError> {
         if !self.is_text() {
-            return crate::networks::check_database(name, bytes);
+            return open_database(name, bytes.to_vec()).map(drop);
         }
         if bytes.last().is_some_and(|&last| last != b'\n') {
             return Err(ListError::CutShort {
@@ -269,7 +271,7 @@ fn unchanged_with_label(
 
 /// A fresh scratch file name for each list a test writes.
 #[cfg(test)]
-fn scratch_file() -> std::path::PathBuf {
+pub(crate) fn scratch_file() -> std::path::PathBuf {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("mgk-lists-unit-{}", std::process::id()));
@@ -284,69 +286,6 @@ mod tests {
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
-    }
-
-    #[test]
-    fn configuration_errors_name_the_key_the_file_and_the_line() {
-        use crate::config::Config;
-        let addresses = scratch_file();
-        std::fs::write(&addresses, "192.0.2.0/24\n2001:db8::/32 # v6\n").unwrap();
-        let domains = scratch_file();
-        std::fs::write(&domains, "mailinator.com\n").unwrap();
-        let toml = format!(
-            "[client_ip]\ndeny_lists = [{:?}]\n[email]\ndenied_domain_lists = [{:?}]\n",
-            addresses.display().to_string(),
-            domains.display().to_string()
-        );
-        let config = Config::from_toml(&toml).unwrap();
-        assert!(config.client_ip.deny_lists.find(ip("192.0.2.9")).is_some());
-        assert!(config
-            .email
-            .denied_domain_lists
-            .find("x.mailinator.com")
-            .is_some());
-        // `check` prints the paths, and what it prints loads again.
-        let printed = config.to_toml();
-        assert!(
-            printed.contains(&format!("{:?}", addresses.display().to_string())),
-            "{printed}"
-        );
-        let again = Config::from_toml(&printed).unwrap();
-        assert!(again.client_ip.deny_lists.find(ip("2001:db8::1")).is_some());
-
-        std::fs::write(&addresses, "192.0.2.0/24\n\n10.0.0.0/8x\n").unwrap();
-        let error = Config::from_toml(&toml).unwrap_err().to_string();
-        assert_eq!(
-            error,
-            format!(
-                "client_ip.deny_lists: {}:3: not an address or network: \"10.0.0.0/8x\"",
-                addresses.display()
-            )
-        );
-        std::fs::write(&addresses, "192.0.2.0/24\n").unwrap();
-        std::fs::write(&domains, "ok.example\nnot a domain\n").unwrap();
-        let error = Config::from_toml(&toml).unwrap_err().to_string();
-        assert_eq!(
-            error,
-            format!(
-                "email.denied_domain_lists: {}:2: not a domain: \"not a domain\"",
-                domains.display()
-            )
-        );
-        std::fs::remove_file(&domains).unwrap();
-        let error = Config::from_toml(&toml).unwrap_err().to_string();
-        assert!(
-            error.starts_with(&format!(
-                "email.denied_domain_lists: cannot read {}: ",
-                domains.display()
-            )),
-            "{error}"
-        );
-        assert!(Config::from_toml("[client_ip]\ndeny_lists = [1]\n")
-            .unwrap_err()
-            .to_string()
-            .starts_with("client_ip.deny_lists"));
-        let _ = std::fs::remove_file(&addresses);
     }
 
     /// A scratch list holding `text`: its path, and the path as configured.

@@ -25,6 +25,7 @@
 //! announced by a `list_stale` webhook event, shown by the metrics, and
 //! with `on_stale_list = "drop"` no longer used until a fetch succeeds.
 
+use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
@@ -42,7 +43,6 @@ use tokio_rustls::TlsConnector;
 
 use super::source::hex;
 use super::{CopyState, ListKind, RemoteList, Sidecar, UrlEntry};
-use crate::config::{Config, OnStaleList};
 use crate::error::ErrorChain;
 use crate::notify::{Event, Notifier};
 use crate::telemetry::{ListFetch, Metrics};
@@ -62,18 +62,13 @@ pub struct FetchSettings {
 }
 
 impl FetchSettings {
-    /// The settings of `config`. An unreadable `list_ca_file` (it was
-    /// readable when the configuration was checked) is logged, and only
-    /// the built-in roots are trusted.
-    pub fn from_config(config: &Config) -> FetchSettings {
-        let roots = config.reputation.list_roots().unwrap_or_else(|error| {
-            tracing::error!(%error, "reputation.list_ca_file not read; only the built-in roots are trusted");
-            Vec::new()
-        });
+    /// Fetches bounded by `timeout` and `max_bytes`, over TLS checked
+    /// against the built-in roots and `extra_roots`.
+    pub fn new(timeout: Duration, max_bytes: u64, extra_roots: &[CertificateDer<'static>]) -> Self {
         FetchSettings {
-            timeout: config.reputation.list_timeout.0,
-            max_bytes: config.reputation.list_max_bytes,
-            connector: crate::tls::tls_connector(&roots),
+            timeout,
+            max_bytes,
+            connector: crate::tls::tls_connector(extra_roots),
         }
     }
 }
@@ -416,37 +411,19 @@ impl std::fmt::Debug for RemoteSet {
     }
 }
 
-impl RemoteSet {
-    /// The remote lists of `config`.
-    pub fn from_config(config: &Config) -> RemoteSet {
-        RemoteSet {
-            lists: config.remote_lists(),
-            refresh: config.reputation.list_refresh.0,
-            max_age: config.reputation.list_max_age.0,
-            drop_stale: config.reputation.on_stale_list == OnStaleList::Drop,
-            settings: Arc::new(FetchSettings::from_config(config)),
-        }
-    }
-}
-
-/// At start: fetches every list of `config` that has no copy yet. A
-/// failure is logged; for a list not marked optional it is returned (the
-/// gate does not start without it). `Ok(true)` when a copy was written
-/// (the lists are to be loaded again).
-pub async fn fetch_missing(config: &Config) -> Result<bool, String> {
-    let missing: Vec<_> = config
-        .remote_lists()
-        .into_iter()
-        .filter(|(_, list)| list.state == CopyState::Missing)
-        .collect();
-    if missing.is_empty() {
-        return Ok(false);
-    }
-    let settings = FetchSettings::from_config(config);
+/// At start: fetches every list of `set` that has no copy yet. A failure
+/// is logged; for a list not marked optional it is returned (the gate does
+/// not start without it). `Ok(true)` when a copy was written (the lists
+/// are to be loaded again).
+pub async fn fetch_missing(set: &RemoteSet) -> Result<bool, String> {
+    let missing = set
+        .lists
+        .iter()
+        .filter(|(_, list)| list.state == CopyState::Missing);
     let mut fetched = false;
     for (kind, list) in missing {
-        let shown = &list.entry.shown;
-        match fetch_and_store(kind, &list, &settings).await {
+        let (kind, shown) = (*kind, &list.entry.shown);
+        match fetch_and_store(kind, list, &set.settings).await {
             Ok(_) => {
                 tracing::info!(key = kind.key(), list = %shown, "list fetched");
                 fetched = true;

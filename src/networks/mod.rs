@@ -34,7 +34,9 @@ use maxminddb::Reader;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::lists::{load_entry, ListContext, ListEntry, ListError, ListInfo, RemoteList, Stamp};
+use crate::lists::{
+    load_entry, open_database, ListContext, ListEntry, ListError, ListInfo, RemoteList, Stamp,
+};
 
 mod record;
 
@@ -67,7 +69,7 @@ impl NetworkDatabase {
         self.reader = if bytes.is_empty() && info.remote.is_some() {
             None
         } else {
-            Some(Arc::new(open(&info.label(), bytes)?))
+            Some(Arc::new(open_database(&info.label(), bytes)?))
         };
         self.info = Some(info);
         Ok(())
@@ -113,24 +115,6 @@ impl From<ListEntry> for NetworkDatabase {
             reader: None,
         }
     }
-}
-
-/// A database's bytes, opened and checked from end to end: its metadata,
-/// its search tree and every record the tree points at.
-fn open(label: &str, bytes: Vec<u8>) -> Result<Reader<Vec<u8>>, ListError> {
-    let invalid = |error: maxminddb::MaxMindDbError| ListError::NotADatabase {
-        path: label.to_owned(),
-        reason: error.to_string(),
-    };
-    let reader = Reader::from_source(bytes).map_err(invalid)?;
-    reader.verify().map_err(invalid)?;
-    Ok(reader)
-}
-
-/// Checks a database's bytes as loading it would (the fetcher's check of
-/// a downloaded copy); `name` names it in errors.
-pub fn check_database(name: &str, bytes: &[u8]) -> Result<(), ListError> {
-    open(name, bytes.to_vec()).map(drop)
 }
 
 impl fmt::Debug for NetworkDatabase {
@@ -249,7 +233,12 @@ impl fmt::Display for Country {
 
 impl<'de> Deserialize<'de> for Country {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::config::parse_str(d, "a two-letter country code such as \"NL\"")
+        let text = String::deserialize(d)?;
+        text.parse().map_err(|()| {
+            de::Error::custom(format!(
+                "expected a two-letter country code such as \"NL\", got {text:?}"
+            ))
+        })
     }
 }
 
@@ -300,19 +289,23 @@ impl NetworkVerdict {
 }
 
 impl Networks {
-    /// The rules of `[reputation]`, and whether `[rate_limit]` counts
-    /// networks.
-    pub fn new(config: &crate::config::Config) -> Self {
-        let reputation = &config.reputation;
-        let limits = &config.rate_limit;
+    /// The rules of `[reputation]` over its databases; `counts_networks`:
+    /// whether a per-network limit is configured (else no ASN is counted).
+    pub fn new(
+        asn_database: Option<NetworkDatabase>,
+        country_database: Option<NetworkDatabase>,
+        deny_asns: &[AsNumber],
+        allow_asns: &[AsNumber],
+        deny_countries: Vec<Country>,
+        counts_networks: bool,
+    ) -> Self {
         Networks {
-            asn_database: reputation.asn_database.clone(),
-            country_database: reputation.country_database.clone(),
-            deny_asns: sorted(&reputation.deny_asns),
-            allow_asns: sorted(&reputation.allow_asns),
-            deny_countries: reputation.deny_countries.clone(),
-            counts_networks: limits.registrations_per_asn.is_some()
-                || limits.attempts_per_asn.is_some(),
+            asn_database,
+            country_database,
+            deny_asns: sorted(deny_asns),
+            allow_asns: sorted(allow_asns),
+            deny_countries,
+            counts_networks,
         }
     }
 
@@ -382,4 +375,4 @@ fn skip<'de, A: MapAccess<'de>>(map: &mut A) -> Result<(), A::Error> {
 pub(crate) mod mmdb;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -30,13 +30,12 @@ use tokio::sync::{mpsc, watch};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequestHeadersLayer};
 
+use crate::admin::api::{AdminApi, AdminToken};
 use crate::admin::AdminState;
-use crate::admin_api::{AdminApi, AdminToken};
 use crate::config::Config;
 use crate::error::MatrixError;
 use crate::fast_path::{linger, Ending, FastPath, Rewind};
 use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
-use crate::lists::remote::RemoteSet;
 use crate::lists::Stamp;
 use crate::notify::Notifier;
 use crate::telemetry::Metrics;
@@ -137,7 +136,7 @@ impl Server {
                 path: None,
                 running: Arc::new(config.clone()),
                 lists: Arc::new(Mutex::new(list_files(config))),
-                remote_lists: Arc::new(watch::channel(RemoteSet::from_config(config)).0),
+                remote_lists: Arc::new(watch::channel(config.remote_set()).0),
                 admin_token: AdminToken::new(config.admin.token().unwrap_or_else(|error| {
                     tracing::error!(%error, "admin API off");
                     None

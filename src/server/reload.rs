@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::admin_api::AdminToken;
+use crate::admin::api::AdminToken;
 use crate::config::{Config, ConfigError};
 use crate::gate::RegistrationGateLayer;
 use crate::lists::remote::{refresh_lists, RemoteSet};
@@ -86,8 +86,7 @@ impl Reloader {
         }
         self.gate.reload(&config);
         *self.lists.lock().unwrap_or_else(PoisonError::into_inner) = list_files(&config);
-        self.remote_lists
-            .send_replace(RemoteSet::from_config(&config));
+        self.remote_lists.send_replace(config.remote_set());
         // Validation read the file a moment ago; should it fail now, the
         // token in force stays rather than switching the API off.
         match config.admin.token() {

@@ -3,10 +3,12 @@
 //! limiter store's state is reported: Redis is asked for a `PING`).
 //!
 //! With `[admin] token_file`, it also serves the admin API under `/v1/`
-//! ([`crate::admin_api`]).
+//! ([`api`]).
 //!
 //! It is a separate listener, meant for loopback or a private network, and
 //! is off unless `[server] admin_listen` is set.
+
+pub mod api;
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -17,8 +19,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
-use crate::admin_api::AdminApi;
 use crate::gate::RegistrationGateLayer;
+use api::AdminApi;
 
 /// What the admin endpoints look at.
 #[derive(Debug, Clone)]
@@ -37,7 +39,7 @@ impl AdminState {
         &self,
         request: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
-        if request.uri().path().starts_with(crate::admin_api::PREFIX) {
+        if request.uri().path().starts_with(api::PREFIX) {
             if let Some(response) = self.api.answer(request).await {
                 return Ok(response);
             }

@@ -28,7 +28,7 @@ use crate::client_ip::ClientAddress;
 use crate::config::{Config, GateMode, LimitSpec, OnDnsblError};
 use crate::gate::policy::{Forward, HeadDecision, Policy, RequestedName};
 use crate::gate::routes::{ApiVersion, GuardedRoute, Medium};
-use crate::networks::{Network, NetworkVerdict, Networks};
+use crate::networks::{Network, NetworkVerdict};
 use crate::ratelimit::LimitKind;
 
 /// What to explain.
@@ -172,7 +172,7 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
             }
         },
     );
-    let networks = Networks::new(config);
+    let networks = config.networks();
     let network = question.ip.filter(|_| networks.is_configured()).map(|ip| {
         let network = networks.lookup(ip);
         let verdict = networks.verdict(&network);
