@@ -6,9 +6,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use matrix_gatekeeper::bans::Bans;
 use matrix_gatekeeper::client_ip::{ClientKey, IpNet};
 use matrix_gatekeeper::config::Config;
+use matrix_gatekeeper::defences::bans::Bans;
 use matrix_gatekeeper::ratelimit::{LimitKind, RateLimiter};
 
 /// A table holding `n` bans of distinct /24s, none covering the client.

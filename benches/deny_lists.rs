@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{criterion_group, Criterion};
-use matrix_gatekeeper::lists::{AddressLists, AddressSet, DomainLists};
+use matrix_gatekeeper::defences::lists::{AddressLists, AddressSet, DomainLists};
 
 const ADDRESS_ENTRIES: usize = 1_000_000;
 const DOMAIN_ENTRIES: usize = 100_000;

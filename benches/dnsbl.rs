@@ -13,7 +13,7 @@ use hickory_resolver::proto::op::{Message, Query};
 use hickory_resolver::proto::rr::rdata::A;
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use matrix_gatekeeper::config::Config;
-use matrix_gatekeeper::dnsbl::{interpret, query_name, Dnsbl, Verdict};
+use matrix_gatekeeper::defences::dnsbl::{interpret, query_name, Dnsbl, Verdict};
 
 /// `A 127.0.0.2`, TTL 300, for `name`.
 fn listing(name: &Name) -> Record {

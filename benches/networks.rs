@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
-use matrix_gatekeeper::networks::NetworkDatabase;
+use matrix_gatekeeper::defences::networks::NetworkDatabase;
 use matrix_gatekeeper::Config;
 
 #[path = "../tests/common/mmdb.rs"]

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use regex::Regex;
 use serde::Deserialize;
 
-use crate::lists::{read, ListError, Stamp};
+use crate::defences::lists::{read, ListError, Stamp};
 use crate::secret::constant_time_eq;
 
 /// An application service file that cannot be used.

@@ -18,17 +18,13 @@
 
 pub mod admin;
 pub mod appservice;
-pub mod bans;
 pub mod client_ip;
 pub mod config;
-pub mod dnsbl;
+pub mod defences;
 pub mod error;
 pub mod explain;
 mod fast_path;
 pub mod gate;
-pub mod lists;
-pub mod lockdown;
-pub mod networks;
 pub mod notify;
 pub mod probe;
 pub mod ratelimit;

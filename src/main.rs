@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use matrix_gatekeeper::config::{AdminConfig, Config, ConfigError, GuestAccess, Secrets};
+use matrix_gatekeeper::defences::lists::{remote, CopyState, Stamp};
 use matrix_gatekeeper::explain::{
     explain_with, look_up_dnsbl, read_gate, AdminTarget, GateRead, Live, Question,
 };
-use matrix_gatekeeper::lists::{remote, CopyState, Stamp};
 use matrix_gatekeeper::probe;
 use matrix_gatekeeper::server::{shutdown_signal, Hangups, Server};
 use matrix_gatekeeper::telemetry::init_logging;
@@ -267,7 +267,9 @@ fn main() -> ExitCode {
             // a while for large lists: `systemctl reload` right after a
             // start must not end the process (SIGHUP's default action).
             let hangups = catch_hangups();
-            let config_stamp = path.as_deref().and_then(matrix_gatekeeper::lists::stamp);
+            let config_stamp = path
+                .as_deref()
+                .and_then(matrix_gatekeeper::defences::lists::stamp);
             let config = match load_or_exit(path.as_ref()) {
                 Ok(config) => config,
                 Err(code) => return code,

@@ -426,7 +426,7 @@ impl Metrics {
 /// registration is closed) and the counter
 /// `gatekeeper_registration_lockdowns_total` (lockdowns this replica
 /// started: summed over replicas, every lockdown once).
-pub fn render_lockdown(out: &mut String, lockdown: &crate::lockdown::Lockdown) {
+pub fn render_lockdown(out: &mut String, lockdown: &crate::defences::lockdown::Lockdown) {
     out.push_str(
         "# HELP gatekeeper_registration_lockdown 1 while registration is closed by the lockdown.\n",
     );
@@ -450,7 +450,7 @@ pub fn render_lockdown(out: &mut String, lockdown: &crate::lockdown::Lockdown) {
 /// Appends the gauge `gatekeeper_dnsbl_zone_healthy{zone}`: 1 for a DNSBL
 /// zone that passed its last test-point check, 0 for one that failed it
 /// (its answers are not trusted). A zone not checked yet has no series.
-pub fn render_dnsbl_health(out: &mut String, health: &crate::dnsbl::ZoneHealth) {
+pub fn render_dnsbl_health(out: &mut String, health: &crate::defences::dnsbl::ZoneHealth) {
     out.push_str(
         "# HELP gatekeeper_dnsbl_zone_healthy 1 while a DNSBL zone answers its RFC 5782 test points correctly.\n",
     );

@@ -384,7 +384,7 @@ async fn a_list_changed_while_the_gate_starts_is_picked_up() {
     let exits = TempFile::new(".txt", "203.0.113.9\n");
     let hs = FakeHomeserver::start().await;
     let config_file = watching(&hs, &exits);
-    let config_stamp = matrix_gatekeeper::lists::stamp(&config_file.0);
+    let config_stamp = matrix_gatekeeper::defences::lists::stamp(&config_file.0);
     let config = Config::from_file(&config_file.0).unwrap();
     // The list changes after the gate read it and before it serves, as
     // when an update lands while a large list is being compiled.

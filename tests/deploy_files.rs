@@ -743,7 +743,7 @@ async fn prometheus_alert_rules_check_pass_their_tests_and_use_exported_metrics(
 fn exported_metrics() -> String {
     let limiter = RateLimiter::new(&Default::default());
     let mut out = Metrics::default().render(&limiter);
-    let lockdown = matrix_gatekeeper::lockdown::Lockdown::new(
+    let lockdown = matrix_gatekeeper::defences::lockdown::Lockdown::new(
         None,
         &limiter,
         matrix_gatekeeper::notify::Notifier::disabled(),

@@ -26,14 +26,14 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::bans::Ban;
 use crate::client_ip::IpNet;
 use crate::config::HumanDuration;
+use crate::defences::bans::Ban;
+use crate::defences::lockdown;
+use crate::defences::networks::NetworkVerdict;
 use crate::error::{json_response, MatrixError};
 use crate::gate::json::parse_object;
 use crate::gate::RegistrationGateLayer;
-use crate::lockdown;
-use crate::networks::NetworkVerdict;
 use crate::ratelimit::{Budget, CountedAs, Subject};
 
 /// The path prefix of the API.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::error::ConfigError;
 use super::values::DenyPattern;
 use crate::client_ip::{ClientResolver, IpNet};
-use crate::lists::AddressLists;
+use crate::defences::lists::AddressLists;
 
 /// `[client_ip]`
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -4,7 +4,7 @@ use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::values::parse_str;
-use crate::lists::DomainLists;
+use crate::defences::lists::DomainLists;
 
 /// `[email]`
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

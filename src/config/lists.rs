@@ -7,8 +7,8 @@ use rustls::pki_types::CertificateDer;
 use super::error::ConfigError;
 use super::reputation::{OnStaleList, ReputationConfig};
 use super::Config;
-use crate::lists::remote::{FetchSettings, RemoteSet};
-use crate::lists::{ListContext, ListKind, RemoteList};
+use crate::defences::lists::remote::{FetchSettings, RemoteSet};
+use crate::defences::lists::{ListContext, ListKind, RemoteList};
 
 impl ReputationConfig {
     /// The settings of lists fetched from URLs.
@@ -110,8 +110,8 @@ impl Config {
                     .map(|(kind, database)| (kind, database.entry())),
             )
             .find_map(|(kind, entry)| match entry {
-                crate::lists::ListEntry::Url(url) => Some((kind, url.shown.clone())),
-                crate::lists::ListEntry::File(_) => None,
+                crate::defences::lists::ListEntry::Url(url) => Some((kind, url.shown.clone())),
+                crate::defences::lists::ListEntry::File(_) => None,
             });
         if let (Some((kind, url)), None) = (first_url, &self.server.state_dir) {
             return Err(ConfigError::invalid(
@@ -175,7 +175,7 @@ mod tests {
 
     use crate::config::tests::err;
     use crate::config::Config;
-    use crate::lists::{CopyState, ListEntry, Sidecar};
+    use crate::defences::lists::{CopyState, ListEntry, Sidecar};
 
     fn state_dir(name: &str) -> std::path::PathBuf {
         let dir =
@@ -363,9 +363,9 @@ mod tests {
 
     #[test]
     fn configuration_errors_name_the_key_the_file_and_the_line() {
-        let addresses = crate::lists::scratch_file();
+        let addresses = crate::defences::lists::scratch_file();
         std::fs::write(&addresses, "192.0.2.0/24\n2001:db8::/32 # v6\n").unwrap();
-        let domains = crate::lists::scratch_file();
+        let domains = crate::defences::lists::scratch_file();
         std::fs::write(&domains, "mailinator.com\n").unwrap();
         let toml = format!(
             "[client_ip]\ndeny_lists = [{:?}]\n[email]\ndenied_domain_lists = [{:?}]\n",

@@ -2,8 +2,8 @@
 //! the rules the gate applies, over databases the tests write.
 
 use crate::config::Config;
-use crate::networks::tests::{asn_db, country_db, ip, scratch};
-use crate::networks::NetworkVerdict;
+use crate::defences::networks::tests::{asn_db, country_db, ip, scratch};
+use crate::defences::networks::NetworkVerdict;
 
 fn config(extra: &str) -> Result<Config, String> {
     let asn = scratch("cfg-asn.mmdb", &asn_db().to_bytes());

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::error::ConfigError;
 use super::values::{parse_str, string_enum, HumanDuration};
-use crate::lists::ListKind;
-use crate::networks::{AsNumber, Country, NetworkDatabase, Networks};
+use crate::defences::lists::ListKind;
+use crate::defences::networks::{AsNumber, Country, NetworkDatabase, Networks};
 
 /// `[reputation]`: DNS blocklists (DNSBL) asked about the client address
 /// on the guarded routes.

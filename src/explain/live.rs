@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::client_ip::IpNet;
 use crate::config::Config;
-use crate::dnsbl::{Dnsbl, Verdict};
+use crate::defences::dnsbl::{Dnsbl, Verdict};
 
 /// Longest wait for one answer of the admin API, body included.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);

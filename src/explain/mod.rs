@@ -26,9 +26,9 @@ pub use live::{
 
 use crate::client_ip::ClientAddress;
 use crate::config::{Config, GateMode, LimitSpec, OnDnsblError};
+use crate::defences::networks::{Network, NetworkVerdict};
 use crate::gate::policy::{Forward, HeadDecision, Policy, RequestedName};
 use crate::gate::routes::{ApiVersion, GuardedRoute, Medium};
-use crate::networks::{Network, NetworkVerdict};
 use crate::ratelimit::LimitKind;
 
 /// What to explain.
@@ -360,7 +360,7 @@ fn dnsbl_refusal(
         .dnsbl
         .iter()
         .map(|zone| match question.ip {
-            Some(ip) => crate::dnsbl::query_name(ip, &zone.0),
+            Some(ip) => crate::defences::dnsbl::query_name(ip, &zone.0),
             None => zone.0.clone(),
         })
         .collect();

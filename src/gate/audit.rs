@@ -44,7 +44,7 @@ pub(super) struct Audit {
     /// gave again).
     pub(super) user_id: Option<String>,
     /// The client's network, when a network database knows it.
-    pub(super) network: Option<crate::networks::Network>,
+    pub(super) network: Option<crate::defences::networks::Network>,
 }
 
 /// Longest client-chosen text (a username, a user agent) an audit line

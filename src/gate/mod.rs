@@ -84,13 +84,13 @@ pub use policy::{Forward, HeadDecision, Policy, Refusal, RequestedName};
 use request::{body_error, canonical_request, declared_length, read_body, ReadBody};
 pub use routes::GuardedRoute;
 
-use crate::bans::Bans;
 use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
 use crate::config::{Config, GateMode, OnDnsblError};
-use crate::dnsbl::{Dnsbl, DnsblCache, Verdict, ZoneHealth, HEALTH_CHECK_EVERY};
+use crate::defences::bans::Bans;
+use crate::defences::dnsbl::{Dnsbl, DnsblCache, Verdict, ZoneHealth, HEALTH_CHECK_EVERY};
+use crate::defences::lockdown::{Lockdown, CLOSED_MESSAGE};
+use crate::defences::networks::{Network, Networks};
 use crate::error::MatrixError;
-use crate::lockdown::{Lockdown, CLOSED_MESSAGE};
-use crate::networks::{Network, Networks};
 use crate::notify::Notifier;
 use crate::ratelimit::Subject;
 use crate::ratelimit::{LimitKind, RateLimiter};
@@ -281,7 +281,11 @@ impl RegistrationGateLayer {
     pub fn network(
         &self,
         client: IpAddr,
-    ) -> Option<(Network, crate::networks::NetworkVerdict, Option<u32>)> {
+    ) -> Option<(
+        Network,
+        crate::defences::networks::NetworkVerdict,
+        Option<u32>,
+    )> {
         let state = self.state.load();
         let networks = &state.networks;
         if !networks.is_configured() {
@@ -418,7 +422,7 @@ fn follow_store(state: std::sync::Weak<ArcSwap<GateState>>) {
     });
 }
 
-/// Checks the test points of the DNSBL zones (see [`crate::dnsbl::ZoneHealth`])
+/// Checks the test points of the DNSBL zones (see [`crate::defences::dnsbl::ZoneHealth`])
 /// off the request path while the gate lives: at once, every
 /// [`HEALTH_CHECK_EVERY`], and when `recheck` is notified (a reload changed
 /// the zones). Does nothing without a Tokio runtime.

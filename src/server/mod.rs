@@ -33,10 +33,10 @@ use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequ
 use crate::admin::api::{AdminApi, AdminToken};
 use crate::admin::AdminState;
 use crate::config::Config;
+use crate::defences::lists::Stamp;
 use crate::error::MatrixError;
 use crate::fast_path::{linger, Ending, FastPath, Rewind};
 use crate::gate::{GateRequestBody, PeerAddress, RegistrationGate, RegistrationGateLayer};
-use crate::lists::Stamp;
 use crate::notify::Notifier;
 use crate::telemetry::Metrics;
 use crate::upstream::{unforwardable, Upstream};

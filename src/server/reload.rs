@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use crate::admin::api::AdminToken;
 use crate::config::{Config, ConfigError};
+use crate::defences::lists::remote::{refresh_lists, RemoteSet};
+use crate::defences::lists::Stamp;
 use crate::gate::RegistrationGateLayer;
-use crate::lists::remote::{refresh_lists, RemoteSet};
-use crate::lists::Stamp;
 use crate::notify::Event;
 use tokio::sync::watch;
 
@@ -108,7 +108,7 @@ impl Reloader {
         let lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
         std::iter::once(path)
             .chain(lists.iter())
-            .map(|path| (path.clone(), crate::lists::stamp(path)))
+            .map(|path| (path.clone(), crate::defences::lists::stamp(path)))
             .collect()
     }
 

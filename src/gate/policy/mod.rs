@@ -25,8 +25,8 @@ use regex::Regex;
 use crate::appservice::AppServices;
 use crate::client_ip::IpNet;
 use crate::config::{Config, DomainGlob, GuestAccess};
+use crate::defences::lists::{AddressLists, DomainLists};
 use crate::error::MatrixError;
-use crate::lists::{AddressLists, DomainLists};
 
 /// The kind of account a `POST …/register` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

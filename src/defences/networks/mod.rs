@@ -8,7 +8,7 @@
 //! limit registrations per network (`[rate_limit] registrations_per_asn`,
 //! `attempts_per_asn`).
 //!
-//! A database is a path or a URL, as a list is (see [`crate::lists`]: a
+//! A database is a path or a URL, as a list is (see [`crate::defences::lists`]: a
 //! URL is fetched into a copy under `[server] state_dir` and refreshed with
 //! the lists). It is read whole into memory when the configuration is
 //! loaded (at start and at every reload, never on the request path),
@@ -34,7 +34,7 @@ use maxminddb::Reader;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::lists::{
+use crate::defences::lists::{
     load_entry, open_database, ListContext, ListEntry, ListError, ListInfo, RemoteList, Stamp,
 };
 
@@ -371,7 +371,7 @@ fn skip<'de, A: MapAccess<'de>>(map: &mut A) -> Result<(), A::Error> {
 }
 
 #[cfg(test)]
-#[path = "../../tests/common/mmdb.rs"]
+#[path = "../../../tests/common/mmdb.rs"]
 pub(crate) mod mmdb;
 
 #[cfg(test)]

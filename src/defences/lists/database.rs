@@ -1,6 +1,6 @@
 //! Network databases as the fetcher and the loader see them: MaxMind DB
 //! files, opened and checked whole (what they say of an address is
-//! [`crate::networks`]' business).
+//! [`crate::defences::networks`]' business).
 
 use maxminddb::Reader;
 

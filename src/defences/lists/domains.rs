@@ -209,7 +209,7 @@ impl Serialize for DomainLists {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lists::scratch_file;
+    use crate::defences::lists::scratch_file;
 
     fn domains(text: &str) -> DomainLists {
         let path = scratch_file();
