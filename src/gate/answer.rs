@@ -1,6 +1,6 @@
 //! How the gate answers a request it does not forward ([`Stop`]): a Matrix
 //! JSON error on the client API's routes, and on the SSO username picker
-//! what its page and script show a person (see [`super::sso`]).
+//! what its page and script show a person (see [`super::policy::sso`]).
 
 use std::sync::Arc;
 
@@ -8,7 +8,8 @@ use bytes::Bytes;
 use http::Response;
 use http_body_util::Full;
 
-use super::{sso, GuardedRoute, Refusal, RequestedName};
+use super::policy::sso;
+use super::{GuardedRoute, Refusal, RequestedName};
 use crate::ratelimit::Limited;
 use crate::telemetry::Outcome;
 

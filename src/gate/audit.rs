@@ -144,7 +144,7 @@ impl Forwarded {
         // Synapse accepts an SSO username pick with a redirect to the next
         // step of sign-up, and answers every failure with a page.
         let success = matches!(&result, Ok(response) if match self.audit.route {
-            GuardedRoute::PickUsername => super::sso::accepted(response.status(), response.headers()),
+            GuardedRoute::PickUsername => super::policy::sso::accepted(response.status(), response.headers()),
             _ => response.status().is_success(),
         });
         if let Some(permit) = self.permit {

@@ -49,7 +49,6 @@
 //! ```
 
 mod answer;
-pub mod appservice;
 mod audit;
 pub mod body;
 mod future;
@@ -58,8 +57,6 @@ pub mod policy;
 pub mod query;
 mod request;
 pub mod routes;
-mod sso;
-mod threepid;
 pub mod username;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -75,10 +72,10 @@ use http_body_util::{Either, Full};
 use tower::{Layer, Service};
 
 use answer::Stop;
-use appservice::AppServiceGrant;
 use audit::{Audit, Forwarded};
 pub use body::GateBody;
 pub use future::ResponseFuture;
+use policy::appservice::{self, AppServiceGrant};
 use policy::{AccountKind, BodyPlan};
 pub use policy::{Forward, HeadDecision, Policy, Refusal, RequestedName};
 use request::{body_error, canonical_request, declared_length, read_body, ReadBody};
@@ -652,7 +649,7 @@ where
         HeadDecision::Forward(forward) => forward,
         HeadDecision::ReadBody(plan) => {
             if plan == BodyPlan::PickUsername {
-                sso::form_content_type(&parts.headers).map_err(Stop::Refuse)?;
+                policy::sso::form_content_type(&parts.headers).map_err(Stop::Refuse)?;
             }
             if let BodyPlan::Register(_, AccountKind::Guest) = plan {
                 limiter

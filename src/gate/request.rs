@@ -131,7 +131,7 @@ pub(super) fn canonical_request<B>(
     }
     if let Some(grant) = &forward.appservice {
         let bearer = HeaderValue::from_str(&format!("Bearer {}", grant.token.0))
-            .map_err(|_| super::appservice::unknown_token())?;
+            .map_err(|_| super::policy::appservice::unknown_token())?;
         headers.insert(header::AUTHORIZATION, bearer);
     }
     if length > 0 || parts.method == Method::POST {

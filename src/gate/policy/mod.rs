@@ -6,19 +6,22 @@
 //! refusal or exactly what the homeserver receives — canonical path, a query
 //! the gate wrote, and a body the gate re-serialized.
 
+pub mod appservice;
+pub(in crate::gate) mod sso;
+mod threepid;
+
 use bytes::Bytes;
 use http::Method;
 use serde_json::{Map, Value};
 
-use super::appservice::{self, AccessToken, AppServiceGrant};
 use super::json::parse_object;
 use super::query::{encode_component, Query};
 use super::routes::{GuardedRoute, Medium};
-use super::sso;
-use super::threepid::{canonical_email, check_request_token};
 use super::username::{UsernamePolicy, UsernameRule};
+use appservice::{AccessToken, AppServiceGrant};
 use std::net::IpAddr;
 use std::sync::Arc;
+use threepid::{canonical_email, check_request_token};
 
 use regex::Regex;
 

@@ -32,11 +32,11 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use super::policy::{AccountKind, Forward, HeadDecision, Policy, Refusal, RequestedName};
-use super::query::{encode_component, Query};
-use super::routes::GuardedRoute;
-use super::username::{map_case, UsernameRule};
+use super::{AccountKind, Forward, HeadDecision, Policy, Refusal, RequestedName};
 use crate::error::MatrixError;
+use crate::gate::query::{encode_component, Query};
+use crate::gate::routes::GuardedRoute;
+use crate::gate::username::{map_case, UsernameRule};
 
 /// The only content type the pick is read as.
 const FORM: &str = "application/x-www-form-urlencoded";
@@ -48,7 +48,7 @@ const SINGLE_FIELDS: [&str; 3] = ["username", "use_display_name", "use_avatar"];
 /// Decides on an availability check from its raw query: the username
 /// policy on the name as Synapse reads it; a good name is asked upstream
 /// as `?username=<name>` and nothing else.
-pub(super) fn check(policy: &Policy, raw_query: Option<&str>) -> HeadDecision {
+pub(in crate::gate) fn check(policy: &Policy, raw_query: Option<&str>) -> HeadDecision {
     let query = Query::parse(raw_query);
     let name = match query.single("username") {
         Ok(Some(name)) => name,
@@ -73,7 +73,7 @@ pub(super) fn check(policy: &Policy, raw_query: Option<&str>) -> HeadDecision {
 
 /// Refuses a pick whose body is not declared as one form: Twisted reads
 /// `multipart/form-data` too, and the gate reads only what it forwards.
-pub(super) fn form_content_type(headers: &HeaderMap) -> Result<(), Refusal> {
+pub(in crate::gate) fn form_content_type(headers: &HeaderMap) -> Result<(), Refusal> {
     let mut types = headers.get_all(header::CONTENT_TYPE).iter();
     let declared = match (types.next(), types.next()) {
         (Some(value), None) => value.to_str().ok(),
@@ -92,7 +92,7 @@ pub(super) fn form_content_type(headers: &HeaderMap) -> Result<(), Refusal> {
 
 /// Decides on the body of a pick: strict form, username policy on the
 /// name exactly as sent, and the canonical form the homeserver receives.
-pub(super) fn pick(policy: &Policy, body: &[u8]) -> Result<Forward, Refusal> {
+pub(in crate::gate) fn pick(policy: &Policy, body: &[u8]) -> Result<Forward, Refusal> {
     let form = Query::parse_form(body).map_err(|e| {
         Refusal::new(
             "not_utf8",
@@ -167,13 +167,13 @@ fn repeated(field: &str, n: usize) -> Refusal {
 
 /// Whether the homeserver accepted a pick: Synapse answers one with a
 /// redirect to the next step of sign-up, and every refusal with a page.
-pub(super) fn accepted(status: StatusCode, headers: &HeaderMap) -> bool {
+pub(in crate::gate) fn accepted(status: StatusCode, headers: &HeaderMap) -> bool {
     status.is_redirection() && headers.contains_key(header::LOCATION)
 }
 
 /// The check's answer for a name the gate refuses: `200` with
 /// `"available": false`, and the reason where the picker's script shows it.
-pub(super) fn unavailable(error: &MatrixError) -> Response<Full<Bytes>> {
+pub(in crate::gate) fn unavailable(error: &MatrixError) -> Response<Full<Bytes>> {
     let body = serde_json::json!({
         "available": false,
         "errcode": error.errcode,
@@ -185,7 +185,7 @@ pub(super) fn unavailable(error: &MatrixError) -> Response<Full<Bytes>> {
 /// The gate's refusal of a pick, for the person in front of the picker: a
 /// small HTML page with the reason, under the refusal's status (`400`,
 /// `403`, `429` with `Retry-After`), and a link back to the form.
-pub(super) fn page(
+pub(in crate::gate) fn page(
     status: StatusCode,
     reason: &str,
     retry_after_secs: Option<u64>,

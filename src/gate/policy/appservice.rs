@@ -23,10 +23,10 @@ use std::sync::Arc;
 use http::{header, HeaderMap, StatusCode};
 use serde_json::{Map, Value};
 
-use super::policy::Refusal;
-use super::query::Query;
+use super::Refusal;
 use crate::appservice::AppServices;
 use crate::error::MatrixError;
+use crate::gate::query::Query;
 
 /// The registration type of application services.
 pub const APP_SERVICE_TYPE: &str = "m.login.application_service";

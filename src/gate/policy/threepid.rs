@@ -3,22 +3,22 @@
 
 use serde_json::{Map, Value};
 
-use super::policy::Refusal;
-use super::routes::Medium;
+use super::Refusal;
 use crate::error::MatrixError;
+use crate::gate::routes::Medium;
 
 /// An e-mail address as the homeserver reads it before mailing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct CanonicalEmail {
+pub(in crate::gate) struct CanonicalEmail {
     /// The address forwarded: the local part as sent, `@`, the domain.
-    pub(super) address: String,
+    pub(in crate::gate) address: String,
     /// Where the domain starts in `address`.
     at: usize,
 }
 
 impl CanonicalEmail {
     /// The domain, lower-cased, printable ASCII only.
-    pub(super) fn domain(&self) -> &str {
+    pub(in crate::gate) fn domain(&self) -> &str {
         &self.address[self.at..]
     }
 }
@@ -38,7 +38,7 @@ fn python_space(c: char) -> bool {
 /// afterwards (control characters, spaces, Unicode letters a mail library
 /// may map onto other ASCII names) is refused: it is to be sent in its
 /// ASCII (punycode) form.
-pub(super) fn canonical_email(address: &str) -> Result<CanonicalEmail, Refusal> {
+pub(in crate::gate) fn canonical_email(address: &str) -> Result<CanonicalEmail, Refusal> {
     let unusable = |why: &str| {
         Refusal::new(
             "email_address",
@@ -67,7 +67,7 @@ pub(super) fn canonical_email(address: &str) -> Result<CanonicalEmail, Refusal> 
 /// The field types the spec gives a `requestToken` body. Homeservers do not
 /// all check them (Synapse answers 500 to a non-string `phone_number`), so
 /// the gate does: required fields present, every known field well typed.
-pub(super) fn check_request_token(
+pub(in crate::gate) fn check_request_token(
     medium: Medium,
     object: &Map<String, Value>,
 ) -> Result<(), Refusal> {
