@@ -5,11 +5,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::Response;
+use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use super::policy::sso;
 use super::{GuardedRoute, Refusal, RequestedName};
+use crate::error::json_response;
 use crate::ratelimit::Limited;
 use crate::telemetry::Outcome;
 
@@ -69,7 +70,42 @@ impl Stop {
                 sso::unavailable(&refusal.error)
             }
             (Stop::Refuse(refusal), _) => refusal.error.into_response(),
-            (Stop::Limit(limited), _) => limited.into_response(),
+            (Stop::Limit(limited), _) => limit_exceeded(limited),
         }
+    }
+}
+
+/// The `429 M_LIMIT_EXCEEDED` answer to a request over a limit, with
+/// `retry_after_ms` and `Retry-After` (whole seconds, rounded up).
+pub(crate) fn limit_exceeded(limited: Limited) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({
+        "errcode": "M_LIMIT_EXCEEDED",
+        "error": "Too many requests",
+        "retry_after_ms": limited.retry_after_ms(),
+    });
+    let mut response = json_response(StatusCode::TOO_MANY_REQUESTS, Bytes::from(body.to_string()));
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(limited.retry_after_secs()),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ratelimit::LimitKind;
+
+    #[test]
+    fn limited_answer_is_the_spec_429() {
+        let response = limit_exceeded(Limited {
+            limit: LimitKind::RegistrationsPerIp,
+            retry_after: Duration::from_millis(1500),
+        });
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "2");
+        assert_eq!(response.headers()["content-type"], "application/json");
     }
 }

@@ -31,14 +31,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use governor::clock::MonotonicClock;
-use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
 
 use crate::client_ip::ClientKey;
 use crate::config::{LimitSpec, OnStoreError, RateLimitConfig, StoreKind};
-use crate::error::json_response;
 use crate::notify::{Event, Notifier};
 use memory::MemoryStore;
 use redis::{RedisStore, Reservation};
@@ -322,22 +318,6 @@ impl Limited {
     /// `Retry-After` of the answer: whole seconds, rounded up, at least 1.
     pub fn retry_after_secs(&self) -> u64 {
         self.retry_after_ms().div_ceil(1000).max(1)
-    }
-
-    /// The `429 M_LIMIT_EXCEEDED` answer.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::json!({
-            "errcode": "M_LIMIT_EXCEEDED",
-            "error": "Too many requests",
-            "retry_after_ms": self.retry_after_ms(),
-        });
-        let mut response =
-            json_response(StatusCode::TOO_MANY_REQUESTS, Bytes::from(body.to_string()));
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(self.retry_after_secs()),
-        );
-        response
     }
 }
 
@@ -694,18 +674,6 @@ mod tests {
         assert_eq!(l(5_181_000).retry_after_secs(), 6);
         assert_eq!(l(1_000_000).retry_after_secs(), 1);
         assert_eq!(l(10).retry_after_secs(), 1);
-    }
-
-    #[test]
-    fn limited_answer_is_the_spec_429() {
-        let response = Limited {
-            limit: LimitKind::RegistrationsPerIp,
-            retry_after: Duration::from_millis(1500),
-        }
-        .into_response();
-        assert_eq!(response.status(), 429);
-        assert_eq!(response.headers()["retry-after"], "2");
-        assert_eq!(response.headers()["content-type"], "application/json");
     }
 
     #[tokio::test]
