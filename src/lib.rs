@@ -30,6 +30,7 @@ pub mod probe;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 mod tls;
 pub mod upstream;

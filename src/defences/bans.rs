@@ -23,7 +23,7 @@ use redis::Script;
 use tokio::time::Instant;
 
 use crate::client_ip::{masked, IpNet};
-use crate::ratelimit::redis::{RedisStore, StoreError};
+use crate::store::{SharedStore, StoreError};
 
 /// The bans hash in Redis, on Redis' clock (microseconds).
 ///
@@ -98,7 +98,7 @@ pub enum BanError {
 #[derive(Clone)]
 pub struct Bans {
     shared: Arc<Shared>,
-    redis: Option<RedisStore>,
+    redis: Option<SharedStore>,
 }
 
 struct Shared {
@@ -183,7 +183,7 @@ impl Default for Bans {
 
 impl Bans {
     /// The same table, kept in `redis` when the limiter has a Redis store.
-    pub fn with_store(&self, redis: Option<RedisStore>) -> Self {
+    pub fn with_store(&self, redis: Option<SharedStore>) -> Self {
         Bans {
             shared: self.shared.clone(),
             redis,
@@ -269,7 +269,7 @@ impl Bans {
 
     /// Runs the script and takes its answer as the new copy; returns how
     /// many bans it removed.
-    async fn run(&self, redis: &RedisStore, args: &[String]) -> Result<u64, StoreError> {
+    async fn run(&self, redis: &SharedStore, args: &[String]) -> Result<u64, StoreError> {
         let keys = [redis.tagged_key("bans")];
         let answer: Vec<String> = redis.run_script(&self.shared.script, &keys, args).await?;
         let Some((removed, entries)) = answer.split_first() else {

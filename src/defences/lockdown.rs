@@ -32,8 +32,8 @@ use tokio::time::Instant;
 
 use crate::config::LockdownSpec;
 use crate::notify::{Event, Notifier};
-use crate::ratelimit::redis::RedisStore;
 use crate::ratelimit::RateLimiter;
+use crate::store::SharedStore;
 
 /// The error text of the refusal.
 pub const CLOSED_MESSAGE: &str = "Registration is temporarily closed";
@@ -108,7 +108,7 @@ const FOLLOW_SLACK: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Lockdown {
     spec: Option<LockdownSpec>,
-    redis: Option<RedisStore>,
+    redis: Option<SharedStore>,
     shared: Arc<Shared>,
 }
 
@@ -190,7 +190,7 @@ impl Lockdown {
     pub fn new(spec: Option<LockdownSpec>, limiter: &RateLimiter, notifier: Notifier) -> Self {
         Lockdown {
             spec,
-            redis: limiter.redis_store().cloned(),
+            redis: limiter.shared_store().cloned(),
             shared: Arc::new(Shared {
                 state: Mutex::new(LocalState::default()),
                 script: Script::new(LOCKDOWN_SCRIPT),
@@ -214,7 +214,7 @@ impl Lockdown {
         }
         Lockdown {
             spec,
-            redis: limiter.redis_store().cloned(),
+            redis: limiter.shared_store().cloned(),
             shared: self.shared.clone(),
         }
     }
@@ -297,10 +297,10 @@ impl Lockdown {
     /// Runs the Redis script; a closing it reports is kept locally.
     async fn run(
         &self,
-        redis: &RedisStore,
+        redis: &SharedStore,
         mode: &str,
         spec: LockdownSpec,
-    ) -> Result<Recorded, crate::ratelimit::redis::StoreError> {
+    ) -> Result<Recorded, crate::store::StoreError> {
         let keys = [
             redis.tagged_key("lockdown:window"),
             redis.tagged_key("lockdown:until"),
@@ -315,7 +315,7 @@ impl Lockdown {
         ];
         let answer: Vec<i64> = redis.run_script(&self.shared.script, &keys, &args).await?;
         let [closed, remaining, started] = answer.as_slice() else {
-            return Err(crate::ratelimit::redis::StoreError::BadAnswer);
+            return Err(crate::store::StoreError::BadAnswer);
         };
         if *closed != 1 {
             return Ok(Recorded::Open);
@@ -484,10 +484,7 @@ impl Lockdown {
 
     /// Writes an action by hand Redis did not take when it was made; a
     /// closing that has ended meanwhile is dropped.
-    async fn write_pending(
-        &self,
-        redis: &RedisStore,
-    ) -> Result<(), crate::ratelimit::redis::StoreError> {
+    async fn write_pending(&self, redis: &SharedStore) -> Result<(), crate::store::StoreError> {
         let pending = self.shared.lock().pending;
         match pending {
             None => {}
@@ -558,10 +555,10 @@ impl Lockdown {
 
     async fn run_manual(
         &self,
-        redis: &RedisStore,
+        redis: &SharedStore,
         mode: &str,
         duration: Duration,
-    ) -> Result<[i64; 2], crate::ratelimit::redis::StoreError> {
+    ) -> Result<[i64; 2], crate::store::StoreError> {
         let keys = [
             redis.tagged_key("lockdown:until"),
             redis.tagged_key("lockdown:window"),
@@ -573,7 +570,7 @@ impl Lockdown {
             .await?;
         match answer.as_slice() {
             [remaining, sequence] => Ok([*remaining, *sequence]),
-            _ => Err(crate::ratelimit::redis::StoreError::BadAnswer),
+            _ => Err(crate::store::StoreError::BadAnswer),
         }
     }
 

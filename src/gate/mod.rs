@@ -208,7 +208,7 @@ impl RegistrationGateLayer {
     pub fn with_notifier(config: &Config, metrics: Arc<Metrics>, notifier: Notifier) -> Self {
         let limiter = RateLimiter::with_notifier(&config.rate_limit, notifier.clone());
         let lockdown = Lockdown::new(config.registration.lockdown, &limiter, notifier.clone());
-        let bans = Bans::default().with_store(limiter.redis_store().cloned());
+        let bans = Bans::default().with_store(limiter.shared_store().cloned());
         let state = Arc::new(ArcSwap::from_pointee(GateState::new(
             config,
             limiter,
@@ -237,7 +237,7 @@ impl RegistrationGateLayer {
         let lockdown = old
             .lockdown
             .reconfigure(config.registration.lockdown, &limiter);
-        let bans = old.bans.with_store(limiter.redis_store().cloned());
+        let bans = old.bans.with_store(limiter.shared_store().cloned());
         let dnsbl_cache = old.dnsbl_cache.clone();
         let dnsbl_health = old.dnsbl_health.clone();
         let new = GateState::new(config, limiter, lockdown, bans, dnsbl_cache, dnsbl_health);

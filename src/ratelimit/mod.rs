@@ -567,9 +567,10 @@ impl RateLimiter {
         self.inner.degraded.load(Ordering::Relaxed)
     }
 
-    /// The Redis store, when limits are kept in Redis.
-    pub(crate) fn redis_store(&self) -> Option<&RedisStore> {
-        self.inner.redis.as_ref()
+    /// The shared store (Redis), when limits are kept there: bans and the
+    /// lockdown share it.
+    pub fn shared_store(&self) -> Option<&crate::store::SharedStore> {
+        self.inner.redis.as_ref().map(RedisStore::store)
     }
 
     /// Whether limits are kept in Redis.

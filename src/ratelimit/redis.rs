@@ -1,24 +1,19 @@
-//! The Redis store: limits shared by every gate replica.
+//! The limits in Redis: shared by every gate replica, over the shared
+//! store's connection ([`crate::store`]: reconnecting, retrying a dead
+//! connection once, keys under the hash tag `{mgk}`, Redis' clock).
 //!
 //! One decision is one round trip: a Lua script (sent by `EVALSHA`, loaded on
 //! first use) reads the server's `TIME` as the clock, applies GCRA to every
 //! key of the decision, and either takes a unit from all of them or from
-//! none. Refunds run the same script in refund mode. Keys carry the hash tag
-//! `{mgk}`, so a multi-key decision stays in one slot on Redis Cluster, and
-//! expire once their state equals a fresh key's.
+//! none. Refunds run the same script in refund mode. Keys expire once their
+//! state equals a fresh key's. A Redis that is down or slow costs each
+//! decision at most `redis_timeout` before the caller falls back. Two more
+//! things keep the shared state right across outages:
 //!
-//! The connection is made lazily and re-made on its own after failures; a
-//! Redis that is down at start-up, or goes away later, costs each decision
-//! at most `redis_timeout` before the caller falls back. Three things keep
-//! the shared state right across outages:
-//!
-//! - **A dead connection is retried once.** After Redis restarts, the pooled
-//!   connection is dead; the decision that finds out reconnects and sends its
-//!   script again, within the same `redis_timeout`, instead of falling back.
 //! - **A decision carries its deadline.** The gate gives up on a decision
 //!   after `redis_timeout`, but its script may already be on its way, and a
 //!   stalled Redis runs it when it wakes. The script is given the deadline on
-//!   Redis' own clock (the gate learns the offset between its clock and
+//!   Redis' own clock (the store learns the offset between its clock and
 //!   Redis' from every answer) and changes nothing once it has passed.
 //! - **Refunds outlive an outage, not a data loss.** A refund Redis cannot
 //!   take is queued (bounded) and sent again until Redis answers. Every take
@@ -27,18 +22,18 @@
 //!   came back without that data, so it never frees a unit taken since.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
-use redis::{FromRedisValue, RedisError, Script, ScriptInvocation};
-use tokio::sync::{Notify, RwLock};
+use redis::Script;
+use tokio::sync::Notify;
 
 use super::{Budget, CountedAs, LimitKind, LimitSpecs, Subject};
 use crate::client_ip::ClientKey;
 use crate::config::LimitSpec;
+use crate::store::Request;
+pub use crate::store::{SharedStore, StoreError};
 
 /// GCRA over several keys, all or nothing, on Redis' own clock
 /// (microseconds).
@@ -121,32 +116,6 @@ const REFUND_QUEUE_CAPACITY: usize = 10_000;
 const REFUND_RETRY_MIN: Duration = Duration::from_millis(50);
 const REFUND_RETRY_MAX: Duration = Duration::from_secs(2);
 
-#[derive(Clone)]
-enum Connection {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-/// Why a Redis decision could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No connection yet (still connecting, or Redis unreachable).
-    #[error("not connected to redis")]
-    NotConnected,
-    /// Redis answered with an error.
-    #[error("redis: {0}")]
-    Redis(#[from] RedisError),
-    /// Redis did not answer within `redis_timeout`.
-    #[error("redis did not answer within {0:?}")]
-    Timeout(Duration),
-    /// The script ran after the decision's deadline and changed nothing.
-    #[error("redis ran the decision after its deadline")]
-    PastDeadline,
-    /// The script answered something unexpected.
-    #[error("unexpected answer from the rate-limit script")]
-    BadAnswer,
-}
-
 /// Units taken in Redis: what a refund needs to give them back to the same
 /// data set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,50 +143,17 @@ pub struct RedisStore {
 
 /// What every store made by [`RedisStore::with_specs`] shares.
 struct Shared {
-    connection: RwLock<Option<Connection>>,
+    store: SharedStore,
     script: Script,
     inspect_script: Script,
-    timeout: Duration,
-    prefix: String,
-    clock: RedisClock,
     refunds: RefundQueue,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("timeout", &self.shared.timeout)
+            .field("timeout", &self.shared.store.timeout())
             .finish_non_exhaustive()
-    }
-}
-
-/// The offset between the gate's monotonic clock and Redis' `TIME`.
-struct RedisClock {
-    /// The gate's clock is microseconds since this instant.
-    base: Instant,
-    /// Redis' time minus the gate's when the last answer arrived; `i64::MIN`
-    /// until the first answer. Measured at arrival, it is lower than the
-    /// true offset by the answer's way back, so a deadline translated with
-    /// it falls early on Redis' clock by that much: a script that meets it
-    /// answers before the gate stops waiting.
-    offset: AtomicI64,
-}
-
-impl RedisClock {
-    fn micros(&self, at: Instant) -> i64 {
-        i64::try_from(at.saturating_duration_since(self.base).as_micros()).unwrap_or(i64::MAX)
-    }
-
-    fn observe(&self, redis_now: i64) {
-        let local = self.micros(Instant::now());
-        self.offset
-            .store(redis_now.saturating_sub(local), Ordering::Relaxed);
-    }
-
-    /// `at` on Redis' clock, once an answer has shown the offset.
-    fn on_redis_clock(&self, at: Instant) -> Option<i64> {
-        let offset = self.offset.load(Ordering::Relaxed);
-        (offset != i64::MIN).then(|| self.micros(at).saturating_add(offset))
     }
 }
 
@@ -263,12 +199,6 @@ enum Answer {
     Stale,
 }
 
-/// What is sent to Redis.
-enum Request<'a> {
-    Script(&'a ScriptInvocation<'a>),
-    Command(&'a redis::Cmd),
-}
-
 impl RedisStore {
     /// A store for `specs` at `url` (with `cluster`, a comma-separated list
     /// of Redis Cluster seed nodes). Connects in the background; never
@@ -280,15 +210,9 @@ impl RedisStore {
         timeout: Duration,
     ) -> Result<Self, StoreError> {
         let shared = Arc::new(Shared {
-            connection: RwLock::new(None),
+            store: SharedStore::connect(url, cluster, timeout)?,
             script: Script::new(GCRA_SCRIPT),
             inspect_script: Script::new(INSPECT_SCRIPT),
-            timeout,
-            prefix: "mgk".to_owned(),
-            clock: RedisClock {
-                base: Instant::now(),
-                offset: AtomicI64::new(i64::MIN),
-            },
             refunds: RefundQueue {
                 entries: Mutex::new(VecDeque::new()),
                 sending: AtomicBool::new(false),
@@ -296,50 +220,17 @@ impl RedisStore {
                 dropped: AtomicU64::new(0),
             },
         });
-        let nodes: Vec<String> = url.split(',').map(|s| s.trim().to_owned()).collect();
-        if !cluster {
-            let client = redis::Client::open(nodes[0].as_str())?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout.max(Duration::from_millis(200))))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(2)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_secs(2));
-            let manager = ConnectionManager::new_lazy_with_config(client, config)?;
-            if let Ok(mut slot) = shared.connection.try_write() {
-                *slot = Some(Connection::Single(manager));
-            }
-        } else {
-            let client = redis::cluster::ClusterClient::builder(nodes)
-                .connection_timeout(timeout.max(Duration::from_millis(200)))
-                .response_timeout(timeout)
-                .retries(1)
-                .build()?;
-            let weak = Arc::downgrade(&shared);
-            tokio::spawn(async move {
-                let mut delay = Duration::from_millis(100);
-                loop {
-                    match client.get_async_connection().await {
-                        Ok(connection) => {
-                            let Some(shared) = weak.upgrade() else { return };
-                            *shared.connection.write().await =
-                                Some(Connection::Cluster(connection));
-                            tracing::info!("connected to redis cluster");
-                            return;
-                        }
-                        Err(error) => {
-                            if weak.strong_count() == 0 {
-                                return;
-                            }
-                            tracing::warn!(%error, "cannot connect to redis cluster; retrying");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-            });
-        }
         Ok(RedisStore { shared, specs })
+    }
+
+    /// The connection, which bans and the lockdown share.
+    pub fn store(&self) -> &SharedStore {
+        &self.shared.store
+    }
+
+    /// Whether Redis answers a `PING` within `redis_timeout`.
+    pub async fn ping(&self) -> bool {
+        self.shared.store.ping().await
     }
 
     /// The same connection, deciding with other limits.
@@ -471,6 +362,8 @@ impl RedisStore {
         }
         let keys: Vec<String> = limits.iter().map(|(.., key)| key.clone()).collect();
         let answer: Vec<i64> = self
+            .shared
+            .store
             .run_script(&self.shared.inspect_script, &keys, &[] as &[u64])
             .await?;
         let Some((now, tats)) = answer.split_first() else {
@@ -497,44 +390,10 @@ impl RedisStore {
             del.arg(self.shared.key(*kind, key.into()));
         }
         self.shared
+            .store
             .send_in_time::<i64>(&Request::Command(&del))
             .await
             .map(drop)
-    }
-
-    /// Runs one of the gate's other scripts (bans, the lockdown) within
-    /// `redis_timeout` on this store's connection; a dead connection is
-    /// retried once.
-    pub(crate) async fn run_script<T: FromRedisValue, A: redis::ToRedisArgs>(
-        &self,
-        script: &Script,
-        keys: &[String],
-        args: &[A],
-    ) -> Result<T, StoreError> {
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(key);
-        }
-        for arg in args {
-            invocation.arg(arg);
-        }
-        self.shared
-            .send_in_time(&Request::Script(&invocation))
-            .await
-    }
-
-    /// `name` under the store's hash tag (`{mgk}:name`).
-    pub(crate) fn tagged_key(&self, name: &str) -> String {
-        format!("{{{}}}:{name}", self.shared.prefix)
-    }
-
-    /// Whether Redis answers a `PING` within `redis_timeout`.
-    pub async fn ping(&self) -> bool {
-        let ping = redis::cmd("PING");
-        self.shared
-            .send_in_time::<String>(&Request::Command(&ping))
-            .await
-            .is_ok()
     }
 }
 
@@ -549,18 +408,19 @@ impl Shared {
     /// The Redis key `kind` counts `subject` under (`None`: a per-network
     /// limit and no network).
     fn key(&self, kind: LimitKind, subject: Subject) -> Option<String> {
-        let (prefix, name) = (&self.prefix, kind.name());
+        let name = kind.name();
         Some(if kind.is_global() {
-            format!("{{{prefix}}}:{name}")
+            self.store.tagged_key(name)
         } else if kind.is_per_network() {
-            format!("{{{prefix}}}:{name}:AS{}", subject.asn?)
+            self.store.tagged_key(&format!("{name}:AS{}", subject.asn?))
         } else {
-            format!("{{{prefix}}}:{name}:{:032x}", subject.client.0)
+            self.store
+                .tagged_key(&format!("{name}:{:032x}", subject.client.0))
         })
     }
 
     fn epoch_key(&self) -> String {
-        format!("{{{}}}:epoch", self.prefix)
+        self.store.tagged_key("epoch")
     }
 
     async fn refund(&self, decision: &Decision, epoch: u64) -> Result<Answer, StoreError> {
@@ -570,15 +430,16 @@ impl Shared {
     /// Runs the script for `decision` within `redis_timeout`, with the
     /// deadline on Redis' clock.
     async fn decide(&self, mode: Mode, decision: &Decision) -> Result<Answer, StoreError> {
-        let deadline = Instant::now() + self.timeout;
+        let timeout = self.store.timeout();
+        let deadline = Instant::now() + timeout;
         tokio::time::timeout_at(deadline.into(), async {
-            let redis_deadline = match self.clock.on_redis_clock(deadline) {
+            let redis_deadline = match self.store.on_redis_clock(deadline) {
                 Some(at) => at,
                 None => {
                     // The first answer teaches the offset; until then, ask
                     // Redis for its time in the same budget.
                     self.run_script("clock", 0, 0, decision).await?;
-                    self.clock
+                    self.store
                         .on_redis_clock(deadline)
                         .ok_or(StoreError::BadAnswer)?
                 }
@@ -594,7 +455,7 @@ impl Shared {
             }
         })
         .await
-        .map_err(|_| StoreError::Timeout(self.timeout))?
+        .map_err(|_| StoreError::Timeout(timeout))?
     }
 
     async fn run_script(
@@ -613,11 +474,11 @@ impl Shared {
         for (key, (interval_us, burst)) in decision.keys.iter().zip(&decision.limits) {
             invocation.key(key).arg(*interval_us).arg(*burst);
         }
-        let answer: Vec<i64> = self.send(&Request::Script(&invocation)).await?;
+        let answer: Vec<i64> = self.store.send(&Request::Script(&invocation)).await?;
         let [status, wait_us, index, redis_now, epoch] = answer.as_slice() else {
             return Err(StoreError::BadAnswer);
         };
-        self.clock.observe(*redis_now);
+        self.store.observe_clock(*redis_now);
         match status {
             1 => Ok(Answer::Done {
                 epoch: u64::try_from(*epoch).map_err(|_| StoreError::BadAnswer)?,
@@ -635,33 +496,6 @@ impl Shared {
             2 => Err(StoreError::PastDeadline),
             3 => Ok(Answer::Stale),
             _ => Err(StoreError::BadAnswer),
-        }
-    }
-
-    /// [`send`](Self::send) within `redis_timeout`.
-    async fn send_in_time<T: FromRedisValue>(
-        &self,
-        request: &Request<'_>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, self.send(request))
-            .await
-            .map_err(|_| StoreError::Timeout(self.timeout))?
-    }
-
-    /// Sends `request`; a request that fails because the connection is
-    /// dead (Redis restarted, or the network dropped it) is sent once more,
-    /// on the connection the client makes anew. The caller bounds the time.
-    async fn send<T: FromRedisValue>(&self, request: &Request<'_>) -> Result<T, StoreError> {
-        let connection = self.connection.read().await.clone();
-        let Some(connection) = connection else {
-            return Err(StoreError::NotConnected);
-        };
-        match send_once(&connection, request).await {
-            Err(error) if is_dead_connection(&error) => {
-                tracing::debug!(%error, "redis connection lost; reconnecting");
-                Ok(send_once(&connection, request).await?)
-            }
-            answer => Ok(answer?),
         }
     }
 
@@ -730,26 +564,4 @@ async fn send_queued_refunds(weak: Weak<Shared>, wake: Arc<Notify>) {
             }
         }
     }
-}
-
-async fn send_once<T: FromRedisValue>(
-    connection: &Connection,
-    request: &Request<'_>,
-) -> Result<T, RedisError> {
-    match connection.clone() {
-        Connection::Single(mut c) => match request {
-            Request::Script(invocation) => invocation.invoke_async(&mut c).await,
-            Request::Command(command) => command.query_async(&mut c).await,
-        },
-        Connection::Cluster(mut c) => match request {
-            Request::Script(invocation) => invocation.invoke_async(&mut c).await,
-            Request::Command(command) => command.query_async(&mut c).await,
-        },
-    }
-}
-
-/// Whether `error` says the connection is gone (rather than Redis refusing
-/// or being slow): the client reconnects, so sending again can succeed.
-fn is_dead_connection(error: &RedisError) -> bool {
-    !error.is_timeout() && (error.is_connection_dropped() || error.is_unrecoverable_error())
 }
