@@ -51,6 +51,7 @@
 mod answer;
 mod audit;
 pub mod body;
+mod defences;
 mod future;
 pub mod json;
 pub mod policy;
@@ -74,6 +75,8 @@ use tower::{Layer, Service};
 use answer::Stop;
 use audit::{Audit, Forwarded};
 pub use body::GateBody;
+pub(crate) use defences::{banned, closed, dnsbl_failed, dnsbl_listed};
+use defences::{check_dnsbl, network_subject};
 pub use future::ResponseFuture;
 use policy::appservice::{self, AppServiceGrant};
 use policy::{AccountKind, BodyPlan};
@@ -82,14 +85,13 @@ use request::{body_error, canonical_request, declared_length, read_body, ReadBod
 pub use routes::GuardedRoute;
 
 use crate::client_ip::{ClientAddress, ClientKey, ClientResolver};
-use crate::config::{Config, GateMode, OnDnsblError};
+use crate::config::{Config, GateMode};
 use crate::defences::bans::Bans;
-use crate::defences::dnsbl::{Dnsbl, DnsblCache, Verdict, ZoneHealth, HEALTH_CHECK_EVERY};
-use crate::defences::lockdown::{Lockdown, CLOSED_MESSAGE};
+use crate::defences::dnsbl::{Dnsbl, DnsblCache, ZoneHealth, HEALTH_CHECK_EVERY};
+use crate::defences::lockdown::Lockdown;
 use crate::defences::networks::{Network, Networks};
 use crate::error::MatrixError;
 use crate::notify::Notifier;
-use crate::ratelimit::Subject;
 use crate::ratelimit::{LimitKind, RateLimiter};
 use crate::telemetry::{Metrics, Outcome};
 
@@ -744,80 +746,6 @@ where
         }
     }
     Ok((forward, permit))
-}
-
-/// Looks the client's network up (with a network database configured),
-/// writes it to the audit line, refuses it by the network rules, and
-/// returns what the limits count the request as.
-fn network_subject(networks: &Networks, audit: &mut Audit) -> Result<Subject, Stop> {
-    let mut subject = Subject::from(audit.key);
-    let Some(client) = audit.client.filter(|_| networks.is_configured()) else {
-        return Ok(subject);
-    };
-    let network: Network = networks.lookup(client);
-    let verdict = networks.verdict(&network);
-    subject.asn = networks.counted_asn(&network, verdict);
-    if !network.is_unknown() {
-        audit.network = Some(network);
-    }
-    match verdict.rule() {
-        Some(rule) => Err(Stop::Refuse(Refusal::new(rule, not_from_your_network()))),
-        None => Ok(subject),
-    }
-}
-
-/// Refuses a client a DNSBL lists (`dnsbl`), or one whose lookup failed
-/// when `on_dnsbl_error = "deny"` (`dnsbl_error`), naming the zone in the
-/// audit line.
-async fn check_dnsbl(dnsbl: &Dnsbl, client: IpAddr, audit: &mut Audit) -> Result<(), Stop> {
-    match dnsbl.check(client).await {
-        Verdict::Clean => Ok(()),
-        Verdict::Listed(zone) => {
-            audit.dnsbl_zone = Some(zone);
-            Err(Stop::Refuse(dnsbl_listed()))
-        }
-        Verdict::Failed(zone, error) => {
-            tracing::debug!(%client, %zone, %error, "DNSBL lookup failed");
-            audit.dnsbl_failed = true;
-            match dnsbl.on_error() {
-                OnDnsblError::Allow => Ok(()),
-                OnDnsblError::Deny => {
-                    audit.dnsbl_zone = Some(zone);
-                    Err(Stop::Refuse(dnsbl_failed()))
-                }
-            }
-        }
-    }
-}
-
-/// The refusal of a client a temporary ban covers.
-pub(crate) fn banned() -> Refusal {
-    Refusal::new("temporary_ban", not_from_your_network())
-}
-
-/// The refusal of a client a DNSBL lists.
-pub(crate) fn dnsbl_listed() -> Refusal {
-    Refusal::new("dnsbl", not_from_your_network())
-}
-
-/// The refusal of a client whose DNSBL lookup failed, with
-/// `on_dnsbl_error = "deny"`.
-pub(crate) fn dnsbl_failed() -> Refusal {
-    Refusal::new(
-        "dnsbl_error",
-        MatrixError::forbidden(
-            "Registration is not available right now: the address check failed.",
-        ),
-    )
-}
-
-/// The refusal of a registration while registration is closed.
-pub(crate) fn closed() -> Refusal {
-    Refusal::new("lockdown", MatrixError::forbidden(CLOSED_MESSAGE))
-}
-
-fn not_from_your_network() -> MatrixError {
-    MatrixError::forbidden("Registration is not available from your network.")
 }
 
 /// Whether the request makes an account: a `POST …/register` (user or
