@@ -290,19 +290,17 @@ fn admin_target(
     url: &str,
     token_file: Option<&PathBuf>,
 ) -> Result<AdminTarget, String> {
-    let admin = match token_file {
-        Some(path) => AdminConfig {
-            token_file: Some(path.clone()),
-        },
+    let mut admin = match token_file {
+        Some(path) => AdminConfig::with_token_file(path.clone()),
         None => config.admin.clone(),
     };
-    let token = admin
-        .token()
-        .map_err(|error| format!("{error} (another file can be named with --admin-token-file)"))?
-        .ok_or(
-            "--admin needs the admin token: set [admin] token_file in the configuration \
+    admin
+        .read_token(Secrets::Read)
+        .map_err(|error| format!("{error} (another file can be named with --admin-token-file)"))?;
+    let token = admin.token().ok_or(
+        "--admin needs the admin token: set [admin] token_file in the configuration \
          or pass --admin-token-file",
-        )?;
+    )?;
     AdminTarget::new(url, token).map_err(|error| format!("--admin {error}"))
 }
 

@@ -171,14 +171,10 @@ impl Notifier {
     /// Starts the delivery task for `config` (disabled without a
     /// `webhook_url`). Must be called inside a Tokio runtime.
     pub fn start(config: &NotifyConfig) -> Result<Self, NotifyError> {
-        let Some(url) = &config.webhook_url else {
+        let Some(uri) = config.uri().cloned() else {
             return Ok(Notifier::disabled());
         };
-        let uri: Uri = url.parse().map_err(|_| ConfigError::Invalid {
-            key: "notify.webhook_url".into(),
-            message: "not a URL".into(),
-        })?;
-        let secret = config.secret()?;
+        let secret = config.key().map(<[u8]>::to_vec);
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| NotifyError::NoRuntime)?;
         let (queue, events) = mpsc::channel(QUEUE_CAPACITY);
         runtime.spawn(deliver(events, uri, secret));

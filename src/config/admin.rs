@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ConfigError;
-use super::values::read_secret_file;
+use super::values::{read_secret_file, SecretBytes};
+use super::Secrets;
 
 /// `[admin]`: the admin API (`/v1/…` on `server.admin_listen`).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -13,15 +14,30 @@ pub struct AdminConfig {
     /// breaks ignored); absent: the API is off and its paths answer 404.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<std::path::PathBuf>,
+    /// The token, read from `token_file` once per load.
+    #[serde(skip)]
+    token: Option<SecretBytes>,
 }
 
 impl AdminConfig {
-    /// The bearer token, read from `token_file` (at start and on every
-    /// reload); `None` when the API is off.
-    pub fn token(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+    /// `[admin]` with the token in `token_file`, not read yet.
+    pub fn with_token_file(token_file: std::path::PathBuf) -> Self {
+        AdminConfig {
+            token_file: Some(token_file),
+            token: None,
+        }
+    }
+
+    /// Reads `token_file` (with [`Secrets::Read`]; at start and on every
+    /// reload, once) and checks the token.
+    pub fn read_token(&mut self, secrets: Secrets) -> Result<(), ConfigError> {
+        self.token = None;
         let Some(path) = &self.token_file else {
-            return Ok(None);
+            return Ok(());
         };
+        if secrets == Secrets::Skip {
+            return Ok(());
+        }
         let bytes = read_secret_file("admin.token_file", path)?;
         // A token travels in a header: printable ASCII without spaces, and
         // long enough not to be guessed.
@@ -34,6 +50,13 @@ impl AdminConfig {
                 ),
             ));
         }
-        Ok(Some(bytes))
+        self.token = Some(SecretBytes(bytes));
+        Ok(())
+    }
+
+    /// The bearer token as read; `None` when the API is off (or the file
+    /// was left unread).
+    pub fn token(&self) -> Option<Vec<u8>> {
+        self.token.as_ref().map(|token| token.0.clone())
     }
 }

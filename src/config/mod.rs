@@ -122,8 +122,10 @@ impl Config {
             }
         })?;
         config.rate_limit.read_url_file(secrets)?;
+        config.notify.read(secrets)?;
+        config.admin.read_token(secrets)?;
         config.homeserver.read_app_services(secrets)?;
-        config.validate_with(secrets)?;
+        config.validate()?;
         config.load_lists()?;
         Ok(config)
     }
@@ -142,13 +144,9 @@ impl Config {
         Config::from_toml_with(&text, secrets)
     }
 
-    /// Checks the values serde cannot check alone, section by section, and
-    /// the secret files.
+    /// Checks the values serde cannot check alone, section by section (the
+    /// secret files were read, and checked, as the configuration was read).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_with(Secrets::Read)
-    }
-
-    fn validate_with(&self, secrets: Secrets) -> Result<(), ConfigError> {
         self.server.validate()?;
         self.upstream.validate()?;
         self.homeserver.validate()?;
@@ -157,10 +155,6 @@ impl Config {
         self.log.validate()?;
         self.client_ip.validate()?;
         self.rate_limit.validate()?;
-        self.notify.validate(secrets)?;
-        if secrets == Secrets::Read {
-            self.admin.token()?;
-        }
         self.reputation.validate()?;
         if self.reputation.asn_database.is_none() {
             let limits = &self.rate_limit;

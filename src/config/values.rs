@@ -234,3 +234,14 @@ mod tests {
         assert!(e.starts_with("upstream.connect_timeout:"), "{e}");
     }
 }
+
+/// A secret read from a file (a token, a signing key): never shown by
+/// `Debug`, never written back by `check`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBytes(***)")
+    }
+}

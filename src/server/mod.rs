@@ -137,10 +137,7 @@ impl Server {
                 running: Arc::new(config.clone()),
                 lists: Arc::new(Mutex::new(list_files(config))),
                 remote_lists: Arc::new(watch::channel(config.remote_set()).0),
-                admin_token: AdminToken::new(config.admin.token().unwrap_or_else(|error| {
-                    tracing::error!(%error, "admin API off");
-                    None
-                })),
+                admin_token: AdminToken::new(config.admin.token()),
             },
             upstream_authority,
             fast_path: FastPath::new(config, gate.clone()),

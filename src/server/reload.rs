@@ -87,14 +87,8 @@ impl Reloader {
         self.gate.reload(&config);
         *self.lists.lock().unwrap_or_else(PoisonError::into_inner) = list_files(&config);
         self.remote_lists.send_replace(config.remote_set());
-        // Validation read the file a moment ago; should it fail now, the
-        // token in force stays rather than switching the API off.
-        match config.admin.token() {
-            Ok(token) => self.admin_token.set(token),
-            Err(error) => {
-                tracing::error!(%error, "admin token not re-read; the previous one stays")
-            }
-        }
+        // The token was read (once) with the configuration.
+        self.admin_token.set(config.admin.token());
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }
