@@ -9,6 +9,17 @@
 //! module holding its types, defaults and the checks serde cannot make
 //! alone; [`Config::validate`] runs them in turn. Value types shared by
 //! several sections (durations, regexes) are in `values`.
+//!
+//! Loading a configuration also reads what it names: the secret files
+//! (once per load, see [`Secrets`]), the deny lists and the network
+//! databases ([`crate::defences::lists`], [`crate::defences::networks`],
+//! compiled by [`Config::load_lists`]). That is on purpose: a
+//! configuration is then one value that either loads whole or not at all,
+//! so a reload swaps the file's settings and everything they name in one
+//! step, and a broken list refuses the reload with the previous lists still
+//! in force. The arrow runs one way: the configuration uses the defences'
+//! loaders and types; the defences never read the configuration, which
+//! hands them what they need (`Config::networks`, `Config::remote_set`).
 
 use std::path::Path;
 

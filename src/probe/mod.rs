@@ -22,7 +22,7 @@
 //!
 //! Besides, one read per base URL asks whether the homeserver delegates
 //! registration to an OAuth 2.0 server, where the gate does not stand
-//! ([`delegation`]): a warning in the report, not a verdict.
+//! (`delegation.rs`): a warning in the report, not a verdict.
 //!
 //! The client is a minimal HTTP/1.1 client of its own (`wire`), so that
 //! every spelling goes on the wire exactly as written (general-purpose

@@ -20,7 +20,7 @@
 //! the last fetch that succeeded (at once for a list with no copy, and a
 //! minute after a failure at most), and reloads the configuration when a
 //! copy changed or a list must enter or leave the lists in force; the
-//! configuration loader reads the copies ([`super::source`]). A list whose
+//! configuration loader reads the copies (`lists::source`). A list whose
 //! last successful fetch is older than `list_max_age` is stale: logged,
 //! announced by a `list_stale` webhook event, shown by the metrics, and
 //! with `on_stale_list = "drop"` no longer used until a fetch succeeds.
