@@ -245,8 +245,6 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
         ));
         return explanation;
     }
-    // A per-network limit counts only a client with a network.
-    let per_network = |name: &str| !name.ends_with("_per_asn") || counted_asn.is_some();
     if explanation.registration && gate.is_some_and(|g| g.lockdown.closed) {
         explanation.decision = refused(crate::gate::closed());
         return explanation;
@@ -281,7 +279,8 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
         return explanation;
     }
     explanation.limits.push(limit("attempts_per_ip", "never"));
-    if per_network("attempts_per_asn") {
+    // A per-network limit counts only a client with a counted network.
+    if counted_asn.is_some() {
         explanation.limits.push(limit("attempts_per_asn", "never"));
     }
     if let Some(limited) = exhausted(&explanation.limits) {
@@ -330,7 +329,7 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
     explanation
         .limits
         .push(limit("registrations_global", unless_success));
-    if per_network("registrations_per_asn") {
+    if counted_asn.is_some() {
         explanation
             .limits
             .push(limit("registrations_per_asn", unless_success));
