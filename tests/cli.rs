@@ -151,8 +151,10 @@ fn check_without_a_config_uses_the_embedded_example() {
 /// that got as far as binding would exit with the bind failure's status
 /// (71), not the configuration's (64) its callers expect — whatever else
 /// on this machine happens to use ports.
-fn serve_refused(config: &Path, port: u16) -> std::process::Output {
-    let _held = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+/// The port is handed back still held: a caller that checks it is free
+/// afterwards drops it just before, so no other test can take it between.
+fn serve_refused(config: &Path, port: u16) -> (std::process::Output, std::net::TcpListener) {
+    let held = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
     let mut child = Command::new(BIN)
         .args(["serve", "--config", config.to_str().unwrap()])
         .stdin(Stdio::null())
@@ -172,7 +174,7 @@ fn serve_refused(config: &Path, port: u16) -> std::process::Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().unwrap()
+    (child.wait_with_output().unwrap(), held)
 }
 
 #[test]
@@ -181,7 +183,7 @@ fn serve_with_a_bad_config_exits_64_without_binding() {
     let config = TempConfig::new(&format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[guest]\naccess = \"sometimes\"\n"
     ));
-    let output = serve_refused(config.path(), port);
+    let (output, held) = serve_refused(config.path(), port);
     assert_eq!(
         output.status.code(),
         Some(EXIT_CONFIG),
@@ -193,6 +195,7 @@ fn serve_with_a_bad_config_exits_64_without_binding() {
         "{}",
         stderr(&output)
     );
+    drop(held);
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is still free");
 }
 
@@ -332,7 +335,7 @@ fn a_syntax_error_on_a_secret_line_never_prints_the_secret() {
     for output in [
         check(config.path()),
         run(&["explain", "--config", path, "--username", "alice"]),
-        serve_refused(config.path(), port),
+        serve_refused(config.path(), port).0,
     ] {
         let text = format!("{}{}", stdout(&output), stderr(&output));
         assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{text}");
@@ -549,7 +552,7 @@ fn serve_with_a_broken_list_file_exits_64_naming_the_file_and_the_line() {
         "[server]\nlisten = \"127.0.0.1:{port}\"\n[client_ip]\ndeny_lists = [{:?}]\n",
         list.path().display().to_string()
     ));
-    let output = serve_refused(config.path(), port);
+    let (output, _held) = serve_refused(config.path(), port);
     assert_eq!(
         output.status.code(),
         Some(EXIT_CONFIG),
