@@ -1,8 +1,9 @@
 //! What the homeserver receives: the rewritten head, then the body, copied
-//! from the client as it arrives.
+//! from the client as it arrives (or, when much is left, spliced).
 
 use std::future::Future;
 use std::io;
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -11,6 +12,7 @@ use tokio::time::Instant;
 use super::client::Wait;
 use super::request::Plan;
 use super::response::HeadError;
+use super::splice::{splice_exact, Failure, Spliced, SPLICE_FROM};
 use super::upstream::is_reset;
 use super::Conn;
 use crate::upstream::UploadStalled;
@@ -31,6 +33,7 @@ impl<F: Future> Conn<'_, F> {
             .await
             .map_err(upstream_failed)?;
         let mut left = plan.body_len;
+        let mut spliceable = true;
         loop {
             let here = (self.end - self.start).min(usize::try_from(left).unwrap_or(usize::MAX));
             if here > 0 {
@@ -45,7 +48,32 @@ impl<F: Future> Conn<'_, F> {
             if left == 0 {
                 return Ok(());
             }
+            if spliceable && left >= SPLICE_FROM {
+                // Everything buffered is sent: the rest comes from the socket.
+                match self.splice_body(upstream, left).await {
+                    Ok(Spliced::Whole) => return Ok(()),
+                    Ok(Spliced::Unavailable) => spliceable = false,
+                    Err(failure) => return Err(self.body_failure(failure)),
+                }
+            }
             self.more_body().await?;
+        }
+    }
+
+    /// Moves the rest of the body, `left` bytes, from the client's socket
+    /// to the homeserver's without copying it.
+    async fn splice_body(&mut self, upstream: &TcpStream, left: u64) -> Result<Spliced, Failure> {
+        let idle = Some(self.fast.upload_idle_timeout);
+        splice_exact(self.client, upstream, left, idle, &mut self.timer).await
+    }
+
+    /// The error a failed splice of the body is, by whose side failed.
+    fn body_failure(&self, failure: Failure) -> HeadError {
+        match failure {
+            Failure::SourceEnded => client_ended(),
+            Failure::Source(error) => HeadError::ClientBody(error),
+            Failure::SourceIdle => client_idle(self.fast.upload_idle_timeout),
+            Failure::Sink(error) => upstream_failed(error),
         }
     }
 
@@ -89,17 +117,24 @@ impl<F: Future> Conn<'_, F> {
         let idle = self.fast.upload_idle_timeout;
         match self.read_client(Some(Instant::now() + idle), false).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(Wait::TimedOut)) => Err(HeadError::ClientBody(io::Error::new(
-                io::ErrorKind::TimedOut,
-                UploadStalled(idle),
-            ))),
-            Ok(Err(_)) => Err(HeadError::ClientBody(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the client closed before its body was complete",
-            ))),
+            Ok(Err(Wait::TimedOut)) => Err(client_idle(idle)),
+            Ok(Err(_)) => Err(client_ended()),
             Err(error) => Err(HeadError::ClientBody(error)),
         }
     }
+}
+
+/// The client paused its body longer than `idle`.
+fn client_idle(idle: Duration) -> HeadError {
+    HeadError::ClientBody(io::Error::new(io::ErrorKind::TimedOut, UploadStalled(idle)))
+}
+
+/// The client closed its side before its body was complete.
+fn client_ended() -> HeadError {
+    HeadError::ClientBody(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the client closed before its body was complete",
+    ))
 }
 
 /// A failed write to the homeserver: a reset means it had closed the

@@ -36,7 +36,8 @@
 //! and writes the one the homeserver receives; [`upstream`] holds the
 //! connections to the homeserver; [`body`] sends the head and copies the
 //! body; [`response`] reads the answer head and relays the answer by its
-//! framing, [`chunked`] the chunked and re-chunked ones; [`client`] is the
+//! framing, [`chunked`] the chunked and re-chunked ones, [`splice`] large
+//! bodies of known length (both ways) without copying them; [`client`] is the
 //! client's side of the connection (reads with deadlines, lingering close,
 //! the handoff). This module keeps the order of events.
 
@@ -62,6 +63,7 @@ mod chunked;
 mod client;
 mod request;
 mod response;
+mod splice;
 mod upstream;
 
 pub(crate) use client::{linger, Rewind};

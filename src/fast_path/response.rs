@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::request::{parse_length, Plan};
+use super::splice::{splice_exact, Failure, Spliced, SPLICE_FROM};
 use super::upstream::{cut_short, is_reset, read_some};
 use super::Conn;
 use crate::error::MatrixError;
@@ -198,6 +199,20 @@ impl<F: Future> Conn<'_, F> {
         self.out.extend_from_slice(&self.ubuf[leftover]);
         self.client.write_all(&self.out).await?;
         let mut left = len - here;
+        if left >= SPLICE_FROM {
+            match splice_exact(upstream, self.client, left, None, &mut self.timer).await {
+                Ok(Spliced::Whole) => return Ok(true),
+                Ok(Spliced::Unavailable) => {}
+                Err(Failure::SourceEnded) => return Err(cut_short()),
+                Err(Failure::Source(error) | Failure::Sink(error)) => return Err(error),
+                Err(Failure::SourceIdle) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the homeserver paused its answer too long",
+                    ))
+                }
+            }
+        }
         while left > 0 {
             let want = self
                 .ubuf
