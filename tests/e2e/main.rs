@@ -29,6 +29,7 @@ mod scenarios;
 mod spec_fuzz;
 mod sso;
 mod synapse;
+mod wave;
 
 use std::time::{Duration, Instant};
 

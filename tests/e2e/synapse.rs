@@ -2,8 +2,9 @@
 //!
 //! The first use creates a Python venv under the build directory
 //! (`target/e2e-venv`) and installs pinned `matrix-synapse` (with its OIDC
-//! extra), `matrix-nio`, `schemathesis` (the spec fuzzer) and
-//! `oidc-provider-mock` (an OpenID provider with a login form) from PyPI;
+//! extra), `matrix-nio`, `schemathesis` (the spec fuzzer),
+//! `oidc-provider-mock` (an OpenID provider with a login form) and
+//! `mmdb-writer` (the simulated networks of the wave test) from PyPI;
 //! later runs reuse it. Each
 //! [`Synapse`] is a private homeserver on a free loopback port with its own
 //! sqlite database, killed when the value is dropped (also on a failing
@@ -23,6 +24,7 @@ pub const PACKAGES: &[&str] = &[
     "matrix-nio==0.26.0",
     "schemathesis==4.32.5",
     "oidc-provider-mock==0.3.4",
+    "mmdb-writer==0.2.7",
 ];
 
 /// The server name every test homeserver uses.

@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -290,7 +291,9 @@ pub fn traefik_binary() -> &'static Path {
     })
 }
 
-/// A running front proxy, killed when dropped.
+/// A running front proxy, killed when dropped with every process it
+/// started (it runs in a process group of its own: nginx's workers outlive
+/// a master killed alone).
 pub struct Proxy {
     pub name: String,
     child: Child,
@@ -301,6 +304,7 @@ impl Proxy {
     fn spawn(name: &str, dir: PathBuf, command: &mut Command) -> Proxy {
         let log = std::fs::File::create(dir.join("logs/output.log")).unwrap();
         let child = command
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -423,6 +427,11 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        // The whole group; then the child itself, should `kill` be missing.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
