@@ -440,3 +440,118 @@ fn the_binary_refuses_a_corrupt_database_at_start_and_explains_a_network() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_list_of_hosting_networks_refuses_them_unless_allowed_and_follows_its_file() {
+    let dir = scratch("asn-lists");
+    let hs = FakeHomeserver::start().await;
+    let list = dir.join("datacenters.txt");
+    // The university is on the published list, and trusted here.
+    std::fs::write(
+        &list,
+        "# datacenters\nAS64496 Example Hosting\n64498,\"Example University\"\n",
+    )
+    .unwrap();
+    let config_file = dir.join("gate.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[server]\nwatch_config = true\n{}",
+            config_text(
+                &hs,
+                &dir,
+                &format!(
+                    "deny_asn_lists = [{}]\nallow_asns = [64498]\n",
+                    toml_path(&list)
+                )
+            )
+        ),
+    )
+    .unwrap();
+    let gate = Gate::start_full(
+        Config::from_file(&config_file).unwrap(),
+        true,
+        Some(config_file.clone()),
+    )
+    .await;
+    for client in ["198.51.100.7", "2001:db8:1:2::9"] {
+        for answer in [
+            register(&gate, client, 200).await,
+            available(&gate, client).await,
+        ] {
+            answer.assert_error(403, "M_FORBIDDEN");
+            assert_eq!(
+                answer.json()["error"],
+                "Registration is not available from your network.",
+                "{client}"
+            );
+        }
+    }
+    hs.assert_saw_nothing("a listed network");
+    for client in ["192.0.2.10", "203.0.113.5", "100.64.0.1"] {
+        assert_eq!(register(&gate, client, 200).await.status, 200, "{client}");
+    }
+    assert_eq!(hs.requests().len(), 3);
+    let metrics = gate.metrics().await;
+    let refused =
+        "gatekeeper_decisions_total{route=\"register\",outcome=\"refused\",rule=\"denied_asn\"} 2";
+    assert!(metrics.contains(refused), "{metrics}");
+
+    // A new list, renamed into place, is read by the watcher.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let next = dir.join("datacenters.txt.new");
+    std::fs::write(&next, "AS64496\nAS64497\n").unwrap();
+    std::fs::rename(&next, &list).unwrap();
+    eventually(Duration::from_secs(10), "the new list", || async {
+        available(&gate, "203.0.113.5").await.status == 403
+    })
+    .await;
+
+    // A broken line is refused, naming the file and line; the list in
+    // force stays.
+    std::fs::write(&next, "AS64496\nASN Entity\n").unwrap();
+    std::fs::rename(&next, &list).unwrap();
+    eventually(Duration::from_secs(10), "the refused reload", || async {
+        gate.metrics()
+            .await
+            .contains("gatekeeper_config_reloads_total{result=\"error\"} 1\n")
+    })
+    .await;
+    let error = gate.reloader.reload().unwrap_err().to_string();
+    assert_eq!(
+        error,
+        format!(
+            "reputation.deny_asn_lists: {}:2: not an AS number: \"ASN Entity\"",
+            list.display()
+        )
+    );
+    available(&gate, "203.0.113.5")
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    assert_eq!(available(&gate, "192.0.2.10").await.status, 200);
+
+    // explain names the list that refuses, and the rule needs the database.
+    std::fs::write(&list, "AS64496\n").unwrap();
+    let config_arg = config_file.display().to_string();
+    let output = Command::new(BIN)
+        .args(["explain", "--config", &config_arg, "--ip", "198.51.100.7"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{out}");
+    assert!(out.contains("rule: denied_asn\n"), "{out}");
+    assert!(
+        out.contains(&format!("list: {}\n", list.display())),
+        "{out}"
+    );
+    let error = Config::from_toml(&format!(
+        "[upstream]\nurl = \"http://127.0.0.1:9\"\n[reputation]\ndeny_asn_lists = [{}]\n",
+        toml_path(&list)
+    ))
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        error,
+        "reputation.deny_asn_lists: needs reputation.asn_database to know a client's network"
+    );
+}

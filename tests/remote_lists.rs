@@ -523,3 +523,59 @@ async fn a_fetched_asn_database_refuses_its_networks_and_a_corrupt_one_keeps_the
     assert_eq!(status_for(&gate, "192.0.2.1").await, 200);
     assert!(!gate.log().contains("s3cret"));
 }
+
+#[tokio::test]
+async fn a_fetched_list_of_networks_refuses_them_and_a_broken_one_keeps_the_last() {
+    use common::mmdb::{asn_record, Writer};
+    let certificates = Certificates::make("remote-lists-asns", HOST);
+    let server = ListServer::start(
+        &certificates,
+        Mode::List("# hosting\nAS64496 Example Hosting\n", "v1"),
+    )
+    .await;
+    let hs = FakeHomeserver::start().await;
+    let dir = Scratch::new("remote-asns");
+    let state = dir.write("marker", "").parent().unwrap().join("state");
+    let database = state.parent().unwrap().join("asn.mmdb");
+    let mut writer = Writer::new("GeoLite2-ASN");
+    writer
+        .insert("198.51.100.0/24", asn_record(64496, "Example Hosting"))
+        .insert("203.0.113.0/24", asn_record(64497, "Example Residential"));
+    writer.write(&database);
+    let url = server.url("/datacenter-asns.txt?token=s3cret");
+    let config = config(
+        &dir,
+        &hs,
+        &certificates,
+        &state,
+        "",
+        &format!(
+            "asn_database = {}\ndeny_asn_lists = [{url:?}]\n",
+            toml_path(&database)
+        ),
+    );
+    // No copy yet: fetched, checked and in force before the gate serves.
+    let gate = Served::start(&config).await;
+    assert_eq!(status_for(&gate, "198.51.100.7").await, 403);
+    assert_eq!(status_for(&gate, "203.0.113.7").await, 200);
+
+    // The list grows: the refresher reloads.
+    let mark = gate.log_mark();
+    server.set(Mode::List("AS64496\n64497,\"Example Residential\"\n", "v2"));
+    gate.wait_for_line(mark, "a reload after the list changed", |l| {
+        l.contains("configuration reloaded")
+    })
+    .await;
+    assert_eq!(status_for(&gate, "203.0.113.7").await, 403);
+
+    // A list with a header line, and one cut short, keep the last good copy.
+    server.set(Mode::List("ASN,Entity\n64496,Example Hosting\n", "v3"));
+    let line = wait_for_failure(&gate, ":1: not an AS number").await;
+    assert!(line.contains("ASN,Entity"), "{line}");
+    assert!(!line.contains("s3cret"), "{line}");
+    server.set(Mode::Truncated("AS64496\n"));
+    wait_for_failure(&gate, "the answer was cut").await;
+    assert_eq!(status_for(&gate, "203.0.113.7").await, 403);
+    assert_eq!(status_for(&gate, "192.0.2.1").await, 200);
+    assert!(!gate.log().contains("s3cret"));
+}

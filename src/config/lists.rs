@@ -87,7 +87,8 @@ impl Config {
     }
 
     /// Reads every configured list (`[client_ip] deny_lists`, `[email]
-    /// denied_domain_lists`): files, and the copies of URLs under `[server]
+    /// denied_domain_lists`, `[reputation] deny_asn_lists` and the network
+    /// databases): files, and the copies of URLs under `[server]
     /// state_dir` (a URL without a copy yet loads empty; nothing is
     /// fetched here). Errors name the key.
     pub fn load_lists(&mut self) -> Result<(), ConfigError> {
@@ -103,6 +104,13 @@ impl Config {
                     .entries()
                     .iter()
                     .map(|entry| (ListKind::Domains, entry)),
+            )
+            .chain(
+                self.reputation
+                    .deny_asn_lists
+                    .entries()
+                    .iter()
+                    .map(|entry| (ListKind::Asns, entry)),
             )
             .chain(
                 self.reputation
@@ -131,6 +139,10 @@ impl Config {
             .denied_domain_lists
             .load_with(&context)
             .map_err(|e| ConfigError::invalid(ListKind::Domains.key(), e.to_string()))?;
+        self.reputation
+            .deny_asn_lists
+            .load_with(&context)
+            .map_err(|e| ConfigError::invalid(ListKind::Asns.key(), e.to_string()))?;
         for (kind, database) in [
             (ListKind::AsnDatabase, &mut self.reputation.asn_database),
             (
@@ -158,6 +170,12 @@ impl Config {
                     .denied_domain_lists
                     .remote()
                     .map(|list| (ListKind::Domains, list.clone())),
+            )
+            .chain(
+                self.reputation
+                    .deny_asn_lists
+                    .remote()
+                    .map(|list| (ListKind::Asns, list.clone())),
             )
             .chain(
                 self.reputation

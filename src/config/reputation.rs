@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::error::ConfigError;
 use super::values::{parse_str, string_enum, HumanDuration};
-use crate::defences::lists::ListKind;
+use crate::defences::lists::{AsnLists, ListKind};
 use crate::defences::networks::{AsNumber, Country, NetworkDatabase, Networks};
 
 /// `[reputation]`: DNS blocklists (DNSBL) asked about the client address
@@ -37,6 +37,9 @@ pub struct ReputationConfig {
     pub country_database: Option<NetworkDatabase>,
     /// Networks refused on every guarded route (`403 M_FORBIDDEN`).
     pub deny_asns: Vec<AsNumber>,
+    /// Lists of networks refused like `deny_asns` (files or URLs, one AS
+    /// per line), unless `allow_asns` names them.
+    pub deny_asn_lists: AsnLists,
     /// Networks trusted: no country rule and no per-network limit applies.
     pub allow_asns: Vec<AsNumber>,
     /// Countries refused on every guarded route (`403 M_FORBIDDEN`).
@@ -69,6 +72,7 @@ impl Default for ReputationConfig {
             asn_database: None,
             country_database: None,
             deny_asns: Vec::new(),
+            deny_asn_lists: AsnLists::default(),
             allow_asns: Vec::new(),
             deny_countries: Vec::new(),
             list_refresh: HumanDuration::secs(3600),
@@ -91,6 +95,7 @@ impl super::Config {
             reputation.asn_database.clone(),
             reputation.country_database.clone(),
             &reputation.deny_asns,
+            reputation.deny_asn_lists.clone(),
             &reputation.allow_asns,
             reputation.deny_countries.clone(),
             limits.registrations_per_asn.is_some() || limits.attempts_per_asn.is_some(),
@@ -136,6 +141,12 @@ impl ReputationConfig {
                         "needs reputation.asn_database to know a client's network",
                     ));
                 }
+            }
+            if self.deny_asn_lists.is_configured() {
+                return Err(ConfigError::invalid(
+                    "reputation.deny_asn_lists",
+                    "needs reputation.asn_database to know a client's network",
+                ));
             }
         }
         if let Some(asn) = self.deny_asns.iter().find(|a| self.allow_asns.contains(a)) {

@@ -236,13 +236,10 @@ pub fn explain_with(config: &Config, question: &Question, live: &Live) -> Explan
             return explanation;
         }
     }
-    if let Some(rule) = network.and_then(|(_, verdict)| verdict.rule()) {
-        explanation.decision = refused(crate::gate::Refusal::new(
-            rule,
-            crate::error::MatrixError::forbidden(
-                "Registration is not available from your network.",
-            ),
-        ));
+    if let Some(refusal) = network.as_ref().and_then(|(seen, verdict)| {
+        crate::gate::network_refusal(&networks, &seen.network, *verdict)
+    }) {
+        explanation.decision = refused(refusal);
         return explanation;
     }
     if explanation.registration && gate.is_some_and(|g| g.lockdown.closed) {

@@ -10,7 +10,7 @@ use super::Refusal;
 use crate::config::OnDnsblError;
 use crate::defences::dnsbl::{Dnsbl, Verdict};
 use crate::defences::lockdown::CLOSED_MESSAGE;
-use crate::defences::networks::{Network, Networks};
+use crate::defences::networks::{Network, NetworkVerdict, Networks};
 use crate::error::MatrixError;
 use crate::ratelimit::Subject;
 
@@ -25,13 +25,29 @@ pub(super) fn network_subject(networks: &Networks, audit: &mut Audit) -> Result<
     let network: Network = networks.lookup(client);
     let verdict = networks.verdict(&network);
     subject.asn = networks.counted_asn(&network, verdict);
+    let refusal = network_refusal(networks, &network, verdict);
     if !network.is_unknown() {
         audit.network = Some(network);
     }
-    match verdict.rule() {
-        Some(rule) => Err(Stop::Refuse(Refusal::new(rule, not_from_your_network()))),
+    match refusal {
+        Some(refusal) => Err(Stop::Refuse(refusal)),
         None => Ok(subject),
     }
+}
+
+/// The refusal of a client by the network rules (`denied_asn`, naming the
+/// list of `deny_asn_lists` that holds its AS; `denied_country`), if they
+/// refuse it.
+pub(crate) fn network_refusal(
+    networks: &Networks,
+    network: &Network,
+    verdict: NetworkVerdict,
+) -> Option<Refusal> {
+    let rule = verdict.rule()?;
+    Some(match networks.denying_list(network, verdict) {
+        Some(list) => Refusal::listed(rule, not_from_your_network(), list),
+        None => Refusal::new(rule, not_from_your_network()),
+    })
 }
 
 /// Refuses a client a DNSBL lists (`dnsbl`), or one whose lookup failed

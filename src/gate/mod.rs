@@ -75,7 +75,7 @@ use tower::{Layer, Service};
 use answer::Stop;
 use audit::{Audit, Forwarded};
 pub use body::GateBody;
-pub(crate) use defences::{banned, closed, dnsbl_failed, dnsbl_listed};
+pub(crate) use defences::{banned, closed, dnsbl_failed, dnsbl_listed, network_refusal};
 use defences::{check_dnsbl, network_subject};
 pub use future::ResponseFuture;
 use policy::appservice::{self, AppServiceGrant};

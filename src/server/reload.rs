@@ -25,7 +25,8 @@ pub struct Reloader {
     /// restart-only keys in force.
     pub(super) running: Arc<Config>,
     /// The list files the configuration in force reads (`deny_lists`,
-    /// `denied_domain_lists`), watched with the file.
+    /// `denied_domain_lists`, `deny_asn_lists`, the network databases),
+    /// watched with the file.
     pub(super) lists: Arc<Mutex<Vec<PathBuf>>>,
     /// The admin API's token, read again at every reload.
     pub(super) admin_token: AdminToken,
@@ -47,6 +48,7 @@ pub(super) fn list_files(config: &Config) -> Vec<PathBuf> {
         .deny_lists
         .paths()
         .chain(config.email.denied_domain_lists.paths())
+        .chain(config.reputation.deny_asn_lists.paths())
         .chain(
             config
                 .reputation
@@ -115,6 +117,7 @@ impl Reloader {
         };
         let lists = config.client_ip.deny_lists.stamps();
         let lists = lists.chain(config.email.denied_domain_lists.stamps());
+        let lists = lists.chain(config.reputation.deny_asn_lists.stamps());
         let databases = config.reputation.databases();
         let lists = lists.chain(databases.filter_map(|db| db.file()));
         std::iter::once((path.clone(), config_stamp))

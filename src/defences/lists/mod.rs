@@ -1,5 +1,6 @@
-//! File-based deny lists: address lists (`[client_ip] deny_lists`) and
-//! disposable e-mail domain lists (`[email] denied_domain_lists`).
+//! File-based deny lists: address lists (`[client_ip] deny_lists`),
+//! disposable e-mail domain lists (`[email] denied_domain_lists`) and lists
+//! of autonomous systems (`[reputation] deny_asn_lists`).
 //!
 //! Both are read when the configuration is loaded (at start and on every
 //! reload), never on the request path. Published lists are large — a Tor
@@ -11,9 +12,10 @@
 //!   IPv6) searched by bisection, one set per file so that a match can name
 //!   the file it came from;
 //! - domains: one hash map from a listed domain to its file; a lookup tries
-//!   the domain and each parent at a label boundary.
+//!   the domain and each parent at a label boundary;
+//! - autonomous systems: one sorted array of AS numbers and their files.
 //!
-//! File format (both kinds): one entry per line, `#` starts a comment (a
+//! File format (every kind): one entry per line, `#` starts a comment (a
 //! whole line or the rest of one), blank lines are skipped, and every line
 //! ends with a line break. A line that is not an entry is an error naming
 //! the file and the line number.
@@ -36,12 +38,14 @@ use std::path::Path;
 use std::time::SystemTime;
 
 mod addresses;
+mod asns;
 mod database;
 mod domains;
 pub mod remote;
 mod source;
 
 pub use addresses::{AddressLists, AddressSet};
+pub use asns::AsnLists;
 pub(crate) use database::open_database;
 pub use domains::DomainLists;
 pub use source::{
@@ -103,6 +107,16 @@ pub enum ListError {
         path: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// A line of an AS list names no AS number.
+    #[error("{path}:{line}: not an AS number: {text:?}")]
+    NotAnAsn {
+        /// The path as configured.
+        path: String,
+        /// One-based line number.
+        line: usize,
+        /// The entry (comment removed, cut to a readable length).
+        text: String,
     },
     /// A line of a domain list is not a domain name.
     #[error("{path}:{line}: not a domain: {text:?}")]
@@ -174,6 +188,8 @@ pub enum ListKind {
     Addresses,
     /// E-mail domains (`[email] denied_domain_lists`).
     Domains,
+    /// Autonomous systems (`[reputation] deny_asn_lists`).
+    Asns,
     /// The ASN database (`[reputation] asn_database`).
     AsnDatabase,
     /// The country database (`[reputation] country_database`).
@@ -186,6 +202,7 @@ impl ListKind {
         match self {
             ListKind::Addresses => "client_ip.deny_lists",
             ListKind::Domains => "email.denied_domain_lists",
+            ListKind::Asns => "reputation.deny_asn_lists",
             ListKind::AsnDatabase => "reputation.asn_database",
             ListKind::CountryDatabase => "reputation.country_database",
         }
@@ -194,7 +211,10 @@ impl ListKind {
     /// Whether lists of this kind are text, one entry per line (else a
     /// database, whose own structure shows a cut).
     pub fn is_text(self) -> bool {
-        matches!(self, ListKind::Addresses | ListKind::Domains)
+        matches!(
+            self,
+            ListKind::Addresses | ListKind::Domains | ListKind::Asns
+        )
     }
 
     /// Checks a whole list (`name` names it in errors) as the
@@ -211,6 +231,7 @@ impl ListKind {
         match self {
             ListKind::Addresses => AddressSet::parse(name, bytes).map(drop),
             ListKind::Domains => domains::check(name, bytes),
+            ListKind::Asns => asns::check(name, bytes),
             ListKind::AsnDatabase | ListKind::CountryDatabase => Ok(()),
         }
     }

@@ -4,7 +4,8 @@
 //!
 //! Registration waves come from a handful of hosting networks spread over
 //! hundreds of subnets, so the operator can refuse a network or a country
-//! outright (`deny_asns`, `deny_countries`), trust one (`allow_asns`), and
+//! outright (`deny_asns`, the published lists of hosting networks of
+//! `deny_asn_lists`, `deny_countries`), trust one (`allow_asns`), and
 //! limit registrations per network (`[rate_limit] registrations_per_asn`,
 //! `attempts_per_asn`).
 //!
@@ -35,7 +36,8 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::defences::lists::{
-    load_entry, open_database, ListContext, ListEntry, ListError, ListInfo, RemoteList, Stamp,
+    load_entry, open_database, AsnLists, ListContext, ListEntry, ListError, ListInfo, RemoteList,
+    Stamp,
 };
 
 mod record;
@@ -256,6 +258,7 @@ pub struct Networks {
     country_database: Option<NetworkDatabase>,
     /// Sorted.
     deny_asns: Vec<u32>,
+    deny_asn_lists: AsnLists,
     /// Sorted.
     allow_asns: Vec<u32>,
     deny_countries: Vec<Country>,
@@ -271,7 +274,8 @@ pub enum NetworkVerdict {
     /// Its ASN is in `allow_asns`: no country rule and no per-network limit
     /// applies.
     Trusted,
-    /// Its ASN is in `deny_asns`.
+    /// Its ASN is in `deny_asns`, or in a list of `deny_asn_lists` and
+    /// not in `allow_asns`.
     DeniedAsn,
     /// Its country is in `deny_countries`.
     DeniedCountry,
@@ -295,6 +299,7 @@ impl Networks {
         asn_database: Option<NetworkDatabase>,
         country_database: Option<NetworkDatabase>,
         deny_asns: &[AsNumber],
+        deny_asn_lists: AsnLists,
         allow_asns: &[AsNumber],
         deny_countries: Vec<Country>,
         counts_networks: bool,
@@ -303,6 +308,7 @@ impl Networks {
             asn_database,
             country_database,
             deny_asns: sorted(deny_asns),
+            deny_asn_lists,
             allow_asns: sorted(allow_asns),
             deny_countries,
             counts_networks,
@@ -331,12 +337,15 @@ impl Networks {
         network
     }
 
-    /// What the rules say about `network`: a denied ASN first, then a
-    /// trusted one, then a denied country.
+    /// What the rules say about `network`: an ASN of `deny_asns` first,
+    /// then a trusted one (`allow_asns`), then one a list names
+    /// (`deny_asn_lists`: a published list may name a network the operator
+    /// trusts), then a denied country.
     pub fn verdict(&self, network: &Network) -> NetworkVerdict {
         match network.asn {
             Some(asn) if self.deny_asns.binary_search(&asn).is_ok() => NetworkVerdict::DeniedAsn,
             Some(asn) if self.allow_asns.binary_search(&asn).is_ok() => NetworkVerdict::Trusted,
+            Some(asn) if self.deny_asn_lists.find(asn).is_some() => NetworkVerdict::DeniedAsn,
             _ => match network.country {
                 Some(country) if self.deny_countries.contains(&country) => {
                     NetworkVerdict::DeniedCountry
@@ -344,6 +353,18 @@ impl Networks {
                 _ => NetworkVerdict::Pass,
             },
         }
+    }
+
+    /// The list of `deny_asn_lists` that refuses `network` under `verdict`
+    /// (none when `deny_asns` does, or nothing refuses it by its AS).
+    pub fn denying_list(&self, network: &Network, verdict: NetworkVerdict) -> Option<&Arc<str>> {
+        let asn = network
+            .asn
+            .filter(|_| verdict == NetworkVerdict::DeniedAsn)?;
+        if self.deny_asns.binary_search(&asn).is_ok() {
+            return None;
+        }
+        self.deny_asn_lists.find(asn)
     }
 
     /// The ASN the per-network limits count `network` under: none when no

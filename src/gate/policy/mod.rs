@@ -68,7 +68,8 @@ pub struct Refusal {
     /// carry none).
     pub username: Option<Box<RequestedName>>,
     /// The list file whose entry refused the request (`deny_list`,
-    /// `email_domain_list`), as configured.
+    /// `email_domain_list`, `denied_asn` by a list of `deny_asn_lists`),
+    /// as configured.
     pub list: Option<Arc<str>>,
 }
 
@@ -84,7 +85,7 @@ impl Refusal {
     }
 
     /// A refusal by an entry of the list file `list`.
-    fn listed(rule: &'static str, error: MatrixError, list: &Arc<str>) -> Self {
+    pub(crate) fn listed(rule: &'static str, error: MatrixError, list: &Arc<str>) -> Self {
         Refusal {
             list: Some(list.clone()),
             ..Refusal::new(rule, error)
