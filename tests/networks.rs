@@ -97,6 +97,22 @@ async fn available(gate: &impl Listeners, client: &str) -> Answer {
     .await
 }
 
+/// A registration and an availability check from `client` are refused by
+/// the network rules.
+async fn assert_refused_by_network(gate: &impl Listeners, client: &str) {
+    for answer in [
+        register(gate, client, 200).await,
+        available(gate, client).await,
+    ] {
+        answer.assert_error(403, "M_FORBIDDEN");
+        assert_eq!(
+            answer.json()["error"],
+            "Registration is not available from your network.",
+            "{client}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn denied_networks_and_countries_are_refused_by_rule_and_audited() {
     let captured = Captured::text_global("matrix_gatekeeper::audit=info");
@@ -118,17 +134,7 @@ async fn denied_networks_and_countries_are_refused_by_rule_and_audited() {
         "203.0.113.5",
         "192.0.2.200",
     ] {
-        for answer in [
-            register(&gate, client, 200).await,
-            available(&gate, client).await,
-        ] {
-            answer.assert_error(403, "M_FORBIDDEN");
-            assert_eq!(
-                answer.json()["error"],
-                "Registration is not available from your network.",
-                "{client}"
-            );
-        }
+        assert_refused_by_network(&gate, client).await;
     }
     hs.assert_saw_nothing("refused networks");
     // Pass-through traffic from a refused network is not the gate's
@@ -475,17 +481,7 @@ async fn a_list_of_hosting_networks_refuses_them_unless_allowed_and_follows_its_
     )
     .await;
     for client in ["198.51.100.7", "2001:db8:1:2::9"] {
-        for answer in [
-            register(&gate, client, 200).await,
-            available(&gate, client).await,
-        ] {
-            answer.assert_error(403, "M_FORBIDDEN");
-            assert_eq!(
-                answer.json()["error"],
-                "Registration is not available from your network.",
-                "{client}"
-            );
-        }
+        assert_refused_by_network(&gate, client).await;
     }
     hs.assert_saw_nothing("a listed network");
     for client in ["192.0.2.10", "203.0.113.5", "100.64.0.1"] {

@@ -95,12 +95,14 @@ impl Config {
         let first_url = self
             .client_ip
             .deny_lists
+            .sources()
             .entries()
             .iter()
             .map(|entry| (ListKind::Addresses, entry))
             .chain(
                 self.email
                     .denied_domain_lists
+                    .sources()
                     .entries()
                     .iter()
                     .map(|entry| (ListKind::Domains, entry)),
@@ -108,6 +110,7 @@ impl Config {
             .chain(
                 self.reputation
                     .deny_asn_lists
+                    .sources()
                     .entries()
                     .iter()
                     .map(|entry| (ListKind::Asns, entry)),
@@ -163,17 +166,20 @@ impl Config {
     pub fn remote_lists(&self) -> Vec<(ListKind, RemoteList)> {
         self.client_ip
             .deny_lists
+            .sources()
             .remote()
             .map(|list| (ListKind::Addresses, list.clone()))
             .chain(
                 self.email
                     .denied_domain_lists
+                    .sources()
                     .remote()
                     .map(|list| (ListKind::Domains, list.clone())),
             )
             .chain(
                 self.reputation
                     .deny_asn_lists
+                    .sources()
                     .remote()
                     .map(|list| (ListKind::Asns, list.clone())),
             )
@@ -314,7 +320,7 @@ mod tests {
         );
         assert_eq!(c.remote_lists()[0].1.state, CopyState::Loaded);
         // Not watched as a file: the refresher reloads when it writes one.
-        assert_eq!(c.client_ip.deny_lists.paths().count(), 0);
+        assert_eq!(c.client_ip.deny_lists.sources().paths().count(), 0);
         // A broken copy is an error naming the URL and the copy.
         std::fs::write(&a.copy, "192.0.2.0/24\nnot an address\n").unwrap();
         let e = err(&toml);
@@ -337,7 +343,7 @@ mod tests {
             "{printed}"
         );
         let again = Config::from_toml(&printed).unwrap();
-        let entries = again.client_ip.deny_lists.entries();
+        let entries = again.client_ip.deny_lists.sources().entries();
         assert_eq!(entries.len(), 2);
         assert!(
             matches!(&entries[1], ListEntry::Url(u) if u.optional && &*u.shown == "https://lists.example.org/b.txt")

@@ -142,7 +142,7 @@ impl ReputationConfig {
                     ));
                 }
             }
-            if self.deny_asn_lists.is_configured() {
+            if !self.deny_asn_lists.sources().is_empty() {
                 return Err(ConfigError::invalid(
                     "reputation.deny_asn_lists",
                     "needs reputation.asn_database to know a client's network",

@@ -46,9 +46,10 @@ pub(super) fn list_files(config: &Config) -> Vec<PathBuf> {
     config
         .client_ip
         .deny_lists
+        .sources()
         .paths()
-        .chain(config.email.denied_domain_lists.paths())
-        .chain(config.reputation.deny_asn_lists.paths())
+        .chain(config.email.denied_domain_lists.sources().paths())
+        .chain(config.reputation.deny_asn_lists.sources().paths())
         .chain(
             config
                 .reputation
@@ -115,9 +116,9 @@ impl Reloader {
         let Some(path) = &self.path else {
             return Vec::new();
         };
-        let lists = config.client_ip.deny_lists.stamps();
-        let lists = lists.chain(config.email.denied_domain_lists.stamps());
-        let lists = lists.chain(config.reputation.deny_asn_lists.stamps());
+        let lists = config.client_ip.deny_lists.sources().stamps();
+        let lists = lists.chain(config.email.denied_domain_lists.sources().stamps());
+        let lists = lists.chain(config.reputation.deny_asn_lists.sources().stamps());
         let databases = config.reputation.databases();
         let lists = lists.chain(databases.filter_map(|db| db.file()));
         std::iter::once((path.clone(), config_stamp))

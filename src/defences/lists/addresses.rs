@@ -9,8 +9,7 @@ use std::sync::Arc;
 use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::source::{load_entry, ListInfo};
-use super::{entries, shown, ListContext, ListEntry, ListError, RemoteList, Stamp};
+use super::{entries, shown, ListContext, ListError, Sources};
 use crate::client_ip::{IpNet, NetworkError};
 
 /// A set of IPv4 and IPv6 addresses as sorted, disjoint, non-adjacent
@@ -136,13 +135,6 @@ fn in_ranges<T: Bound>(ranges: &[(T, T)], ip: T) -> bool {
     after > 0 && ranges[after - 1].1 >= ip
 }
 
-/// One loaded address list and where it came from.
-#[derive(Debug)]
-struct AddressList {
-    info: ListInfo,
-    set: AddressSet,
-}
-
 /// The address lists of `[client_ip] deny_lists`, loaded; cheap to clone
 /// (shared).
 ///
@@ -152,17 +144,17 @@ struct AddressList {
 /// read.
 #[derive(Clone, Default)]
 pub struct AddressLists {
-    entries: Arc<[ListEntry]>,
-    lists: Arc<[AddressList]>,
+    sources: Sources,
+    /// One set per list, in order.
+    sets: Arc<[AddressSet]>,
 }
 
 impl AddressLists {
     /// Reads and parses every file, in order.
     pub fn load(paths: &[String]) -> Result<AddressLists, ListError> {
-        let entries: Vec<ListEntry> = paths.iter().cloned().map(ListEntry::File).collect();
         let mut lists = AddressLists {
-            entries: entries.into(),
-            lists: Arc::new([]),
+            sources: Sources::files(paths),
+            sets: Arc::new([]),
         };
         lists.load_with(&ListContext::default())?;
         Ok(lists)
@@ -171,57 +163,28 @@ impl AddressLists {
     /// Reads and parses every configured entry, in order: a file, or a
     /// URL's copy under `context.state_dir`.
     pub fn load_with(&mut self, context: &ListContext) -> Result<(), ListError> {
-        let lists = self
-            .entries
-            .iter()
-            .map(|entry| {
-                let (info, bytes) = load_entry(entry, context, true)?;
-                let set = AddressSet::parse(&info.label(), &bytes)?;
-                Ok(AddressList { info, set })
-            })
-            .collect::<Result<Vec<_>, ListError>>()?;
-        self.lists = lists.into();
+        let sets = self
+            .sources
+            .load(context, |_, label, bytes| AddressSet::parse(label, bytes))?;
+        self.sets = sets.into();
         Ok(())
     }
 
     /// The first list that holds `ip`, named by its configured path (a
     /// URL as shown).
     pub fn find(&self, ip: IpAddr) -> Option<&Arc<str>> {
-        self.lists
-            .iter()
-            .find(|list| list.set.contains(ip))
-            .map(|list| &list.info.name)
+        let index = self.sets.iter().position(|set| set.contains(ip))?;
+        self.sources.name(u32::try_from(index).ok()?)
     }
 
-    /// The configured entries, in order.
-    pub fn entries(&self) -> &[ListEntry] {
-        &self.entries
-    }
-
-    /// The configured files (not the URLs' copies), in order.
-    pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.stamps().map(|(path, _)| path)
-    }
-
-    /// The configured files (not the URLs' copies) and their stamps when
-    /// they were read.
-    pub fn stamps(&self) -> impl Iterator<Item = (&str, Stamp)> {
-        self.lists
-            .iter()
-            .filter_map(|list| list.info.file.as_ref())
-            .map(|(path, stamp)| (&**path, *stamp))
-    }
-
-    /// The lists fetched from URLs, as loaded.
-    pub fn remote(&self) -> impl Iterator<Item = &RemoteList> {
-        self.lists
-            .iter()
-            .filter_map(|list| list.info.remote.as_ref())
+    /// Where the lists come from.
+    pub fn sources(&self) -> &Sources {
+        &self.sources
     }
 
     /// Whether no list is configured.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.sources.is_empty()
     }
 }
 
@@ -230,9 +193,10 @@ impl fmt::Debug for AddressLists {
         // The ranges themselves would bury any debug output.
         f.debug_map()
             .entries(
-                self.lists
-                    .iter()
-                    .map(|list| (&list.info.name, format!("{} ranges", list.set.ranges()))),
+                self.sources
+                    .names()
+                    .zip(self.sets.iter())
+                    .map(|(name, set)| (name, format!("{} ranges", set.ranges()))),
             )
             .finish()
     }
@@ -240,17 +204,17 @@ impl fmt::Debug for AddressLists {
 
 impl<'de> Deserialize<'de> for AddressLists {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let entries = Vec::<ListEntry>::deserialize(d)?;
+        let sources = Sources::deserialize(d)?;
         Ok(AddressLists {
-            entries: entries.into(),
-            lists: Arc::new([]),
+            sources,
+            sets: Arc::new([]),
         })
     }
 }
 
 impl Serialize for AddressLists {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.entries.iter())
+        self.sources.serialize(s)
     }
 }
 

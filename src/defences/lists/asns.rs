@@ -13,8 +13,7 @@ use std::sync::Arc;
 use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::source::{load_entry, ListInfo};
-use super::{entries, shown, ListContext, ListEntry, ListError, RemoteList, Stamp};
+use super::{entries, shown, ListContext, ListError, Sources};
 
 /// The AS number a line names, `None` when it names none.
 fn line_asn(entry: &str) -> Option<u32> {
@@ -62,8 +61,7 @@ pub(super) fn check(name: &str, bytes: &[u8]) -> Result<(), ListError> {
 /// lists are read by [`AsnLists::load_with`].
 #[derive(Clone, Default)]
 pub struct AsnLists {
-    entries: Arc<[ListEntry]>,
-    lists: Arc<[ListInfo]>,
+    sources: Sources,
     /// Every listed AS and the index of the first list holding it, sorted
     /// by AS, one pair per AS.
     asns: Arc<[(u32, u32)]>,
@@ -72,9 +70,8 @@ pub struct AsnLists {
 impl AsnLists {
     /// Reads and parses every file, in order.
     pub fn load(paths: &[String]) -> Result<AsnLists, ListError> {
-        let entries: Vec<ListEntry> = paths.iter().cloned().map(ListEntry::File).collect();
         let mut lists = AsnLists {
-            entries: entries.into(),
+            sources: Sources::files(paths),
             ..AsnLists::default()
         };
         lists.load_with(&ListContext::default())?;
@@ -85,17 +82,12 @@ impl AsnLists {
     /// URL's copy under `context.state_dir`.
     pub fn load_with(&mut self, context: &ListContext) -> Result<(), ListError> {
         let mut asns = Vec::new();
-        let mut lists = Vec::with_capacity(self.entries.len());
-        for (index, entry) in self.entries.iter().enumerate() {
-            let index = u32::try_from(index).unwrap_or(u32::MAX);
-            let (info, bytes) = load_entry(entry, context, true)?;
-            add_asns(&info.label(), &bytes, index, &mut asns)?;
-            lists.push(info);
-        }
+        self.sources.load(context, |index, label, bytes| {
+            add_asns(label, bytes, index, &mut asns)
+        })?;
         // Sorted by AS, then by list: the first list naming an AS is kept.
         asns.sort_unstable();
         asns.dedup_by_key(|(asn, _)| *asn);
-        self.lists = lists.into();
         self.asns = asns.into();
         Ok(())
     }
@@ -103,32 +95,12 @@ impl AsnLists {
     /// The list that names `asn`, if one does.
     pub fn find(&self, asn: u32) -> Option<&Arc<str>> {
         let at = self.asns.binary_search_by_key(&asn, |&(a, _)| a).ok()?;
-        let index = self.asns[at].1;
-        self.lists.get(index as usize).map(|list| &list.name)
+        self.sources.name(self.asns[at].1)
     }
 
-    /// The configured entries, in order.
-    pub fn entries(&self) -> &[ListEntry] {
-        &self.entries
-    }
-
-    /// The configured files (not the URLs' copies), in order.
-    pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.stamps().map(|(path, _)| path)
-    }
-
-    /// The configured files (not the URLs' copies) and their stamps when
-    /// they were read.
-    pub fn stamps(&self) -> impl Iterator<Item = (&str, Stamp)> {
-        self.lists
-            .iter()
-            .filter_map(|list| list.file.as_ref())
-            .map(|(path, stamp)| (&**path, *stamp))
-    }
-
-    /// The lists fetched from URLs, as loaded.
-    pub fn remote(&self) -> impl Iterator<Item = &RemoteList> {
-        self.lists.iter().filter_map(|list| list.remote.as_ref())
+    /// Where the lists come from.
+    pub fn sources(&self) -> &Sources {
+        &self.sources
     }
 
     /// How many distinct AS numbers are listed.
@@ -140,20 +112,13 @@ impl AsnLists {
     pub fn is_empty(&self) -> bool {
         self.asns.is_empty()
     }
-
-    /// Whether any list is configured (listing something or not yet).
-    pub fn is_configured(&self) -> bool {
-        !self.entries.is_empty()
-    }
 }
 
 impl fmt::Debug for AsnLists {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = self.sources.names().collect();
         f.debug_struct("AsnLists")
-            .field(
-                "lists",
-                &self.lists.iter().map(|l| &l.name).collect::<Vec<_>>(),
-            )
+            .field("lists", &names)
             .field("asns", &self.asns.len())
             .finish()
     }
@@ -161,17 +126,17 @@ impl fmt::Debug for AsnLists {
 
 impl<'de> Deserialize<'de> for AsnLists {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let entries = Vec::<ListEntry>::deserialize(d)?;
+        let sources = Sources::deserialize(d)?;
         Ok(AsnLists {
-            entries: entries.into(),
-            ..AsnLists::default()
+            sources,
+            asns: Arc::new([]),
         })
     }
 }
 
 impl Serialize for AsnLists {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.entries.iter())
+        self.sources.serialize(s)
     }
 }
 

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use serde::de::Deserializer;
 use serde::{Deserialize, Serialize, Serializer};
 
-use super::source::{load_entry, ListInfo};
-use super::{entries, shown, ListContext, ListEntry, ListError, RemoteList, Stamp};
+use super::{entries, shown, ListContext, ListError, Sources};
 
 /// Longest domain name (RFC 1035, without the trailing dot).
 const MAX_DOMAIN_LEN: usize = 253;
@@ -72,8 +71,7 @@ pub(super) fn check(name: &str, bytes: &[u8]) -> Result<(), ListError> {
 /// read.
 #[derive(Clone, Default)]
 pub struct DomainLists {
-    entries: Arc<[ListEntry]>,
-    lists: Arc<[ListInfo]>,
+    sources: Sources,
     /// Every listed domain and the index of the first list holding it.
     domains: Arc<HashMap<Box<str>, u32>>,
 }
@@ -81,9 +79,8 @@ pub struct DomainLists {
 impl DomainLists {
     /// Reads and parses every file, in order.
     pub fn load(paths: &[String]) -> Result<DomainLists, ListError> {
-        let entries: Vec<ListEntry> = paths.iter().cloned().map(ListEntry::File).collect();
         let mut lists = DomainLists {
-            entries: entries.into(),
+            sources: Sources::files(paths),
             ..DomainLists::default()
         };
         lists.load_with(&ListContext::default())?;
@@ -94,15 +91,10 @@ impl DomainLists {
     /// URL's copy under `context.state_dir`.
     pub fn load_with(&mut self, context: &ListContext) -> Result<(), ListError> {
         let mut domains: HashMap<Box<str>, u32> = HashMap::new();
-        let mut lists = Vec::with_capacity(self.entries.len());
-        for (index, entry) in self.entries.iter().enumerate() {
-            let index = u32::try_from(index).unwrap_or(u32::MAX);
-            let (info, bytes) = load_entry(entry, context, true)?;
-            add_domains(&info.label(), &bytes, index, &mut domains)?;
-            lists.push(info);
-        }
+        self.sources.load(context, |index, label, bytes| {
+            add_domains(label, bytes, index, &mut domains)
+        })?;
         domains.shrink_to_fit();
-        self.lists = lists.into();
         self.domains = Arc::new(domains);
         Ok(())
     }
@@ -128,35 +120,16 @@ impl DomainLists {
         let mut candidate = lowered;
         loop {
             if let Some(&index) = self.domains.get(candidate) {
-                return self.lists.get(index as usize).map(|list| &list.name);
+                return self.sources.name(index);
             }
             let (_, parent) = candidate.split_once('.')?;
             candidate = parent;
         }
     }
 
-    /// The configured entries, in order.
-    pub fn entries(&self) -> &[ListEntry] {
-        &self.entries
-    }
-
-    /// The configured files (not the URLs' copies), in order.
-    pub fn paths(&self) -> impl Iterator<Item = &str> {
-        self.stamps().map(|(path, _)| path)
-    }
-
-    /// The configured files (not the URLs' copies) and their stamps when
-    /// they were read.
-    pub fn stamps(&self) -> impl Iterator<Item = (&str, Stamp)> {
-        self.lists
-            .iter()
-            .filter_map(|list| list.file.as_ref())
-            .map(|(path, stamp)| (&**path, *stamp))
-    }
-
-    /// The lists fetched from URLs, as loaded.
-    pub fn remote(&self) -> impl Iterator<Item = &RemoteList> {
-        self.lists.iter().filter_map(|list| list.remote.as_ref())
+    /// Where the lists come from.
+    pub fn sources(&self) -> &Sources {
+        &self.sources
     }
 
     /// How many distinct domains are listed.
@@ -180,11 +153,9 @@ impl DomainLists {
 
 impl fmt::Debug for DomainLists {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = self.sources.names().collect();
         f.debug_struct("DomainLists")
-            .field(
-                "lists",
-                &self.lists.iter().map(|l| &l.name).collect::<Vec<_>>(),
-            )
+            .field("lists", &names)
             .field("domains", &self.domains.len())
             .finish()
     }
@@ -192,17 +163,17 @@ impl fmt::Debug for DomainLists {
 
 impl<'de> Deserialize<'de> for DomainLists {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let entries = Vec::<ListEntry>::deserialize(d)?;
+        let sources = Sources::deserialize(d)?;
         Ok(DomainLists {
-            entries: entries.into(),
-            ..DomainLists::default()
+            sources,
+            domains: Arc::default(),
         })
     }
 }
 
 impl Serialize for DomainLists {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.entries.iter())
+        self.sources.serialize(s)
     }
 }
 

@@ -49,7 +49,7 @@ pub use asns::AsnLists;
 pub(crate) use database::open_database;
 pub use domains::DomainLists;
 pub use source::{
-    lists_dir, shown_url, CopyState, ListContext, ListEntry, RemoteList, Sidecar, UrlEntry,
+    lists_dir, shown_url, CopyState, ListContext, ListEntry, RemoteList, Sidecar, Sources, UrlEntry,
 };
 pub(crate) use source::{load_entry, ListInfo};
 

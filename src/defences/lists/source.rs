@@ -252,6 +252,110 @@ impl ListInfo {
     }
 }
 
+/// The entries of one key of text lists (`deny_lists`,
+/// `denied_domain_lists`, `deny_asn_lists`) as configured and, once read,
+/// each list's name, watched file and fetched copy: what every kind of
+/// list shares. Cheap to clone (shared). Deserialized from the entries.
+#[derive(Clone, Default)]
+pub struct Sources {
+    entries: Arc<[ListEntry]>,
+    loaded: Arc<[ListInfo]>,
+}
+
+impl Sources {
+    /// Files, in order (not read yet).
+    pub fn files(paths: &[String]) -> Sources {
+        let entries: Vec<ListEntry> = paths.iter().cloned().map(ListEntry::File).collect();
+        Sources {
+            entries: entries.into(),
+            loaded: Arc::new([]),
+        }
+    }
+
+    /// Reads every entry in order (a file, or a URL's copy under
+    /// `context.state_dir`) and hands `parse` its index in the
+    /// configuration, its label for errors and its bytes; what `parse`
+    /// makes of each, in order. Nothing changes here unless every list
+    /// parses.
+    pub(crate) fn load<T>(
+        &mut self,
+        context: &ListContext,
+        mut parse: impl FnMut(u32, &str, &[u8]) -> Result<T, ListError>,
+    ) -> Result<Vec<T>, ListError> {
+        let mut loaded = Vec::with_capacity(self.entries.len());
+        let mut parsed = Vec::with_capacity(self.entries.len());
+        for (index, entry) in self.entries.iter().enumerate() {
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            let (info, bytes) = load_entry(entry, context, true)?;
+            parsed.push(parse(index, &info.label(), &bytes)?);
+            loaded.push(info);
+        }
+        self.loaded = loaded.into();
+        Ok(parsed)
+    }
+
+    /// The name of the list at `index` (its path, or its URL as shown).
+    pub(crate) fn name(&self, index: u32) -> Option<&Arc<str>> {
+        self.loaded.get(index as usize).map(|list| &list.name)
+    }
+
+    /// The names of the lists read, in order.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.loaded.iter().map(|list| &list.name)
+    }
+
+    /// The configured entries, in order.
+    pub fn entries(&self) -> &[ListEntry] {
+        &self.entries
+    }
+
+    /// The configured files (not the URLs' copies), in order.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.stamps().map(|(path, _)| path)
+    }
+
+    /// The configured files (not the URLs' copies) and their stamps when
+    /// they were read.
+    pub fn stamps(&self) -> impl Iterator<Item = (&str, Stamp)> {
+        self.loaded
+            .iter()
+            .filter_map(|list| list.file.as_ref())
+            .map(|(path, stamp)| (&**path, *stamp))
+    }
+
+    /// The lists fetched from URLs, as read.
+    pub fn remote(&self) -> impl Iterator<Item = &RemoteList> {
+        self.loaded.iter().filter_map(|list| list.remote.as_ref())
+    }
+
+    /// Whether no list is configured.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.entries.iter()).finish()
+    }
+}
+
+impl<'de> Deserialize<'de> for Sources {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let entries = Vec::<ListEntry>::deserialize(d)?;
+        Ok(Sources {
+            entries: entries.into(),
+            loaded: Arc::new([]),
+        })
+    }
+}
+
+impl Serialize for Sources {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.entries.iter())
+    }
+}
+
 /// What loading a URL's list needs from the rest of the configuration.
 #[derive(Debug, Clone, Default)]
 pub struct ListContext {
