@@ -36,5 +36,5 @@ mod tls;
 pub mod upstream;
 
 pub use config::Config;
-pub use gate::{RegistrationGate, RegistrationGateLayer};
+pub use gate::{NetworkView, RegistrationGate, RegistrationGateLayer};
 pub use server::{build_service, Server};

@@ -459,10 +459,11 @@ async fn a_list_of_hosting_networks_refuses_them_unless_allowed_and_follows_its_
     )
     .unwrap();
     let config_file = dir.join("gate.toml");
+    let token = token_file("networks-asn-lists", common::admin::TOKEN);
     std::fs::write(
         &config_file,
         format!(
-            "[server]\nwatch_config = true\n{}",
+            "[server]\nwatch_config = true\n{}[admin]\ntoken_file = {}\n",
             config_text(
                 &hs,
                 &dir,
@@ -470,7 +471,8 @@ async fn a_list_of_hosting_networks_refuses_them_unless_allowed_and_follows_its_
                     "deny_asn_lists = [{}]\nallow_asns = [64498]\n",
                     toml_path(&list)
                 )
-            )
+            ),
+            toml_path(&token)
         ),
     )
     .unwrap();
@@ -484,6 +486,17 @@ async fn a_list_of_hosting_networks_refuses_them_unless_allowed_and_follows_its_
         assert_refused_by_network(&gate, client).await;
     }
     hs.assert_saw_nothing("a listed network");
+    // The admin API's client view names the rule and the list; a trusted
+    // network the list names is not refused.
+    let view = admin(&gate, Method::GET, "/v1/clients/198.51.100.42", "").await;
+    let view = view.json();
+    assert_eq!(view["network"]["refused_by"], "denied_asn");
+    assert_eq!(view["network"]["list"], list.display().to_string());
+    let view = admin(&gate, Method::GET, "/v1/clients/192.0.2.10", "").await;
+    let view = view.json();
+    assert_eq!(view["network"]["trusted"], true);
+    assert!(view["network"]["refused_by"].is_null(), "{view}");
+    assert!(view["network"]["list"].is_null(), "{view}");
     for client in ["192.0.2.10", "203.0.113.5", "100.64.0.1"] {
         assert_eq!(register(&gate, client, 200).await.status, 200, "{client}");
     }

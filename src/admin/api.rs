@@ -217,7 +217,7 @@ impl AdminApi {
         let network = self.gate.network(ip);
         let subject = Subject {
             client: key,
-            asn: network.as_ref().and_then(|(_, _, counted)| *counted),
+            asn: network.as_ref().and_then(|view| view.counted),
         };
         let budgets = match limiter.inspect(subject).await {
             Ok(budgets) => budgets,
@@ -237,12 +237,13 @@ impl AdminApi {
             "store": if limiter.uses_redis() { "redis" } else { "memory" },
             "limits": limits,
             "temporary_ban": ban,
-            "network": network.map(|(network, verdict, _)| json!({
-                "asn": network.asn,
-                "as_name": network.as_name.as_deref(),
-                "country": network.country.as_ref().map(|c| c.as_str()),
-                "trusted": verdict == NetworkVerdict::Trusted,
-                "refused_by": verdict.rule(),
+            "network": network.map(|view| json!({
+                "asn": view.network.asn,
+                "as_name": view.network.as_name.as_deref(),
+                "country": view.network.country.as_ref().map(|c| c.as_str()),
+                "trusted": view.verdict == NetworkVerdict::Trusted,
+                "refused_by": view.verdict.rule(),
+                "list": view.list.as_deref(),
             })),
         }))
     }

@@ -176,6 +176,20 @@ impl GateState {
     }
 }
 
+/// What the network rules make of one client
+/// ([`RegistrationGateLayer::network`]).
+#[derive(Debug, Clone)]
+pub struct NetworkView {
+    /// What the databases know of it.
+    pub network: Network,
+    /// The rules' verdict.
+    pub verdict: crate::defences::networks::NetworkVerdict,
+    /// The list of `deny_asn_lists` that refuses it, if one does.
+    pub list: Option<Arc<str>>,
+    /// The ASN the per-network limits count it under.
+    pub counted: Option<u32>,
+}
+
 // === impl RegistrationGateLayer ===
 
 /// A [`Layer`] that puts the registration gate in front of a service.
@@ -275,16 +289,10 @@ impl RegistrationGateLayer {
     }
 
     /// What the network databases of the current configuration say of
-    /// `client`, the rules' verdict, and the ASN the per-network limits
-    /// count it under; `None` without a network database.
-    pub fn network(
-        &self,
-        client: IpAddr,
-    ) -> Option<(
-        Network,
-        crate::defences::networks::NetworkVerdict,
-        Option<u32>,
-    )> {
+    /// `client`, the rules' verdict (and the list of `deny_asn_lists`
+    /// behind it), and the ASN the per-network limits count it under;
+    /// `None` without a network database.
+    pub fn network(&self, client: IpAddr) -> Option<NetworkView> {
         let state = self.state.load();
         let networks = &state.networks;
         if !networks.is_configured() {
@@ -292,8 +300,12 @@ impl RegistrationGateLayer {
         }
         let network = networks.lookup(client);
         let verdict = networks.verdict(&network);
-        let counted = networks.counted_asn(&network, verdict);
-        Some((network, verdict, counted))
+        Some(NetworkView {
+            counted: networks.counted_asn(&network, verdict),
+            list: networks.denying_list(&network, verdict).cloned(),
+            network,
+            verdict,
+        })
     }
 
     /// The registration lockdown the gate uses now.
