@@ -131,9 +131,12 @@ pub enum ListError {
 }
 
 /// The entries of a list file: `(line number, entry)` for every line that
-/// is neither blank nor a comment. A line that is not UTF-8 is handed on
-/// as it reads lossily, so the caller reports it as a broken entry.
+/// is neither blank nor a comment. A UTF-8 byte order mark opening the
+/// file (an editor's, not an entry's) is skipped. A line that is not UTF-8
+/// is handed on as it reads lossily, so the caller reports it as a broken
+/// entry.
 fn entries(bytes: &[u8]) -> impl Iterator<Item = (usize, std::borrow::Cow<'_, str>)> {
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
     bytes
         .split(|&b| b == b'\n')
         .enumerate()
@@ -340,6 +343,29 @@ mod tests {
         std::fs::write(&path, "192.0.2.0/24\r\n").unwrap();
         let lists = AddressLists::load(std::slice::from_ref(&shown)).unwrap();
         assert!(lists.find(ip("192.0.2.9")).is_some());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_byte_order_mark_opening_a_list_is_no_entry() {
+        let (path, shown) = list_file("\u{feff}192.0.2.0/24\r\n");
+        let lists = AddressLists::load(std::slice::from_ref(&shown)).unwrap();
+        assert!(lists.find(ip("192.0.2.9")).is_some());
+        std::fs::write(&path, "\u{feff}# disposable\r\nmailinator.com\r\n").unwrap();
+        let domains = DomainLists::load(std::slice::from_ref(&shown)).unwrap();
+        assert!(domains.find("mailinator.com").is_some());
+        std::fs::write(&path, "\u{feff}AS64496\n").unwrap();
+        let asns = AsnLists::load(std::slice::from_ref(&shown)).unwrap();
+        assert!(asns.find(64496).is_some());
+        // Only at the very start: one further in is a broken entry.
+        std::fs::write(&path, "AS64496\n\u{feff}AS64497\n").unwrap();
+        let error = AsnLists::load(std::slice::from_ref(&shown))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            error,
+            format!("{shown}:2: not an AS number: \"\\u{{feff}}AS64497\"")
+        );
         let _ = std::fs::remove_file(&path);
     }
 
