@@ -71,6 +71,25 @@ fn config_text(hs: &FakeHomeserver, dir: &Path, extra: &str) -> String {
     )
 }
 
+/// A gate started from `dir/gate.toml` holding `text` with
+/// `watch_config = true`: it reloads when the file or a file it reads
+/// changes. The gate and the configuration file.
+async fn start_watched(dir: &Path, text: &str) -> (Gate, PathBuf) {
+    let config_file = dir.join("gate.toml");
+    std::fs::write(
+        &config_file,
+        format!("[server]\nwatch_config = true\n{text}"),
+    )
+    .unwrap();
+    let gate = Gate::start_full(
+        Config::from_file(&config_file).unwrap(),
+        true,
+        Some(config_file.clone()),
+    )
+    .await;
+    (gate, config_file)
+}
+
 /// A registration from `client` that the homeserver answers with `status`.
 async fn register(gate: &impl Listeners, client: &str, status: u16) -> Answer {
     let status = status.to_string();
@@ -333,21 +352,7 @@ async fn one_network_is_limited_across_its_addresses_and_prefixes() {
 async fn a_changed_database_is_read_on_reload_and_a_corrupt_one_keeps_the_last_good() {
     let dir = scratch("reload");
     let hs = FakeHomeserver::start().await;
-    let config_file = dir.join("gate.toml");
-    std::fs::write(
-        &config_file,
-        format!(
-            "[server]\nwatch_config = true\n{}",
-            config_text(&hs, &dir, "deny_asns = [64499]\n")
-        ),
-    )
-    .unwrap();
-    let gate = Gate::start_full(
-        Config::from_file(&config_file).unwrap(),
-        true,
-        Some(config_file.clone()),
-    )
-    .await;
+    let (gate, _) = start_watched(&dir, &config_text(&hs, &dir, "deny_asns = [64499]\n")).await;
     assert_eq!(available(&gate, "203.0.113.7").await.status, 200);
 
     // The residential network is now said to be AS64499: refused, once the
@@ -458,28 +463,18 @@ async fn a_list_of_hosting_networks_refuses_them_unless_allowed_and_follows_its_
         "# datacenters\nAS64496 Example Hosting\n64498,\"Example University\"\n",
     )
     .unwrap();
-    let config_file = dir.join("gate.toml");
     let token = token_file("networks-asn-lists", common::admin::TOKEN);
-    std::fs::write(
-        &config_file,
-        format!(
-            "[server]\nwatch_config = true\n{}[admin]\ntoken_file = {}\n",
-            config_text(
-                &hs,
-                &dir,
-                &format!(
-                    "deny_asn_lists = [{}]\nallow_asns = [64498]\n",
-                    toml_path(&list)
-                )
-            ),
+    let rules = format!(
+        "deny_asn_lists = [{}]\nallow_asns = [64498]\n",
+        toml_path(&list)
+    );
+    let (gate, config_file) = start_watched(
+        &dir,
+        &format!(
+            "{}[admin]\ntoken_file = {}\n",
+            config_text(&hs, &dir, &rules),
             toml_path(&token)
         ),
-    )
-    .unwrap();
-    let gate = Gate::start_full(
-        Config::from_file(&config_file).unwrap(),
-        true,
-        Some(config_file.clone()),
     )
     .await;
     for client in ["198.51.100.7", "2001:db8:1:2::9"] {

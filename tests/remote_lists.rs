@@ -241,6 +241,15 @@ fn value(metrics: &str, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Has `server` answer with `mode` from now on, and waits for the
+/// refresher to reload the configuration with what it fetched.
+async fn serve_and_wait_reload(gate: &Served, server: &ListServer, mode: Mode, what: &str) {
+    let mark = gate.log_mark();
+    server.set(mode);
+    gate.wait_for_line(mark, what, |l| l.contains("configuration reloaded"))
+        .await;
+}
+
 /// Waits for a log line about the list that contains `what`.
 async fn wait_for_failure(gate: &Served, what: &str) -> String {
     let mark = gate.log_mark();
@@ -295,11 +304,12 @@ async fn a_fetched_list_refuses_follows_changes_and_outlives_bad_answers() {
 
     // A changed list is in force after the next refresh, without
     // watch_config: the refresher reloads.
-    let mark = gate.log_mark();
-    server.set(Mode::List("203.0.113.9\n198.51.100.0/24\n", "v2"));
-    gate.wait_for_line(mark, "a reload after the list changed", |l| {
-        l.contains("configuration reloaded")
-    })
+    serve_and_wait_reload(
+        &gate,
+        &server,
+        Mode::List("203.0.113.9\n198.51.100.0/24\n", "v2"),
+        "a reload after the list changed",
+    )
     .await;
     assert_eq!(status_for(&gate, "198.51.100.4").await, 403);
 
@@ -503,11 +513,12 @@ async fn a_fetched_asn_database_refuses_its_networks_and_a_corrupt_one_keeps_the
     assert_eq!(register("203.0.113.8").await, 429);
 
     // A new database: the residential network moved into the denied AS.
-    let mark = gate.log_mark();
-    server.set(Mode::Bytes(database(64496)));
-    gate.wait_for_line(mark, "a reload after the database changed", |l| {
-        l.contains("configuration reloaded")
-    })
+    serve_and_wait_reload(
+        &gate,
+        &server,
+        Mode::Bytes(database(64496)),
+        "a reload after the database changed",
+    )
     .await;
     assert_eq!(status_for(&gate, "203.0.113.7").await, 403);
 
@@ -560,11 +571,12 @@ async fn a_fetched_list_of_networks_refuses_them_and_a_broken_one_keeps_the_last
     assert_eq!(status_for(&gate, "203.0.113.7").await, 200);
 
     // The list grows: the refresher reloads.
-    let mark = gate.log_mark();
-    server.set(Mode::List("AS64496\n64497,\"Example Residential\"\n", "v2"));
-    gate.wait_for_line(mark, "a reload after the list changed", |l| {
-        l.contains("configuration reloaded")
-    })
+    serve_and_wait_reload(
+        &gate,
+        &server,
+        Mode::List("AS64496\n64497,\"Example Residential\"\n", "v2"),
+        "a reload after the list changed",
+    )
     .await;
     assert_eq!(status_for(&gate, "203.0.113.7").await, 403);
 

@@ -192,6 +192,8 @@ mod tests {
             ("64496.5\n", 1, "64496.5"),
             ("192.0.2.0/24\n", 1, "192.0.2.0/24"),
             ("ＡＳ64496\n", 1, "ＡＳ64496"),
+            // A terminal escape is shown escaped, never replayed.
+            ("AS64496\u{1b}[2J\n", 1, "AS64496\u{1b}[2J"),
         ] {
             let path = scratch_file();
             std::fs::write(&path, text).unwrap();
